@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny diffusers reference modules built offline (wan21.md §12)."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# head_dim 128 as in the real models, so the RoPE split is the real 44/42/42
+TINY_D = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16, out_channels=16,
+              text_dim=32, freq_dim=256, ffn_dim=96, num_layers=2, cross_attn_norm=True,
+              qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+
+
+def randomize_(module, std=0.1, seed=0):
+    """Random values for every parameter, including the zero/one-initialised ones, so that no path is hidden."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+@pytest.fixture
+def ref_dit():
+    """diffusers WanTransformer3DModel (tiny, fp32, random weights) in eval mode."""
+    from diffusers import WanTransformer3DModel
+    torch.manual_seed(0)
+    return randomize_(WanTransformer3DModel(**TINY_D)).eval()
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    words = "a red blue green circle square moving left right up down cat dog video of the".split()
+    tok.train_from_iterator([" ".join(words)] * 4, trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"]))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture
+def tiny_pipeline(ref_dit):
+    """A whole diffusers WanPipeline with tiny random components (no downloads)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+    torch.manual_seed(0)
+    te = UMT5EncoderModel(UMT5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                     relative_attention_num_buckets=8, feed_forward_proj="gated-gelu")).eval()
+    vae = AutoencoderKLWan(base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return WanPipeline(tokenizer=tiny_tokenizer(), text_encoder=te, transformer=ref_dit, vae=vae, scheduler=sched)
