@@ -67,7 +67,8 @@ DEFAULT_LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.
 
 class Linear(nn.Linear):
     """nn.Linear that runs in its weight's dtype and adds the active LoRA adapter, if any:
-    y = W x + b + (alpha/r) * B A x. `self.adapter` (a name or None) is set by `use_adapter`."""
+    y = W x + b + (alpha/r) * B A x. `self.adapter` (a name or None) is set by `use_adapter`.
+    The adapter branch runs in the base dtype too (A and B stay fp32 master weights, cast like autocast)."""
 
     def __init__(self, in_features, out_features, bias=True):
         super().__init__(in_features, out_features, bias=bias)
@@ -77,11 +78,12 @@ class Linear(nn.Linear):
         self.adapter = None
 
     def forward(self, x):
-        y = F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        x = x.to(self.weight.dtype)
+        y = F.linear(x, self.weight, self.bias)
         name = self.adapter
         if name is not None and name in self.lora_scale:
-            A, B = self.lora_A[name], self.lora_B[name]
-            y = y + (F.linear(F.linear(x.to(A.dtype), A), B) * self.lora_scale[name]).to(y.dtype)
+            A, B = self.lora_A[name].to(x.dtype), self.lora_B[name].to(x.dtype)
+            y = y + F.linear(F.linear(x, A), B) * self.lora_scale[name]
         return y
 
 def lora_modules(model):
@@ -475,8 +477,9 @@ def read_state_dict(files, dtype=None, device="cpu"):
                         name = name[len(p):]
                         break
                 t = f.get_tensor(k)
-                if dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
+                if dtype is not None and t.is_floating_point():   # FP32_MODULES are read at full precision
+                    keep = any(part in FP32_MODULES for part in diffusers_to_original_key(name).split("."))
+                    t = t.to(torch.float32 if keep else dtype)
                 sd[name] = t
     if any(k.startswith("condition_embedder.") or ".attn1." in k for k in sd):
         sd = {diffusers_to_original_key(k): v for k, v in sd.items()}

@@ -244,3 +244,15 @@ def test_compile_matches_eager():
             b.compile(fullgraph=True)   # a block must trace without graph breaks
         compiled = m(x, t, ctx)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4 * eager.abs().max().item())
+
+
+def test_bf16_load_keeps_fp32_modules_exact(ref_dit, tmp_path):
+    """dtype=bf16 must not round the time MLPs, modulation tables and affine norms on the way in."""
+    ref_dit.save_pretrained(tmp_path)
+    m32, mb = mw.load_dit(tmp_path), mw.load_dit(tmp_path, dtype=torch.bfloat16)
+    sd32 = m32.state_dict()
+    for k, v in mb.state_dict().items():
+        if any(part in mw.FP32_MODULES for part in k.split(".")):
+            assert v.dtype == torch.float32 and torch.equal(v, sd32[k]), k
+        else:
+            assert v.dtype == torch.bfloat16 and torch.equal(v, sd32[k].to(torch.bfloat16)), k
