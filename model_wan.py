@@ -191,7 +191,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype) * self.weight.to(x.dtype)
+        # one fused kernel; statistics in fp32 whatever x's dtype (the reference normalises in fp32 too)
+        return F.rms_norm(x, x.shape[-1:], self.weight.to(x.dtype), self.eps)
 
 class LayerNorm(nn.Module):
     """Affine LayerNorm computed in fp32 (W `norm3`, the cross-attention pre-norm)."""
@@ -229,11 +230,13 @@ def rope_tables(Fp, Hp, Wp, head_dim, device):
     return grid.cos().float(), grid.sin().float()
 
 def apply_rope(x, cos, sin):
-    """x (B,L,N,d) rotated on interleaved pairs (2k, 2k+1) by the angles in cos/sin (1,L,1,d/2)."""
-    xf = x.float().unflatten(-1, (-1, 2))            # (B,L,N,d/2,2)
-    x1, x2 = xf[..., 0], xf[..., 1]
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    """x (B,L,N,d) rotated on interleaved pairs (2k, 2k+1) by the angles in cos/sin (1,L,1,d/2).
+    The products promote to fp32 (the tables are fp32) and are written straight into x's dtype."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]              # (B,L,N,d/2) views
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out
 
 def attention(q, k, v):
     """q (B,Lq,N,d), k/v (B,Lk,N,d) -> (B,Lq,N*d). SDPA picks flash/cuDNN kernels on GPU."""
@@ -274,11 +277,11 @@ class Block(nn.Module):
         """x (B,L,E) fp32 residual; e (B,6,E) fp32 time projection; ctx (B,Lc,E); rope tables."""
         dt = self.self_attn.q.weight.dtype
         shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e).chunk(6, dim=1)  # (B,1,E)
-        h = layer_norm(x, eps=self.eps) * (1 + scale) + shift
-        x = x + self.self_attn(h.to(dt), rope=rope).float() * gate
-        x = x + self.cross_attn(self.norm3(x).to(dt), ctx=ctx).float()   # no gate, no mask
-        h = layer_norm(x, eps=self.eps) * (1 + c_scale) + c_shift
-        x = x + self.ffn(h.to(dt)).float() * c_gate
+        h = torch.addcmul(shift, layer_norm(x, eps=self.eps), 1 + scale)        # LN(x)(1+scale)+shift, fp32
+        x = torch.addcmul(x, self.self_attn(h.to(dt), rope=rope), gate)        # fp32 residual += o * gate
+        x = x + self.cross_attn(self.norm3(x).to(dt), ctx=ctx)                 # no gate, no mask
+        h = torch.addcmul(c_shift, layer_norm(x, eps=self.eps), 1 + c_scale)
+        x = torch.addcmul(x, self.ffn(h.to(dt)), c_gate)
         return x
 
 class Head(nn.Module):
