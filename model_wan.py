@@ -20,7 +20,7 @@ import math
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
