@@ -1,0 +1,96 @@
+"""
+nanoGPT-style configuration for the entry scripts. A script keeps its defaults as plain assignments
+between two fence lines (`# ----...`) and calls
+
+    config = configure(globals(), __file__)
+
+which applies, in order, any config files given as positional arguments (plain Python assignments,
+exec'd) and `--key=value` overrides, checks every key against the defaults (an unknown key is an error
+that names the closest known key) and every value against the default's type, prints `--help`, and
+returns the resolved {key: value} dict (also written back into the script's globals).
+"""
+import ast
+import difflib
+import sys
+
+FENCE = "# " + "-" * 77
+
+
+def _defaults_source(path):
+    """The lines between the first two fence lines of the script (its defaults block)."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    fences = [i for i, line in enumerate(lines) if line.startswith(FENCE)]
+    if len(fences) < 2:
+        raise RuntimeError(f"{path}: no fenced defaults block (two lines starting with {FENCE[:12]}...)")
+    return lines[fences[0] + 1: fences[1]]
+
+
+def default_keys(path):
+    keys = []
+    for node in ast.parse("\n".join(_defaults_source(path))).body:
+        if isinstance(node, ast.Assign):
+            keys += [t.id for t in node.targets if isinstance(t, ast.Name)]
+    return keys
+
+
+def _check(key, value, default):
+    """Type check against the default: ints widen to floats, None accepts anything, tuples/lists interchange."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        if not (isinstance(default, bool) and isinstance(value, bool)):
+            raise TypeError(f"{key}: expected {type(default).__name__}, got {value!r}")
+        return value
+    if isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(default)(value)
+    if not isinstance(value, type(default)):
+        raise TypeError(f"{key}: expected {type(default).__name__} (default {default!r}), got {value!r}")
+    return value
+
+
+def _unknown(key, known):
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return KeyError(f"unknown config key {key!r}{hint} (see --help)")
+
+
+def _parse_value(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text   # a bare string, e.g. --prompt=a cat
+
+
+def configure(g, script_path, argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    keys = default_keys(script_path)
+    defaults = {k: g[k] for k in keys}
+    if "-h" in argv or "--help" in argv:
+        print(f"usage: python {script_path.rsplit('/', 1)[-1]} [CONFIG.py ...] [--key=value ...]\n")
+        print("\n".join(line for line in _defaults_source(script_path) if line.strip()))
+        sys.exit(0)
+    cfg = dict(defaults)
+    for arg in argv:
+        if not arg.startswith("--"):
+            scope = {}
+            with open(arg) as f:
+                exec(compile(f.read(), arg, "exec"), {}, scope)
+            for k, v in scope.items():
+                if k.startswith("_") or callable(v) or type(v).__name__ == "module":
+                    continue
+                if k not in defaults:
+                    raise _unknown(k, keys)
+                cfg[k] = _check(k, v, defaults[k])
+            continue
+        if "=" not in arg:
+            raise ValueError(f"expected --key=value, got {arg!r}")
+        k, text = arg[2:].split("=", 1)
+        if k not in defaults:
+            raise _unknown(k, keys)
+        value = text if isinstance(defaults[k], str) and not text.startswith(("'", '"')) else _parse_value(text)
+        cfg[k] = _check(k, value, defaults[k])
+    g.update(cfg)
+    return cfg

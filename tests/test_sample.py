@@ -1,0 +1,207 @@
+"""Text encoder, samplers and sample.py against diffusers (tiny pipeline, fp32) and closed forms."""
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import model_wan as mw
+import sample
+from configurator import configure
+
+
+@pytest.fixture
+def pipe_dir(tiny_pipeline, tmp_path):
+    tiny_pipeline.save_pretrained(tmp_path / "pipe")
+    return tmp_path / "pipe"
+
+
+def test_text_encoder_matches_diffusers(tiny_pipeline, pipe_dir):
+    prompts = ["a red circle moving left", "  a   blue &amp;amp; green square moving up the video  "]
+    ref, _ = tiny_pipeline.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=512)
+    te = mw.load_text_encoder(pipe_dir)
+    ours = te.encode(prompts)
+    assert ours.shape == (2, 512, 32)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+    n_tokens = [6, 10]   # words + EOS; "&amp;amp;" unescapes twice to "&" (one token)
+    for i, n in enumerate(n_tokens):
+        assert ours[i, :n].abs().sum(-1).min() > 0 and ours[i, n:].abs().max() == 0
+    empty = te.encode([""])   # the empty prompt: EOS only, then exact zeros
+    assert empty[0, 0].abs().sum() > 0 and empty[0, 1:].abs().max() == 0
+
+
+# Wan's original T5 names (wan21.md §6.3), restated independently of model_wan: HF -> original
+def hf_to_original_t5(key):
+    if key == "shared.weight":
+        return "token_embedding.weight"
+    if key == "encoder.final_layer_norm.weight":
+        return "norm.weight"
+    parts = key.split(".")
+    i, rest = parts[2], ".".join(parts[3:])
+    table = {"layer.0.layer_norm.weight": "norm1.weight", "layer.1.layer_norm.weight": "norm2.weight",
+             "layer.0.SelfAttention.relative_attention_bias.weight": "pos_embedding.embedding.weight",
+             "layer.1.DenseReluDense.wi_0.weight": "ffn.gate.0.weight", "layer.1.DenseReluDense.wi_1.weight": "ffn.fc1.weight",
+             "layer.1.DenseReluDense.wo.weight": "ffn.fc2.weight"}
+    for p in "qkvo":
+        table[f"layer.0.SelfAttention.{p}.weight"] = f"attn.{p}.weight"
+    return f"blocks.{i}.{table[rest]}"
+
+
+def test_text_encoder_original_layout(tiny_pipeline, tmp_path):
+    te_ref = tiny_pipeline.text_encoder
+    sd = {hf_to_original_t5(k): v for k, v in te_ref.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    assert len(sd) == 2 + 10 * te_ref.config.num_layers
+    torch.save(sd, tmp_path / sample.mw.T5_PTH)
+    tiny_pipeline.tokenizer.save_pretrained(tmp_path / "google" / "umt5-xxl")
+    prompts = ["a cat moving right", "the dog"]
+    ref, _ = tiny_pipeline.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=512)
+    torch.testing.assert_close(mw.load_text_encoder(tmp_path).encode(prompts), ref, rtol=0, atol=1e-6)
+
+
+def run_sample(pipe_dir, tmp_path, **kw):
+    cfg = dict(model=str(pipe_dir), ckpt="", prompt="a red circle moving left", prompts_file="", negative_prompt=None,
+               height=32, width=48, num_frames=5, num_inference_steps=6, guidance_scale=4.0, flow_shift=None,
+               sampler="unipc", denoising_steps="", seed=7, batch_size=1, out=str(tmp_path / "out"),
+               save_latents=True, fps=16, device="cpu", dtype="float32")
+    cfg.update(kw)
+    paths = sample.generate(cfg)
+    from safetensors.torch import load_file
+    return paths, [load_file(p.replace(".mp4", ".latents.safetensors"))["latents"] for p in paths]
+
+
+@pytest.mark.parametrize("neg,steps,guidance", [("a blue square", 6, 4.0), ("", 5, 1.0), (None, 4, 5.0)])
+def test_teacher_sampling_matches_diffusers(tiny_pipeline, pipe_dir, tmp_path, neg, steps, guidance):
+    from diffusers import WanPipeline
+    paths, (ours,) = run_sample(pipe_dir, tmp_path, negative_prompt=neg, num_inference_steps=steps, guidance_scale=guidance)
+    pipe = WanPipeline.from_pretrained(pipe_dir)
+    ref = pipe(prompt="a red circle moving left", negative_prompt=mw.WAN_NEGATIVE_PROMPT if neg is None else neg,
+               height=32, width=48, num_frames=5, num_inference_steps=steps, guidance_scale=guidance,
+               generator=torch.Generator("cpu").manual_seed(7), output_type="latent").frames
+    assert ours.shape == ref.shape == (1, 16, 2, 4, 6)
+    err = (ours - ref).abs().max().item()
+    assert err <= 1e-4, err
+    frames, fps = sample.read_mp4(paths[0])
+    assert frames.shape == (5, 32, 48, 3) and fps == 16
+
+
+def velocity_to(x0):
+    """The exact flow velocity toward a known x0 along x_σ = (1−σ)x0 + σε: v = (x − x0)/σ."""
+    return lambda x, t: (x - x0) / (t.view(-1, 1, 1, 1, 1) / 1000)
+
+
+@pytest.mark.parametrize("n,shift,layout", [(1, 1.0, "diffusers"), (2, 3.0, "diffusers"), (7, 5.0, "original"),
+                                            (50, 3.0, "diffusers")])
+def test_unipc_matches_diffusers_scheduler(n, shift, layout):
+    from diffusers import UniPCMultistepScheduler
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 2, 4, 6, generator=g)
+    W = torch.randn(16, 16, generator=g) * 0.3
+
+    def velocity(x, t):   # a nonlinear, time-dependent field so that every UniPC term matters
+        return torch.tanh(torch.einsum("oc,bcfhw->bofhw", W, x)) * (1 + t.view(-1, 1, 1, 1, 1) / 1000)
+
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
+    if layout == "diffusers":
+        sched.set_timesteps(n)
+    else:   # the original Wan schedule through diffusers' class (wan21.md §7.2)
+        sched.set_timesteps(sigmas=np.linspace(0.999, 0, n + 1)[:-1])
+    sigmas, timesteps = sample.flow_schedule(n, shift, layout)
+    assert torch.equal(timesteps, sched.timesteps)
+    torch.testing.assert_close(sigmas, sched.sigmas, rtol=0, atol=1e-7)
+    ref = x.clone()
+    for t in sched.timesteps:
+        ref = sched.step(velocity(ref, t.float().expand(2)), t, ref).prev_sample
+    ours = sample.unipc_sample(velocity, x.clone(), sigmas, timesteps)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_samplers_exact_on_a_straight_flow():
+    """With the exact velocity toward x0, every sampler lands on x0 (closed form)."""
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(2, 16, 1, 4, 4, generator=g), torch.randn(2, 16, 1, 4, 4, generator=g)
+    sigmas, timesteps = sample.flow_schedule(5, 3.0)
+    v = velocity_to(x0)
+    torch.testing.assert_close(sample.euler_sample(v, noise.clone(), sigmas), x0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(sample.unipc_sample(lambda x, t: v(x, sigmas[(timesteps == t[0]).nonzero()[0]].expand(2) * 1000),
+                                                   noise.clone(), sigmas, timesteps), x0, rtol=0, atol=1e-5)
+
+
+def test_student_sampler_two_steps_by_hand():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 16, 2, 4, 4, generator=g)
+    A = torch.randn(16, 16, generator=g) * 0.2
+    v = lambda x, t: torch.einsum("oc,bcfhw->bofhw", A, x) + t.view(-1, 1, 1, 1, 1) / 1000   # noqa: E731
+    gen = torch.Generator().manual_seed(11)
+    out = sample.student_sample(v, x.clone(), [1000.0, 400.0], gen)
+    # by hand: x0 = x − 1.0·v(x, 1000); x1 = 0.6·x0 + 0.4·ε (ε the generator's next draw); x0' = x1 − 0.4·v(x1, 400)
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(11))
+    x0 = x - (torch.einsum("oc,bcfhw->bofhw", A, x) + 1.0)
+    x1 = 0.6 * x0 + 0.4 * eps
+    ref = x1 - 0.4 * (torch.einsum("oc,bcfhw->bofhw", A, x1) + 0.4)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+def test_student_mode_with_exported_adapter(pipe_dir, tmp_path):
+    dit = mw.load_dit(pipe_dir)
+    mw.add_adapter(dit, "g", rank=4, alpha=8)
+    for p in mw.adapter_parameters(dit, "g"):
+        torch.nn.init.normal_(p, std=0.05)
+    save_file(mw.adapter_state_dict(dit, "g"), tmp_path / "student.safetensors")
+    paths, (lat,) = run_sample(pipe_dir, tmp_path, ckpt=str(tmp_path), num_frames=9)   # folder -> student.safetensors
+    assert lat.shape == (1, 16, 3, 4, 6)
+    # same as the sampler run by hand on our DiT with the adapter active, same noise convention
+    x, gen = sample.initial_noise(1, 9, 32, 48, 7, "cpu")
+    ctx = mw.load_text_encoder(pipe_dir).encode(["a red circle moving left"])
+    with torch.no_grad(), mw.use_adapter(dit, "g"):
+        ref = sample.student_sample(lambda x_, t_: dit(x_, t_, ctx), x, [1000.0, 757.0, 522.0], gen)
+    torch.testing.assert_close(lat, ref, rtol=0, atol=1e-5)
+    frames, fps = sample.read_mp4(paths[0])
+    assert frames.shape == (9, 32, 48, 3)
+
+
+def test_mp4_round_trip(tmp_path):
+    t = torch.linspace(-1, 1, 9)
+    video = t.view(1, 9, 1, 1).expand(3, 9, 32, 48).clone()
+    video[0] = -video[0]
+    frames, fps = sample.read_mp4(sample.write_mp4(str(tmp_path / "v.mp4"), video, fps=16))
+    assert frames.shape == (9, 32, 48, 3) and fps == 16
+    expect = ((video.permute(1, 2, 3, 0) + 1) * 127.5).numpy()
+    assert np.abs(frames.astype(np.float32) - expect).mean() < 3.0   # H.264 yuv420p, crf 17
+
+
+def test_bad_inputs(pipe_dir, tmp_path):
+    bad = tmp_path / "garbage.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    dit = mw.load_dit(pipe_dir)
+    with pytest.raises(Exception, match="(?i)safetensors|header|deserializ"):
+        sample.load_student(dit, str(bad))
+    with pytest.raises(FileNotFoundError, match="student"):
+        sample.load_student(dit, str(tmp_path))
+    sd = mw.to_diffusers_state_dict(dit)
+    sd["proj_out.weight"] = torch.zeros(3, 3)
+    save_file(sd, tmp_path / "wrong.safetensors")
+    with pytest.raises(ValueError, match="proj_out|head.head"):
+        sample.load_student(dit, str(tmp_path / "wrong.safetensors"))
+    import shutil
+    shutil.rmtree(pipe_dir / "text_encoder")
+    with pytest.raises(FileNotFoundError, match="text_encoder"):
+        mw.load_text_encoder(pipe_dir)
+    with pytest.raises(ValueError, match="denoising_steps"):
+        run_sample(pipe_dir, tmp_path, denoising_steps="500,900")
+
+
+def test_configurator(tmp_path, capsys):
+    script = tmp_path / "s.py"
+    script.write_text("# " + "-" * 77 + "\nlr = 1e-4  # learning rate\nname = 'a'\nsteps = [1, 2]\nneg = None\n"
+                      "flag = False\n" + "# " + "-" * 77 + "\n")
+    g = {"lr": 1e-4, "name": "a", "steps": [1, 2], "neg": None, "flag": False}
+    cfgfile = tmp_path / "c.py"
+    cfgfile.write_text("lr = 3\nsteps = (4, 5)\n")
+    cfg = configure(g, str(script), [str(cfgfile), "--name=hello world", "--neg=", "--flag=True"])
+    assert cfg == {"lr": 3.0, "name": "hello world", "steps": [4, 5], "neg": "", "flag": True}
+    with pytest.raises(KeyError, match="did you mean 'steps'"):
+        configure(g, str(script), ["--step=3"])
+    with pytest.raises(TypeError, match="flag"):
+        configure(g, str(script), ["--flag=3"])
+    with pytest.raises(SystemExit):
+        configure(g, str(script), ["--help"])
+    assert "learning rate" in capsys.readouterr().out
