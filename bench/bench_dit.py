@@ -151,6 +151,11 @@ def peak_rss_child(which, cfg, shape, ckpt, backward, queue):
         fn = prepare(model, ckpt, *make_inputs(c, s, "cpu"))
         if c is not cfg:
             run_step(model, fn, backward, torch.device("cpu"))
+    queue.put((which, *peak_rss_above_now(lambda: run_step(model, fn, backward, torch.device("cpu")))))
+
+
+def peak_rss_above_now(run):
+    """Peak RSS in bytes while run() runs, above the RSS before it -> (bytes, how it was measured)."""
     before = _status_kb("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -158,9 +163,9 @@ def peak_rss_child(which, cfg, shape, ckpt, backward, queue):
         how = "VmHWM"
     except OSError:    # ru_maxrss cannot be reset: exact if the step's peak is the highest, else an upper bound
         how = "ru_maxrss"
-    run_step(model, fn, backward, torch.device("cpu"))
+    run()
     peak = _status_kb("VmHWM") if how == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put((which, (peak - before) * 1024, how))
+    return (peak - before) * 1024, how
 
 
 def gb(n):

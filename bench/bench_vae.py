@@ -21,7 +21,6 @@ CUDA fp32 runs with TF32 off (true fp32 convolutions).
 import argparse
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import sys
 import time
@@ -29,7 +28,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model_wan import WanVAE, WanVAEConfig  # noqa: E402
+from bench_dit import gb, peak_rss_above_now  # noqa: E402
 
 
 def build_ref():
@@ -82,31 +83,13 @@ def run(fn, device):
     return sec, peak
 
 
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def peak_rss_child(which, shape, queue):
     """CPU memory of one decode in a fresh process: peak RSS above the RSS after building model and latent."""
     torch.manual_seed(0)
     model = WanVAE().eval() if which == "ours" else build_ref().eval()
     run(decode_fn(model, make_latent((1, 16, 2, 2, 2), "cpu", torch.float32)), torch.device("cpu"))   # page in code
     fn = decode_fn(model, make_latent(shape, "cpu", torch.float32))
-    before = _status_kb("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")   # reset VmHWM to the current RSS
-        how = "VmHWM"
-    except OSError:    # ru_maxrss cannot be reset: exact if the decode's peak is the highest, else an upper bound
-        how = "ru_maxrss"
-    run(fn, torch.device("cpu"))
-    peak = _status_kb("VmHWM") if how == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put((which, (peak - before) * 1024, how))
-
-
-def gb(n):
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    queue.put((which, *peak_rss_above_now(lambda: run(fn, torch.device("cpu")))))
 
 
 def main():

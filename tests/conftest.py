@@ -1,5 +1,6 @@
 """Shared fixtures: tiny diffusers reference modules built offline (wan21.md §12)."""
 import os
+import subprocess
 import sys
 
 import pytest
@@ -53,3 +54,12 @@ def tiny_pipeline(ref_dit):
                            temperal_downsample=[False, True, True]).eval()
     sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     return WanPipeline(tokenizer=tiny_tokenizer(), text_encoder=te, transformer=ref_dit, vae=vae, scheduler=sched)
+
+
+def run_offline_hub(code, cache, tmp_path):
+    """Run `code` in a fresh interpreter with HF_HUB_OFFLINE=1 and the hub cache at `cache` -> its stdout."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout

@@ -1,15 +1,13 @@
 """WanDiT against diffusers' WanTransformer3DModel (fp32), the loaders in every layout, presets, gradients."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import model_wan as mw
-from conftest import TINY_D, randomize_
+from conftest import run_offline_hub, TINY_D, randomize_
 
 # the original -> diffusers rename of diffusers' convert script (wan21.md §5), restated independently of
 # model_wan's own map: ordered str.replace, head.modulation before modulation, norm2/norm3 swap via a placeholder
@@ -221,12 +219,9 @@ def test_hub_id_offline_cache(ref_dit, tmp_path):
     code = ("import model_wan as mw, sys\n"
             "m = mw.load_dit('someone/tiny-wan'); print('OK', m.cfg.num_layers)\n"
             "try:\n    mw.load_dit('someone/absent-wan')\nexcept FileNotFoundError as e:\n    print('ERR', e)\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "OK 2" in out.stdout
-    assert "ERR 'someone/absent-wan'" in out.stdout and "diffusion_pytorch_model" in out.stdout
+    stdout = run_offline_hub(code, cache, tmp_path)
+    assert "OK 2" in stdout
+    assert "ERR 'someone/absent-wan'" in stdout and "diffusion_pytorch_model" in stdout
 
 
 @pytest.mark.slow

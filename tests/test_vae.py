@@ -1,15 +1,13 @@
 """WanVAE against diffusers' AutoencoderKLWan (fp32, random weights), its loaders in both layouts, tiling, errors."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import model_wan as mw
-from conftest import randomize_
+from conftest import run_offline_hub, randomize_
 
 TINY = dict(base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
 # the real channel pattern at a small width: shortcut convs, channel changes, 2 residual blocks per stage
@@ -161,12 +159,9 @@ def test_hub_id_offline_cache(tiny_ref, tmp_path):
             "    sd = mw.load_vae(repo).state_dict()\n"
             "    print('OK' if sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in sd) else 'BAD', repo)\n"
             "try:\n    mw.load_vae('someone/absent-wan')\nexcept FileNotFoundError as e:\n    print('ERR', e)\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home")}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "OK someone/tiny-wan\n" in out.stdout and "OK someone/tiny-wan-orig" in out.stdout, out.stdout
-    assert "ERR 'someone/absent-wan'" in out.stdout and mw.VAE_PTH in out.stdout
+    stdout = run_offline_hub(code, cache, tmp_path)
+    assert "OK someone/tiny-wan\n" in stdout and "OK someone/tiny-wan-orig" in stdout, stdout
+    assert "ERR 'someone/absent-wan'" in stdout and mw.VAE_PTH in stdout
 
 
 def test_bad_inputs(tiny_ref):
