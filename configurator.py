@@ -64,7 +64,8 @@ def _parse_value(text):
         return text   # a bare string, e.g. --prompt=a cat
 
 
-def configure(g, script_path, argv=None):
+def configure(g, script_path, argv=None, json_map=None):
+    """json_map: dict -> dict of our keys, applied to `.json` config files (e.g. a SimpleTuner config)."""
     argv = sys.argv[1:] if argv is None else argv
     keys = default_keys(script_path)
     defaults = {k: g[k] for k in keys}
@@ -76,8 +77,13 @@ def configure(g, script_path, argv=None):
     for arg in argv:
         if not arg.startswith("--"):
             scope = {}
-            with open(arg) as f:
-                exec(compile(f.read(), arg, "exec"), {}, scope)
+            if arg.endswith(".json"):
+                import json
+                with open(arg) as f:
+                    scope = json_map(json.load(f)) if json_map else json.load(f)
+            else:
+                with open(arg) as f:
+                    exec(compile(f.read(), arg, "exec"), {}, scope)
             for k, v in scope.items():
                 if k.startswith("_") or callable(v) or type(v).__name__ == "module":
                     continue

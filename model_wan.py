@@ -144,6 +144,16 @@ def merge_adapter(model, name, delete=True):
             if delete:
                 delete_adapter_on(m, name)
 
+@torch.no_grad()
+def merged_state_dict(model, name):
+    """Base weights with adapter `name` merged (W + (alpha/r) B A in fp32), adapters left out; `model` is untouched."""
+    sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for mname, m in lora_modules(model):
+        if name in m.lora_scale:
+            delta = (m.lora_B[name].float() @ m.lora_A[name].float()) * m.lora_scale[name]
+            sd[mname + ".weight"] = (m.weight.float() + delta).to(m.weight.dtype)
+    return sd
+
 def delete_adapter_on(m, name):
     del m.lora_A[name], m.lora_B[name], m.lora_scale[name]
     if m.adapter == name:
@@ -544,15 +554,16 @@ def load_dit(source, dtype=None, device="cpu"):
         model.cast(dtype)
     return model.eval()
 
-def save_dit(model, path, layout="diffusers"):
-    """Save base weights as one safetensors file plus config.json in `path` (diffusers or original layout)."""
+def save_dit(model, path, layout="diffusers", state_dict=None):
+    """Save base weights (or `state_dict`, native keys) as one safetensors file plus config.json in `path`
+    (diffusers or original layout)."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
+    sd = state_dict if state_dict is not None else {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
     if layout == "diffusers":
-        sd, cfg = to_diffusers_state_dict(model), diffusers_config(model.cfg)
+        sd, cfg = {original_to_diffusers_key(k): v for k, v in sd.items()}, diffusers_config(model.cfg)
     elif layout == "original":
         c = model.cfg
-        sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
         cfg = {"_class_name": "WanModel", "model_type": "t2v", "dim": c.dim, "eps": c.eps, "ffn_dim": c.ffn_dim,
                "freq_dim": c.freq_dim, "in_dim": c.in_dim, "num_heads": c.num_heads, "num_layers": c.num_layers,
                "out_dim": c.out_dim, "text_len": 512}

@@ -1,0 +1,178 @@
+"""train_dmd.py end to end on config/tiny.py: a run, exports, exact resume (also after SIGKILL), frozen teacher."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import model_wan as mw
+import sample
+import train_dmd
+from configurator import configure
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "config", "tiny.py")
+
+
+def tiny_cfg(tmp_path, *overrides):
+    return configure(dict(vars(train_dmd)), train_dmd.__file__,
+                     [TINY, f"--output_dir={tmp_path}", *overrides], json_map=train_dmd.map_simpletuner)
+
+
+def run(out, *args, wait=True):
+    cmd = [sys.executable, os.path.join(ROOT, "train_dmd.py"), TINY, f"--output_dir={out}", *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def final_state(out):
+    ck = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-") and not d.endswith(".tmp"))[-1]
+    return torch.load(os.path.join(out, ck, "state.pt"), weights_only=True)
+
+
+def tiny_teacher(seed=42):
+    torch.manual_seed(seed)
+    return mw.WanDiT(mw.PRESETS["tiny"]).eval()
+
+
+def test_tiny_run_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    stdout = run(out, "--max_train_steps=6", "--checkpoint_step_interval=3", "--validation_step_interval=3",
+                 "--checkpoints_total_limit=1")
+    assert "step      6 | dmd" in stdout and "exported" in stdout
+    recs = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in recs] == list(range(1, 7))
+    for r in recs:
+        assert all(torch.isfinite(torch.tensor(r[k])) for k in ("dmd_loss", "fake_score_loss", "g_abs", "x_g_std", "x_real_mean"))
+    assert any(k.startswith("fake_score_loss_t") for k in recs[0])
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-0000006"]  # rotation
+    assert json.load(open(out / "config.json"))["max_train_steps"] == 6
+    for step in (3, 6):
+        mp4s = os.listdir(out / "validation" / f"step_{step}")
+        assert len(mp4s) == 1 and sample.read_mp4(str(out / "validation" / f"step_{step}" / mp4s[0]))[0].shape == (9, 64, 64, 3)
+    # the exported student: adapter file (EMA weights) on the teacher == merged transformer/ folder
+    x, t = torch.randn(1, 16, 3, 8, 8), torch.tensor([757.0])
+    ctx = train_dmd.pad_context([train_dmd.TinyTextEncoder(32).encode(["a red circle moving left"])[0, :6]], "cpu", torch.float32)
+    teacher = tiny_teacher()
+    assert sample.load_student(teacher, str(out)) == "adapter"   # folder -> student_ema.safetensors
+    merged = mw.load_dit(out / "transformer")
+    with torch.no_grad():
+        a, b = teacher(x, t, ctx), merged(x, t, ctx)
+        with mw.use_adapter(teacher, None):
+            base = teacher(x, t, ctx)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert (a - base).abs().max() > 0   # the student differs from the teacher
+    # diffusers: the merged folder loads in WanTransformer3DModel, the adapter in WanPipeline.load_lora_weights
+    from diffusers import WanTransformer3DModel
+    d = WanTransformer3DModel.from_pretrained(out / "transformer").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(d(x, t, ctx).sample, b, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_resume_and_sigkill(tmp_path):
+    common = ["--max_train_steps=6", "--checkpoint_step_interval=1", "--validation_step_interval=1000",
+              "--checkpoints_total_limit=2", "--generator_update_interval=2", "--lr_warmup_steps=4"]
+    run(tmp_path / "straight", *common)
+    straight = final_state(tmp_path / "straight")
+    # 3 steps, then a second process resumes to 6 (warmup only: the schedule does not depend on max_train_steps)
+    run(tmp_path / "split", *common, "--max_train_steps=3", "--checkpoint_step_interval=3")
+    p = run(tmp_path / "split", *common)
+    assert "resumed from" in p
+    for key in ("generator", "critic", "ema"):
+        for a, b in zip(straight[key], final_state(tmp_path / "split")[key]):
+            assert torch.equal(a, b), key
+    # SIGKILL mid-run, then resume: still bit-identical
+    long = ["--max_train_steps=40", "--checkpoint_step_interval=1", "--validation_step_interval=1000",
+            "--checkpoints_total_limit=2", "--lr_scheduler=cosine_with_min_lr", "--generator_update_interval=3"]
+    run(tmp_path / "straight40", *long)
+    proc = run(tmp_path / "killed", *long, wait=False)
+    deadline = time.time() + 120
+    while not (tmp_path / "killed" / "checkpoint-0000005").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = final_state(tmp_path / "killed")["step"]
+    assert killed_at < 40
+    run(tmp_path / "killed", *long)
+    for key in ("generator", "critic", "ema"):
+        for a, b in zip(final_state(tmp_path / "straight40")[key], final_state(tmp_path / "killed")[key]):
+            assert torch.equal(a, b), key
+
+
+def test_sigterm_saves_and_exits(tmp_path):
+    proc = run(tmp_path, "--max_train_steps=100000", "--checkpoint_step_interval=100000",
+               "--validation_step_interval=100000", wait=False)
+    deadline = time.time() + 120
+    while not (tmp_path / "log.jsonl").exists() or os.path.getsize(tmp_path / "log.jsonl") == 0:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "signal" in out and final_state(tmp_path)["step"] >= 1
+
+
+def test_teacher_frozen_and_networks_separate(tmp_path):
+    c = tiny_cfg(tmp_path, "--max_train_steps=3", "--validation_step_interval=1000", "--checkpoint_step_interval=1000")
+    ref = {k: v.clone() for k, v in tiny_teacher().state_dict().items()}
+    res = train_dmd.train(c)
+    base = {k: v for k, v in res["base"].state_dict().items() if ".lora_" not in k}
+    assert base.keys() == ref.keys() and all(torch.equal(base[k], ref[k]) for k in ref), "teacher changed"
+    assert all(not p.requires_grad for n, p in res["base"].named_parameters() if ".lora_" not in n)
+    # a critic loss reaches only critic parameters, a generator (DMD) loss only generator parameters
+    base_m = res["base"]
+    G = train_dmd.velocity_fn(base_m, "generator", lambda: torch.autocast("cpu", enabled=False))
+    Fk = train_dmd.velocity_fn(base_m, "critic", lambda: torch.autocast("cpu", enabled=False))
+    R = train_dmd.velocity_fn(base_m, None, lambda: torch.autocast("cpu", enabled=False))
+    ctx = torch.randn(1, 512, 32)
+    base_m.zero_grad(set_to_none=True)
+    x_g, t_from, t_to = train_dmd.rollout(G, torch.randn(1, 16, 3, 8, 8), ctx, [1000.0, 757.0, 522.0], 2)
+    loss, _, _ = train_dmd.dmd_loss(x_g, torch.tensor([500.0]), R, Fk, ctx, torch.zeros_like(ctx), 3.0, 0.0)
+    loss.backward()
+    assert all(p.grad is not None for p in res["g_params"]) and all(p.grad is None for p in res["f_params"])
+    base_m.zero_grad(set_to_none=True)
+    train_dmd.critic_loss(Fk, x_g, torch.tensor([500.0]), ctx)[0].backward()
+    assert all(p.grad is None for p in res["g_params"]) and all(p.grad is not None for p in res["f_params"])
+
+
+def test_full_finetune_mode(tmp_path):
+    res = train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=2", "--lora_rank=0", "--fake_score_lora_rank=0",
+                                   "--validation_step_interval=1000", "--checkpoint_step_interval=1000"))
+    assert res["generator"] is not res["base"] and res["critic"] is not res["base"]
+    assert mw.adapter_names(res["critic"]) == [] and mw.adapter_names(res["base"]) == []
+    student = mw.load_dit(tmp_path / "transformer")
+    assert sample.load_student(tiny_teacher(), str(tmp_path)) == "full"
+    assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), tiny_teacher().state_dict().values()))
+
+
+def test_config_errors(tmp_path, capsys):
+    with pytest.raises(KeyError, match="did you mean 'generator_update_interval'"):
+        tiny_cfg(tmp_path, "--generator_update_intervall=5")
+    with pytest.raises(TypeError, match="max_train_steps"):
+        tiny_cfg(tmp_path, "--max_train_steps=many")
+    for bad, match in (("--num_frame_per_block=1", "causal"), ("--context_noise=10", "causal"),
+                       ("--independent_first_frame=True", "causal"), ("--validation_guidance=2.0", "no CFG"),
+                       ("--validation_num_inference_steps=4", "validation_num_inference_steps"),
+                       ("--real_data_loss_weight=1.0", "data.py"), ("--dmd_denoising_steps=500,900", "decrease"),
+                       ("--grad_clip_method=foo", "grad_clip_method")):
+        with pytest.raises(ValueError, match=match):
+            train_dmd.check_config(tiny_cfg(tmp_path, bad))
+    # the seed's SimpleTuner config.json: implemented keys mapped, the rest listed in one warning
+    st = {"--model_family": "wan", "dmd_denoising_steps": "1000,757,522", "generator_update_interval": 1,
+          "real_score_guidance_scale": 3.0, "fake_score_betas": [0.9, 0.999], "--validation_steps": 50,
+          "optimizer": "adamw_bf16", "base_model_precision": "int8", "num_frame_per_block": 1}
+    (tmp_path / "config.json").write_text(json.dumps(st))
+    c = tiny_cfg(tmp_path, str(tmp_path / "config.json"))
+    assert c["validation_step_interval"] == 50 and c["fake_score_betas"] == (0.9, 0.999) and c["optimizer"] == "adamw"
+    assert "base_model_precision" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="causal"):
+        train_dmd.check_config(c)

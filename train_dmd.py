@@ -1,0 +1,644 @@
+"""
+DMD distillation of a Wan 2.1 teacher into a few-step student (shared/design/dmd.md §3-§6):
+generator G (student), fake score F (critic) and the frozen real score R (teacher).
+
+  python train_dmd.py config/wan_dmd_3step.py                 # the seed's 1.3B run
+  python train_dmd.py config/tiny.py --max_train_steps=20     # tiny random teacher on CPU, no downloads
+  python train_dmd.py path/to/simpletuner/config.json         # the seed's SimpleTuner config, mapped
+  python train_dmd.py --help
+
+With LoRA on G and F (the default) ONE frozen base serves all three networks: R = base with no adapter,
+G = base + adapter "generator", F = base + adapter "critic". Data-free: the training input is prompts only
+(text embeddings precomputed once, the text encoder freed before training).
+"""
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import model_wan as mw
+import sample
+
+# -----------------------------------------------------------------------------
+# defaults; override with config files (python train_dmd.py CONFIG.py) and --key=value
+pretrained_model_name_or_path = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"  # teacher: pipeline root/hub id/original folder; "tiny" = random tiny teacher
+output_dir = "out/wan_dmd"
+prompts_file = ""                      # training prompts, one per line (data-free DMD); empty: validation prompts
+negative_prompt = None                 # None: Wan's default negative prompt; "": the empty prompt
+height = 480                           # training resolution (pixels) of the generated samples
+width = 832
+num_training_frames = 21               # latent frames of a generated sample (21 latent = 81 video frames)
+# DMD (dmd.md §3-§7)
+dmd_denoising_steps = "1000,757,522"   # rollout and inference timesteps, σ = t/1000
+warp_denoising_step = False            # Self-Forcing: t_k <- 1000*shift(t_k/1000) with timestep_shift
+generator_update_interval = 1          # generator step every N trainer steps; the critic steps every step
+real_score_guidance_scale = 3.0        # w in x_real = x_cond + w(x_cond - x_uncond) (DMD2 form: standard CFG = w+1)
+fake_score_guidance_scale = 0.0        # the same form on the critic; 0 = off
+min_timestep_ratio = 0.02              # final clamp of score timesteps to [1000*min, 1000*max]
+max_timestep_ratio = 0.98
+ts_schedule = True                     # score t >= the rollout's next timestep (else >= min_score_timestep)
+ts_schedule_max = False                # score t <= the rollout's exit timestep (else <= 1000)
+min_score_timestep = 0
+timestep_shift = 1.0                   # shift applied to score timesteps (1 = none)
+last_step_only = False                 # always exit the rollout at the last step
+real_data_loss_weight = 0.0            # optional flow-matching term on data latents (needs data.py: must stay 0)
+flow_schedule_shift = 5.0              # shift of the real-data flow-matching timesteps
+# causal student keys (Self-Forcing): only their bidirectional values until the causal mode exists
+num_frame_per_block = 0                # 0 = one block of all frames
+independent_first_frame = False
+same_step_across_blocks = True
+context_noise = 0
+# networks
+lora_rank = 128                        # generator LoRA rank; 0 = full fine-tune (a separate fp32 copy)
+lora_alpha = 128
+lora_targets = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+                "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+fake_score_lora_rank = 128             # critic LoRA rank; 0 = full fine-tune
+fake_score_lora_alpha = 128
+gradient_checkpointing = True
+mixed_precision = "bf16"               # "bf16": bf16 base weights + autocast on CUDA; "no": fp32 (always fp32 on CPU)
+compile = False                        # torch.compile each DiT block
+# optimisation
+optimizer = "adamw"                    # "adamw"; the seed's "adamw_bf16" maps to fp32 master weights (same updates)
+learning_rate = 2e-5
+adam_beta1 = 0.9
+adam_beta2 = 0.999
+adam_weight_decay = 0.01
+adam_epsilon = 1e-8
+lr_scheduler = "constant"              # constant | cosine | cosine_with_min_lr (all with linear warmup)
+lr_warmup_steps = 0
+lr_min_ratio = 0.1                     # cosine_with_min_lr: final lr = learning_rate * lr_min_ratio
+max_grad_norm = 1.0
+grad_clip_method = "norm"              # "norm" or "value"
+fake_score_lr = 1e-5
+fake_score_weight_decay = 0.01
+fake_score_betas = (0.9, 0.999)
+fake_score_eps = 1e-8
+fake_score_grad_clip = 1.0
+max_train_steps = 4000
+train_batch_size = 1
+gradient_accumulation_steps = 1
+max_nonfinite_steps = 5                # abort after this many non-finite losses in a row
+seed = 42
+# EMA of the generator's trainable weights (fp32 shadow)
+use_ema = True
+ema_decay = 0.99
+ema_update_interval = 5                # in generator steps
+ema_start_step = 0
+ema_validation = "ema_only"            # none | ema_only | comparison
+# checkpoints
+checkpoint_step_interval = 200
+checkpoints_total_limit = 3
+resume_from_checkpoint = "latest"      # "latest", a checkpoint folder, or "" for a fresh start
+# validation and logging
+validation_step_interval = 200
+validation_prompt = "A cat walks on the grass, realistic style."
+validation_prompt_library = ""         # JSON file: {"name": "prompt", ...} or ["prompt", ...]
+validation_seed = 42
+validation_num_inference_steps = 3     # must equal the number of dmd_denoising_steps
+validation_guidance = 1.0              # the student sampler takes no CFG: must be 1.0
+validation_resolution = "832x480"      # WxH
+validation_num_video_frames = 81
+log_interval = 1
+report_to = "none"                     # "none" or "wandb"
+tracker_project_name = "wan-dmd"
+tracker_run_name = ""
+device = "auto"
+# -----------------------------------------------------------------------------
+
+# the seed's SimpleTuner config.json keys that differ from ours (all other implemented keys match by name)
+SIMPLETUNER_RENAMES = {"train_batch_size": "train_batch_size", "validation_steps": "validation_step_interval",
+                       "checkpointing_steps": "checkpoint_step_interval", "lr_warmup_steps": "lr_warmup_steps",
+                       "adam_weight_decay": "adam_weight_decay", "model_path": "pretrained_model_name_or_path"}
+SIMPLETUNER_VALUES = {"optimizer": {"adamw_bf16": "adamw"}, "mixed_precision": {"bf16": "bf16", "no": "no"}}
+
+# -----------------------------------------------------------------------------
+# DMD math: small pure functions over networks passed in as velocity functions f(x, t, ctx) -> v
+
+def shift_timestep(t, s):
+    """1000·shift_s(t/1000) with shift_s(u) = s·u/(1+(s−1)u)."""
+    return 1000 * sample.shift_sigmas(t / 1000, s)
+
+
+def rollout_steps(steps, warp, shift):
+    return [float(shift_timestep(torch.tensor(t), shift)) if warp else float(t) for t in steps]
+
+
+def rollout(gen, noise, ctx, steps, k_exit):
+    """Backward simulation (dmd.md §3): no-grad steps before k_exit, then the ONLY forward with gradient.
+    noise (B,C,F,H,W) -> (x_g = x − σ·G(x, t_k*), t_from, t_to)."""
+    x = noise
+    with torch.no_grad():
+        for k in range(k_exit):
+            s, s_next = steps[k] / 1000, steps[k + 1] / 1000
+            x0 = x - s * gen(x, torch.full((x.shape[0],), steps[k], device=x.device), ctx)
+            x = (1 - s_next) * x0 + s_next * torch.randn_like(x0)
+    s = steps[k_exit] / 1000
+    x_g = x - s * gen(x, torch.full((x.shape[0],), steps[k_exit], device=x.device), ctx)
+    t_to = steps[k_exit + 1] if k_exit + 1 < len(steps) else 0.0
+    return x_g, steps[k_exit], t_to
+
+
+def score_timesteps(batch, t_from, t_to, c, device):
+    """Score timesteps of §4: uniform in the window, then shift, then the min/max ratio clamp -> (B,) float."""
+    lo = t_to if c["ts_schedule"] else c["min_score_timestep"]
+    hi = t_from if c["ts_schedule_max"] else 1000.0
+    t = lo + (hi - lo) * torch.rand(batch, device=device)
+    if c["timestep_shift"] > 1:
+        t = shift_timestep(t, c["timestep_shift"])
+    return t.clamp(1000 * c["min_timestep_ratio"], 1000 * c["max_timestep_ratio"])
+
+
+def guided_x0(net, x_t, t, ctx, neg_ctx, w):
+    """x0 of a flow net with guidance in the DMD2 form: x̂_c + w(x̂_c − x̂_u); w = 0: conditional only."""
+    sig = (t / 1000).view(-1, 1, 1, 1, 1)
+    x0 = x_t - sig * net(x_t, t, ctx)
+    if w != 0:
+        x0 = x0 + w * (x0 - (x_t - sig * net(x_t, t, neg_ctx)))
+    return x0
+
+
+def dmd_loss(x_g, t, real, fake, ctx, neg_ctx, w_real, w_fake):
+    """Generator loss of §4. Everything but x_g is no-grad; ∂L/∂x_g = g / numel exactly.
+    -> (loss, g, stats) with g = nan_to_num((x̂_fake − x̂_real) / mean|x_g − x̂_real|) per sample."""
+    with torch.no_grad():
+        xg = x_g.detach().float()
+        sig = (t / 1000).view(-1, 1, 1, 1, 1)
+        x_t = (1 - sig) * xg + sig * torch.randn_like(xg)
+        x_fake = guided_x0(fake, x_t, t, ctx, neg_ctx, w_fake).float()
+        x_real = guided_x0(real, x_t, t, ctx, neg_ctx, w_real).float()
+        norm = (xg - x_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+        g = torch.nan_to_num((x_fake - x_real) / norm)
+    loss = 0.5 * F.mse_loss(x_g.float(), (xg - g), reduction="mean")
+    stats = {"x_g": xg, "x_real": x_real, "x_fake": x_fake}
+    return loss, g, stats
+
+
+def critic_loss(fake, x_g, t, ctx):
+    """Flow matching on the student's samples (§5): mean (F(x_t, t) − (ε − x_g))², x_g detached."""
+    x_g = x_g.detach().float()
+    sig = (t / 1000).view(-1, 1, 1, 1, 1)
+    eps = torch.randn_like(x_g)
+    pred = fake((1 - sig) * x_g + sig * eps, t, ctx)
+    per_sample = (pred.float() - (eps - x_g)).square().mean(dim=(1, 2, 3, 4))
+    return per_sample.mean(), per_sample.detach()
+
+# -----------------------------------------------------------------------------
+# setup helpers
+
+def check_config(c):
+    """Errors for values we cannot honour, never a silent ignore."""
+    steps = [float(s) for s in str(c["dmd_denoising_steps"]).split(",")]
+    if steps != sorted(steps, reverse=True) or not all(0 < s <= 1000 for s in steps):
+        raise ValueError(f"dmd_denoising_steps must decrease within (0, 1000], got {c['dmd_denoising_steps']!r}")
+    causal = {"num_frame_per_block": c["num_frame_per_block"] in (0, None, c["num_training_frames"]),
+              "independent_first_frame": not c["independent_first_frame"],
+              "same_step_across_blocks": bool(c["same_step_across_blocks"]), "context_noise": c["context_noise"] == 0}
+    bad = [k for k, ok in causal.items() if not ok]
+    if bad:
+        raise ValueError(f"{', '.join(f'{k}={c[k]!r}' for k in bad)}: the causal (block-wise) student is not implemented "
+                         "yet; use num_frame_per_block=0 (one block), independent_first_frame=False, "
+                         "same_step_across_blocks=True, context_noise=0")
+    if c["real_data_loss_weight"] != 0:
+        raise ValueError("real_data_loss_weight != 0 needs dataset latents (data.py), which have not landed yet")
+    if c["validation_guidance"] != 1.0:
+        raise ValueError("validation_guidance must be 1.0: the student sampler takes no CFG")
+    if c["validation_num_inference_steps"] != len(steps):
+        raise ValueError(f"validation_num_inference_steps={c['validation_num_inference_steps']} must equal the "
+                         f"number of dmd_denoising_steps ({len(steps)}): validation runs the training rollout's sampler")
+    for k, allowed in (("lr_scheduler", ("constant", "cosine", "cosine_with_min_lr")), ("grad_clip_method", ("norm", "value")),
+                       ("ema_validation", ("none", "ema_only", "comparison")), ("mixed_precision", ("bf16", "no")),
+                       ("optimizer", ("adamw", "adamw_bf16")), ("report_to", ("none", "wandb"))):
+        if c[k] not in allowed:
+            raise ValueError(f"{k} must be one of {allowed}, got {c[k]!r}")
+    if c["height"] % 16 or c["width"] % 16:
+        raise ValueError(f"height and width must be multiples of 16, got {c['height']}x{c['width']}")
+    return steps
+
+
+def map_simpletuner(d):
+    """SimpleTuner config.json -> our keys (those we implement); the rest listed in one warning."""
+    known = set(DEFAULTS)
+    out, skipped = {}, []
+    for k, v in d.items():
+        k = k.lstrip("-")
+        ours = SIMPLETUNER_RENAMES.get(k, k)
+        if ours in known:
+            v = SIMPLETUNER_VALUES.get(ours, {}).get(v, v) if isinstance(v, str) else v
+            if isinstance(DEFAULTS[ours], tuple) and isinstance(v, str):
+                v = tuple(float(x) for x in v.strip("[]()").split(","))
+            if isinstance(DEFAULTS[ours], (int, float)) and not isinstance(DEFAULTS[ours], bool) and isinstance(v, str):
+                v = type(DEFAULTS[ours])(float(v))
+            if isinstance(DEFAULTS[ours], bool) and isinstance(v, str):
+                v = v.lower() == "true"
+            out[ours] = v
+        else:
+            skipped.append(k)
+    if skipped:
+        print(f"warning: SimpleTuner keys not implemented here, ignored: {', '.join(sorted(skipped))}")
+    return out
+
+
+class TinyTextEncoder:
+    """Deterministic stand-in for UMT5 with the tiny teacher: each word maps to a fixed random vector,
+    EOS appended, rows after the prompt exactly zero."""
+
+    def __init__(self, dim, max_length=512):
+        self.dim, self.max_length = dim, max_length
+
+    def encode(self, prompts):
+        out = torch.zeros(len(prompts), self.max_length, self.dim)
+        for i, p in enumerate(prompts):
+            words = mw.clean_prompt(p).lower().split()[: self.max_length - 1] + ["</s>"]
+            for j, w in enumerate(words):
+                seed = int.from_bytes(w.encode()[:8].ljust(8, b"\0"), "little") % (2**31) + len(w)
+                out[i, j] = torch.randn(self.dim, generator=torch.Generator().manual_seed(seed))
+        return out
+
+
+def build_networks(c, dev, dtype):
+    """-> (base DiT holding the teacher (+ LoRA adapters), generator module, critic module, vae, text encoder)."""
+    src = c["pretrained_model_name_or_path"]
+    if src == "tiny":
+        torch.manual_seed(c["seed"])
+        base = mw.WanDiT(mw.PRESETS["tiny"]).to(dev)
+        vae = mw.WanVAE(mw.WanVAEConfig(base_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1)).to(dev)
+        te = TinyTextEncoder(base.cfg.text_dim)
+    else:
+        base = mw.load_dit(src, dtype=dtype, device=dev)
+        vae = mw.load_vae(src, dtype=torch.float32, device=dev)
+        te = None   # loaded, used and freed in encode_prompts
+    base.requires_grad_(False).eval()
+    base.gradient_checkpointing = c["gradient_checkpointing"]
+    gen = critic = base
+    if c["lora_rank"] > 0:
+        mw.add_adapter(base, "generator", c["lora_rank"], c["lora_alpha"], tuple(c["lora_targets"]))
+    else:
+        gen = copy.deepcopy(base).float()
+    if c["fake_score_lora_rank"] > 0:
+        mw.add_adapter(base, "critic", c["fake_score_lora_rank"], c["fake_score_lora_alpha"], tuple(c["lora_targets"]))
+    else:
+        critic = copy.deepcopy(base).float()
+        if "generator" in mw.adapter_names(critic):
+            mw.delete_adapter(critic, "generator")
+    for m in {id(gen): gen, id(critic): critic}.values():
+        if m is not base:
+            for n, p in m.named_parameters():
+                p.requires_grad_(".lora_" not in n)
+    if c["compile"]:
+        for m in {id(x): x for x in (base, gen, critic)}.values():
+            for b in m.blocks:
+                b.compile()
+    return base, gen, critic, vae, te
+
+
+def trainable(model, adapter):
+    """The trainable parameters of a network: its adapter's, or every base parameter of a full copy."""
+    if adapter is not None:
+        return mw.adapter_parameters(model, adapter)
+    return [p for n, p in model.named_parameters() if ".lora_" not in n]
+
+
+def velocity_fn(model, adapter, autocast):
+    """f(x, t, ctx) -> fp32 velocity of `model` with `adapter` active (None = the base weights)."""
+    def f(x, t, ctx):
+        with mw.use_adapter(model, adapter), autocast():
+            return model(x, t, ctx).float()
+    return f
+
+
+def lr_lambda(c):
+    def f(step):
+        if step < c["lr_warmup_steps"]:
+            return (step + 1) / (c["lr_warmup_steps"] + 1)
+        if c["lr_scheduler"] == "constant":
+            return 1.0
+        progress = min(1.0, (step - c["lr_warmup_steps"]) / max(1, c["max_train_steps"] - c["lr_warmup_steps"]))
+        lo = c["lr_min_ratio"] if c["lr_scheduler"] == "cosine_with_min_lr" else 0.0
+        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def pad_context(rows, dev, dtype):
+    """List of (n_i, D) trimmed embeddings -> (B, 512, D) with zero rows after each prompt."""
+    out = torch.zeros(len(rows), 512, rows[0].shape[-1], dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+    return out.to(dev)
+
+
+def encode_prompts(c, te, prompts, dev, dtype):
+    """Encode prompts once (the text encoder is then freed) -> list of trimmed (n_i, D) CPU tensors."""
+    if te is None:
+        te = mw.load_text_encoder(c["pretrained_model_name_or_path"], dtype=dtype, device=dev)
+    out = []
+    for i in range(0, len(prompts), 16):
+        emb = te.encode(prompts[i:i + 16]).cpu()
+        for e in emb:
+            n = int((e.abs().sum(-1) > 0).nonzero().max().item()) + 1 if e.abs().sum() > 0 else 1
+            out.append(e[:n].clone())
+    return out
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def rng_state():
+    st = {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+          "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)), "numpy_pos": int(np.random.get_state()[2]),
+          "numpy_gauss": [int(np.random.get_state()[3]), float(np.random.get_state()[4])],
+          "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st):
+    random.setstate((3, tuple(st["python"]), st["python_pos"]))
+    np.random.set_state(("MT19937", st["numpy"].numpy().astype(np.uint32), st["numpy_pos"], *st["numpy_gauss"]))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_checkpoint(out_dir, state, limit):
+    """Write checkpoint-{step}/state.pt via a temporary folder and a rename; keep the newest `limit`."""
+    final = os.path.join(out_dir, f"checkpoint-{state['step']:07d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    torch.save(state, os.path.join(tmp, "state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    done = sorted(d for d in os.listdir(out_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp"))
+    for d in done[: max(0, len(done) - max(1, limit))]:
+        shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
+    return final
+
+
+def find_checkpoint(out_dir, spec):
+    if not spec:
+        return None
+    if spec != "latest":
+        if not os.path.exists(os.path.join(spec, "state.pt")):
+            raise FileNotFoundError(f"resume_from_checkpoint={spec!r}: no state.pt there")
+        return spec
+    if not os.path.isdir(out_dir):
+        return None
+    done = sorted(d for d in os.listdir(out_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp"))
+    return os.path.join(out_dir, done[-1]) if done else None
+
+# -----------------------------------------------------------------------------
+
+def train(c):
+    steps = check_config(c)
+    steps = rollout_steps(steps, c["warp_denoising_step"], c["timestep_shift"])
+    dev = torch.device(c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = dev.type == "cuda"
+    bf16 = cuda and c["mixed_precision"] == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else (lambda: torch.autocast("cpu", enabled=False))
+    if c["optimizer"] == "adamw_bf16":
+        print("notice: optimizer adamw_bf16 -> AdamW with fp32 master weights (the same updates, more exact)")
+    os.makedirs(c["output_dir"], exist_ok=True)
+    with open(os.path.join(c["output_dir"], "config.json"), "w") as f:
+        json.dump(c, f, indent=2, default=str)
+    random.seed(c["seed"])
+    np.random.seed(c["seed"])
+    torch.manual_seed(c["seed"])
+
+    # prompts -> embeddings (encoder freed), networks
+    val_prompts = [c["validation_prompt"]]
+    if c["validation_prompt_library"]:
+        with open(c["validation_prompt_library"]) as f:
+            lib = json.load(f)
+        val_prompts += list(lib.values()) if isinstance(lib, dict) else list(lib)
+    if c["prompts_file"]:
+        with open(c["prompts_file"]) as f:
+            train_prompts = [line.strip() for line in f if line.strip()]
+    else:
+        train_prompts = val_prompts
+    if not train_prompts:
+        raise ValueError("no training prompts")
+    base, gen, critic, vae, te = build_networks(c, dev, dtype)
+    neg = mw.WAN_NEGATIVE_PROMPT if c["negative_prompt"] is None else c["negative_prompt"]
+    embeds = encode_prompts(c, te, train_prompts + val_prompts + [neg], dev, dtype)
+    train_emb, val_emb, neg_emb = embeds[: len(train_prompts)], embeds[len(train_prompts):-1], embeds[-1:]
+    del te
+    g_adapter = "generator" if gen is base else None
+    f_adapter = "critic" if critic is base else None
+    G = velocity_fn(gen, g_adapter, autocast)
+    Fk = velocity_fn(critic, f_adapter, autocast)
+    R = velocity_fn(base, None, autocast)
+    g_params, f_params = trainable(gen, g_adapter), trainable(critic, f_adapter)
+    g_opt = torch.optim.AdamW(g_params, lr=c["learning_rate"], betas=(c["adam_beta1"], c["adam_beta2"]),
+                              weight_decay=c["adam_weight_decay"], eps=c["adam_epsilon"])
+    f_opt = torch.optim.AdamW(f_params, lr=c["fake_score_lr"], betas=tuple(c["fake_score_betas"]),
+                              weight_decay=c["fake_score_weight_decay"], eps=c["fake_score_eps"])
+    g_sched = torch.optim.lr_scheduler.LambdaLR(g_opt, lr_lambda(c))
+    ema = [p.detach().float().clone() for p in g_params] if c["use_ema"] else None
+    print(f"teacher {c['pretrained_model_name_or_path']} | generator {'LoRA r%d' % c['lora_rank'] if g_adapter else 'full'} "
+          f"({sum(p.numel() for p in g_params):,} trainable) | critic {'LoRA r%d' % c['fake_score_lora_rank'] if f_adapter else 'full'} "
+          f"({sum(p.numel() for p in f_params):,}) | shared base: {g_adapter is not None and f_adapter is not None} | "
+          f"{dev} {dtype} | steps {steps} | batch {c['train_batch_size']} x accum {c['gradient_accumulation_steps']}")
+
+    step, gen_steps, bad_in_row = 0, 0, 0
+    ckpt = find_checkpoint(c["output_dir"], c["resume_from_checkpoint"])
+    if ckpt:
+        st = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for p, v in zip(g_params, st["generator"]):
+                p.copy_(v)
+            for p, v in zip(f_params, st["critic"]):
+                p.copy_(v)
+            if ema is not None:
+                ema = [v.to(dev) for v in st["ema"]]
+        g_opt.load_state_dict(st["g_opt"])
+        f_opt.load_state_dict(st["f_opt"])
+        g_sched.load_state_dict(st["g_sched"])
+        step, gen_steps, bad_in_row = st["step"], st["gen_steps"], st["bad_in_row"]
+        set_rng_state(st["rng"])
+        print(f"resumed from {ckpt} at step {step}")
+
+    def state():
+        return {"step": step, "gen_steps": gen_steps, "bad_in_row": bad_in_row,
+                "generator": [p.detach().cpu().clone() for p in g_params],
+                "critic": [p.detach().cpu().clone() for p in f_params],
+                "ema": [e.cpu().clone() for e in ema] if ema is not None else [],
+                "g_opt": g_opt.state_dict(), "f_opt": f_opt.state_dict(), "g_sched": g_sched.state_dict(),
+                "rng": rng_state(), "config": json.dumps(c, default=str)}
+
+    stop = {"signal": None}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _: stop.update(signal=s))
+    wandb = None
+    if c["report_to"] == "wandb":
+        import wandb as _wandb
+        wandb = _wandb.init(project=c["tracker_project_name"], name=c["tracker_run_name"] or None, config=c)
+    log_f = open(os.path.join(c["output_dir"], "log.jsonl"), "a")
+    B, Fr = c["train_batch_size"], c["num_training_frames"]
+    shape = (B, 16, Fr, c["height"] // 8, c["width"] // 8)
+    neg_ctx = pad_context(neg_emb * B, dev, dtype)
+
+    def batch_ctx():
+        idx = torch.randint(len(train_emb), (B,)).tolist()
+        return pad_context([train_emb[i] for i in idx], dev, dtype)
+
+    def exit_step():   # identical on every rank: drawn from a generator seeded by (seed, step)
+        if c["last_step_only"]:
+            return len(steps) - 1
+        return int(torch.randint(len(steps), (1,), generator=torch.Generator().manual_seed(c["seed"] * 100003 + step)))
+
+    def clip(params, method, value):
+        if method == "value":
+            torch.nn.utils.clip_grad_value_(params, value)
+            return torch.cat([p.grad.flatten() for p in params if p.grad is not None]).norm().item()
+        return float(torch.nn.utils.clip_grad_norm_(params, value))
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t_last = time.perf_counter()
+    while step < c["max_train_steps"]:
+        rec = {"step": step + 1}
+        k = exit_step()
+        # generator (DMD) step
+        if step % c["generator_update_interval"] == 0:
+            g_opt.zero_grad(set_to_none=True)
+            losses = []
+            for _ in range(c["gradient_accumulation_steps"]):
+                ctx = batch_ctx()
+                x_g, t_from, t_to = rollout(G, torch.randn(shape, device=dev), ctx, steps, k)
+                t = score_timesteps(B, t_from, t_to, c, dev)
+                loss, g, st_ = dmd_loss(x_g, t, R, Fk, ctx, neg_ctx, c["real_score_guidance_scale"], c["fake_score_guidance_scale"])
+                if torch.isfinite(loss):
+                    (loss / c["gradient_accumulation_steps"]).backward()
+                losses.append(loss.detach())
+            loss = torch.stack(losses).mean()
+            if torch.isfinite(loss):
+                rec["g_grad_norm"] = clip(g_params, c["grad_clip_method"], c["max_grad_norm"])
+                g_opt.step()
+                g_sched.step()
+                gen_steps += 1
+                if ema is not None and gen_steps % c["ema_update_interval"] == 0:
+                    d = 0.0 if gen_steps < c["ema_start_step"] else c["ema_decay"]
+                    with torch.no_grad():
+                        for e, p in zip(ema, g_params):
+                            e.mul_(d).add_(p.detach().float(), alpha=1 - d)
+                rec.update(dmd_loss=loss.item(), g_abs=g.abs().mean().item(), score_t=t.mean().item(), exit_step=k,
+                           **{f"{n}_{s}": getattr(v, s)().item() for n, v in st_.items() for s in ("mean", "std")})
+            else:
+                rec["dmd_loss"] = float("nan")
+        # critic step on fresh no-grad rollouts
+        f_opt.zero_grad(set_to_none=True)
+        losses, bins = [], {}
+        for _ in range(c["gradient_accumulation_steps"]):
+            ctx = batch_ctx()
+            with torch.no_grad():
+                x_g, t_from, t_to = rollout(G, torch.randn(shape, device=dev), ctx, steps, exit_step())
+            t = score_timesteps(B, t_from, t_to, c, dev)
+            loss_f, per = critic_loss(Fk, x_g, t, ctx)
+            if torch.isfinite(loss_f):
+                (loss_f / c["gradient_accumulation_steps"]).backward()
+            losses.append(loss_f.detach())
+            for ti, li in zip(t.tolist(), per.tolist()):
+                bins.setdefault(f"fake_score_loss_t{int(ti // 250) * 250}", []).append(li)
+        loss_f = torch.stack(losses).mean()
+        finite = torch.isfinite(loss_f) and math.isfinite(rec.get("dmd_loss", 0.0))
+        if torch.isfinite(loss_f):
+            rec["f_grad_norm"] = clip(f_params, "norm", c["fake_score_grad_clip"])
+            f_opt.step()
+            rec.update(fake_score_loss=loss_f.item(), **{k_: sum(v) / len(v) for k_, v in bins.items()})
+        bad_in_row = 0 if finite else bad_in_row + 1
+        if not finite:
+            print(f"step {step + 1}: non-finite loss (dmd {rec.get('dmd_loss')}, critic {loss_f.item()}), update skipped")
+            if bad_in_row >= c["max_nonfinite_steps"]:
+                raise RuntimeError(f"{bad_in_row} non-finite losses in a row: aborting (lower the learning rates, "
+                                   "check the teacher and the guidance scale)")
+        step += 1
+        now = time.perf_counter()
+        rec.update(lr=g_sched.get_last_lr()[0], s_per_step=now - t_last,
+                   peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+        t_last = now
+        log_f.write(json.dumps(rec) + "\n")
+        log_f.flush()
+        if wandb is not None:
+            wandb.log(rec, step=step)
+        if step % c["log_interval"] == 0:
+            print(f"step {step:6d} | dmd {rec.get('dmd_loss', float('nan')):.3e} | fake {rec.get('fake_score_loss', float('nan')):.4f} "
+                  f"| |g| {rec.get('g_abs', float('nan')):.3e} | gnorm G {rec.get('g_grad_norm', float('nan')):.2e} "
+                  f"F {rec.get('f_grad_norm', float('nan')):.2e} | lr {rec['lr']:.2e} | t {rec.get('score_t', float('nan')):5.1f} "
+                  f"| {rec['s_per_step']:.2f} s/step | mem {rec['peak_mem_gb']:.1f} GB", flush=True)
+        last = step >= c["max_train_steps"]
+        if step % c["checkpoint_step_interval"] == 0 or last or stop["signal"]:
+            path = save_checkpoint(c["output_dir"], state(), c["checkpoints_total_limit"])
+            print(f"checkpoint {path}")
+        if step % c["validation_step_interval"] == 0 or last:
+            validate(c, base, gen, g_adapter, g_params, ema, vae, val_prompts, val_emb, steps, step, dev, dtype, autocast)
+        if stop["signal"]:
+            print(f"signal {stop['signal']}: checkpoint written at step {step}, exiting")
+            log_f.close()
+            sys.exit(0)
+    log_f.close()
+    export(c, base, gen, g_adapter, g_params, ema)
+    return {"base": base, "generator": gen, "critic": critic, "g_params": g_params, "f_params": f_params, "ema": ema}
+
+
+@torch.no_grad()
+def swap_in(params, values):
+    """Copy `values` into `params`, returning the previous values (for validating/exporting EMA weights)."""
+    old = [p.detach().clone() for p in params]
+    for p, v in zip(params, values):
+        p.copy_(v)
+    return old
+
+
+def validate(c, base, gen, g_adapter, g_params, ema, vae, prompts, embs, steps, step, dev, dtype, autocast):
+    W, H = (int(v) for v in c["validation_resolution"].lower().split("x"))
+    Fn = c["validation_num_video_frames"]
+    modes = {"none": ["raw"], "ema_only": ["ema"], "comparison": ["raw", "ema"]}[c["ema_validation"] if ema is not None else "none"]
+    G = velocity_fn(gen, g_adapter, autocast)
+    out = os.path.join(c["output_dir"], "validation", f"step_{step}")
+    for mode in modes:
+        old = swap_in(g_params, ema) if mode == "ema" else None
+        for i, (p, e) in enumerate(zip(prompts, embs)):
+            x, gen_ = sample.initial_noise(1, Fn, H // 16 * 16, W // 16 * 16, c["validation_seed"], dev)
+            with torch.no_grad():
+                lat = sample.student_sample(lambda x_, t_: G(x_, t_, pad_context([e], dev, dtype)), x, steps, gen_)
+                video = vae.decode(lat.float())[0]
+            sample.write_mp4(os.path.join(out, f"{i:02d}_{mode}_{sample.slug(p)}.mp4"), video)
+        if old is not None:
+            swap_in(g_params, old)
+    print(f"validation: {len(prompts)} prompt(s) x {modes} -> {out}")
+
+
+def export(c, base, gen, g_adapter, g_params, ema):
+    """The student (EMA weights when used) as (a) student[_ema].safetensors — the LoRA adapter in diffusers/PEFT
+    keys, or full weights — and (b) merged full weights in diffusers transformer/ layout with config.json."""
+    from safetensors.torch import save_file
+    if ema is not None:
+        swap_in(g_params, ema)
+    name = "student_ema.safetensors" if ema is not None else "student.safetensors"
+    path = os.path.join(c["output_dir"], name)
+    if g_adapter is not None:   # the teacher base stays untouched: the merge is computed into a copy
+        save_file(mw.adapter_state_dict(gen, g_adapter), path)
+        merged = mw.merged_state_dict(gen, g_adapter)
+    else:
+        save_file({k: v.contiguous() for k, v in mw.to_diffusers_state_dict(gen).items()}, path)
+        merged = None
+    mw.save_dit(gen, os.path.join(c["output_dir"], "transformer"), layout="diffusers", state_dict=merged)
+    print(f"exported {path} and {os.path.join(c['output_dir'], 'transformer')}/")
+
+
+DEFAULTS = {k: v for k, v in dict(globals()).items() if k in set(__import__("configurator").default_keys(__file__))}
+
+if __name__ == "__main__":
+    from configurator import configure
+    train(configure(globals(), __file__, json_map=map_simpletuner))
