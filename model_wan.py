@@ -19,7 +19,7 @@ import json
 import math
 import os
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +130,18 @@ def use_adapter(model, name):
     finally:
         for (_, m), p in zip(lora_modules(model), prev):
             m.adapter = p
+
+@contextmanager
+def _adapters_as(state):
+    """Select each Linear's adapter as listed in `state` [(module, name)]; restore the current choice after."""
+    prev = [(m, m.adapter) for m, _ in state]
+    for m, a in state:
+        m.adapter = a
+    try:
+        yield
+    finally:
+        for m, a in prev:
+            m.adapter = a
 
 def adapter_parameters(model, name):
     return [p for _, m in lora_modules(model) if name in m.lora_scale for p in (m.lora_A[name], m.lora_B[name])]
@@ -348,7 +360,10 @@ class WanDiT(nn.Module):
         ctx = self.text_embedding(context)                                           # (B,Lc,E)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, e, ctx, rope, use_reentrant=False)
+                # the recompute runs in backward, after use_adapter has restored its choice: replay this one
+                state = [(m, m.adapter) for m in block.modules() if isinstance(m, Linear)]
+                x = checkpoint(block, x, e, ctx, rope, use_reentrant=False,
+                               context_fn=lambda s=state: (nullcontext(), _adapters_as(s)))
             else:
                 x = block(x, e, ctx, rope)
         y = self.head(x, temb).float()                                               # (B,L,pt*ph*pw*C)

@@ -148,6 +148,24 @@ def rollout(gen, noise, ctx, steps, k_exit):
     return x_g, steps[k_exit], t_to
 
 
+def data_rollout(gen, x0, ctx, steps, k_exit):
+    """The "data latent" mode (FastWan): noise a dataset latent x0 to t_k* and run the one student forward
+    with gradient -> (x_g, t_from, t_to) as `rollout` returns them."""
+    s = steps[k_exit] / 1000
+    x = (1 - s) * x0 + s * torch.randn_like(x0)
+    x_g = x - s * gen(x, torch.full((x.shape[0],), steps[k_exit], device=x.device), ctx)
+    return x_g, steps[k_exit], steps[k_exit + 1] if k_exit + 1 < len(steps) else 0.0
+
+
+def flow_matching_loss(net, x0, ctx, shift):
+    """Plain flow-matching loss on data latents (the optional real-data term of §6): σ = shift(u), u ~ U(0,1),
+    mean (net(x_σ, 1000σ) − (ε − x0))²."""
+    sig = sample.shift_sigmas(torch.rand(x0.shape[0], device=x0.device), shift)
+    eps = torch.randn_like(x0)
+    s = sig.view(-1, 1, 1, 1, 1)
+    return (net((1 - s) * x0 + s * eps, 1000 * sig, ctx).float() - (eps - x0)).square().mean()
+
+
 def score_timesteps(batch, t_from, t_to, c, device):
     """Score timesteps of §4: uniform in the window, then shift, then the min/max ratio clamp -> (B,) float."""
     lo = t_to if c["ts_schedule"] else c["min_score_timestep"]
@@ -483,7 +501,13 @@ def train(c):
     if c["report_to"] == "wandb":
         import wandb as _wandb
         wandb = _wandb.init(project=c["tracker_project_name"], name=c["tracker_run_name"] or None, config=c)
-    log_f = open(os.path.join(c["output_dir"], "log.jsonl"), "a")
+    log_path = os.path.join(c["output_dir"], "log.jsonl")
+    if os.path.exists(log_path):   # drop lines of steps lost since the checkpoint we resumed from (or all, fresh)
+        with open(log_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(log_path, "w") as f:
+            f.writelines(kept)
+    log_f = open(log_path, "a")
     B, Fr = c["train_batch_size"], c["num_training_frames"]
     shape = (B, 16, Fr, c["height"] // 8, c["width"] // 8)
     neg_ctx = pad_context(neg_emb * B, dev, dtype)
@@ -492,10 +516,11 @@ def train(c):
         idx = torch.randint(len(train_emb), (B,)).tolist()
         return pad_context([train_emb[i] for i in idx], dev, dtype)
 
-    def exit_step():   # identical on every rank: drawn from a generator seeded by (seed, step)
+    def exit_step(salt):   # identical on every rank: drawn from a generator seeded by (seed, step, G or F)
         if c["last_step_only"]:
             return len(steps) - 1
-        return int(torch.randint(len(steps), (1,), generator=torch.Generator().manual_seed(c["seed"] * 100003 + step)))
+        g = torch.Generator().manual_seed((c["seed"] * 100003 + step) * 2 + salt)
+        return int(torch.randint(len(steps), (1,), generator=g))
 
     def clip(params, method, value):
         if method == "value":
@@ -508,7 +533,7 @@ def train(c):
     t_last = time.perf_counter()
     while step < c["max_train_steps"]:
         rec = {"step": step + 1}
-        k = exit_step()
+        k = exit_step(0)
         # generator (DMD) step
         if step % c["generator_update_interval"] == 0:
             g_opt.zero_grad(set_to_none=True)
@@ -532,6 +557,7 @@ def train(c):
                     with torch.no_grad():
                         for e, p in zip(ema, g_params):
                             e.mul_(d).add_(p.detach().float(), alpha=1 - d)
+                g_opt.zero_grad(set_to_none=True)   # free the gradients before the critic step
                 rec.update(dmd_loss=loss.item(), g_abs=g.abs().mean().item(), score_t=t.mean().item(), exit_step=k,
                            **{f"{n}_{s}": getattr(v, s)().item() for n, v in st_.items() for s in ("mean", "std")})
             else:
@@ -542,7 +568,7 @@ def train(c):
         for _ in range(c["gradient_accumulation_steps"]):
             ctx = batch_ctx()
             with torch.no_grad():
-                x_g, t_from, t_to = rollout(G, torch.randn(shape, device=dev), ctx, steps, exit_step())
+                x_g, t_from, t_to = rollout(G, torch.randn(shape, device=dev), ctx, steps, exit_step(1))
             t = score_timesteps(B, t_from, t_to, c, dev)
             loss_f, per = critic_loss(Fk, x_g, t, ctx)
             if torch.isfinite(loss_f):
@@ -555,6 +581,7 @@ def train(c):
         if torch.isfinite(loss_f):
             rec["f_grad_norm"] = clip(f_params, "norm", c["fake_score_grad_clip"])
             f_opt.step()
+            f_opt.zero_grad(set_to_none=True)
             rec.update(fake_score_loss=loss_f.item(), **{k_: sum(v) / len(v) for k_, v in bins.items()})
         bad_in_row = 0 if finite else bad_in_row + 1
         if not finite:
@@ -588,6 +615,8 @@ def train(c):
             sys.exit(0)
     log_f.close()
     export(c, base, gen, g_adapter, g_params, ema)
+    if wandb is not None:
+        wandb.finish()
     return {"base": base, "generator": gen, "critic": critic, "g_params": g_params, "f_params": f_params, "ema": ema}
 
 

@@ -124,3 +124,28 @@ def test_export_loads_into_diffusers_pipeline(tiny_pipeline, tmp_path):
     torch.testing.assert_close(base, before, rtol=1e-5, atol=1e-5)
     assert (after - before).abs().max() > 1e-3
     torch.testing.assert_close(mine, after, rtol=1e-5, atol=1e-5 * after.abs().max().item())
+
+
+def test_checkpointing_replays_the_adapter_of_the_forward():
+    """Backward runs after use_adapter has restored its choice (and another adapter ran in between):
+    the checkpoint recompute must still use the adapter active during the forward."""
+    m = tiny_model()
+    x, t, ctx = inputs()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    gen = mw.add_adapter(m, "gen", rank=4)
+    mw.add_adapter(m, "critic", rank=4)
+    randomize_adapter_(m, "gen", seed=5)
+    randomize_adapter_(m, "critic", seed=6)
+    with mw.use_adapter(m, "gen"):
+        m(x, t, ctx).square().mean().backward()
+    ref = [p.grad.clone() for p in gen]
+    m.zero_grad(set_to_none=True)
+    m.gradient_checkpointing = True
+    with mw.use_adapter(m, "gen"):
+        loss = m(x, t, ctx).square().mean()
+    with torch.no_grad(), mw.use_adapter(m, "critic"):
+        m(x, t, ctx)
+    loss.backward()
+    for a, p in zip(ref, gen):
+        torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-7)

@@ -176,3 +176,23 @@ def test_config_errors(tmp_path, capsys):
     assert "base_model_precision" in capsys.readouterr().out
     with pytest.raises(ValueError, match="causal"):
         train_dmd.check_config(c)
+
+
+def test_data_rollout_and_flow_matching_loss():
+    """Data-latent mode: one forward with gradient at t_k* on the noised data latent; FM loss closed form."""
+    x0 = torch.randn(2, 16, 1, 4, 4)
+    exact = lambda x, t, ctx: (x - x0) / (t.view(-1, 1, 1, 1, 1) / 1000)   # noqa: E731  the exact velocity to x0
+    x_g, t_from, t_to = train_dmd.data_rollout(exact, x0, None, [1000.0, 757.0, 522.0], 1)
+    assert (t_from, t_to) == (757.0, 522.0)
+    torch.testing.assert_close(x_g, x0, rtol=0, atol=1e-5)
+    assert train_dmd.flow_matching_loss(lambda x, t, ctx: torch.zeros_like(x), torch.zeros(4, 16, 1, 8, 8), None, 5.0) > 0.9
+    assert train_dmd.flow_matching_loss(lambda x, t, ctx: (x - x0[:1]) / (t.view(-1, 1, 1, 1, 1) / 1000),
+                                        x0[:1].expand(3, -1, -1, -1, -1), None, 5.0) < 1e-8
+
+
+def test_log_keeps_one_line_per_step_after_resume(tmp_path):
+    run(tmp_path, "--max_train_steps=4", "--checkpoint_step_interval=2", "--validation_step_interval=1000")
+    with open(tmp_path / "log.jsonl", "a") as f:   # as if steps 5-6 ran and were lost to a kill after checkpoint 4
+        f.write(json.dumps({"step": 5}) + "\n" + json.dumps({"step": 6}) + "\n")
+    run(tmp_path, "--max_train_steps=6", "--checkpoint_step_interval=2", "--validation_step_interval=1000")
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [1, 2, 3, 4, 5, 6]
