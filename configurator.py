@@ -11,6 +11,7 @@ returns the resolved {key: value} dict (also written back into the script's glob
 """
 import ast
 import difflib
+import os
 import sys
 
 FENCE = "# " + "-" * 77
@@ -82,8 +83,8 @@ def configure(g, script_path, argv=None, json_map=None):
                 with open(arg) as f:
                     scope = json_map(json.load(f)) if json_map else json.load(f)
             else:
-                with open(arg) as f:
-                    exec(compile(f.read(), arg, "exec"), {}, scope)
+                with open(arg) as f:   # __file__ lets a config build on another one beside it
+                    exec(compile(f.read(), arg, "exec"), {"__file__": os.path.abspath(arg)}, scope)
             for k, v in scope.items():
                 if k.startswith("_") or callable(v) or type(v).__name__ == "module":
                     continue

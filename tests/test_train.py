@@ -196,3 +196,11 @@ def test_log_keeps_one_line_per_step_after_resume(tmp_path):
         f.write(json.dumps({"step": 5}) + "\n" + json.dumps({"step": 6}) + "\n")
     run(tmp_path, "--max_train_steps=6", "--checkpoint_step_interval=2", "--validation_step_interval=1000")
     assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("name", ["tiny.py", "wan_dmd_3step.py", "wan_dmd_3step_14b.py"])
+def test_shipped_configs_resolve(name):
+    c = configure(dict(vars(train_dmd)), train_dmd.__file__, [os.path.join(ROOT, "config", name)])
+    assert train_dmd.check_config(c) == [1000.0, 757.0, 522.0]
+    if name == "wan_dmd_3step_14b.py":
+        assert c["pretrained_model_name_or_path"].endswith("14B-Diffusers") and c["real_score_guidance_scale"] == 3.0
