@@ -24,6 +24,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import model_wan as mw
 import sample
@@ -531,6 +532,7 @@ def train(c):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t_last = time.perf_counter()
+    bar = tqdm(total=c["max_train_steps"], initial=step, desc="dmd", dynamic_ncols=True)
     while step < c["max_train_steps"]:
         rec = {"step": step + 1}
         k = exit_step(0)
@@ -585,11 +587,12 @@ def train(c):
             rec.update(fake_score_loss=loss_f.item(), **{k_: sum(v) / len(v) for k_, v in bins.items()})
         bad_in_row = 0 if finite else bad_in_row + 1
         if not finite:
-            print(f"step {step + 1}: non-finite loss (dmd {rec.get('dmd_loss')}, critic {loss_f.item()}), update skipped")
+            tqdm.write(f"step {step + 1}: non-finite loss (dmd {rec.get('dmd_loss')}, critic {loss_f.item()}), update skipped")
             if bad_in_row >= c["max_nonfinite_steps"]:
                 raise RuntimeError(f"{bad_in_row} non-finite losses in a row: aborting (lower the learning rates, "
                                    "check the teacher and the guidance scale)")
         step += 1
+        bar.update(1)
         now = time.perf_counter()
         rec.update(lr=g_sched.get_last_lr()[0], s_per_step=now - t_last,
                    peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
@@ -599,10 +602,10 @@ def train(c):
         if wandb is not None:
             wandb.log(rec, step=step)
         if step % c["log_interval"] == 0:
-            print(f"step {step:6d} | dmd {rec.get('dmd_loss', float('nan')):.3e} | fake {rec.get('fake_score_loss', float('nan')):.4f} "
+            tqdm.write(f"step {step:6d} | dmd {rec.get('dmd_loss', float('nan')):.3e} | fake {rec.get('fake_score_loss', float('nan')):.4f} "
                   f"| |g| {rec.get('g_abs', float('nan')):.3e} | gnorm G {rec.get('g_grad_norm', float('nan')):.2e} "
                   f"F {rec.get('f_grad_norm', float('nan')):.2e} | lr {rec['lr']:.2e} | t {rec.get('score_t', float('nan')):5.1f} "
-                  f"| {rec['s_per_step']:.2f} s/step | mem {rec['peak_mem_gb']:.1f} GB", flush=True)
+                  f"| {rec['s_per_step']:.2f} s/step | mem {rec['peak_mem_gb']:.1f} GB")
         last = step >= c["max_train_steps"]
         if step % c["checkpoint_step_interval"] == 0 or last or stop["signal"]:
             path = save_checkpoint(c["output_dir"], state(), c["checkpoints_total_limit"])
@@ -613,6 +616,7 @@ def train(c):
             print(f"signal {stop['signal']}: checkpoint written at step {step}, exiting")
             log_f.close()
             sys.exit(0)
+    bar.close()
     log_f.close()
     export(c, base, gen, g_adapter, g_params, ema)
     if wandb is not None:

@@ -43,7 +43,7 @@ def tiny_teacher(seed=42):
     return mw.WanDiT(mw.PRESETS["tiny"]).eval()
 
 
-def test_tiny_run_end_to_end(tmp_path):
+def test_tiny_run_end_to_end(tmp_path, tiny_pipeline):
     out = tmp_path / "run"
     stdout = run(out, "--max_train_steps=6", "--checkpoint_step_interval=3", "--validation_step_interval=3",
                  "--checkpoints_total_limit=1")
@@ -71,10 +71,17 @@ def test_tiny_run_end_to_end(tmp_path):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert (a - base).abs().max() > 0   # the student differs from the teacher
     # diffusers: the merged folder loads in WanTransformer3DModel, the adapter in WanPipeline.load_lora_weights
-    from diffusers import WanTransformer3DModel
+    from diffusers import WanPipeline, WanTransformer3DModel
     d = WanTransformer3DModel.from_pretrained(out / "transformer").eval()
     with torch.no_grad():
         torch.testing.assert_close(d(x, t, ctx).sample, b, rtol=1e-5, atol=1e-5)
+    mw.save_dit(tiny_teacher(), tmp_path / "teacher")
+    pipe = WanPipeline(tokenizer=tiny_pipeline.tokenizer, text_encoder=tiny_pipeline.text_encoder, vae=tiny_pipeline.vae,
+                       scheduler=tiny_pipeline.scheduler,
+                       transformer=WanTransformer3DModel.from_pretrained(tmp_path / "teacher").eval())
+    pipe.load_lora_weights(str(out / "student_ema.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.transformer(x, t, ctx).sample, b, rtol=1e-5, atol=1e-5)
 
 
 def test_exact_resume_and_sigkill(tmp_path):
@@ -204,3 +211,18 @@ def test_shipped_configs_resolve(name):
     assert train_dmd.check_config(c) == [1000.0, 757.0, 522.0]
     if name == "wan_dmd_3step_14b.py":
         assert c["pretrained_model_name_or_path"].endswith("14B-Diffusers") and c["real_score_guidance_scale"] == 3.0
+
+
+def test_nonfinite_losses_skip_then_abort(tmp_path, monkeypatch, capsys):
+    real = train_dmd.dmd_loss
+
+    def nan_loss(*a, **k):
+        loss, g, st = real(*a, **k)
+        return loss * float("nan"), g, st
+
+    monkeypatch.setattr(train_dmd, "dmd_loss", nan_loss)
+    c = tiny_cfg(tmp_path, "--max_train_steps=10", "--max_nonfinite_steps=3", "--validation_step_interval=1000")
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
+        train_dmd.train(c)
+    assert capsys.readouterr().out.count("non-finite loss") == 3
+    assert all(r.get("g_grad_norm") is None for r in map(json.loads, open(tmp_path / "log.jsonl")))   # no G update
