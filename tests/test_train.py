@@ -226,3 +226,18 @@ def test_nonfinite_losses_skip_then_abort(tmp_path, monkeypatch, capsys):
         train_dmd.train(c)
     assert capsys.readouterr().out.count("non-finite loss") == 3
     assert all(r.get("g_grad_norm") is None for r in map(json.loads, open(tmp_path / "log.jsonl")))   # no G update
+
+
+def test_train_on_a_diffusers_pipeline_folder(tiny_pipeline, tmp_path):
+    """The real-model path: teacher, VAE and text encoder loaded from a pipeline folder, then sample.py."""
+    tiny_pipeline.save_pretrained(tmp_path / "pipe")
+    res = train_dmd.train(tiny_cfg(tmp_path / "out", f"--pretrained_model_name_or_path={tmp_path / 'pipe'}",
+                                   "--height=32", "--width=48", "--num_training_frames=2", "--max_train_steps=2",
+                                   "--validation_resolution=48x32", "--validation_num_video_frames=5"))
+    assert res["base"].cfg.head_dim == 128
+    paths = sample.generate(dict(model=str(tmp_path / "pipe"), ckpt=str(tmp_path / "out"), prompt="a cat", prompts_file="",
+                                 negative_prompt=None, height=32, width=48, num_frames=5, num_inference_steps=3,
+                                 guidance_scale=1.0, flow_shift=None, sampler="unipc", denoising_steps="", seed=0,
+                                 batch_size=1, out=str(tmp_path / "s"), save_latents=False, fps=16, device="cpu",
+                                 dtype="float32"))
+    assert sample.read_mp4(paths[0])[0].shape == (5, 32, 48, 3)
