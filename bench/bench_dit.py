@@ -168,6 +168,19 @@ def peak_rss_above_now(run):
     return (peak - before) * 1024, how
 
 
+def collect_children(children, queue, names):
+    """Join the memory subprocesses -> ({name: peak bytes}, how it was measured)."""
+    for c in children:
+        c.join()
+        if c.exitcode:
+            raise SystemExit(f"memory subprocess failed with exit code {c.exitcode}")
+    mem, how = {}, ""
+    for _ in children:
+        which, nbytes, how = queue.get()
+        mem[names.get(which, which)] = nbytes
+    return mem, how
+
+
 def gb(n):
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
@@ -247,13 +260,7 @@ def main():
 
     mem, mem_how = {}, "torch.cuda.max_memory_allocated above weights and inputs"
     if not cuda:
-        for c in children:
-            c.join()
-            if c.exitcode:
-                raise SystemExit(f"memory subprocess failed with exit code {c.exitcode}")
-        for _ in children:
-            which, nbytes, how = queue.get()
-            mem[O if which == "ours" else D] = nbytes
+        mem, how = collect_children(children, queue, {"ours": O, "diffusers": D})
         mem_how = f"peak RSS above the built model and inputs, fresh process per model ({how})"
     times = {name: {"fb": [], "f": []} for name in models}
     t_start = time.perf_counter()

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model_wan import WanVAE, WanVAEConfig  # noqa: E402
-from bench_dit import gb, peak_rss_above_now  # noqa: E402
+from bench_dit import collect_children, gb, peak_rss_above_now  # noqa: E402
 
 
 def build_ref():
@@ -150,13 +150,7 @@ def main():
 
     mem, mem_how = {}, "torch.cuda.max_memory_allocated above weights and latent"
     if not cuda:
-        for c in children:
-            c.join()
-            if c.exitcode:
-                raise SystemExit(f"memory subprocess failed with exit code {c.exitcode}")
-        for _ in children:
-            which, nbytes, how = queue.get()
-            mem["ours (WanVAE)" if which == "ours" else "diffusers"] = nbytes
+        mem, how = collect_children(children, queue, {"ours": "ours (WanVAE)", "diffusers": "diffusers"})
         mem_how = f"peak RSS above the built model and latent, fresh process per model ({how}, fp32)"
     times = {name: [] for name in models}
     t_start = time.perf_counter()
