@@ -473,6 +473,10 @@ def train(c):
     ckpt = find_checkpoint(c["output_dir"], c["resume_from_checkpoint"])
     if ckpt:
         st = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=True)
+        for name, params in (("generator", g_params), ("critic", f_params)):
+            if [tuple(v.shape) for v in st[name]] != [tuple(p.shape) for p in params]:
+                raise ValueError(f"{ckpt}: its {name} does not match this config's (LoRA rank or full mode changed?); "
+                                 "use another output_dir or resume_from_checkpoint=''")
         with torch.no_grad():
             for p, v in zip(g_params, st["generator"]):
                 p.copy_(v)

@@ -241,3 +241,9 @@ def test_train_on_a_diffusers_pipeline_folder(tiny_pipeline, tmp_path):
                                  batch_size=1, out=str(tmp_path / "s"), save_latents=False, fps=16, device="cpu",
                                  dtype="float32"))
     assert sample.read_mp4(paths[0])[0].shape == (5, 32, 48, 3)
+
+
+def test_resume_with_a_different_network_is_a_clear_error(tmp_path):
+    train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=1", "--validation_step_interval=1000"))
+    with pytest.raises(ValueError, match="does not match this config"):
+        train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=2", "--lora_rank=4", "--validation_step_interval=1000"))
