@@ -9,9 +9,16 @@ Video and image datasets for DMD: sources, reading, aspect buckets, a resumable 
     for batch in loader: ...                          # {"video": (B,3,F,H,W) in [-1,1], "caption": [str], ...}
     ckpt["data"] = loader.state_dict()                # exact position: a resume continues with the next batch
 
-Not here yet (issue 5): the latent/text-embedding cache (section 4) and teacher-made data (section 6).
+Cache (section 4): VAE latents and text embeddings, computed once and read back through the same sampler:
+
+    cached = CachedDataset(ds, vae, text_encoder, rank=rank, world_size=world_size)   # builds what is missing
+    loader = Loader(cached, batch_size=2, seed=1337)  # {"latents": (B,16,T,h,w), "context": (B,512,D), "caption"}
+
+    python data.py CONFIG.py                                         # fill the caches of CONFIG's `datasets`
+    python data.py CONFIG.py --make_teacher_data=prompts.txt --teacher_out=cache/teacher   # section 6
 """
 import csv
+import hashlib
 import json
 import math
 import os
@@ -20,6 +27,7 @@ from collections import Counter, defaultdict
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 VIDEO_EXT = {".mp4", ".webm", ".mov", ".mkv"}
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp"}
@@ -28,7 +36,7 @@ SIDE_EXT = {".txt", ".jsonl", ".csv"}   # captions and metadata, never samples
 # -----------------------------------------------------------------------------
 # one dataset dict; unknown keys are errors that name the key
 DEFAULTS = dict(
-    dataset_type="video",              # "video" (a folder of videos and/or images) or "prompts" (captions only)
+    dataset_type="video",              # "video" (a folder of videos/images), "prompts" (captions only), "latents" (teacher-made)
     instance_data_dir="",              # folder of media; captions from a sidecar .txt or metadata.jsonl/.csv
     prompts_file="",                   # dataset_type "prompts": a text file, one prompt per line
     num_frames=121,                    # rounded down to 4k+1 (Wan's VAE packs 1 + 4k frames)
@@ -41,8 +49,11 @@ DEFAULTS = dict(
     caption_dropout_probability=0.0,   # caption -> "" (the empty prompt) with this probability
     aspect_bucket_rounding=2,          # decimals of the aspect ratio (W/H) used for bucketing
     delete_problematic_images=False,   # delete media files that fail (never caption files)
+    cache_dir="",                      # latents + text embeddings; "" -> <instance_data_dir>/.cache (<prompts_file>.cache)
+    compress_disk_cache=False,         # not supported yet (an error, not a silent ignore)
+    vae_batch_size=1,                  # clips per VAE encode call while caching
 )
-LATER_KEYS = {"cache_dir", "compress_disk_cache", "disable_bucket_pruning", "vae_batch_size", "id"}  # section 4
+LATER_KEYS = {"disable_bucket_pruning", "id"}   # the seed's: id is a label; pruning is noticed below
 WAN_AREAS = {480: 480 * 832, 720: 720 * 1280}   # Wan 2.1's 480p and 720p sizes
 
 # -----------------------------------------------------------------------------
@@ -53,12 +64,21 @@ def dataset_config(d):
     if unknown:
         raise ValueError(f"unknown dataset key(s): {sorted(unknown)}")
     c = {**DEFAULTS, **{k: v for k, v in d.items() if k in DEFAULTS}}
+    if d.get("disable_bucket_pruning"):
+        print("data: notice: disable_bucket_pruning has no effect here: buckets are never pruned, except that a "
+              "bucket with fewer samples than the batch size is skipped (a notice names it)")
     if c["resolution_type"] != "pixel_area":
         raise ValueError(f"resolution_type {c['resolution_type']!r}: only 'pixel_area' is supported")
     if c["crop"] not in (False, "center", "random"):
         raise ValueError(f"crop {c['crop']!r}: False, 'center' or 'random'")
-    if c["dataset_type"] not in ("video", "prompts"):
-        raise ValueError(f"dataset_type {c['dataset_type']!r}: 'video' or 'prompts'")
+    if c["dataset_type"] not in ("video", "prompts", "latents"):
+        raise ValueError(f"dataset_type {c['dataset_type']!r}: 'video', 'prompts' or 'latents' (a teacher-made cache_dir)")
+    if c["compress_disk_cache"]:
+        raise ValueError("compress_disk_cache=True is not supported yet (safetensors has no compression); set it False")
+    if c["dataset_type"] == "latents" and not c["cache_dir"]:
+        raise ValueError("dataset_type 'latents' needs cache_dir (the folder written by --make_teacher_data)")
+    c["cache_dir"] = c["cache_dir"] or (os.path.join(c["instance_data_dir"], ".cache") if c["dataset_type"] == "video"
+                                        else c["prompts_file"] + ".cache")
     n = 4 * ((max(int(c["num_frames"]), 1) - 1) // 4) + 1
     if n != c["num_frames"] and c["dataset_type"] == "video":
         print(f"data: num_frames {c['num_frames']} -> {n} (Wan's VAE needs 4k+1 frames)")
@@ -247,6 +267,26 @@ def scan_prompts(c, warn):
         return []
     return [dict(file=None, caption=l.strip(), bucket=(0, 0, 0), n_src=0) for l in lines if l.strip()]
 
+def scan_latents(c, warn):
+    """'latents' dataset dict -> the sample entries of its cache_dir (written by make_teacher_data)."""
+    from safetensors import safe_open
+    if not os.path.isdir(c["cache_dir"]):
+        raise ValueError(f"cache_dir {c['cache_dir']!r} is not a folder")
+    samples = []
+    for name in sorted(os.listdir(c["cache_dir"])):
+        path = os.path.join(c["cache_dir"], name)
+        if not name.endswith(".safetensors") or name.startswith("text_"):
+            continue
+        try:
+            with safe_open(path, "pt") as f:
+                meta, (_, T, h, w) = f.metadata() or {}, f.get_slice("latents").get_shape()
+        except Exception as e:
+            warn(path, f"unreadable cache entry ({e})", media=False)
+            continue
+        if meta.get("kind") == "sample":
+            samples.append(dict(file=path, caption=meta["caption"], bucket=(8 * h, 8 * w, 4 * (T - 1) + 1), n_src=T))
+    return samples
+
 # -----------------------------------------------------------------------------
 # dataset: index -> sample; every random choice comes from (seed, epoch, index), so workers and resumes agree
 
@@ -267,7 +307,8 @@ class MediaDataset(torch.utils.data.Dataset):
             print(f"data: warning: {path}: {reason}{deleted}")
 
         for k, c in enumerate(self.configs):
-            found = scan_prompts(c, warn) if c["dataset_type"] == "prompts" else scan_folder(c, warn)
+            scan = {"video": scan_folder, "prompts": scan_prompts, "latents": scan_latents}[c["dataset_type"]]
+            found = scan(c, warn)
             for s in found:
                 s["dataset"] = k
             self.samples += found * (1 + c["repeats"])
@@ -322,11 +363,210 @@ def print_buckets(buckets):
 
 
 def collate(items):
-    """List of dataset items (one bucket) -> {"video": (B, 3, F, H, W), "caption": [B], "file": [B]}."""
+    """List of dataset items (one bucket) -> {"video": (B, 3, F, H, W) | "latents": (B, 16, T, h, w),
+    "context": (B, 512, D), "caption": [B], "file": [B]} (the tensors the items have)."""
     batch = dict(caption=[x["caption"] for x in items], file=[x["file"] for x in items])
-    if "video" in items[0]:
-        batch["video"] = torch.stack([x["video"] for x in items])
+    for k in ("video", "latents", "context"):
+        if k in items[0]:
+            batch[k] = torch.stack([x[k] for x in items])
     return batch
+
+# -----------------------------------------------------------------------------
+# cache (section 4): one safetensors file per sample under its dataset's cache_dir, named by a hash of
+# everything that changes its content: the source bytes, the caption, the bucket and reading settings, the
+# seed (it picks the clip's start and random crop: one fixed clip per file), and the VAE and text-encoder
+# identities. A changed setting names another file (rebuilt); an unchanged one finds its file (reused).
+# Stale files are left in place. Entries: {"latents": (16, T, h, w) fp32 normalised, "context": (n, D)
+# trimmed to the real tokens} + metadata {kind, caption}; the empty and negative prompts: text_<hash>.
+
+TEXT_LEN = 512   # Wan's text length: contexts are zero-padded to it on load
+
+
+def digest(*parts):
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def file_digest(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def identity(net):
+    """A short hash naming an encoder: class, config, dtype and a slice of the first, middle and last weights.
+    Cheap (no full pass over 11 GB of UMT5), and any other checkpoint differs in practice."""
+    m = getattr(net, "model", net)   # TextEncoder wraps transformers' UMT5EncoderModel
+    cfg = getattr(m, "cfg", None) or getattr(m, "config", None)
+    cfg = {k: v for k, v in cfg.to_dict().items() if k not in ("_name_or_path", "transformers_version")} \
+        if hasattr(cfg, "to_dict") else cfg
+    h = hashlib.sha256(f"{type(net).__name__} {cfg!r}".encode())
+    if isinstance(m, torch.nn.Module):
+        sd = list(m.state_dict().values())
+        h.update(str(sd[0].dtype).encode())   # a bf16 encoder's outputs differ from an fp32 one's
+        for t in sd[:1] + sd[len(sd) // 2: len(sd) // 2 + 1] + sd[-1:]:
+            h.update(t.detach().flatten()[:65536].float().cpu().numpy().tobytes())
+    else:   # TinyTextEncoder: its settings are its identity
+        h.update(repr(sorted(vars(net).items())).encode())
+    return h.hexdigest()[:16]
+
+
+def trim(e):
+    """(L, D) embedding with zero rows after the prompt -> (n, D), n >= 1 (EOS included)."""
+    nz = (e.abs().sum(-1) > 0).nonzero()
+    return e[: int(nz.max()) + 1 if len(nz) else 1].float().cpu().contiguous()
+
+
+def pad(e, n=TEXT_LEN):
+    out = torch.zeros(n, e.shape[-1], dtype=e.dtype)
+    out[: e.shape[0]] = e[:n]
+    return out
+
+
+def write_entry(path, tensors, **meta):
+    """safetensors via a temporary name and a rename: a killed writer leaves no half entry under `path`."""
+    from safetensors.torch import save_file
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def entry_ok(path):
+    """True for a complete, readable entry; a corrupt or partial one is deleted (and so rebuilt)."""
+    from safetensors import safe_open
+    if not os.path.exists(path):
+        return False
+    try:
+        with safe_open(path, "pt") as f:
+            if (f.metadata() or {}).get("kind") in ("sample", "text"):
+                return True
+    except Exception:
+        pass
+    print(f"data: warning: {path}: corrupt or partial cache entry, rebuilding")
+    os.remove(path)
+    return False
+
+
+def encode_text(te, prompts):
+    return [trim(e) for e in te.encode(prompts)]
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """A MediaDataset's samples as cached latents + text embeddings, with the same buckets (so the same
+    BucketBatchSampler/Loader and resume). Builds missing entries on construction, split across ranks:
+    this rank does every world_size-th missing entry; `check` then requires all of them (after a barrier)."""
+
+    def __init__(self, media, vae, text_encoder, rank=0, world_size=1, device="cpu", negative_prompt=None, check=True):
+        self.media, self.buckets, self.seed = media, media.buckets, media.seed
+        self.vae_id, self.text_id = identity(vae), identity(text_encoder)
+        self.broken, self.built, hashes = set(), 0, {}
+        self.entries = []
+        for s in media.samples:
+            c = media.configs[s["dataset"]]
+            if c["dataset_type"] == "latents":
+                from safetensors import safe_open
+                with safe_open(s["file"], "pt") as f:
+                    made_by = (f.metadata() or {}).get("text")
+                if made_by != self.text_id:   # its context came from another text encoder: not silently mixed
+                    raise ValueError(f"{s['file']}: made with text encoder {made_by}, this run's is {self.text_id}")
+                self.entries.append(s["file"])
+                continue
+            if c["dataset_type"] == "video" and s["file"] not in hashes:
+                hashes[s["file"]] = file_digest(s["file"])
+            key = digest(hashes.get(s["file"]), s["caption"], s["bucket"], self.vae_id if s["file"] else None,
+                         self.text_id, self.seed if s["file"] else None,
+                         *[c[k] for k in ("resolution", "num_frames", "frame_interval", "crop", "aspect_bucket_rounding")])
+            self.entries.append(os.path.join(c["cache_dir"], key + ".safetensors"))
+        self.hashes = hashes
+        self.build(vae, text_encoder, rank, world_size, device)
+        texts = {"empty": ""} if negative_prompt is None else {"empty": "", "negative": negative_prompt}
+        for name, prompt in texts.items():   # tiny: every rank computes them (same bytes, atomic renames)
+            for d in sorted({c["cache_dir"] for c in media.configs}):
+                path = os.path.join(d, f"text_{digest(prompt, self.text_id)}.safetensors")
+                if not entry_ok(path):
+                    write_entry(path, {"context": encode_text(text_encoder, [prompt])[0]}, kind="text", prompt=prompt)
+            setattr(self, name, self.read(path)["context"])
+        if check:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.barrier()
+            missing = [p for p in set(self.entries) if not os.path.exists(p)]
+            if missing:
+                raise RuntimeError(f"data: {len(missing)} cache entries missing (e.g. {missing[0]}); run every rank")
+
+    def build(self, vae, te, rank, world_size, device):
+        first = {}   # entry -> its first sample (repeats share an entry); split over all entries: stable across ranks
+        for i, p in enumerate(self.entries):
+            if self.media.configs[self.media.samples[i]["dataset"]]["dataset_type"] != "latents":
+                first.setdefault(p, i)
+        todo = [i for i in list(first.values())[rank::world_size] if not entry_ok(self.entries[i])]
+        if not todo:
+            return
+        groups = defaultdict(list)   # bucket -> sample indices: one VAE batch has one shape
+        for i in todo:
+            groups[self.media.samples[i]["bucket"]].append(i)
+        bar = tqdm(total=len(todo), desc=f"cache latents+text (rank {rank})", dynamic_ncols=True)
+        for bucket, idx in sorted(groups.items()):
+            n = max(1, self.media.configs[self.media.samples[idx[0]]["dataset"]]["vae_batch_size"]) if bucket[0] else 64
+            for j in range(0, len(idx), n):
+                self.encode(idx[j:j + n], vae, te, device)
+                bar.update(len(idx[j:j + n]))
+        bar.close()
+
+    @torch.no_grad()
+    def encode(self, idx, vae, te, device):
+        samples = [self.media.samples[i] for i in idx]
+        videos, ok = [], []
+        for i, s in zip(idx, samples):
+            if s["file"] is None:
+                ok.append(i)
+                continue
+            c = self.media.configs[s["dataset"]]
+            rng = random.Random(f"{self.seed}-{self.hashes[s['file']]}")   # the cached clip's start and crop
+            rng.offsets = None
+            try:
+                frames = frame_indices(s["n_src"], s["bucket"][2], c["frame_interval"], rng)
+                videos.append(load_frames(s["file"], frames, s["bucket"][:2], c["crop"], rng))   # (3, F, H, W)
+                ok.append(i)
+            except Exception as e:   # damaged after the probe: left out, its bucket's next sample stands in
+                print(f"data: warning: {s['file']}: {e}; not cached")
+                self.broken.add(i)
+        lat = vae.encode(torch.stack(videos).to(device)).cpu() if videos else None   # (B, 16, T, h, w)
+        ctx = encode_text(te, [self.media.samples[i]["caption"] for i in ok])
+        k = 0
+        for i, e in zip(ok, ctx):
+            t = {"context": e}
+            if self.media.samples[i]["file"] is not None:
+                t["latents"], k = lat[k], k + 1
+            write_entry(self.entries[i], t, kind="sample", caption=self.media.samples[i]["caption"])
+            self.built += 1
+
+    @staticmethod
+    def read(path):
+        from safetensors.torch import load_file
+        return load_file(path)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, key):
+        """key = (index, epoch) -> {"latents": (16, T, h, w) (absent for prompts), "context": (512, D), "caption",
+        "file"}. Caption dropout (drawn as MediaDataset draws it) -> the empty prompt's embedding."""
+        i, epoch = key
+        if i in self.broken:
+            b = self.buckets[self.media.samples[i]["bucket"]]
+            ok = [j for j in b[b.index(i):] + b[:b.index(i)] if j not in self.broken]
+            if not ok:
+                raise ValueError(f"data: no sample of bucket {self.media.samples[i]['bucket']} could be cached")
+            i = ok[0]
+        s, rng = self.media.samples[i], random.Random(f"{self.seed}-{epoch}-{i}")
+        drop = rng.random() < self.media.configs[s["dataset"]]["caption_dropout_probability"]
+        t = self.read(self.entries[i])
+        out = dict(caption="" if drop else s["caption"], file=s["file"], context=pad(self.empty if drop else t["context"]))
+        if "latents" in t:
+            out["latents"] = t["latents"]
+        return out
 
 # -----------------------------------------------------------------------------
 # sampling: one shape per batch, shuffled by (seed, epoch), sharded by rank, resumable at (epoch, index)
@@ -398,3 +638,106 @@ class Loader:
 
     def load_state_dict(self, sd):
         self.epoch, self.index = int(sd["epoch"]), int(sd["index"])
+
+# -----------------------------------------------------------------------------
+# encoders, teacher-made data (section 6), and the caching command
+
+def load_models(c, dit=False):
+    """train_dmd config -> (teacher DiT or None, VAE, text encoder, device). The tiny teacher is built exactly
+    as train_dmd.build_networks builds it (same seed: same tiny VAE, so the same cache identity)."""
+    import model_wan as mw
+    import train_dmd
+    dev = torch.device(c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if dev.type == "cuda" and c["mixed_precision"] == "bf16" else torch.float32
+    src = c["pretrained_model_name_or_path"]
+    if src == "tiny":
+        base, _, _, vae, te = train_dmd.build_networks(c, dev, dtype)
+        return (base if dit else None), vae, te, dev
+    base = mw.load_dit(src, dtype=dtype, device=dev) if dit else None
+    return base, mw.load_vae(src, dtype=torch.float32, device=dev), mw.load_text_encoder(src, dtype=dtype, device=dev), dev
+
+
+def cache_datasets(c, rank=0, world_size=1):
+    """`python data.py CONFIG.py`: build this rank's share of the cache of every dataset in c["datasets"]."""
+    import model_wan as mw
+    if not c["datasets"]:
+        raise ValueError("no `datasets` in the config: nothing to cache")
+    media = MediaDataset(c["datasets"], seed=c["seed"], verbose=rank == 0)
+    _, vae, te, dev = load_models(c)
+    neg = mw.WAN_NEGATIVE_PROMPT if c["negative_prompt"] is None else c["negative_prompt"]
+    cached = CachedDataset(media, vae, te, rank, world_size, dev, negative_prompt=neg, check=False)
+    print(f"data: rank {rank}/{world_size}: {cached.built} entries built, "
+          f"{len(set(cached.entries)) - cached.built} already cached or another rank's")
+    return cached
+
+
+@torch.no_grad()
+def make_teacher_data(c, prompts_file, out_dir, steps=50, guidance=5.0, shift=None, mp4=False, rank=0, world_size=1):
+    """Teacher samples (sample.py's UniPC sampler with CFG) of every prompt, written as cache entries
+    out_dir/teacher_<i>_<hash>.safetensors {latents (16, T, h, w), context (n, D)} + caption, at the config's
+    height x width x num_training_frames, seed c["seed"] + i. Resumable: entries already written are skipped.
+    Load the result with dict(dataset_type="latents", cache_dir=out_dir)."""
+    import model_wan as mw
+    import sample
+    import train_dmd
+    with open(prompts_file, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    base, vae, te, dev = load_models(c, dit=True)
+    src = c["pretrained_model_name_or_path"]
+    layout = "diffusers" if src == "tiny" else sample.resolve_model_dir(src)[1]
+    if shift is None:
+        shift = 3.0 if src == "tiny" else sample.reference_shift(*sample.resolve_model_dir(src))
+    H, W, Fn = c["height"], c["width"], 4 * (c["num_training_frames"] - 1) + 1
+    text_id, model_id = identity(te), identity(base)
+    neg = mw.WAN_NEGATIVE_PROMPT if c["negative_prompt"] is None else c["negative_prompt"]
+    neg_ctx = te.encode([neg]).to(dev) if guidance > 1 else None
+    bf16 = dev.type == "cuda" and c["mixed_precision"] == "bf16"
+    autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
+    dit = train_dmd.velocity_fn(base, None, autocast)   # None: the teacher's own weights, no adapter
+    sigmas, timesteps = sample.flow_schedule(steps, shift, layout)
+    todo = [(i, p) for i, p in enumerate(prompts) if i % world_size == rank]
+    written = 0
+    for i, p in tqdm(todo, desc=f"teacher data (rank {rank})", dynamic_ncols=True):
+        key = digest(p, c["seed"] + i, steps, guidance, shift, H, W, Fn, model_id, text_id, neg if guidance > 1 else None)
+        path = os.path.join(out_dir, f"teacher_{i:06d}_{key}.safetensors")
+        if entry_ok(path):
+            continue
+        ctx = te.encode([p]).to(dev)
+        x, _ = sample.initial_noise(1, Fn, H, W, c["seed"] + i, dev)
+        velocity = sample.guided(dit, ctx, neg_ctx, guidance)
+        lat = sample.unipc_sample(velocity, x, sigmas.to(dev), timesteps.to(dev))   # (1, 16, T, h, w)
+        write_entry(path, {"latents": lat[0].float(), "context": trim(ctx[0])}, kind="sample", caption=p, text=text_id)
+        if mp4:
+            sample.write_mp4(path[: -len(".safetensors")] + ".mp4", vae.decode(lat.float())[0])
+        written += 1
+    print(f"data: teacher data: {written} written, {len(todo) - written} already there -> {out_dir}")
+    return out_dir
+
+
+if __name__ == "__main__":
+    # python data.py CONFIG.py [--key=value ...]: train_dmd.py's config (its `datasets`, teacher, seed);
+    # torchrun sets RANK/WORLD_SIZE and each rank caches its share. The flags below are data.py's own.
+    import ast
+    import sys
+    import train_dmd
+    from configurator import configure
+    own = dict(make_teacher_data="",   # a prompts file: write teacher samples instead of caching `datasets`
+               teacher_out="",         # their cache_dir (default: <prompts file>.teacher)
+               teacher_steps=50, teacher_guidance=5.0, teacher_shift=None, teacher_mp4=False)
+    rest = []
+    for a in sys.argv[1:]:
+        k, _, v = a[2:].partition("=")
+        if a.startswith("--") and k in own:
+            try:
+                own[k] = ast.literal_eval(v)
+            except (ValueError, SyntaxError):
+                own[k] = v
+        else:
+            rest.append(a)
+    c = configure(dict(vars(train_dmd)), train_dmd.__file__, rest, json_map=train_dmd.map_simpletuner)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if own["make_teacher_data"]:
+        make_teacher_data(c, own["make_teacher_data"], own["teacher_out"] or own["make_teacher_data"] + ".teacher",
+                          own["teacher_steps"], own["teacher_guidance"], own["teacher_shift"], own["teacher_mp4"], rank, world)
+    else:
+        cache_datasets(c, rank, world)

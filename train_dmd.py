@@ -9,7 +9,8 @@ generator G (student), fake score F (critic) and the frozen real score R (teache
 
 With LoRA on G and F (the default) ONE frozen base serves all three networks: R = base with no adapter,
 G = base + adapter "generator", F = base + adapter "critic". Data-free: the training input is prompts only
-(text embeddings precomputed once, the text encoder freed before training).
+(text embeddings precomputed once, the text encoder freed before training). With `datasets` (data.py): captions
+and VAE latents cached once, read in bucket batches; they feed rollout_mode="data" and real_data_loss_weight.
 """
 import copy
 import json
@@ -34,6 +35,8 @@ import sample
 pretrained_model_name_or_path = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"  # teacher: pipeline root/hub id/original folder; "tiny" = random tiny teacher
 output_dir = "out/wan_dmd"
 prompts_file = ""                      # training prompts, one per line (data-free DMD); empty: validation prompts
+datasets = []                          # data.py dataset dicts; given: cached latents + captions replace prompts_file
+rollout_mode = "backward"              # "backward": data-free rollout from noise; "data": noise dataset latents (dmd.md)
 negative_prompt = None                 # None: Wan's default negative prompt; "": the empty prompt
 height = 480                           # training resolution (pixels) of the generated samples
 width = 832
@@ -51,7 +54,7 @@ ts_schedule_max = False                # score t <= the rollout's exit timestep 
 min_score_timestep = 0
 timestep_shift = 1.0                   # shift applied to score timesteps (1 = none)
 last_step_only = False                 # always exit the rollout at the last step
-real_data_loss_weight = 0.0            # optional flow-matching term on data latents (needs data.py: must stay 0)
+real_data_loss_weight = 0.0            # flow-matching term of G on dataset latents, added to the DMD loss (needs datasets)
 flow_schedule_shift = 5.0              # shift of the real-data flow-matching timesteps
 # causal student keys (Self-Forcing): only their bidirectional values until the causal mode exists
 num_frame_per_block = 0                # 0 = one block of all frames
@@ -227,8 +230,15 @@ def check_config(c):
         raise ValueError(f"{', '.join(f'{k}={c[k]!r}' for k in bad)}: the causal (block-wise) student is not implemented "
                          "yet; use num_frame_per_block=0 (one block), independent_first_frame=False, "
                          "same_step_across_blocks=True, context_noise=0")
-    if c["real_data_loss_weight"] != 0:
-        raise ValueError("real_data_loss_weight != 0 needs dataset latents (data.py), which have not landed yet")
+    if c["rollout_mode"] not in ("backward", "data"):
+        raise ValueError(f"rollout_mode must be 'backward' or 'data', got {c['rollout_mode']!r}")
+    videos = [d for d in c["datasets"] if d.get("dataset_type", "video") in ("video", "latents")]
+    if (c["real_data_loss_weight"] > 0 or c["rollout_mode"] == "data") and not videos:
+        raise ValueError("real_data_loss_weight > 0 and rollout_mode='data' need latents: add a video or latents dataset "
+                         "to `datasets`")
+    if videos and len(videos) != len(c["datasets"]) and (c["real_data_loss_weight"] > 0 or c["rollout_mode"] == "data"):
+        raise ValueError("real_data_loss_weight > 0 / rollout_mode='data' need latents in every batch: drop the "
+                         "prompt-only datasets from `datasets`")
     if c["validation_guidance"] != 1.0:
         raise ValueError("validation_guidance must be 1.0: the student sampler takes no CFG")
     if c["validation_num_inference_steps"] != len(steps):
@@ -440,15 +450,23 @@ def train(c):
         with open(c["validation_prompt_library"]) as f:
             lib = json.load(f)
         val_prompts += list(lib.values()) if isinstance(lib, dict) else list(lib)
-    if c["prompts_file"]:
+    if c["datasets"]:
+        train_prompts = []   # contexts come from the cached captions
+    elif c["prompts_file"]:
         with open(c["prompts_file"]) as f:
             train_prompts = [line.strip() for line in f if line.strip()]
     else:
         train_prompts = val_prompts
-    if not train_prompts:
+    if not train_prompts and not c["datasets"]:
         raise ValueError("no training prompts")
     base, gen, critic, vae, te = build_networks(c, dev, dtype)
     neg = mw.WAN_NEGATIVE_PROMPT if c["negative_prompt"] is None else c["negative_prompt"]
+    loader = None
+    if c["datasets"]:   # cached latents + caption embeddings (built here on first use), read in bucket batches
+        import data
+        te = te or mw.load_text_encoder(c["pretrained_model_name_or_path"], dtype=dtype, device=dev)
+        cached = data.CachedDataset(data.MediaDataset(c["datasets"], seed=c["seed"]), vae, te, device=dev)
+        loader = data.Loader(cached, c["train_batch_size"], seed=c["seed"])
     embeds = encode_prompts(c, te, train_prompts + val_prompts + [neg], dev, dtype)
     train_emb, val_emb, neg_emb = embeds[: len(train_prompts)], embeds[len(train_prompts):-1], embeds[-1:]
     del te
@@ -488,6 +506,8 @@ def train(c):
         f_opt.load_state_dict(st["f_opt"])
         g_sched.load_state_dict(st["g_sched"])
         step, gen_steps, bad_in_row = st["step"], st["gen_steps"], st["bad_in_row"]
+        if loader is not None:
+            loader.load_state_dict(st["data"])
         set_rng_state(st["rng"])
         print(f"resumed from {ckpt} at step {step}")
 
@@ -497,7 +517,8 @@ def train(c):
                 "critic": [p.detach().cpu().clone() for p in f_params],
                 "ema": [e.cpu().clone() for e in ema] if ema is not None else [],
                 "g_opt": g_opt.state_dict(), "f_opt": f_opt.state_dict(), "g_sched": g_sched.state_dict(),
-                "rng": rng_state(), "config": json.dumps(c, default=str)}
+                "rng": rng_state(), "config": json.dumps(c, default=str),
+                **({"data": loader.state_dict()} if loader is not None else {})}
 
     stop = {"signal": None}
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -517,9 +538,20 @@ def train(c):
     shape = (B, 16, Fr, c["height"] // 8, c["width"] // 8)
     neg_ctx = pad_context(neg_emb * B, dev, dtype)
 
-    def batch_ctx():
-        idx = torch.randint(len(train_emb), (B,)).tolist()
-        return pad_context([train_emb[i] for i in idx], dev, dtype)
+    batches = iter(loader) if loader is not None else None
+
+    def next_batch():
+        """-> (ctx (B,512,D), data latents (B,16,T,h,w) or None): the next dataset batch, or random prompts."""
+        if batches is None:
+            idx = torch.randint(len(train_emb), (B,)).tolist()
+            return pad_context([train_emb[i] for i in idx], dev, dtype), None
+        b = next(batches)
+        return b["context"].to(dev, dtype), b["latents"].to(dev) if "latents" in b else None
+
+    def student(ctx, x0, k):   # the rollout of rollout_mode -> (x_g, t_from, t_to); noise shaped as the data
+        if c["rollout_mode"] == "data":
+            return data_rollout(G, x0, ctx, steps, k)
+        return rollout(G, torch.randn(x0.shape if x0 is not None else shape, device=dev), ctx, steps, k)
 
     def exit_step(salt):   # identical on every rank: drawn from a generator seeded by (seed, step, G or F)
         if c["last_step_only"]:
@@ -543,16 +575,22 @@ def train(c):
         # generator (DMD) step
         if step % c["generator_update_interval"] == 0:
             g_opt.zero_grad(set_to_none=True)
-            losses = []
+            losses, reals = [], []
             for _ in range(c["gradient_accumulation_steps"]):
-                ctx = batch_ctx()
-                x_g, t_from, t_to = rollout(G, torch.randn(shape, device=dev), ctx, steps, k)
+                ctx, x0 = next_batch()
+                x_g, t_from, t_to = student(ctx, x0, k)
                 t = score_timesteps(B, t_from, t_to, c, dev)
                 loss, g, st_ = dmd_loss(x_g, t, R, Fk, ctx, neg_ctx, c["real_score_guidance_scale"], c["fake_score_guidance_scale"])
-                if torch.isfinite(loss):
-                    (loss / c["gradient_accumulation_steps"]).backward()
-                losses.append(loss.detach())
+                total = loss
+                if c["real_data_loss_weight"] > 0:   # §6's optional real-data term: plain flow matching of G on x0
+                    reals.append(flow_matching_loss(G, x0, ctx, c["flow_schedule_shift"]))
+                    total = loss + c["real_data_loss_weight"] * reals[-1]
+                if torch.isfinite(total):
+                    (total / c["gradient_accumulation_steps"]).backward()
+                losses.append(loss.detach() if torch.isfinite(total) else total.detach())   # a NaN term skips the step
             loss = torch.stack(losses).mean()
+            if reals:
+                rec["real_data_loss"] = torch.stack(reals).mean().item()
             if torch.isfinite(loss):
                 rec["g_grad_norm"] = clip(g_params, c["grad_clip_method"], c["max_grad_norm"])
                 g_opt.step()
@@ -572,9 +610,9 @@ def train(c):
         f_opt.zero_grad(set_to_none=True)
         losses, bins = [], {}
         for _ in range(c["gradient_accumulation_steps"]):
-            ctx = batch_ctx()
+            ctx, x0 = next_batch()
             with torch.no_grad():
-                x_g, t_from, t_to = rollout(G, torch.randn(shape, device=dev), ctx, steps, exit_step(1))
+                x_g, t_from, t_to = student(ctx, x0, exit_step(1))
             t = score_timesteps(B, t_from, t_to, c, dev)
             loss_f, per = critic_loss(Fk, x_g, t, ctx)
             if torch.isfinite(loss_f):

@@ -169,7 +169,8 @@ def test_config_errors(tmp_path, capsys):
     for bad, match in (("--num_frame_per_block=1", "causal"), ("--context_noise=10", "causal"),
                        ("--independent_first_frame=True", "causal"), ("--validation_guidance=2.0", "no CFG"),
                        ("--validation_num_inference_steps=4", "validation_num_inference_steps"),
-                       ("--real_data_loss_weight=1.0", "data.py"), ("--dmd_denoising_steps=500,900", "decrease"),
+                       ("--real_data_loss_weight=1.0", "need latents"),
+                       ("--rollout_mode=data", "need latents"), ("--rollout_mode=forward", "rollout_mode"), ("--dmd_denoising_steps=500,900", "decrease"),
                        ("--grad_clip_method=foo", "grad_clip_method")):
         with pytest.raises(ValueError, match=match):
             train_dmd.check_config(tiny_cfg(tmp_path, bad))
