@@ -50,7 +50,7 @@ DEFAULTS = dict(
     aspect_bucket_rounding=2,          # decimals of the aspect ratio (W/H) used for bucketing
     delete_problematic_images=False,   # delete media files that fail (never caption files)
     cache_dir="",                      # latents + text embeddings; "" -> <instance_data_dir>/.cache (<prompts_file>.cache)
-    compress_disk_cache=False,         # not supported yet (an error, not a silent ignore)
+    compress_disk_cache=False,         # gzip the cache entries (readers detect it, so toggling it keeps the cache)
     vae_batch_size=1,                  # clips per VAE encode call while caching
 )
 LATER_KEYS = {"disable_bucket_pruning", "id"}   # the seed's: id is a label; pruning is noticed below
@@ -73,8 +73,6 @@ def dataset_config(d):
         raise ValueError(f"crop {c['crop']!r}: False, 'center' or 'random'")
     if c["dataset_type"] not in ("video", "prompts", "latents"):
         raise ValueError(f"dataset_type {c['dataset_type']!r}: 'video', 'prompts' or 'latents' (a teacher-made cache_dir)")
-    if c["compress_disk_cache"]:
-        raise ValueError("compress_disk_cache=True is not supported yet (safetensors has no compression); set it False")
     if c["dataset_type"] == "latents" and not c["cache_dir"]:
         raise ValueError("dataset_type 'latents' needs cache_dir (the folder written by --make_teacher_data)")
     c["cache_dir"] = c["cache_dir"] or (os.path.join(c["instance_data_dir"], ".cache") if c["dataset_type"] == "video"
@@ -269,7 +267,6 @@ def scan_prompts(c, warn):
 
 def scan_latents(c, warn):
     """'latents' dataset dict -> the sample entries of its cache_dir (written by make_teacher_data)."""
-    from safetensors import safe_open
     if not os.path.isdir(c["cache_dir"]):
         raise ValueError(f"cache_dir {c['cache_dir']!r} is not a folder")
     samples = []
@@ -278,8 +275,7 @@ def scan_latents(c, warn):
         if not name.endswith(".safetensors") or name.startswith("text_"):
             continue
         try:
-            with safe_open(path, "pt") as f:
-                meta, (_, T, h, w) = f.metadata() or {}, f.get_slice("latents").get_shape()
+            meta, (_, T, h, w) = entry_meta(path)
         except Exception as e:
             warn(path, f"unreadable cache entry ({e})", media=False)
             continue
@@ -424,24 +420,50 @@ def pad(e, n=TEXT_LEN):
     return out
 
 
-def write_entry(path, tensors, **meta):
-    """safetensors via a temporary name and a rename: a killed writer leaves no half entry under `path`."""
-    from safetensors.torch import save_file
+def write_entry(path, tensors, compress=False, **meta):
+    """safetensors (gzip-compressed when `compress`) via a temporary name and a rename: a killed writer
+    leaves no half entry under `path`."""
+    import gzip
+    from safetensors.torch import save
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    raw = save({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata=meta)
     tmp = f"{path}.{os.getpid()}.tmp"
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+    with open(tmp, "wb") as f:
+        f.write(gzip.compress(raw, compresslevel=3) if compress else raw)
     os.replace(tmp, path)
+
+
+def read_entry(path):
+    """A cache entry, gzip-compressed or not -> (metadata dict, {name: tensor})."""
+    import gzip
+    from safetensors.torch import load
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":   # gzip magic: compress_disk_cache
+        raw = gzip.decompress(raw)
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]).get("__metadata__", {}), load(raw)
+
+
+def entry_meta(path):
+    """Metadata and the latents' shape (or None) without reading the tensors of an uncompressed entry."""
+    from safetensors import safe_open
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    if gz:
+        meta, t = read_entry(path)
+        return meta, tuple(t["latents"].shape) if "latents" in t else None
+    with safe_open(path, "pt") as f:
+        return f.metadata() or {}, tuple(f.get_slice("latents").get_shape()) if "latents" in f.keys() else None
 
 
 def entry_ok(path):
     """True for a complete, readable entry; a corrupt or partial one is deleted (and so rebuilt)."""
-    from safetensors import safe_open
     if not os.path.exists(path):
         return False
     try:
-        with safe_open(path, "pt") as f:
-            if (f.metadata() or {}).get("kind") in ("sample", "text"):
-                return True
+        if read_entry(path)[0].get("kind") in ("sample", "text"):
+            return True
     except Exception:
         pass
     print(f"data: warning: {path}: corrupt or partial cache entry, rebuilding")
@@ -466,9 +488,7 @@ class CachedDataset(torch.utils.data.Dataset):
         for s in media.samples:
             c = media.configs[s["dataset"]]
             if c["dataset_type"] == "latents":
-                from safetensors import safe_open
-                with safe_open(s["file"], "pt") as f:
-                    made_by = (f.metadata() or {}).get("text")
+                made_by = entry_meta(s["file"])[0].get("text")
                 if made_by != self.text_id:   # its context came from another text encoder: not silently mixed
                     raise ValueError(f"{s['file']}: made with text encoder {made_by}, this run's is {self.text_id}")
                 self.entries.append(s["file"])
@@ -480,13 +500,15 @@ class CachedDataset(torch.utils.data.Dataset):
                          *[c[k] for k in ("resolution", "num_frames", "frame_interval", "crop", "aspect_bucket_rounding")])
             self.entries.append(os.path.join(c["cache_dir"], key + ".safetensors"))
         self.hashes = hashes
+        self.compress = {c["cache_dir"]: bool(c["compress_disk_cache"]) for c in media.configs}
         self.build(vae, text_encoder, rank, world_size, device)
         texts = {"empty": ""} if negative_prompt is None else {"empty": "", "negative": negative_prompt}
         for name, prompt in texts.items():   # tiny: every rank computes them (same bytes, atomic renames)
             for d in sorted({c["cache_dir"] for c in media.configs}):
                 path = os.path.join(d, f"text_{digest(prompt, self.text_id)}.safetensors")
                 if not entry_ok(path):
-                    write_entry(path, {"context": encode_text(text_encoder, [prompt])[0]}, kind="text", prompt=prompt)
+                    write_entry(path, {"context": encode_text(text_encoder, [prompt])[0]}, self.compress.get(d, False),
+                                kind="text", prompt=prompt)
             setattr(self, name, self.read(path)["context"])
         if check:
             if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -539,13 +561,13 @@ class CachedDataset(torch.utils.data.Dataset):
             t = {"context": e}
             if self.media.samples[i]["file"] is not None:
                 t["latents"], k = lat[k], k + 1
-            write_entry(self.entries[i], t, kind="sample", caption=self.media.samples[i]["caption"])
+            cfg = self.media.configs[self.media.samples[i]["dataset"]]
+            write_entry(self.entries[i], t, cfg["compress_disk_cache"], kind="sample", caption=self.media.samples[i]["caption"])
             self.built += 1
 
     @staticmethod
     def read(path):
-        from safetensors.torch import load_file
-        return load_file(path)
+        return read_entry(path)[1]
 
     def __len__(self):
         return len(self.entries)

@@ -67,6 +67,23 @@ def test_cache_reuse_invalidation_and_content(tmp_path, encoders):
     assert cached(ds(root), encoders).built == 1                               # new content -> that file only
 
 
+def test_compressed_cache(tmp_path, encoders):
+    """compress_disk_cache gzips the entries; readers detect it, so toggling the setting keeps the cache."""
+    root = clips(tmp_path / "v")
+    plain = cached(ds(root), encoders)
+    sizes = {e: os.path.getsize(e) for e in plain.entries}
+    gz = cached(ds(root, cache_dir=str(tmp_path / "gz"), compress_disk_cache=True), encoders)
+    assert gz.built == 2
+    for e in gz.entries:
+        with open(e, "rb") as f:
+            assert f.read(2) == b"\x1f\x8b"
+    assert sum(os.path.getsize(e) for e in gz.entries) < sum(sizes.values())
+    for i in range(2):
+        a, b = plain[(0, i)], gz[(0, i)]
+        assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["context"], b["context"])
+    assert cached(ds(root, cache_dir=str(tmp_path / "gz"), compress_disk_cache=False), encoders).built == 0
+
+
 def test_corrupt_entry_rebuilt_and_rank_split(tmp_path, encoders, capsys):
     root = clips(tmp_path / "v", n=3)
     assert cached(ds(root), encoders, rank=0, world_size=2, check=False).built == 2   # entries 0 and 2 of 3
