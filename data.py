@@ -382,12 +382,36 @@ def digest(*parts):
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def file_digest(path):
+def file_digest(path, index=None):
+    """sha256 of the file's bytes. `index` ({path: [size, mtime_ns, digest]}, kept in each cache_dir's
+    digests.json) skips re-reading a file whose size and modification time are unchanged."""
+    st = os.stat(path)
+    known = None if index is None else index.get(os.path.abspath(path))
+    if known and known[:2] == [st.st_size, st.st_mtime_ns]:
+        return known[2]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    if index is not None:
+        index[os.path.abspath(path)] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
     return h.hexdigest()
+
+
+def digest_index(cache_dir, index=None):
+    """Read (index None) or write (atomically) a cache_dir's digests.json."""
+    path = os.path.join(cache_dir, "digests.json")
+    if index is None:
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(index, f)
+    os.replace(tmp, path)
 
 
 def identity(net):
@@ -485,6 +509,7 @@ class CachedDataset(torch.utils.data.Dataset):
         self.vae_id, self.text_id = identity(vae), identity(text_encoder)
         self.broken, self.built, hashes = set(), 0, {}
         self.entries = []
+        indexes = {c["cache_dir"]: digest_index(c["cache_dir"]) for c in media.configs if c["dataset_type"] == "video"}
         for s in media.samples:
             c = media.configs[s["dataset"]]
             if c["dataset_type"] == "latents":
@@ -494,12 +519,15 @@ class CachedDataset(torch.utils.data.Dataset):
                 self.entries.append(s["file"])
                 continue
             if c["dataset_type"] == "video" and s["file"] not in hashes:
-                hashes[s["file"]] = file_digest(s["file"])
+                hashes[s["file"]] = file_digest(s["file"], indexes[c["cache_dir"]])
             key = digest(hashes.get(s["file"]), s["caption"], s["bucket"], self.vae_id if s["file"] else None,
                          self.text_id, self.seed if s["file"] else None,
                          *[c[k] for k in ("resolution", "num_frames", "frame_interval", "crop", "aspect_bucket_rounding")])
             self.entries.append(os.path.join(c["cache_dir"], key + ".safetensors"))
         self.hashes = hashes
+        for d, index in indexes.items():
+            if rank == 0:
+                digest_index(d, index)
         self.compress = {c["cache_dir"]: bool(c["compress_disk_cache"]) for c in media.configs}
         self.build(vae, text_encoder, rank, world_size, device)
         texts = {"empty": ""} if negative_prompt is None else {"empty": "", "negative": negative_prompt}

@@ -44,7 +44,8 @@ def cached(d, enc, **kw):
 def test_cache_reuse_invalidation_and_content(tmp_path, encoders):
     root = clips(tmp_path / "v")
     a = cached(ds(root), encoders)
-    assert a.built == 2 and len(os.listdir(os.path.join(root, ".cache"))) == 3   # 2 samples + the empty prompt
+    cache = os.path.join(root, ".cache")
+    assert a.built == 2 and len([n for n in os.listdir(cache) if n.endswith(".safetensors")]) == 3   # + the empty prompt
     # the entry == the VAE's latents of the clip (exactly as long as asked) + TinyTextEncoder's embedding
     media = data.MediaDataset(ds(root), seed=0, verbose=False)
     _, vae, te = encoders
@@ -65,6 +66,12 @@ def test_cache_reuse_invalidation_and_content(tmp_path, encoders):
     assert cached(ds(root, resolution=32), encoders).built == 0
     write_video(os.path.join(root, "c1.mp4"), 255 - moving_square(9, 32, 32), caption="a red circle moving left 1")
     assert cached(ds(root), encoders).built == 1                               # new content -> that file only
+    # digests.json: an unchanged file (size, mtime) is not re-read; the recorded digest is used as is
+    index = json.load(open(os.path.join(cache, "digests.json")))
+    assert len(index) == 2
+    index[os.path.abspath(os.path.join(root, "c0.mp4"))][2] = "0" * 64
+    json.dump(index, open(os.path.join(cache, "digests.json"), "w"))
+    assert cached(ds(root), encoders).built == 1                               # the fake digest -> a new key
 
 
 def test_compressed_cache(tmp_path, encoders):
