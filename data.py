@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import model_wan as mw
+
 VIDEO_EXT = {".mp4", ".webm", ".mov", ".mkv"}
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp"}
 SIDE_EXT = {".txt", ".jsonl", ".csv"}   # captions and metadata, never samples
@@ -433,15 +435,12 @@ def identity(net):
 
 
 def trim(e):
-    """(L, D) embedding with zero rows after the prompt -> (n, D), n >= 1 (EOS included)."""
-    nz = (e.abs().sum(-1) > 0).nonzero()
-    return e[: int(nz.max()) + 1 if len(nz) else 1].float().cpu().contiguous()
+    """(L, D) embedding -> its real rows (mw.trim_context), fp32 on the CPU, as the cache stores them."""
+    return mw.trim_context(e).float().cpu().contiguous()
 
 
 def pad(e, n=TEXT_LEN):
-    out = torch.zeros(n, e.shape[-1], dtype=e.dtype)
-    out[: e.shape[0]] = e[:n]
-    return out
+    return mw.pad_context([e], n)[0]
 
 
 def write_entry(path, tensors, compress=False, **meta):
@@ -695,7 +694,6 @@ class Loader:
 def load_models(c, dit=False):
     """train_dmd config -> (teacher DiT or None, VAE, text encoder, device). The tiny teacher is built exactly
     as train_dmd.build_networks builds it (same seed: same tiny VAE, so the same cache identity)."""
-    import model_wan as mw
     import train_dmd
     dev = torch.device(c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" and c["mixed_precision"] == "bf16" else torch.float32
@@ -709,7 +707,6 @@ def load_models(c, dit=False):
 
 def cache_datasets(c, rank=0, world_size=1):
     """`python data.py CONFIG.py`: build this rank's share of the cache of every dataset in c["datasets"]."""
-    import model_wan as mw
     if not c["datasets"]:
         raise ValueError("no `datasets` in the config: nothing to cache")
     media = MediaDataset(c["datasets"], seed=c["seed"], verbose=rank == 0)
@@ -727,7 +724,6 @@ def make_teacher_data(c, prompts_file, out_dir, steps=50, guidance=5.0, shift=No
     out_dir/teacher_<i>_<hash>.safetensors {latents (16, T, h, w), context (n, D)} + caption, at the config's
     height x width x num_training_frames, seed c["seed"] + i. Resumable: entries already written are skipped.
     Load the result with dict(dataset_type="latents", cache_dir=out_dir)."""
-    import model_wan as mw
     import sample
     import train_dmd
     with open(prompts_file, encoding="utf-8") as f:

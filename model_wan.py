@@ -190,6 +190,28 @@ def adapter_state_dict(model, name):
         sd[f"transformer.{dname}.lora_B.weight"] = (B.float() * m.lora_scale[name]).to(B.dtype).contiguous()
     return sd
 
+@torch.no_grad()
+def load_adapter(model, name, sd):
+    """The inverse of adapter_state_dict: PEFT keys (`transformer.<diffusers name>.lora_A.weight`, scale folded
+    into B) become adapter `name` with alpha = rank, on exactly the Linears the file names."""
+    mods, weights = dict(lora_modules(model)), {}
+    for k, v in sd.items():
+        m = re.match(r"^(?:transformer\.)?(.+)\.lora_([AB])(?:\.weight)?$", k)
+        if m is None:
+            raise ValueError(f"unexpected key {k!r} in a LoRA file")
+        mname = diffusers_to_original_key(m.group(1) + ".weight")[: -len(".weight")]
+        if mname not in mods:
+            raise ValueError(f"LoRA key {k!r} names no Linear of the DiT")
+        weights.setdefault(mname, {})[m.group(2)] = v
+    rank = next(iter(weights.values()))["A"].shape[0]
+    add_adapter(model, name, rank=rank, alpha=rank, targets=tuple(weights))
+    for mname, ab in weights.items():
+        for which, tensor in ab.items():
+            p = (mods[mname].lora_A if which == "A" else mods[mname].lora_B)[name]
+            if p.shape != tensor.shape:
+                raise ValueError(f"{mname}.lora_{which} has shape {tuple(tensor.shape)}, expected {tuple(p.shape)}")
+            p.copy_(tensor)
+
 # -----------------------------------------------------------------------------
 # the DiT
 
@@ -1101,6 +1123,20 @@ class TextEncoder:
         ids, mask = tok.input_ids.to(dev), tok.attention_mask.to(dev)
         h = self.model(input_ids=ids, attention_mask=mask).last_hidden_state   # (B,L,d)
         return h * mask[..., None].to(h.dtype)                                  # padded rows -> exactly 0
+
+
+def trim_context(e):
+    """(L, D) embedding with zero rows after the prompt -> its first n rows (n >= 1: EOS included)."""
+    nz = (e.abs().sum(-1) > 0).nonzero()
+    return e[: int(nz.max()) + 1 if len(nz) else 1]
+
+
+def pad_context(rows, length=512):
+    """List of (n_i, D) trimmed embeddings -> (B, length, D) with exact zero rows after each prompt."""
+    out = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r[:length]
+    return out
 
 
 def _t5_original_to_hf(key):

@@ -167,28 +167,10 @@ def load_student(dit, path):
         raise FileNotFoundError(f"student checkpoint not found: {path!r}")
     sd = load_file(path)
     if any(".lora_A" in k for k in sd):
-        mods = dict(mw.lora_modules(dit))
-        weights = {}
-        for k, v in sd.items():   # transformer.<diffusers name>.lora_A.weight, or <native name>.lora_A
-            mm = re.match(r"^(?:transformer\.)?(.+)\.lora_([AB])(?:\.weight)?$", k)
-            if mm is None:
-                raise ValueError(f"{path}: unexpected key {k!r} in a LoRA file")
-            name = mw.diffusers_to_original_key(mm.group(1) + ".weight")[: -len(".weight")]
-            if name not in mods:
-                raise ValueError(f"{path}: LoRA key {k!r} names no Linear of the DiT")
-            weights.setdefault(name, {})[mm.group(2)] = v
-        rank = next(iter(weights.values()))["A"].shape[0]
-        targets = tuple(weights)
-        mw.add_adapter(dit, "student", rank=rank, alpha=rank, targets=targets)   # alpha/r folded into B on export
-        with torch.no_grad():
-            for name, ab in weights.items():
-                lin = mods[name]
-                for which, tensor in ab.items():
-                    p = (lin.lora_A if which == "A" else lin.lora_B)["student"]
-                    if p.shape != tensor.shape:
-                        raise ValueError(f"{path}: {name}.lora_{which} has shape {tuple(tensor.shape)}, "
-                                         f"expected {tuple(p.shape)}")
-                    p.copy_(tensor)
+        try:
+            mw.load_adapter(dit, "student", sd)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         mw.set_adapter(dit, "student")
         return "adapter"
     sd = {mw.diffusers_to_original_key(k.removeprefix("model.diffusion_model.")): v for k, v in sd.items()}

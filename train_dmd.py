@@ -358,11 +358,8 @@ def lr_lambda(c):
 
 
 def pad_context(rows, dev, dtype):
-    """List of (n_i, D) trimmed embeddings -> (B, 512, D) with zero rows after each prompt."""
-    out = torch.zeros(len(rows), 512, rows[0].shape[-1], dtype=dtype)
-    for i, r in enumerate(rows):
-        out[i, : r.shape[0]] = r
-    return out.to(dev)
+    """List of (n_i, D) trimmed embeddings -> (B, 512, D) on dev in dtype (mw.pad_context)."""
+    return mw.pad_context(rows).to(dev, dtype)
 
 
 def encode_prompts(c, te, prompts, dev, dtype):
@@ -372,9 +369,7 @@ def encode_prompts(c, te, prompts, dev, dtype):
     out = []
     for i in range(0, len(prompts), 16):
         emb = te.encode(prompts[i:i + 16]).cpu()
-        for e in emb:
-            n = int((e.abs().sum(-1) > 0).nonzero().max().item()) + 1 if e.abs().sum() > 0 else 1
-            out.append(e[:n].clone())
+        out += [mw.trim_context(e).clone() for e in emb]
     return out
 
 # -----------------------------------------------------------------------------
@@ -559,11 +554,11 @@ def train(c):
         g = torch.Generator().manual_seed((c["seed"] * 100003 + step) * 2 + salt)
         return int(torch.randint(len(steps), (1,), generator=g))
 
-    def clip(params, method, value):
+    def clip(params, method, value):   # -> the gradient norm as a tensor (read with .item() only when logging)
         if method == "value":
             torch.nn.utils.clip_grad_value_(params, value)
-            return torch.cat([p.grad.flatten() for p in params if p.grad is not None]).norm().item()
-        return float(torch.nn.utils.clip_grad_norm_(params, value))
+            return torch.cat([p.grad.flatten() for p in params if p.grad is not None]).norm()
+        return torch.nn.utils.clip_grad_norm_(params, value)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -571,6 +566,7 @@ def train(c):
     bar = tqdm(total=c["max_train_steps"], initial=step, desc="dmd", dynamic_ncols=True)
     while step < c["max_train_steps"]:
         rec = {"step": step + 1}
+        log_now = (step + 1) % c["log_interval"] == 0   # statistics (and their device syncs) only on log steps
         k = exit_step(0)
         # generator (DMD) step
         if step % c["generator_update_interval"] == 0:
@@ -589,10 +585,10 @@ def train(c):
                     (total / c["gradient_accumulation_steps"]).backward()
                 losses.append(loss.detach() if torch.isfinite(total) else total.detach())   # a NaN term skips the step
             loss = torch.stack(losses).mean()
-            if reals:
+            if reals and log_now:
                 rec["real_data_loss"] = torch.stack(reals).mean().item()
             if torch.isfinite(loss):
-                rec["g_grad_norm"] = clip(g_params, c["grad_clip_method"], c["max_grad_norm"])
+                g_norm = clip(g_params, c["grad_clip_method"], c["max_grad_norm"])
                 g_opt.step()
                 g_sched.step()
                 gen_steps += 1
@@ -602,13 +598,15 @@ def train(c):
                         for e, p in zip(ema, g_params):
                             e.mul_(d).add_(p.detach().float(), alpha=1 - d)
                 g_opt.zero_grad(set_to_none=True)   # free the gradients before the critic step
-                rec.update(dmd_loss=loss.item(), g_abs=g.abs().mean().item(), score_t=t.mean().item(), exit_step=k,
-                           **{f"{n}_{s}": getattr(v, s)().item() for n, v in st_.items() for s in ("mean", "std")})
+                if log_now:
+                    rec.update(dmd_loss=loss.item(), g_abs=g.abs().mean().item(), score_t=t.mean().item(), exit_step=k,
+                               g_grad_norm=g_norm.item(),
+                               **{f"{n}_{s}": getattr(v, s)().item() for n, v in st_.items() for s in ("mean", "std")})
             else:
                 rec["dmd_loss"] = float("nan")
         # critic step on fresh no-grad rollouts
         f_opt.zero_grad(set_to_none=True)
-        losses, bins = [], {}
+        losses, pers, ts = [], [], []
         for _ in range(c["gradient_accumulation_steps"]):
             ctx, x0 = next_batch()
             with torch.no_grad():
@@ -618,15 +616,20 @@ def train(c):
             if torch.isfinite(loss_f):
                 (loss_f / c["gradient_accumulation_steps"]).backward()
             losses.append(loss_f.detach())
-            for ti, li in zip(t.tolist(), per.tolist()):
-                bins.setdefault(f"fake_score_loss_t{int(ti // 250) * 250}", []).append(li)
+            pers.append(per)
+            ts.append(t)
         loss_f = torch.stack(losses).mean()
         finite = torch.isfinite(loss_f) and math.isfinite(rec.get("dmd_loss", 0.0))
         if torch.isfinite(loss_f):
-            rec["f_grad_norm"] = clip(f_params, "norm", c["fake_score_grad_clip"])
+            f_norm = clip(f_params, "norm", c["fake_score_grad_clip"])
             f_opt.step()
             f_opt.zero_grad(set_to_none=True)
-            rec.update(fake_score_loss=loss_f.item(), **{k_: sum(v) / len(v) for k_, v in bins.items()})
+            if log_now:   # critic loss per score-timestep bin of 250, to catch collapse early
+                bins = {}
+                for ti, li in zip(torch.cat(ts).tolist(), torch.cat(pers).tolist()):
+                    bins.setdefault(f"fake_score_loss_t{int(ti // 250) * 250}", []).append(li)
+                rec.update(fake_score_loss=loss_f.item(), f_grad_norm=f_norm.item(),
+                           **{k_: sum(v) / len(v) for k_, v in bins.items()})
         bad_in_row = 0 if finite else bad_in_row + 1
         if not finite:
             tqdm.write(f"step {step + 1}: non-finite loss (dmd {rec.get('dmd_loss')}, critic {loss_f.item()}), update skipped")
@@ -635,15 +638,15 @@ def train(c):
                                    "check the teacher and the guidance scale)")
         step += 1
         bar.update(1)
-        now = time.perf_counter()
-        rec.update(lr=g_sched.get_last_lr()[0], s_per_step=now - t_last,
-                   peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
-        t_last = now
-        log_f.write(json.dumps(rec) + "\n")
-        log_f.flush()
-        if wandb is not None:
-            wandb.log(rec, step=step)
-        if step % c["log_interval"] == 0:
+        if log_now:   # one JSONL record and one terminal line per log interval
+            now = time.perf_counter()
+            rec.update(lr=g_sched.get_last_lr()[0], s_per_step=(now - t_last) / c["log_interval"],
+                       peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+            t_last = now
+            log_f.write(json.dumps(rec) + "\n")
+            log_f.flush()
+            if wandb is not None:
+                wandb.log(rec, step=step)
             tqdm.write(f"step {step:6d} | dmd {rec.get('dmd_loss', float('nan')):.3e} | fake {rec.get('fake_score_loss', float('nan')):.4f} "
                   f"| |g| {rec.get('g_abs', float('nan')):.3e} | gnorm G {rec.get('g_grad_norm', float('nan')):.2e} "
                   f"F {rec.get('f_grad_norm', float('nan')):.2e} | lr {rec['lr']:.2e} | t {rec.get('score_t', float('nan')):5.1f} "
