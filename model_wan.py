@@ -277,15 +277,22 @@ def apply_rope(x, cos, sin):
     out[..., 1::2] = x1 * sin + x2 * cos
     return out
 
-def attention(q, k, v):
-    """q (B,Lq,N,d), k/v (B,Lk,N,d) -> (B,Lq,N*d). SDPA picks flash/cuDNN kernels on GPU."""
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return o.transpose(1, 2).flatten(2)
+def attention(q, k, v, sp_group=None):
+    """q (B,Lq,N,d), k/v (B,Lk,N,d) -> (B,Lq,N*d). SDPA picks flash/cuDNN kernels on GPU.
+    With an SP group of P ranks (Ulysses), q/k/v hold this rank's L/P tokens of every head: one all-to-all
+    trades them for all L tokens of N/P heads, attention runs on those, and a second all-to-all trades back."""
+    if sp_group is not None:
+        q, k, v = _SeqToHeads.apply(torch.stack([q, k, v]), sp_group).unbind(0)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    if sp_group is not None:
+        o = _HeadsToSeq.apply(o.unsqueeze(0), sp_group).squeeze(0)
+    return o.flatten(2)
 
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, eps):
         super().__init__()
         self.num_heads = num_heads
+        self.sp_group = None   # set on self-attention by enable_sequence_parallel
         self.q, self.k, self.v, self.o = (Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
@@ -299,7 +306,7 @@ class Attention(nn.Module):
         v = self.v(ctx).unflatten(-1, (N, -1))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return self.o(attention(q, k, v))
+        return self.o(attention(q, k, v, self.sp_group))
 
 class Block(nn.Module):
     def __init__(self, cfg):
@@ -350,6 +357,7 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         self.gradient_checkpointing = False
+        self.sp_group = None   # sequence parallelism (enable_sequence_parallel): tokens split over the group
 
     def check_inputs(self, x, t, context):
         c = self.cfg
@@ -365,6 +373,11 @@ class WanDiT(nn.Module):
             raise ValueError(f"t must have shape ({B},) (one timestep per sample), got {tuple(t.shape)}")
         if context.ndim != 3 or context.shape[0] != B or context.shape[2] != c.text_dim:
             raise ValueError(f"context must be ({B},L,{c.text_dim}), got shape {tuple(context.shape)}")
+        if self.sp_group is not None:
+            P, L = torch.distributed.get_world_size(self.sp_group), (Fr // pt) * (H // ph) * (W // pw)
+            if L % P or c.num_heads % P:
+                raise ValueError(f"sequence parallelism over {P} ranks needs the token count ({L} for x shape "
+                                 f"{tuple(x.shape)}) and the head count ({c.num_heads}) divisible by {P}")
 
     def forward(self, x, t, context):
         """x (B,C,F,H,W) latents; t (B,) float timesteps in [0,1000]; context (B,Lc,text_dim) text
@@ -380,6 +393,8 @@ class WanDiT(nn.Module):
         temb = self.time_embedding(timestep_sinusoid(t, c.freq_dim)).float()         # (B,E)
         e = self.time_projection(temb).float().unflatten(1, (6, -1))                 # (B,6,E)
         ctx = self.text_embedding(context)                                           # (B,Lc,E)
+        if self.sp_group is not None:   # this rank's L/P tokens (and their RoPE rows) through the blocks
+            x, rope = sp_split(x, self.sp_group), tuple(sp_split(r, self.sp_group) for r in rope)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 # the recompute runs in backward, after use_adapter has restored its choice: replay this one
@@ -389,6 +404,8 @@ class WanDiT(nn.Module):
             else:
                 x = block(x, e, ctx, rope)
         y = self.head(x, temb).float()                                               # (B,L,pt*ph*pw*C)
+        if self.sp_group is not None:
+            y = _Gather.apply(y, self.sp_group)
         y = y.view(B, Fp, Hp, Wp, pt, ph, pw, c.out_dim)
         y = y.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, c.out_dim, Fr, H, W)
         return y
@@ -402,6 +419,78 @@ class WanDiT(nn.Module):
 
 def num_params(model):
     return sum(p.numel() for p in model.parameters())
+
+# -----------------------------------------------------------------------------
+# Ulysses sequence parallelism: P ranks of a group hold the same sample; each runs 1/P of the tokens through
+# the blocks and, inside self-attention only, 1/P of the heads over all tokens (two all-to-alls per block).
+# Off unless enable_sequence_parallel is called. Parameter gradients are partial sums over the group.
+
+def enable_sequence_parallel(model, group):
+    """Split the tokens of `model`'s forward over the ranks of process group `group` (None: off again)."""
+    model.sp_group = group
+    for block in model.blocks:
+        block.self_attn.sp_group = group
+    return model
+
+def _all_to_all(x, group):
+    """x (P, ...) -> (P, ...): slice j goes to rank j; slice j of the result came from rank j."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    torch.distributed.all_to_all_single(out, x, group=group)
+    return out
+
+def _seq_to_heads(x, group):   # (S,B,L/P,N,d) -> (S,B,L,N/P,d)
+    P = torch.distributed.get_world_size(group)
+    S, B, Lp, N, d = x.shape
+    y = _all_to_all(x.view(S, B, Lp, P, N // P, d).permute(3, 0, 1, 2, 4, 5), group)   # (P,S,B,L/P,N/P,d)
+    return y.permute(1, 2, 0, 3, 4, 5).reshape(S, B, P * Lp, N // P, d)
+
+def _heads_to_seq(x, group):   # (S,B,L,N/P,d) -> (S,B,L/P,N,d)
+    P = torch.distributed.get_world_size(group)
+    S, B, L, Np, d = x.shape
+    y = _all_to_all(x.view(S, B, P, L // P, Np, d).permute(2, 0, 1, 3, 4, 5), group)   # (P,S,B,L/P,N/P,d)
+    return y.permute(1, 2, 3, 0, 4, 5).reshape(S, B, L // P, P * Np, d)
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_to_heads(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _heads_to_seq(g, ctx.group), None
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _heads_to_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _seq_to_heads(g, ctx.group), None
+
+def sp_split(x, group):
+    """(B,L,...) -> this rank's contiguous L/P tokens (its gradient flows back into that slice only)."""
+    P, r = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+    return x.chunk(P, dim=1)[r]
+
+class _Gather(torch.autograd.Function):
+    """(B,L/P,C) per rank -> (B,L,C) on every rank. Every rank of the group then computes the same loss, so
+    the gradient of this rank's slice is its slice of the (identical) full gradient: no communication."""
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        P = torch.distributed.get_world_size(group)
+        out = torch.empty((P * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor  # torch<2.13
+        gather(out, x.contiguous(), group=group)
+        return out.unflatten(0, (P, -1)).transpose(0, 1).flatten(1, 2)
+
+    @staticmethod
+    def backward(ctx, g):
+        return sp_split(g, ctx.group), None
 
 # -----------------------------------------------------------------------------
 # key maps between the original (native) and diffusers layouts (wan21.md §5)

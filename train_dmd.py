@@ -6,6 +6,7 @@ generator G (student), fake score F (critic) and the frozen real score R (teache
   python train_dmd.py config/tiny.py --max_train_steps=20     # tiny random teacher on CPU, no downloads
   python train_dmd.py path/to/simpletuner/config.json         # the seed's SimpleTuner config, mapped
   python train_dmd.py --help
+  torchrun --nproc_per_node=8 train_dmd.py config/wan_dmd_3step.py    # DDP; FSDP2 and sequence parallelism: parallel.py
 
 With LoRA on G and F (the default) ONE frozen base serves all three networks: R = base with no adapter,
 G = base + adapter "generator", F = base + adapter "critic". Data-free: the training input is prompts only
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import model_wan as mw
+import parallel
 import sample
 
 # -----------------------------------------------------------------------------
@@ -71,6 +73,9 @@ fake_score_lora_alpha = 128
 gradient_checkpointing = True
 mixed_precision = "bf16"               # "bf16": bf16 base weights + autocast on CUDA; "no": fp32 (always fp32 on CPU)
 compile = False                        # torch.compile each DiT block
+# many GPUs (torchrun; parallel.py)
+fsdp = False                           # FSDP2: shard teacher, generator and critic per block (sharded checkpoints)
+sp_size = 1                            # Ulysses sequence parallelism: ranks per sample (divides heads and tokens)
 # optimisation
 optimizer = "adamw"                    # "adamw"; the seed's "adamw_bf16" maps to fp32 master weights (same updates)
 learning_rate = 2e-5
@@ -249,6 +254,8 @@ def check_config(c):
                        ("optimizer", ("adamw", "adamw_bf16")), ("report_to", ("none", "wandb"))):
         if c[k] not in allowed:
             raise ValueError(f"{k} must be one of {allowed}, got {c[k]!r}")
+    if not isinstance(c["sp_size"], int) or c["sp_size"] < 1:
+        raise ValueError(f"sp_size must be a positive integer, got {c['sp_size']!r}")
     if c["height"] % 16 or c["width"] % 16:
         raise ValueError(f"height and width must be multiples of 16, got {c['height']}x{c['width']}")
     return steps
@@ -323,18 +330,24 @@ def build_networks(c, dev, dtype):
         if m is not base:
             for n, p in m.named_parameters():
                 p.requires_grad_(".lora_" not in n)
-    if c["compile"]:
-        for m in {id(x): x for x in (base, gen, critic)}.values():
-            for b in m.blocks:
-                b.compile()
     return base, gen, critic, vae, te
+
+
+def networks(*models):
+    """The distinct modules among base, generator and critic (one when LoRA shares the base)."""
+    return list({id(m): m for m in models}.values())
 
 
 def trainable(model, adapter):
     """The trainable parameters of a network: its adapter's, or every base parameter of a full copy."""
+    return list(named_trainable(model, adapter).values())
+
+
+def named_trainable(model, adapter):
+    """{name: parameter} of `trainable`, in its order."""
     if adapter is not None:
-        return mw.adapter_parameters(model, adapter)
-    return [p for n, p in model.named_parameters() if ".lora_" not in n]
+        return {n: p for n, p in model.named_parameters() if n.endswith(f".lora_A.{adapter}") or n.endswith(f".lora_B.{adapter}")}
+    return {n: p for n, p in model.named_parameters() if ".lora_" not in n}
 
 
 def velocity_fn(model, adapter, autocast):
@@ -375,6 +388,12 @@ def encode_prompts(c, te, prompts, dev, dtype):
 # -----------------------------------------------------------------------------
 # checkpoints
 
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_state():
     st = {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
           "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)), "numpy_pos": int(np.random.get_state()[2]),
@@ -393,18 +412,29 @@ def set_rng_state(st):
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_checkpoint(out_dir, state, limit):
-    """Write checkpoint-{step}/state.pt via a temporary folder and a rename; keep the newest `limit`."""
+def save_checkpoint(out_dir, state, limit, env=parallel.Dist(), rank_state=None, sharded=None):
+    """Write checkpoint-{step}/ via a temporary folder and a rename; keep the newest `limit`. state.pt comes
+    from rank 0; with several processes rank r > 0 adds rank{r}.pt (its RNG and data position) and FSDP adds
+    the sharded weights and optimiser states under sharded/ (torch.distributed.checkpoint, every rank)."""
     final = os.path.join(out_dir, f"checkpoint-{state['step']:07d}")
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    torch.save(state, os.path.join(tmp, "state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    done = sorted(d for d in os.listdir(out_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp"))
-    for d in done[: max(0, len(done) - max(1, limit))]:
-        shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
+    if env.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    parallel.barrier(env)
+    if not env.main:
+        torch.save(rank_state, os.path.join(tmp, f"rank{env.rank}.pt"))
+    if sharded is not None:
+        parallel.save_sharded(os.path.join(tmp, "sharded"), sharded)
+    parallel.barrier(env)
+    if env.main:
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        done = sorted(d for d in os.listdir(out_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp"))
+        for d in done[: max(0, len(done) - max(1, limit))]:
+            shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
+    parallel.barrier(env)
     return final
 
 
@@ -426,18 +456,19 @@ def train(c):
     steps = check_config(c)
     steps = rollout_steps(steps, c["warp_denoising_step"], c["timestep_shift"])
     dev = torch.device(c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    env, dev = parallel.setup(c["sp_size"], dev)   # torchrun: process groups; one process: nothing
+    say = print if env.main else (lambda *a, **k: None)   # rank 0 alone prints, logs, validates, exports
     cuda = dev.type == "cuda"
     bf16 = cuda and c["mixed_precision"] == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else (lambda: torch.autocast("cpu", enabled=False))
     if c["optimizer"] == "adamw_bf16":
-        print("notice: optimizer adamw_bf16 -> AdamW with fp32 master weights (the same updates, more exact)")
-    os.makedirs(c["output_dir"], exist_ok=True)
-    with open(os.path.join(c["output_dir"], "config.json"), "w") as f:
-        json.dump(c, f, indent=2, default=str)
-    random.seed(c["seed"])
-    np.random.seed(c["seed"])
-    torch.manual_seed(c["seed"])
+        say("notice: optimizer adamw_bf16 -> AdamW with fp32 master weights (the same updates, more exact)")
+    if env.main:
+        os.makedirs(c["output_dir"], exist_ok=True)
+        with open(os.path.join(c["output_dir"], "config.json"), "w") as f:
+            json.dump(c, f, indent=2, default=str)
+    seed_all(c["seed"])   # the same on every rank: identical networks (tiny teacher, adapter init)
 
     # prompts -> embeddings (encoder freed), networks
     val_prompts = [c["validation_prompt"]]
@@ -460,75 +491,108 @@ def train(c):
     if c["datasets"]:   # cached latents + caption embeddings (built here on first use), read in bucket batches
         import data
         te = te or mw.load_text_encoder(c["pretrained_model_name_or_path"], dtype=dtype, device=dev)
-        cached = data.CachedDataset(data.MediaDataset(c["datasets"], seed=c["seed"]), vae, te, device=dev)
-        loader = data.Loader(cached, c["train_batch_size"], seed=c["seed"])
+        cached = data.CachedDataset(data.MediaDataset(c["datasets"], seed=c["seed"]), vae, te,
+                                    rank=env.rank, world_size=env.world, device=dev)
+        # shards per data-parallel group: the ranks of a sequence-parallel group read the same batches
+        loader = data.Loader(cached, c["train_batch_size"], seed=c["seed"], rank=env.dp_rank, world_size=env.dp_size)
     embeds = encode_prompts(c, te, train_prompts + val_prompts + [neg], dev, dtype)
     train_emb, val_emb, neg_emb = embeds[: len(train_prompts)], embeds[len(train_prompts):-1], embeds[-1:]
     del te
     g_adapter = "generator" if gen is base else None
     f_adapter = "critic" if critic is base else None
-    G = velocity_fn(gen, g_adapter, autocast)
-    Fk = velocity_fn(critic, f_adapter, autocast)
-    R = velocity_fn(base, None, autocast)
+    for m in networks(base, gen, critic):
+        if c["fsdp"]:
+            parallel.shard(m)
+        if env.sp_group is not None:
+            mw.enable_sequence_parallel(m, env.sp_group)
+        if c["compile"]:
+            for b in m.blocks:
+                b.compile()
+    seed_all(c["seed"] + env.dp_rank)   # noise, timesteps and prompts: per data-parallel group
     g_params, f_params = trainable(gen, g_adapter), trainable(critic, f_adapter)
+    # DDP on exactly the trainable parameters (FSDP: inside the sharded modules); the teacher R is not wrapped
+    G = parallel.data_parallel(env, velocity_fn(gen, g_adapter, autocast), g_params, c["fsdp"])
+    Fk = parallel.data_parallel(env, velocity_fn(critic, f_adapter, autocast), f_params, c["fsdp"])
+    R = velocity_fn(base, None, autocast)
     g_opt = torch.optim.AdamW(g_params, lr=c["learning_rate"], betas=(c["adam_beta1"], c["adam_beta2"]),
                               weight_decay=c["adam_weight_decay"], eps=c["adam_epsilon"])
     f_opt = torch.optim.AdamW(f_params, lr=c["fake_score_lr"], betas=tuple(c["fake_score_betas"]),
                               weight_decay=c["fake_score_weight_decay"], eps=c["fake_score_eps"])
     g_sched = torch.optim.lr_scheduler.LambdaLR(g_opt, lr_lambda(c))
     ema = [p.detach().float().clone() for p in g_params] if c["use_ema"] else None
-    print(f"teacher {c['pretrained_model_name_or_path']} | generator {'LoRA r%d' % c['lora_rank'] if g_adapter else 'full'} "
-          f"({sum(p.numel() for p in g_params):,} trainable) | critic {'LoRA r%d' % c['fake_score_lora_rank'] if f_adapter else 'full'} "
-          f"({sum(p.numel() for p in f_params):,}) | shared base: {g_adapter is not None and f_adapter is not None} | "
-          f"{dev} {dtype} | steps {steps} | batch {c['train_batch_size']} x accum {c['gradient_accumulation_steps']}")
+    say(f"teacher {c['pretrained_model_name_or_path']} | generator {'LoRA r%d' % c['lora_rank'] if g_adapter else 'full'} "
+        f"({sum(p.numel() for p in g_params):,} trainable) | critic {'LoRA r%d' % c['fake_score_lora_rank'] if f_adapter else 'full'} "
+        f"({sum(p.numel() for p in f_params):,}) | shared base: {g_adapter is not None and f_adapter is not None} | "
+        f"{dev} {dtype} | steps {steps}")
+    say(f"{env.world} process(es): {env.dp_size} data-parallel x sp {env.sp_size}{' | FSDP2' if c['fsdp'] else ''} | "
+        f"global batch {c['train_batch_size'] * c['gradient_accumulation_steps'] * env.dp_size} = {c['train_batch_size']} "
+        f"per group x accum {c['gradient_accumulation_steps']} x {env.dp_size} group(s)")
 
+    # FSDP: weights, EMA and optimiser states are sharded tensors, saved by torch.distributed.checkpoint
+    named = {"generator": named_trainable(gen, g_adapter), "critic": named_trainable(critic, f_adapter)}
+    opts = {"g_opt": (gen, g_opt), "f_opt": (critic, f_opt)}
     step, gen_steps, bad_in_row = 0, 0, 0
     ckpt = find_checkpoint(c["output_dir"], c["resume_from_checkpoint"])
     if ckpt:
         st = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=True)
-        for name, params in (("generator", g_params), ("critic", f_params)):
-            if [tuple(v.shape) for v in st[name]] != [tuple(p.shape) for p in params]:
-                raise ValueError(f"{ckpt}: its {name} does not match this config's (LoRA rank or full mode changed?); "
-                                 "use another output_dir or resume_from_checkpoint=''")
-        with torch.no_grad():
-            for p, v in zip(g_params, st["generator"]):
-                p.copy_(v)
-            for p, v in zip(f_params, st["critic"]):
-                p.copy_(v)
-            if ema is not None:
-                ema = [v.to(dev) for v in st["ema"]]
-        g_opt.load_state_dict(st["g_opt"])
-        f_opt.load_state_dict(st["f_opt"])
+        if st.get("fsdp", False) != c["fsdp"]:
+            raise ValueError(f"{ckpt} was written with fsdp={st.get('fsdp', False)}: resume with the same setting")
+        if st.get("world", 1) != env.world:
+            say(f"warning: {ckpt} was written by {st.get('world', 1)} process(es), this run has {env.world}: weights "
+                "and optimiser states resume, the random streams and data order restart (not an exact resume)")
+        if c["fsdp"]:
+            parallel.load_sharded(os.path.join(ckpt, "sharded"), parallel.sharded_state(named, opts, ema), opts)
+        else:
+            for name, params in (("generator", g_params), ("critic", f_params)):
+                if [tuple(v.shape) for v in st[name]] != [tuple(p.shape) for p in params]:
+                    raise ValueError(f"{ckpt}: its {name} does not match this config's (LoRA rank or full mode changed?); "
+                                     "use another output_dir or resume_from_checkpoint=''")
+            with torch.no_grad():
+                for p, v in zip(g_params, st["generator"]):
+                    p.copy_(v)
+                for p, v in zip(f_params, st["critic"]):
+                    p.copy_(v)
+                if ema is not None:
+                    ema = [v.to(dev) for v in st["ema"]]
+            g_opt.load_state_dict(st["g_opt"])
+            f_opt.load_state_dict(st["f_opt"])
         g_sched.load_state_dict(st["g_sched"])
         step, gen_steps, bad_in_row = st["step"], st["gen_steps"], st["bad_in_row"]
-        if loader is not None:
-            loader.load_state_dict(st["data"])
-        set_rng_state(st["rng"])
-        print(f"resumed from {ckpt} at step {step}")
+        mine = os.path.join(ckpt, f"rank{env.rank}.pt")
+        if st.get("world", 1) == env.world:   # this rank's random streams and data position
+            rs = torch.load(mine, map_location="cpu", weights_only=True) if env.rank > 0 else st
+            if loader is not None:
+                loader.load_state_dict(rs["data"])
+            set_rng_state(rs["rng"])
+        say(f"resumed from {ckpt} at step {step}")
 
-    def state():
-        return {"step": step, "gen_steps": gen_steps, "bad_in_row": bad_in_row,
-                "generator": [p.detach().cpu().clone() for p in g_params],
-                "critic": [p.detach().cpu().clone() for p in f_params],
-                "ema": [e.cpu().clone() for e in ema] if ema is not None else [],
-                "g_opt": g_opt.state_dict(), "f_opt": f_opt.state_dict(), "g_sched": g_sched.state_dict(),
-                "rng": rng_state(), "config": json.dumps(c, default=str),
-                **({"data": loader.state_dict()} if loader is not None else {})}
+    def rank_state():
+        return {"rng": rng_state(), **({"data": loader.state_dict()} if loader is not None else {})}
+
+    def state():   # rank 0's checkpoint dict; the weights only when they are not sharded
+        st = {"step": step, "gen_steps": gen_steps, "bad_in_row": bad_in_row, "g_sched": g_sched.state_dict(),
+              "config": json.dumps(c, default=str), "world": env.world, "fsdp": c["fsdp"], **rank_state()}
+        if not c["fsdp"]:
+            st.update(generator=[p.detach().cpu().clone() for p in g_params],
+                      critic=[p.detach().cpu().clone() for p in f_params],
+                      ema=[e.cpu().clone() for e in ema] if ema is not None else [],
+                      g_opt=g_opt.state_dict(), f_opt=f_opt.state_dict())
+        return st
 
     stop = {"signal": None}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, _: stop.update(signal=s))
     wandb = None
-    if c["report_to"] == "wandb":
+    if c["report_to"] == "wandb" and env.main:
         import wandb as _wandb
         wandb = _wandb.init(project=c["tracker_project_name"], name=c["tracker_run_name"] or None, config=c)
     log_path = os.path.join(c["output_dir"], "log.jsonl")
-    if os.path.exists(log_path):   # drop lines of steps lost since the checkpoint we resumed from (or all, fresh)
+    if os.path.exists(log_path) and env.main:   # drop lines of steps lost since the checkpoint resumed (all, fresh)
         with open(log_path) as f:
             kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
         with open(log_path, "w") as f:
             f.writelines(kept)
-    log_f = open(log_path, "a")
+    log_f = open(log_path, "a") if env.main else None
     B, Fr = c["train_batch_size"], c["num_training_frames"]
     shape = (B, 16, Fr, c["height"] // 8, c["width"] // 8)
     neg_ctx = pad_context(neg_emb * B, dev, dtype)
@@ -560,10 +624,13 @@ def train(c):
             return torch.cat([p.grad.flatten() for p in params if p.grad is not None]).norm()
         return torch.nn.utils.clip_grad_norm_(params, value)
 
+    accum = c["gradient_accumulation_steps"]
+    scale = env.sp_size / accum   # sequence parallelism: a group's partial gradients must sum, not average
+
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t_last = time.perf_counter()
-    bar = tqdm(total=c["max_train_steps"], initial=step, desc="dmd", dynamic_ncols=True)
+    bar = tqdm(total=c["max_train_steps"], initial=step, desc="dmd", dynamic_ncols=True, disable=not env.main)
     while step < c["max_train_steps"]:
         rec = {"step": step + 1}
         log_now = (step + 1) % c["log_interval"] == 0   # statistics (and their device syncs) only on log steps
@@ -572,18 +639,20 @@ def train(c):
         if step % c["generator_update_interval"] == 0:
             g_opt.zero_grad(set_to_none=True)
             losses, reals = [], []
-            for _ in range(c["gradient_accumulation_steps"]):
+            for i in range(accum):
                 ctx, x0 = next_batch()
-                x_g, t_from, t_to = student(ctx, x0, k)
-                t = score_timesteps(B, t_from, t_to, c, dev)
-                loss, g, st_ = dmd_loss(x_g, t, R, Fk, ctx, neg_ctx, c["real_score_guidance_scale"], c["fake_score_guidance_scale"])
-                total = loss
-                if c["real_data_loss_weight"] > 0:   # §6's optional real-data term: plain flow matching of G on x0
-                    reals.append(flow_matching_loss(G, x0, ctx, c["flow_schedule_shift"]))
-                    total = loss + c["real_data_loss_weight"] * reals[-1]
-                if torch.isfinite(total):
-                    (total / c["gradient_accumulation_steps"]).backward()
-                losses.append(loss.detach() if torch.isfinite(total) else total.detach())   # a NaN term skips the step
+                with parallel.sync_gradients(G, [gen], on=i == accum - 1):   # sync on the last micro-step only
+                    x_g, t_from, t_to = student(ctx, x0, k)
+                    t = score_timesteps(B, t_from, t_to, c, dev)
+                    loss, g, st_ = dmd_loss(x_g, t, R, Fk, ctx, neg_ctx, c["real_score_guidance_scale"], c["fake_score_guidance_scale"])
+                    total = loss
+                    if c["real_data_loss_weight"] > 0:   # §6's optional real-data term: plain flow matching of G on x0
+                        reals.append(flow_matching_loss(G, x0, ctx, c["flow_schedule_shift"]))
+                        total = loss + c["real_data_loss_weight"] * reals[-1]
+                    ok = parallel.all_true(env, torch.isfinite(total))   # every rank takes the same branch
+                    if ok:
+                        (total * scale).backward()
+                losses.append(loss.detach() if ok else torch.full_like(loss, float("nan")))   # a NaN skips the step
             loss = torch.stack(losses).mean()
             if reals and log_now:
                 rec["real_data_loss"] = torch.stack(reals).mean().item()
@@ -598,24 +667,26 @@ def train(c):
                         for e, p in zip(ema, g_params):
                             e.mul_(d).add_(p.detach().float(), alpha=1 - d)
                 g_opt.zero_grad(set_to_none=True)   # free the gradients before the critic step
-                if log_now:
-                    rec.update(dmd_loss=loss.item(), g_abs=g.abs().mean().item(), score_t=t.mean().item(), exit_step=k,
-                               g_grad_norm=g_norm.item(),
+                if log_now:   # losses averaged over ranks, the other statistics are rank 0's
+                    rec.update(dmd_loss=parallel.mean(env, loss).item(), g_abs=g.abs().mean().item(),
+                               score_t=t.mean().item(), exit_step=k, g_grad_norm=parallel.local(g_norm).item(),
                                **{f"{n}_{s}": getattr(v, s)().item() for n, v in st_.items() for s in ("mean", "std")})
             else:
                 rec["dmd_loss"] = float("nan")
         # critic step on fresh no-grad rollouts
         f_opt.zero_grad(set_to_none=True)
         losses, pers, ts = [], [], []
-        for _ in range(c["gradient_accumulation_steps"]):
+        for i in range(accum):
             ctx, x0 = next_batch()
             with torch.no_grad():
                 x_g, t_from, t_to = student(ctx, x0, exit_step(1))
             t = score_timesteps(B, t_from, t_to, c, dev)
-            loss_f, per = critic_loss(Fk, x_g, t, ctx)
-            if torch.isfinite(loss_f):
-                (loss_f / c["gradient_accumulation_steps"]).backward()
-            losses.append(loss_f.detach())
+            with parallel.sync_gradients(Fk, [critic], on=i == accum - 1):
+                loss_f, per = critic_loss(Fk, x_g, t, ctx)
+                ok = parallel.all_true(env, torch.isfinite(loss_f))
+                if ok:
+                    (loss_f * scale).backward()
+            losses.append(loss_f.detach() if ok else torch.full_like(loss_f, float("nan")))
             pers.append(per)
             ts.append(t)
         loss_f = torch.stack(losses).mean()
@@ -628,17 +699,17 @@ def train(c):
                 bins = {}
                 for ti, li in zip(torch.cat(ts).tolist(), torch.cat(pers).tolist()):
                     bins.setdefault(f"fake_score_loss_t{int(ti // 250) * 250}", []).append(li)
-                rec.update(fake_score_loss=loss_f.item(), f_grad_norm=f_norm.item(),
+                rec.update(fake_score_loss=parallel.mean(env, loss_f).item(), f_grad_norm=parallel.local(f_norm).item(),
                            **{k_: sum(v) / len(v) for k_, v in bins.items()})
         bad_in_row = 0 if finite else bad_in_row + 1
         if not finite:
-            tqdm.write(f"step {step + 1}: non-finite loss (dmd {rec.get('dmd_loss')}, critic {loss_f.item()}), update skipped")
+            say(f"step {step + 1}: non-finite loss (dmd {rec.get('dmd_loss')}, critic {loss_f.item()}), update skipped")
             if bad_in_row >= c["max_nonfinite_steps"]:
                 raise RuntimeError(f"{bad_in_row} non-finite losses in a row: aborting (lower the learning rates, "
                                    "check the teacher and the guidance scale)")
         step += 1
         bar.update(1)
-        if log_now:   # one JSONL record and one terminal line per log interval
+        if log_now and env.main:   # one JSONL record and one terminal line per log interval
             now = time.perf_counter()
             rec.update(lr=g_sched.get_last_lr()[0], s_per_step=(now - t_last) / c["log_interval"],
                        peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
@@ -652,20 +723,26 @@ def train(c):
                   f"F {rec.get('f_grad_norm', float('nan')):.2e} | lr {rec['lr']:.2e} | t {rec.get('score_t', float('nan')):5.1f} "
                   f"| {rec['s_per_step']:.2f} s/step | mem {rec['peak_mem_gb']:.1f} GB")
         last = step >= c["max_train_steps"]
-        if step % c["checkpoint_step_interval"] == 0 or last or stop["signal"]:
-            path = save_checkpoint(c["output_dir"], state(), c["checkpoints_total_limit"])
-            print(f"checkpoint {path}")
+        stopping = stop["signal"] if env.world == 1 else not parallel.all_true(env, not stop["signal"])   # any rank
+        if step % c["checkpoint_step_interval"] == 0 or last or stopping:
+            path = save_checkpoint(c["output_dir"], state() if env.main else {"step": step}, c["checkpoints_total_limit"],
+                                   env, rank_state(), parallel.sharded_state(named, opts, ema) if c["fsdp"] else None)
+            say(f"checkpoint {path}")
         if step % c["validation_step_interval"] == 0 or last:
-            validate(c, base, gen, g_adapter, g_params, ema, vae, val_prompts, val_emb, steps, step, dev, dtype, autocast)
-        if stop["signal"]:
-            print(f"signal {stop['signal']}: checkpoint written at step {step}, exiting")
-            log_f.close()
+            validate(c, env, gen, g_adapter, g_params, ema, vae, val_prompts, val_emb, steps, step, dev, dtype, autocast)
+        if stopping:
+            say(f"signal {stop['signal'] or 'on another rank'}: checkpoint written at step {step}, exiting")
+            if log_f is not None:
+                log_f.close()
+            parallel.cleanup(env)
             sys.exit(0)
     bar.close()
-    log_f.close()
-    export(c, base, gen, g_adapter, g_params, ema)
+    if log_f is not None:
+        log_f.close()
+    export(c, env, gen, g_adapter, g_params, ema)
     if wandb is not None:
         wandb.finish()
+    parallel.cleanup(env)
     return {"base": base, "generator": gen, "critic": critic, "g_params": g_params, "f_params": f_params, "ema": ema}
 
 
@@ -678,7 +755,9 @@ def swap_in(params, values):
     return old
 
 
-def validate(c, base, gen, g_adapter, g_params, ema, vae, prompts, embs, steps, step, dev, dtype, autocast):
+def validate(c, env, gen, g_adapter, g_params, ema, vae, prompts, embs, steps, step, dev, dtype, autocast):
+    """Student samples of the validation prompts -> mp4s. Every rank runs the DiT (sharded or sequence-parallel
+    networks need them all); rank 0 alone decodes and writes."""
     W, H = (int(v) for v in c["validation_resolution"].lower().split("x"))
     Fn = c["validation_num_video_frames"]
     modes = {"none": ["raw"], "ema_only": ["ema"], "comparison": ["raw", "ema"]}[c["ema_validation"] if ema is not None else "none"]
@@ -690,19 +769,26 @@ def validate(c, base, gen, g_adapter, g_params, ema, vae, prompts, embs, steps, 
             x, gen_ = sample.initial_noise(1, Fn, H // 16 * 16, W // 16 * 16, c["validation_seed"], dev)
             with torch.no_grad():
                 lat = sample.student_sample(lambda x_, t_: G(x_, t_, pad_context([e], dev, dtype)), x, steps, gen_)
-                video = vae.decode(lat.float())[0]
-            sample.write_mp4(os.path.join(out, f"{i:02d}_{mode}_{sample.slug(p)}.mp4"), video)
+                if env.main:
+                    video = vae.decode(lat.float())[0]
+                    sample.write_mp4(os.path.join(out, f"{i:02d}_{mode}_{sample.slug(p)}.mp4"), video)
         if old is not None:
             swap_in(g_params, old)
-    print(f"validation: {len(prompts)} prompt(s) x {modes} -> {out}")
+    if env.main:
+        print(f"validation: {len(prompts)} prompt(s) x {modes} -> {out}")
 
 
-def export(c, base, gen, g_adapter, g_params, ema):
+def export(c, env, gen, g_adapter, g_params, ema):
     """The student (EMA weights when used) as (a) student[_ema].safetensors — the LoRA adapter in diffusers/PEFT
-    keys, or full weights — and (b) merged full weights in diffusers transformer/ layout with config.json."""
+    keys, or full weights — and (b) merged full weights in diffusers transformer/ layout with config.json.
+    Written by rank 0; FSDP first gathers the sharded weights into a CPU copy there (every rank takes part)."""
     from safetensors.torch import save_file
     if ema is not None:
         swap_in(g_params, ema)
+    if c["fsdp"]:
+        gen = parallel.gathered_copy(env, gen)
+    if not env.main:
+        return
     name = "student_ema.safetensors" if ema is not None else "student.safetensors"
     path = os.path.join(c["output_dir"], name)
     if g_adapter is not None:   # the teacher base stays untouched: the merge is computed into a copy

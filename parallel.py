@@ -1,0 +1,215 @@
+"""
+Many GPUs for train_dmd.py, with PyTorch's own engine only (torch.distributed, launched by torchrun):
+
+  torchrun --nproc_per_node=8 train_dmd.py config/wan_dmd_3step.py                    # DDP, 8 GPUs
+  torchrun --nproc_per_node=8 train_dmd.py config/wan_dmd_3step_14b.py                 # FSDP2 (the 14B config sets fsdp)
+  torchrun --nproc_per_node=8 train_dmd.py config/wan_dmd_3step.py --sp_size=4         # 2 data-parallel groups of 4
+  torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train_dmd.py CONFIG.py
+
+- DDP wraps exactly the trainable parameters of one network (an adapter of the shared base, or a full copy):
+  `Trainable` below is a module holding only those, so the frozen teacher is never wrapped.
+- FSDP2 (`fsdp=True`): `fully_shard` on every transformer block, then on the root, of each network (teacher
+  base with its adapters, full copies); parameters keep their dtypes (bf16 base, fp32 norms/modulation and
+  adapters), so gradients are reduce-scattered in fp32 and the numerics equal one GPU's. Checkpoints are
+  sharded (torch.distributed.checkpoint); the export is gathered on rank 0.
+- Sequence parallelism (`sp_size` P): ranks form world/P data-parallel groups of P consecutive ranks (one
+  node's GPUs when P divides them); the ranks of a group hold the same sample (same seed and data shard)
+  and split its tokens (model_wan.enable_sequence_parallel). Their parameter gradients are partial sums, so
+  the loss is scaled by P before the world-wide averaging of DDP/FSDP: the result is the data-parallel mean.
+"""
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import model_wan as mw
+
+try:   # public from torch 2.6; torch 2.5 has it under _composable
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+except ImportError:  # pragma: no cover
+    from torch.distributed._composable.fsdp import FSDPModule, fully_shard
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    sp_size: int = 1
+    sp_group: object = None
+
+    @property
+    def dp_rank(self):   # the data-parallel group: seeds and data shards follow it
+        return self.rank // self.sp_size
+
+    @property
+    def dp_size(self):
+        return self.world // self.sp_size
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def setup(sp_size, device):
+    """-> (Dist, device). Initialises the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on
+    CUDA (one GPU per local rank), gloo on CPU. Single process: no process group at all."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and sp_size > 1:
+        raise ValueError("sp_size > 1 needs several processes: torchrun --nproc_per_node=N (N a multiple of sp_size)")
+    if sp_size < 1 or world % sp_size:
+        raise ValueError(f"sp_size={sp_size} must divide the number of processes ({world})")
+    if world == 1:
+        return Dist(), device
+    rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    if not dist.is_initialized():   # generous timeout: rank 0 alone decodes validation videos and exports
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=60))
+    env = Dist(rank, world, local, sp_size)
+    if sp_size > 1:   # every rank creates every group (a collective), keeps its own
+        for g in range(world // sp_size):
+            group = dist.new_group(list(range(g * sp_size, (g + 1) * sp_size)))
+            if g == rank // sp_size:
+                env.sp_group = group
+    return env, device
+
+
+def cleanup(env):
+    if env.world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier(env):
+    if env.world > 1:
+        dist.barrier()
+
+
+def all_true(env, flag):
+    """A bool every rank agrees on: True only if `flag` (bool or 0-dim tensor) is true on every rank."""
+    if env.world == 1:
+        return bool(flag)
+    t = torch.as_tensor(flag, dtype=torch.float32, device="cuda" if dist.get_backend() == "nccl" else "cpu").reshape(1)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def mean(env, x):
+    """The mean over ranks of a tensor (for logging)."""
+    if env.world == 1:
+        return x
+    x = x.detach().float().clone()
+    dist.all_reduce(x)
+    return x / env.world
+
+
+def local(x):
+    """A DTensor (FSDP parameter, gradient norm) -> its full value; a tensor as it is."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+# -----------------------------------------------------------------------------
+# data parallelism
+
+class Trainable(nn.Module):
+    """The trainable parameters of one network as a module DDP can wrap; forward = that network's velocity
+    f(x, t, ctx) with its adapter active. The network itself is not a submodule: DDP sees only `params`."""
+
+    def __init__(self, fn, params):
+        super().__init__()
+        self.params = nn.ParameterList(params)
+        self.fn = fn
+
+    def forward(self, x, t, ctx):
+        return self.fn(x, t, ctx)
+
+
+def data_parallel(env, fn, params, fsdp):
+    """-> the velocity function to train through: DDP over `params` when several processes run without FSDP
+    (gradients averaged in backward), else `fn` itself (FSDP reduce-scatters inside the sharded modules)."""
+    if env.world == 1 or fsdp:
+        return fn
+    dev = params[0].device
+    return nn.parallel.DistributedDataParallel(Trainable(fn, params), device_ids=[dev] if dev.type == "cuda" else None,
+                                               gradient_as_bucket_view=True)   # no buffers: nothing else to sync
+
+
+@contextmanager
+def sync_gradients(net, modules, on):
+    """Gradient accumulation: gradients are averaged over ranks only when `on` (the last micro-step). Set around
+    the forward AND backward: DDP decides in its forward. `modules`: the FSDP-sharded networks involved."""
+    if on:
+        yield
+        return
+    if isinstance(net, nn.parallel.DistributedDataParallel):
+        with net.no_sync():
+            yield
+        return
+    sharded = [m for m in modules if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.set_requires_gradient_sync(True)
+
+# -----------------------------------------------------------------------------
+# FSDP2
+
+def shard(model):
+    """fully_shard every transformer block, then the root (embeddings, head) of a WanDiT, in place."""
+    for block in model.blocks:
+        fully_shard(block)
+    # the root too reshards after each forward (by default it stays gathered until backward, and the no-grad
+    # rollouts have no backward: checkpoints and exports would then see gathered, not sharded, parameters)
+    fully_shard(model, reshard_after_forward=True)
+    return model
+
+
+def sharded_state(named, optimizers, ema):
+    """The tensors of a checkpoint under FSDP, as torch.distributed.checkpoint saves and loads them in place:
+    {"generator": {name: shard}, "critic": ..., "ema": ..., "g_opt": ..., "f_opt": ...}."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    st = {k: {n: p.detach() for n, p in ps.items()} for k, ps in named.items()}
+    if ema is not None:
+        st["ema"] = {n: e for n, e in zip(named["generator"], ema)}
+    for k, (net, opt) in optimizers.items():
+        st[k] = get_optimizer_state_dict(net, opt)
+    return st
+
+
+def save_sharded(path, st):
+    import torch.distributed.checkpoint as dcp
+    dcp.save(st, checkpoint_id=path)
+
+
+def load_sharded(path, st, optimizers):
+    """Load a save_sharded checkpoint into the live tensors of `st` (from sharded_state) and the optimizers."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    dcp.load(st, checkpoint_id=path)
+    for k, (net, opt) in optimizers.items():
+        set_optimizer_state_dict(net, opt, optim_state_dict=st[k])
+
+
+def gathered_copy(env, model):
+    """A plain CPU WanDiT (with the same adapters) holding the full weights of the sharded `model`, on rank 0;
+    None elsewhere. A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not env.main:
+        return None
+    with torch.device("meta"):
+        plain = mw.WanDiT(model.cfg)
+        for name in mw.adapter_names(model):
+            mods = [(n, m) for n, m in mw.lora_modules(model) if name in m.lora_scale]
+            r = mods[0][1].lora_A[name].shape[0]
+            mw.add_adapter(plain, name, r, mods[0][1].lora_scale[name] * r, tuple(n for n, _ in mods))
+    plain.load_state_dict(sd, assign=True)
+    return plain.requires_grad_(False)

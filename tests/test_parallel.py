@@ -1,0 +1,114 @@
+"""Many processes on CPU with gloo (parallel.py): DDP gradients, Ulysses sequence parallelism, FSDP2, and
+2-process config/tiny.py runs with checkpoints and exact resume. Each test launches torchrun."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_dmd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}   # two processes on a small machine
+
+
+def torchrun(*args, nproc=2, timeout=180):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", *args]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=ENV)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-6000:]
+    return p.stdout
+
+
+def train(out, *args, nproc=2):
+    common = [os.path.join(ROOT, "config", "tiny.py"), f"--output_dir={out}", "--checkpoint_step_interval=2",
+              "--validation_step_interval=4", *args]
+    if nproc == 1:
+        p = subprocess.run([sys.executable, "train_dmd.py", *common], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300, env=ENV)
+        assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+        return p.stdout
+    return torchrun("train_dmd.py", *common, nproc=nproc)
+
+
+def student(out):
+    return load_file(os.path.join(out, "student_ema.safetensors"))
+
+
+def log(out):
+    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+
+def assert_same(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("check", ["ddp_grads", "sp_attention"])
+def test_dist_checks(check):
+    assert f"{check} ok" in torchrun(os.path.join("tests", "dist_checks.py"), check)
+
+
+def test_ddp_run_checkpoint_resume_and_fsdp(tmp_path):
+    """2 processes: a 4-step DDP run; the same run stopped at step 2 and resumed (bit-exact); FSDP2 (sharded
+    checkpoints, resumed at step 2, export gathered on rank 0) equal to DDP."""
+    full = tmp_path / "ddp"
+    stdout = train(full, "--max_train_steps=4")
+    assert "2 process(es): 2 data-parallel x sp 1 | global batch 2" in stdout
+    assert [r["step"] for r in log(full)] == [1, 2, 3, 4]
+    ck = full / "checkpoint-0000004"
+    assert sorted(os.listdir(ck)) == ["rank1.pt", "state.pt"]
+    st = torch.load(ck / "state.pt", weights_only=True)
+    r1 = torch.load(ck / "rank1.pt", weights_only=True)
+    assert st["world"] == 2 and not torch.equal(st["rng"]["torch"], r1["rng"]["torch"])   # per-rank streams
+    assert len(os.listdir(full / "validation" / "step_4")) == 1   # rank 0 alone writes
+
+    half = tmp_path / "ddp_resumed"
+    train(half, "--max_train_steps=2")
+    train(half, "--max_train_steps=4")
+    assert_same(student(half), student(full))
+    assert [r["dmd_loss"] for r in log(half)] == [r["dmd_loss"] for r in log(full)]
+
+    fs = tmp_path / "fsdp"
+    train(fs, "--max_train_steps=2", "--fsdp=True")
+    assert "sharded" in os.listdir(fs / "checkpoint-0000002")
+    train(fs, "--max_train_steps=4", "--fsdp=True")
+    assert_same(student(fs), student(full), atol=1e-7)
+    merged_a = load_file(os.path.join(fs, "transformer", "diffusion_pytorch_model.safetensors"))
+    merged_b = load_file(os.path.join(full, "transformer", "diffusion_pytorch_model.safetensors"))
+    assert_same(merged_a, merged_b, atol=1e-6)
+    with pytest.raises(AssertionError, match="fsdp=True"):   # a sharded checkpoint needs fsdp to resume
+        train(fs, "--max_train_steps=6")
+
+
+def test_fsdp_full_finetune_with_accumulation(tmp_path):
+    """FSDP2 with full fine-tuning (separate generator and critic copies sharded too) and gradient accumulation
+    equals DDP on the same run."""
+    args = ["--max_train_steps=2", "--lora_rank=0", "--fake_score_lora_rank=0", "--gradient_accumulation_steps=2",
+            "--learning_rate=1e-5", "--fake_score_lr=1e-5"]
+    train(tmp_path / "ddp", *args)
+    stdout = train(tmp_path / "fsdp", *args, "--fsdp=True")
+    assert "global batch 4 = 1 per group x accum 2 x 2 group(s)" in stdout
+    assert_same(student(tmp_path / "fsdp"), student(tmp_path / "ddp"), atol=1e-6)
+
+
+def test_sequence_parallel_run_equals_one_process(tmp_path):
+    """sp_size=2 on 2 processes (one data-parallel group) trains exactly what one process trains."""
+    stdout = train(tmp_path / "sp", "--max_train_steps=3", "--sp_size=2")
+    assert "1 data-parallel x sp 2" in stdout
+    train(tmp_path / "one", "--max_train_steps=3", nproc=1)
+    assert_same(student(tmp_path / "sp"), student(tmp_path / "one"), atol=1e-6)
+    for a, b in zip(log(tmp_path / "sp"), log(tmp_path / "one")):
+        assert a["dmd_loss"] == pytest.approx(b["dmd_loss"], rel=1e-4)
+
+
+def test_sp_config_errors():
+    c = dict(train_dmd.DEFAULTS, sp_size=0)
+    with pytest.raises(ValueError, match="sp_size"):
+        train_dmd.check_config(c)
+    import parallel
+    with pytest.raises(ValueError, match="several processes"):
+        parallel.setup(2, torch.device("cpu"))
