@@ -698,7 +698,7 @@ def load_models(c, dit=False):
     dev = torch.device(c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" and c["mixed_precision"] == "bf16" else torch.float32
     src = c["pretrained_model_name_or_path"]
-    if src == "tiny":
+    if src == "tiny" or src.startswith("random:"):
         base, _, _, vae, te = train_dmd.build_networks(c, dev, dtype)
         return (base if dit else None), vae, te, dev
     base = mw.load_dit(src, dtype=dtype, device=dev) if dit else None

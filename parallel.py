@@ -55,22 +55,25 @@ class Dist:
         return self.rank == 0
 
 
-def setup(sp_size, device):
-    """-> (Dist, device). Initialises the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on
-    CUDA (one GPU per local rank), gloo on CPU. Single process: no process group at all."""
+def setup(sp_size, device, fsdp=False):
+    """-> (Dist, device). Initialises the process group when launched by torchrun (also with one process): NCCL
+    on CUDA (one GPU per local rank), gloo on CPU. Plain `python train_dmd.py`: no process group at all."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and sp_size > 1:
         raise ValueError("sp_size > 1 needs several processes: torchrun --nproc_per_node=N (N a multiple of sp_size)")
     if sp_size < 1 or world % sp_size:
         raise ValueError(f"sp_size={sp_size} must divide the number of processes ({world})")
-    if world == 1:
+    if "RANK" not in os.environ:
+        if fsdp:
+            raise ValueError("fsdp=True needs torchrun (torchrun --nproc_per_node=N train_dmd.py ...), also for N = 1")
         return Dist(), device
     rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     if not dist.is_initialized():   # generous timeout: rank 0 alone decodes validation videos and exports
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=60))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=60),
+                                **({"device_id": device} if device.type == "cuda" else {}))
     env = Dist(rank, world, local, sp_size)
     if sp_size > 1:   # every rank creates every group (a collective), keeps its own
         for g in range(world // sp_size):
@@ -81,7 +84,7 @@ def setup(sp_size, device):
 
 
 def cleanup(env):
-    if env.world > 1 and dist.is_initialized():
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 

@@ -34,7 +34,9 @@ import sample
 
 # -----------------------------------------------------------------------------
 # defaults; override with config files (python train_dmd.py CONFIG.py) and --key=value
-pretrained_model_name_or_path = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"  # teacher: pipeline root/hub id/original folder; "tiny" = random tiny teacher
+pretrained_model_name_or_path = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"  # teacher: pipeline root/hub id/original folder;
+                                       # "tiny": random tiny teacher; "random:t2v-1.3B" / "random:t2v-14B": random
+                                       # weights at real size (memory and speed checks without downloads)
 output_dir = "out/wan_dmd"
 prompts_file = ""                      # training prompts, one per line (data-free DMD); empty: validation prompts
 datasets = []                          # data.py dataset dicts; given: cached latents + captions replace prompts_file
@@ -309,6 +311,15 @@ def build_networks(c, dev, dtype):
         base = mw.WanDiT(mw.PRESETS["tiny"]).to(dev)
         vae = mw.WanVAE(mw.WanVAEConfig(base_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1)).to(dev)
         te = TinyTextEncoder(base.cfg.text_dim)
+    elif src.startswith("random:"):   # real architecture, random weights, built on the device
+        preset = src.split(":", 1)[1]
+        if preset not in mw.PRESETS:
+            raise ValueError(f"{src!r}: unknown preset {preset!r}; have {sorted(mw.PRESETS)}")
+        torch.manual_seed(c["seed"])
+        with torch.device(dev):
+            base = mw.WanDiT(mw.PRESETS[preset]).cast(dtype)
+            vae = mw.WanVAE(mw.WanVAEConfig())
+        te = TinyTextEncoder(base.cfg.text_dim)
     else:
         base = mw.load_dit(src, dtype=dtype, device=dev)
         vae = mw.load_vae(src, dtype=torch.float32, device=dev)
@@ -456,7 +467,7 @@ def train(c):
     steps = check_config(c)
     steps = rollout_steps(steps, c["warp_denoising_step"], c["timestep_shift"])
     dev = torch.device(c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    env, dev = parallel.setup(c["sp_size"], dev)   # torchrun: process groups; one process: nothing
+    env, dev = parallel.setup(c["sp_size"], dev, c["fsdp"])   # torchrun: process groups; one process: nothing
     say = print if env.main else (lambda *a, **k: None)   # rank 0 alone prints, logs, validates, exports
     cuda = dev.type == "cuda"
     bf16 = cuda and c["mixed_precision"] == "bf16"
@@ -712,7 +723,8 @@ def train(c):
         if log_now and env.main:   # one JSONL record and one terminal line per log interval
             now = time.perf_counter()
             rec.update(lr=g_sched.get_last_lr()[0], s_per_step=(now - t_last) / c["log_interval"],
-                       peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+                       peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+                       peak_reserved_gb=torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0)
             t_last = now
             log_f.write(json.dumps(rec) + "\n")
             log_f.flush()

@@ -37,8 +37,9 @@ import train_dmd as td  # noqa: E402
 GIB = 2 ** 30
 CARDS = (("80 GB H100", 78.5), ("141 GB H200", 139.0))   # usable GiB: total 79.2 / 139.8 minus CUDA context
 OVERHEAD = 1.25                                            # reserved / allocated, bench_dmd on an H100
-# bench/README.md, bench_dmd.py on one H100, 1.3B, 480x832x81: peak allocated, peak reserved (GiB)
-MEASURED = {"lora": (16.93, 21.18), "full": (51.54, 62.14)}
+# measured on one H100 at 480x832x81: peak allocated, peak reserved (GiB). 1.3B: bench_dmd.py (bench/README.md);
+# 14B LoRA: train_dmd.py random:t2v-14B, first step, expandable_segments (bench/gpu_check.sh train, 2026-11-26)
+MEASURED = {("t2v-1.3B", "lora"): (16.93, 21.18), ("t2v-1.3B", "full"): (51.54, 62.14), ("t2v-14B", "lora"): (73.10, 74.14)}
 
 
 def is_fp32(name):
@@ -134,10 +135,10 @@ def main():
             print(f"  {preset[4:]:>4} {mode:<4}: sp 1 -> {tot[1]:5.1f} GiB, sp 4 -> {tot[4]:5.1f} GiB")
 
     L0, lat0 = tokens(480, 832, 81)
-    print("\nCalibration, 1.3B on one GPU at 480x832x81, sp 1 (bench/README.md, bench_dmd.py on an H100):")
-    for mode, (alloc, res) in MEASURED.items():
-        tot = sum(memory(counts["t2v-1.3B"], mode, "ddp", 1, 1, L0, lat0)) / GIB
-        print(f"  {mode:<4}: computed {tot:5.2f} GiB | measured peak allocated {alloc:.2f} GiB ({tot / alloc - 1:+.0%}), "
+    print("\nCalibration, one GPU at 480x832x81, sp 1 (measured on an H100, see MEASURED):")
+    for (preset, mode), (alloc, res) in MEASURED.items():
+        tot = sum(memory(counts[preset], mode, "ddp", 1, 1, L0, lat0)) / GIB
+        print(f"  {preset[4:]:>4} {mode:<4}: computed {tot:5.2f} GiB | measured peak allocated {alloc:.2f} GiB ({tot / alloc - 1:+.0%}), "
               f"reserved {res:.2f} GiB ({tot / res - 1:+.0%})")
 
 

@@ -1,6 +1,8 @@
-# python train_dmd.py config/wan_dmd_3step_14b.py
-# The seed recipe of config/wan_dmd_3step.py on Wan2.1-T2V-14B-Diffusers: LoRA on one shared frozen bf16 base
-# (about 72 GiB before a block's recompute working set at 480x832x81 by bench/README.md's arithmetic; FSDP for more).
+# PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python train_dmd.py config/wan_dmd_3step_14b.py    # one 80 GB GPU
+# torchrun --nproc_per_node=8 train_dmd.py config/wan_dmd_3step_14b.py --fsdp=True                   # 8 GPUs, sharded
+# The seed recipe of config/wan_dmd_3step.py on Wan2.1-T2V-14B-Diffusers: LoRA on one shared frozen bf16 base.
+# Measured on one H100 at 480x832x81 (random weights): 73.1 GiB peak allocated, 74.1 GiB reserved. With FSDP2 over
+# 8 GPUs: about 38 GiB per GPU (computed, bench/memory_table.py); add --sp_size for longer videos.
 import os
 exec(open(os.path.join(os.path.dirname(__file__), "wan_dmd_3step.py")).read())
 pretrained_model_name_or_path = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
