@@ -105,6 +105,18 @@ def test_sequence_parallel_run_equals_one_process(tmp_path):
         assert a["dmd_loss"] == pytest.approx(b["dmd_loss"], rel=1e-4)
 
 
+def test_sequence_parallel_composes_with_fsdp_and_ddp(tmp_path):
+    """sp_size=2 with FSDP2 (parameters sharded over the two ranks of the group) equals one process; 4 processes as
+    2 data-parallel groups x sp 2 equal 2 processes of plain DDP (the groups see the same samples as its ranks)."""
+    train(tmp_path / "one", "--max_train_steps=2", nproc=1)
+    train(tmp_path / "sp_fsdp", "--max_train_steps=2", "--sp_size=2", "--fsdp=True")
+    assert_same(student(tmp_path / "sp_fsdp"), student(tmp_path / "one"), atol=1e-6)
+    train(tmp_path / "ddp", "--max_train_steps=2")
+    stdout = train(tmp_path / "ddp_sp", "--max_train_steps=2", "--sp_size=2", nproc=4)
+    assert "4 process(es): 2 data-parallel x sp 2 | global batch 2" in stdout
+    assert_same(student(tmp_path / "ddp_sp"), student(tmp_path / "ddp"), atol=1e-6)
+
+
 def test_sp_config_errors():
     c = dict(train_dmd.DEFAULTS, sp_size=0)
     with pytest.raises(ValueError, match="sp_size"):
