@@ -117,6 +117,26 @@ def test_sequence_parallel_composes_with_fsdp_and_ddp(tmp_path):
     assert_same(student(tmp_path / "ddp_sp"), student(tmp_path / "ddp"), atol=1e-6)
 
 
+def test_ddp_with_dataset_real_data_loss_and_resume(tmp_path):
+    """2 processes on a video folder: the cache is built by both ranks (half each), each rank reads its own shard,
+    rollout_mode='data' + real_data_loss_weight (two generator forwards before one backward under DDP), and a
+    resume at step 2 restores every rank's loader position and random streams exactly."""
+    from test_data_cache import clips
+    root = clips(tmp_path / "v", n=4, frames=9, hw=(48, 48))
+    cfg = tmp_path / "data_cfg.py"
+    cfg.write_text(f"datasets = [dict(instance_data_dir={str(root)!r}, resolution=32, num_frames=9)]\n"
+                   "real_data_loss_weight = 0.5\nrollout_mode = 'data'\n")
+    common = [str(cfg), "--max_train_steps=4", "--gradient_accumulation_steps=2"]
+    train(tmp_path / "straight", *common)
+    train(tmp_path / "split", *common[:-2], "--max_train_steps=2", "--gradient_accumulation_steps=2")
+    assert "resumed from" in train(tmp_path / "split", *common)
+    assert_same(student(tmp_path / "split"), student(tmp_path / "straight"))
+    ck = tmp_path / "straight" / "checkpoint-0000004"
+    st, r1 = (torch.load(ck / f, weights_only=True) for f in ("state.pt", "rank1.pt"))
+    assert st["data"] == r1["data"]   # the same number of batches consumed on each rank, of different shards
+    assert all("real_data_loss" in r for r in log(tmp_path / "straight"))
+
+
 def test_sp_config_errors():
     c = dict(train_dmd.DEFAULTS, sp_size=0)
     with pytest.raises(ValueError, match="sp_size"):
