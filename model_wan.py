@@ -13,6 +13,9 @@ Numerics follow ../shared/design/wan21.md §2-§4:
   in fp32 (the original repo's recipe); every Linear/Conv runs in its own weight dtype, so a bf16
   model does its matmuls and attention in bf16. `FP32_MODULES` stay fp32 when a model is cast.
 
+Sequence parallelism (Ulysses, off by default): `enable_sequence_parallel(model, group)` splits the tokens
+over a process group; two all-to-alls around self-attention are the only other change (parallel.py sets it up).
+
 Run `python model_wan.py` for a self-check of the tiny preset on CPU.
 """
 import json
