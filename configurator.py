@@ -46,6 +46,8 @@ def _check(key, value, default):
     if isinstance(default, float) and isinstance(value, int):
         return float(value)
     if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        if default and len(value) == len(default):   # items checked like scalars: (0, 0.999) -> (0.0, 0.999)
+            return type(default)(_check(f"{key}[{i}]", v, d) for i, (v, d) in enumerate(zip(value, default)))
         return type(default)(value)
     if not isinstance(value, type(default)):
         raise TypeError(f"{key}: expected {type(default).__name__} (default {default!r}), got {value!r}")

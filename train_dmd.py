@@ -85,7 +85,7 @@ adam_beta1 = 0.9
 adam_beta2 = 0.999
 adam_weight_decay = 0.01
 adam_epsilon = 1e-8
-lr_scheduler = "constant"              # constant | cosine | cosine_with_min_lr (all with linear warmup)
+lr_scheduler = "constant"              # constant | cosine | cosine_with_min_lr (all with linear warmup), over trainer steps
 lr_warmup_steps = 0
 lr_min_ratio = 0.1                     # cosine_with_min_lr: final lr = learning_rate * lr_min_ratio
 max_grad_norm = 1.0
@@ -670,7 +670,6 @@ def train(c):
             if torch.isfinite(loss):
                 g_norm = clip(g_params, c["grad_clip_method"], c["max_grad_norm"])
                 g_opt.step()
-                g_sched.step()
                 gen_steps += 1
                 if ema is not None and gen_steps % c["ema_update_interval"] == 0:
                     d = 0.0 if gen_steps < c["ema_start_step"] else c["ema_decay"]
@@ -718,6 +717,7 @@ def train(c):
             if bad_in_row >= c["max_nonfinite_steps"]:
                 raise RuntimeError(f"{bad_in_row} non-finite losses in a row: aborting (lower the learning rates, "
                                    "check the teacher and the guidance scale)")
+        g_sched.step()   # per trainer step: warmup and decay count the steps of max_train_steps, whatever the interval
         step += 1
         bar.update(1)
         if log_now and env.main:   # one JSONL record and one terminal line per log interval

@@ -248,3 +248,20 @@ def test_resume_with_a_different_network_is_a_clear_error(tmp_path):
     train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=1", "--validation_step_interval=1000"))
     with pytest.raises(ValueError, match="does not match this config"):
         train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=2", "--lora_rank=4", "--validation_step_interval=1000"))
+
+
+def test_lr_schedule_counts_trainer_steps_whatever_the_update_interval(tmp_path):
+    """Cosine decay reaches its end at max_train_steps also when the generator updates every 2nd step
+    (the scheduler steps per trainer step, not per generator update)."""
+    train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=4", "--lr_scheduler=cosine_with_min_lr", "--lr_min_ratio=0.1",
+                             "--generator_update_interval=2", "--validation_step_interval=1000"))
+    lrs = [json.loads(line)["lr"] for line in open(tmp_path / "log.jsonl")]
+    lam = train_dmd.lr_lambda(dict(train_dmd.DEFAULTS, lr_scheduler="cosine_with_min_lr", lr_min_ratio=0.1, max_train_steps=4))
+    assert lrs == pytest.approx([1e-4 * lam(s) for s in (1, 2, 3, 4)]) and lrs[-1] == pytest.approx(1e-5)
+
+
+def test_tuple_items_widen_like_scalars():
+    import configurator
+    assert configurator._check("fake_score_betas", (0, 0.999), (0.9, 0.999)) == (0.0, 0.999)   # Self-Forcing's betas
+    with pytest.raises(TypeError, match=r"fake_score_betas\[0\]"):
+        configurator._check("fake_score_betas", ("a", 0.999), (0.9, 0.999))
