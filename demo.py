@@ -34,11 +34,13 @@ threads = 1                    # torch threads (the demo targets 2 shared CPU co
 size = 32                      # frame height = width (pixels)
 num_frames = 9                 # 1 + 4k video frames (9 -> 3 latent frames)
 clips_per_mode = 4             # clips per (caption, band), start jittered within the band
-# (2) VAE: the tiny WanVAE trained as an autoencoder on the clips (a random VAE's latents decode to noise)
+# (2) VAE: the tiny WanVAE, trained as an autoencoder on the clips (a random VAE's latents decode to noise). That
+# takes ~20 min on one core, so the demo copies the committed one (made by: python demo.py --vae_path= --vae_steps=2500)
+vae_path = "assets/demo_vae"   # a WanVAE folder (diffusers vae/ layout) to use; "" = train one here
 vae_base_dim = 16
-vae_steps = 200
+vae_steps = 2500
 vae_batch_size = 4
-vae_lr = 2e-3
+vae_lr = 5e-4
 # (3) teacher: a Wan DiT (PRESETS[teacher_preset]) trained by flow matching on the clips' latents
 teacher_preset = "demo"
 teacher_steps = 1000
@@ -105,14 +107,16 @@ def render(caption, band, size, num_frames, jitter=(0.0, 0.0)):
 
 
 def detect(video, caption):
-    """video uint8 (F,H,W,3) -> dict(valid, mode, colour, shape, direction): what the decoded pixels show.
-    valid: one object of the caption's colour, shape and direction, centred in one of its bands (a mode)."""
+    """video uint8 (F,H,W,3) -> dict(valid, mode, colour, shape, direction, shape_ok): what the decoded pixels show.
+    valid: one object of the caption's colour and direction, centred in one of its bands (a mode). The shape is
+    judged apart (shape_ok): the demo's 4x4-latent VAE renders colour, place and motion but rounds the squares'
+    corners (circle/square is at chance on its own reconstructions), so it cannot be part of a sampler's score."""
     want = parse_caption(caption)
     size, Fn = video.shape[1], video.shape[0]
     r, speed, bands = geometry(size, Fn)
     v = video.astype(np.float32)
     diff = np.abs(v - np.array(BACKGROUND, np.float32)).sum(-1)                # (F,H,W) L1 distance to the background
-    res = dict(valid=False, mode=None, colour=None, shape=None, direction=None)
+    res = dict(valid=False, mode=None, colour=None, shape=None, direction=None, shape_ok=False)
     loose = diff > 100
     if loose.sum() == 0:
         return res
@@ -140,7 +144,8 @@ def detect(video, caption):
     band = int(np.argmin([abs(across - b) for b in bands]))
     if abs(across - bands[band]) <= 0.3 * size / (NUM_BANDS + 1):          # within the band, not between two
         res["mode"] = band
-    res["valid"] = res["mode"] is not None and (res["colour"], res["shape"], res["direction"]) == want
+    res["valid"] = res["mode"] is not None and (res["colour"], res["direction"]) == (want[0], want[2])
+    res["shape_ok"] = res["shape"] == want[1]
     return res
 
 # -----------------------------------------------------------------------------
@@ -190,7 +195,7 @@ def read_dataset(root):
 # -----------------------------------------------------------------------------
 # the VAE and the teacher, trained here
 
-def train_vae(videos, c):
+def train_vae(videos, c, progress_png=None):
     """The tiny WanVAE as an autoencoder on the clips: MSE weighted 10x on object pixels (they are ~8% of the
     frame), noise on the latents so the decoder tolerates a DiT's imperfect samples, an L2 pull on them. The latent
     normalisation (latents_mean/std) is then set to the clips' statistics: the DiT sees unit-scale latents."""
@@ -204,14 +209,18 @@ def train_vae(videos, c):
             g["lr"] = c["vae_lr"] * 0.5 * (1 + np.cos(np.pi * step / c["vae_steps"]))
         x = videos[torch.randint(len(videos), (c["vae_batch_size"],))]             # (B,3,F,H,W)
         z = vae.encode(x)                                                          # (B,16,T,h,w)
-        y = vae.decode(z + 0.1 * torch.randn_like(z))
+        y = vae.decode(z + 0.05 * torch.randn_like(z))
         w = 1 + 9 * ((x - bg).abs().sum(1, keepdim=True) > 0.3).float()           # object pixels count 10x
-        loss = (w * (y - x).square()).mean() + 1e-3 * z.square().mean()
+        loss = (w * (y - x).square()).mean() + 1e-4 * z.square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 50 == 0 or step == c["vae_steps"] - 1:
-            print(f"vae step {step:4d} | loss {loss.item():.4f} | {time.perf_counter() - t0:.0f}s")
+        if step % 100 == 0 or step == c["vae_steps"] - 1:
+            print(f"vae step {step:5d} | loss {loss.item():.4f} | {time.perf_counter() - t0:.0f}s", flush=True)
+        if step % 500 == 0 and progress_png:   # reconstructions so far: rows clip, reconstruction
+            with torch.no_grad():
+                y = vae.decode(vae.encode(videos[:: len(videos) // 4][:4]))
+            write_png(progress_png, contact_sheet([to_uint8(v) for p in zip(videos[:: len(videos) // 4][:4], y) for v in p]))
     vae.eval()
     with torch.no_grad():
         z = torch.cat([vae.encode(videos[i:i + 16]) for i in range(0, len(videos), 16)])
@@ -261,7 +270,7 @@ def train_teacher(latents, caps, c):
 
 # -----------------------------------------------------------------------------
 
-def contact_sheet(rows, labels, scale=2):
+def contact_sheet(rows, scale=2):
     """rows: list of uint8 (F,H,W,3) videos -> one uint8 image, a row per video, its frames across; a strip
     of the row's colour code at the left (labels are printed to the terminal, PNG has no text)."""
     F_, H, W, _ = rows[0].shape
@@ -295,18 +304,25 @@ def main(c):
     t0 = time.perf_counter()                                                    # (2) VAE
     vae_dir = os.path.join(teacher_dir, "vae")
     if not os.path.exists(os.path.join(vae_dir, "config.json")):
-        save_vae(train_vae(videos, c), vae_dir)
+        if c["vae_path"]:
+            save_vae(mw.load_vae(os.path.join(os.path.dirname(os.path.abspath(__file__)), c["vae_path"])), vae_dir)
+        else:
+            save_vae(train_vae(videos, c, os.path.join(out, "vae_progress.png")), vae_dir)
     vae = mw.load_vae(vae_dir)
     with torch.no_grad():
         latents = torch.cat([vae.encode(videos[i:i + 16]) for i in range(0, len(videos), 16)])   # (N,16,T,h,w)
-        pick = list(range(0, len(videos), len(videos) // 6))[:6]
-        rec = vae.decode(latents[pick])
+        pick = list(range(0, len(videos), c["clips_per_mode"]))                  # one clip per caption and band
+        rec = torch.cat([vae.decode(latents[pick[i:i + 16]]) for i in range(0, len(pick), 16)])
+    show = pick[:: max(1, len(pick) // 6)][:6]
     write_png(os.path.join(out, "vae_reconstruction.png"),
-              contact_sheet([to_uint8(v) for pair in zip(videos[pick], rec) for v in pair], None))
-    err = (rec - videos[pick]).abs().mean().item()
+              contact_sheet([to_uint8(v) for i in show for v in (videos[i], rec[pick.index(i)])]))
+    ok = [detect(to_uint8(r), caps[i]) for r, i in zip(rec, pick)]
+    ceiling = np.mean([o["valid"] and o["mode"] == bands[i] for o, i in zip(ok, pick)])
+    shape_acc = np.mean([o["shape_ok"] for o in ok])
     times["vae"] = time.perf_counter() - t0
-    print(f"(2) VAE: latents {tuple(latents.shape[1:])}, reconstruction |err| {err:.3f} (rows: clip, reconstruction) -> "
-          f"{out}/vae_reconstruction.png [{times['vae']:.0f}s]")
+    print(f"(2) VAE: latents {tuple(latents.shape[1:])}, reconstruction |err| {(rec - videos[pick]).abs().mean():.3f}, "
+          f"detector on reconstructions: precision {ceiling:.3f}, shape {shape_acc:.3f} (ceilings for any sampler); "
+          f"{out}/vae_reconstruction.png: rows clip, reconstruction [{times['vae']:.0f}s]")
 
     t0 = time.perf_counter()                                                    # (3) teacher
     if not os.path.exists(os.path.join(teacher_dir, "transformer", "config.json")):
@@ -323,7 +339,8 @@ def main(c):
     if not os.path.exists(os.path.join(dmd_dir, "transformer")):
         from configurator import configure
         T = latents.shape[2]
-        dc = configure(dict(vars(train_dmd)), train_dmd.__file__, [c["dmd_config"]] + [
+        here = os.path.dirname(os.path.abspath(__file__))
+        dc = configure(dict(vars(train_dmd)), train_dmd.__file__, [os.path.join(here, c["dmd_config"])] + [
             f"--{k}={v}" for k, v in dict(pretrained_model_name_or_path=teacher_dir, output_dir=dmd_dir,
                                           prompts_file=os.path.join(out, "prompts.txt"), height=c["size"], width=c["size"],
                                           num_training_frames=T, max_train_steps=c["dmd_steps"], seed=c["seed"],
@@ -340,7 +357,7 @@ def main(c):
     pair = bq.load_pair(teacher_dir, dmd_dir)
     with open(os.path.join(dmd_dir, "config.json")) as f:
         steps = [float(s) for s in json.load(f)["dmd_denoising_steps"].split(",")]
-    prompts = captions()[:: len(captions()) // c["sample_prompts"]][: c["sample_prompts"]]
+    prompts = [captions()[(7 * i) % len(captions())] for i in range(c["sample_prompts"])]   # 7: every colour, shape, direction
     shape = (c["num_frames"], c["size"], c["size"])
     rows = []
     for i, p in enumerate(prompts):
@@ -348,7 +365,7 @@ def main(c):
                 for name in bq.SAMPLERS}
         sample.write_mp4(os.path.join(out, "samples", f"{i}_{sample.slug(p)}.mp4"), torch.cat(list(vids.values()), dim=-1))
         rows += [to_uint8(v) for v in vids.values()]
-    sheet = write_png(os.path.join(out, "contact_sheet.png"), contact_sheet(rows, None))
+    sheet = write_png(os.path.join(out, "contact_sheet.png"), contact_sheet(rows))
     times["samples"] = time.perf_counter() - t0
     print(f"(5) samples: {out}/samples/*.mp4 (left to right: {', '.join(bq.SAMPLERS)}); contact sheet {sheet}: rows = "
           f"{' / '.join(prompts)}, each as {', '.join(bq.SAMPLERS)}; columns = frames [{times['samples']:.0f}s]")

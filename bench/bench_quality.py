@@ -2,7 +2,8 @@
 Quality of a teacher/student pair: samples of every prompt over many seeds from three samplers — teacher 50 steps
 (flow UniPC + CFG), teacher with the student's step count (the same UniPC + CFG), the DMD student (its steps) —
 and a table of
-  precision  share of samples that show a valid mode of their caption (detector on decoded pixels),
+  precision  share of samples that show a valid mode of their caption (detector on decoded pixels: colour,
+             direction, start band; the shape is reported apart, see demo.detect),
   coverage   share of each caption's modes produced over the seeds (mean over captions),
   MMD        squared MMD (RBF kernel, median bandwidth) of the latents to a second teacher-50 set (other seeds);
              teacher-50's own row is the noise floor.
@@ -83,19 +84,20 @@ def mmd2(a, b):
 
 
 def precision_coverage(videos, prompts, seeds):
-    """Detector on every decoded sample -> (precision, coverage, per-caption mode counts) or Nones when a prompt
-    is not one of demo.py's synthetic captions."""
+    """Detector on every decoded sample -> (precision, coverage, per-caption mode counts, shape accuracy) or Nones
+    when a prompt is not one of demo.py's synthetic captions (demo.detect says why the shape is kept apart)."""
     if not all(demo.parse_caption(p) for p in prompts):
-        return None, None, None
+        return None, None, None, None
     found = {p: [0] * demo.NUM_BANDS for p in prompts}
-    valid = 0
+    valid = shape = 0
     for v, (p, _) in zip(videos, [(p, s) for p in prompts for s in seeds]):
         r = demo.detect(demo.to_uint8(v), p)
+        shape += r["shape_ok"]
         if r["valid"]:
             valid += 1
             found[p][r["mode"]] += 1
     cov = np.mean([sum(n > 0 for n in modes) / demo.NUM_BANDS for modes in found.values()])
-    return valid / len(videos), float(cov), found
+    return valid / len(videos), float(cov), found, shape / len(videos)
 
 
 def evaluate(pair, prompts, seeds, shape, steps, guidance, shift):
@@ -106,16 +108,18 @@ def evaluate(pair, prompts, seeds, shape, steps, guidance, shift):
     for name in SAMPLERS:
         t0 = time.perf_counter()
         lat, vids = sample_videos(pair, name, prompts, seeds, shape, steps, guidance, shift)
-        prec, cov, found = precision_coverage(vids, prompts, seeds)
-        table[name] = dict(precision=prec, coverage=cov, mmd=mmd2(lat, ref), seconds=time.perf_counter() - t0,
-                           modes=found)
+        prec, cov, found, shape = precision_coverage(vids, prompts, seeds)
+        table[name] = dict(precision=prec, coverage=cov, mmd=mmd2(lat, ref), shape=shape,
+                           seconds=time.perf_counter() - t0, modes=found)
     return table
 
 
 def format_table(table):
     f = lambda v: "n/a" if v is None else f"{v:.3f}"
-    lines = ["| sampler | precision | coverage | MMD² to teacher-50 | sampling + decode s |", "|---|---|---|---|---|"]
-    lines += [f"| {k} | {f(r['precision'])} | {f(r['coverage'])} | {r['mmd']:.4f} | {r['seconds']:.1f} |" for k, r in table.items()]
+    lines = ["| sampler | precision | coverage | MMD² to teacher-50 | shape right | sampling + decode s |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {f(r['precision'])} | {f(r['coverage'])} | {r['mmd']:.4f} | {f(r['shape'])} | {r['seconds']:.1f} |"
+              for k, r in table.items()]
     return "\n".join(lines)
 
 
