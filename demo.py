@@ -19,7 +19,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import model_wan as mw
 import sample
@@ -43,7 +42,7 @@ vae_batch_size = 4
 vae_lr = 5e-4
 # (3) teacher: a Wan DiT (PRESETS[teacher_preset]) trained by flow matching on the clips' latents
 teacher_preset = "demo"
-teacher_steps = 1000
+teacher_steps = 2000
 teacher_batch_size = 32
 teacher_lr = 1e-3
 caption_dropout = 0.2          # caption -> "" with this probability: the unconditional branch for CFG
@@ -271,8 +270,8 @@ def train_teacher(latents, caps, c):
 # -----------------------------------------------------------------------------
 
 def contact_sheet(rows, scale=2):
-    """rows: list of uint8 (F,H,W,3) videos -> one uint8 image, a row per video, its frames across; a strip
-    of the row's colour code at the left (labels are printed to the terminal, PNG has no text)."""
+    """rows: list of uint8 (F,H,W,3) videos -> one uint8 image (a row per video, its frames across, each frame
+    scaled up `scale` x, 2 px white gaps). The PNG holds no text: main prints what the rows are."""
     F_, H, W, _ = rows[0].shape
     gap = 2
     img = np.full((len(rows) * (H * scale + gap) + gap, F_ * (W * scale + gap) + gap, 3), 255, np.uint8)

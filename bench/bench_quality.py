@@ -108,8 +108,8 @@ def evaluate(pair, prompts, seeds, shape, steps, guidance, shift):
     for name in SAMPLERS:
         t0 = time.perf_counter()
         lat, vids = sample_videos(pair, name, prompts, seeds, shape, steps, guidance, shift)
-        prec, cov, found, shape = precision_coverage(vids, prompts, seeds)
-        table[name] = dict(precision=prec, coverage=cov, mmd=mmd2(lat, ref), shape=shape,
+        prec, cov, found, shape_acc = precision_coverage(vids, prompts, seeds)
+        table[name] = dict(precision=prec, coverage=cov, mmd=mmd2(lat, ref), shape=shape_acc,
                            seconds=time.perf_counter() - t0, modes=found)
     return table
 
