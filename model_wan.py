@@ -56,6 +56,8 @@ PRESETS = {
     "t2v-14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     # tiny random-weight model for CPU tests and the offline demo
     "tiny": WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32),
+    # the teacher demo.py trains on one CPU core in ~5 min (with train_dmd.TinyTextEncoder's 32-d words)
+    "demo": WanConfig(dim=64, ffn_dim=256, num_heads=2, num_layers=4, text_dim=32),
 }
 
 # parameters (by name component) kept in fp32 when the model is cast to bf16/fp16

@@ -286,6 +286,9 @@ def map_simpletuner(d):
     return out
 
 
+TINY_TEXT_MARKER = "tiny_text_encoder"   # file in a teacher folder whose prompts TinyTextEncoder embeds (demo.py)
+
+
 class TinyTextEncoder:
     """Deterministic stand-in for UMT5 with the tiny teacher: each word maps to a fixed random vector,
     EOS appended, rows after the prompt exactly zero."""
@@ -323,7 +326,8 @@ def build_networks(c, dev, dtype):
     else:
         base = mw.load_dit(src, dtype=dtype, device=dev)
         vae = mw.load_vae(src, dtype=torch.float32, device=dev)
-        te = None   # loaded, used and freed in encode_prompts
+        # a demo.py teacher folder names TinyTextEncoder; else UMT5, loaded, used and freed in encode_prompts
+        te = TinyTextEncoder(base.cfg.text_dim) if os.path.exists(os.path.join(src, TINY_TEXT_MARKER)) else None
     base.requires_grad_(False).eval()
     base.gradient_checkpointing = c["gradient_checkpointing"]
     gen = critic = base

@@ -1,0 +1,392 @@
+"""
+The whole story offline on a CPU in minutes: a synthetic captioned video dataset (real mp4s) -> a tiny Wan VAE
+and a tiny Wan DiT teacher trained here by flow matching -> DMD distillation to a 3-step student
+(train_dmd.train) -> side-by-side samples (teacher 50 steps, teacher 3 steps, student 3 steps) as mp4s and
+one contact-sheet PNG -> the quality table of bench/bench_quality.py (precision, coverage, MMD).
+
+  python demo.py                                  # out/demo/, every stage skipped when its output exists
+  python demo.py --dmd_steps=100 --out_dir=out/d2 # override any key below; python demo.py --help
+
+The world: "a <colour> <shape> moving <direction>" (3 colours x 2 shapes x 4 directions = 24 captions). Each
+caption has 3 modes: the band (of 3) across the motion axis the shape travels in. Clips jitter within the band,
+so a detector on decoded pixels (`detect`) tells colour, shape, direction and mode, and coverage is measurable.
+The real model: skip the first three stages (teacher = a Wan 2.1 folder, your video folder as data) and point
+train_dmd at config/wan_dmd_3step.py; bench/bench_quality.py then takes the pair and a prompt file.
+"""
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+import model_wan as mw
+import sample
+import train_dmd
+
+# -----------------------------------------------------------------------------
+# defaults; override with a config file (python demo.py CONFIG.py) and --key=value
+out_dir = "out/demo"
+seed = 0
+threads = 1                    # torch threads (the demo targets 2 shared CPU cores)
+# (1) synthetic dataset
+size = 32                      # frame height = width (pixels)
+num_frames = 9                 # 1 + 4k video frames (9 -> 3 latent frames)
+clips_per_mode = 4             # clips per (caption, band), start jittered within the band
+# (2) VAE: the tiny WanVAE, trained as an autoencoder on the clips (a random VAE's latents decode to noise). That
+# takes ~20 min on one core, so the demo copies the committed one (made by: python demo.py --vae_path= --vae_steps=2500)
+vae_path = "assets/demo_vae"   # a WanVAE folder (diffusers vae/ layout) to use; "" = train one here
+vae_base_dim = 16
+vae_steps = 2500
+vae_batch_size = 4
+vae_lr = 5e-4
+# (3) teacher: a Wan DiT (PRESETS[teacher_preset]) trained by flow matching on the clips' latents
+teacher_preset = "demo"
+teacher_steps = 2000
+teacher_batch_size = 32
+teacher_lr = 1e-3
+caption_dropout = 0.2          # caption -> "" with this probability: the unconditional branch for CFG
+flow_shift = 3.0               # shift of the training timesteps and of the teacher's sampling schedule
+# (4) DMD: train_dmd.py's config file plus the keys the demo fills in (teacher, prompts, size, steps)
+dmd_config = "config/demo_dmd.py"
+dmd_steps = 300
+# (5) samples and (6) the quality benchmark
+guidance_scale = 2.0           # teacher CFG (standard form); DMD's real_score_guidance_scale is set in dmd_config
+sample_prompts = 4             # captions shown in the contact sheet (rows: prompt x sampler)
+bench_seeds = 8                # samples per caption and sampler in the quality table
+# -----------------------------------------------------------------------------
+
+COLOURS = {"red": (220, 50, 50), "green": (50, 200, 60), "blue": (60, 90, 235)}
+SHAPES = ("circle", "square")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}   # (dx, dy), y down
+BACKGROUND = (30, 30, 30)
+NUM_BANDS = 3
+
+
+def captions():
+    return [f"a {c} {s} moving {d}" for s in SHAPES for c in COLOURS for d in DIRECTIONS]
+
+
+def parse_caption(caption):
+    """"a red circle moving left" -> ("red", "circle", "left"), or None for any other prompt."""
+    w = caption.lower().split()
+    if len(w) == 5 and w[0] == "a" and w[1] in COLOURS and w[2] in SHAPES and w[3] == "moving" and w[4] in DIRECTIONS:
+        return w[1], w[2], w[4]
+    return None
+
+
+def geometry(size, num_frames):
+    """Radius, speed (px/frame) and band centres, all scaled with the frame size."""
+    r = size * 5 / 32
+    speed = size * 12 / 32 / (num_frames - 1)          # 12 px over the clip at 32 px
+    bands = [size * (i + 1) / (NUM_BANDS + 1) for i in range(NUM_BANDS)]
+    return r, speed, bands
+
+
+def render(caption, band, size, num_frames, jitter=(0.0, 0.0)):
+    """One clip -> uint8 (F, size, size, 3): the shape crosses the frame centre along its direction, in `band`
+    across it; jitter (along, across) in pixels."""
+    colour, shape, direction = parse_caption(caption)
+    r, speed, bands = geometry(size, num_frames)
+    dx, dy = DIRECTIONS[direction]
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    out = np.empty((num_frames, size, size, 3), np.uint8)
+    out[:] = BACKGROUND
+    half = speed * (num_frames - 1) / 2
+    for f in range(num_frames):
+        along = size / 2 - half + speed * f + jitter[0]
+        across = bands[band] + jitter[1]
+        cx, cy = (along if dx > 0 else size - along, across) if dx else (across, along if dy > 0 else size - along)
+        if shape == "circle":
+            mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+        else:
+            mask = np.maximum(abs(xx - cx), abs(yy - cy)) <= 0.9 * r
+        out[f][mask] = COLOURS[colour]
+    return out
+
+
+def detect(video, caption):
+    """video uint8 (F,H,W,3) -> dict(valid, mode, colour, shape, direction, shape_ok): what the decoded pixels show.
+    valid: one object of the caption's colour and direction, centred in one of its bands (a mode). The shape is
+    judged apart (shape_ok): the demo's 4x4-latent VAE renders colour, place and motion but rounds the squares'
+    corners (circle/square is at chance on its own reconstructions), so it cannot be part of a sampler's score."""
+    want = parse_caption(caption)
+    size, Fn = video.shape[1], video.shape[0]
+    r, speed, bands = geometry(size, Fn)
+    v = video.astype(np.float32)
+    diff = np.abs(v - np.array(BACKGROUND, np.float32)).sum(-1)                # (F,H,W) L1 distance to the background
+    res = dict(valid=False, mode=None, colour=None, shape=None, direction=None, shape_ok=False)
+    loose = diff > 100
+    if loose.sum() == 0:
+        return res
+    cols = v[loose].mean(0)
+    res["colour"] = min(COLOURS, key=lambda k: np.abs(cols - np.array(COLOURS[k])).sum())
+    contrast = np.abs(np.array(COLOURS[res["colour"]]) - np.array(BACKGROUND)).sum()
+    fg = diff > 0.5 * contrast                                                 # the object's edge at half contrast
+    areas = fg.sum((1, 2))
+    expect = np.pi * r * r
+    if (areas < 0.4 * expect).any() or (areas > 2.0 * expect).any():
+        return res                                                             # missing in a frame, or a smear
+    fills, cent = [], []
+    for m in fg:
+        ys, xs = np.nonzero(m)
+        fills.append(len(xs) / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)))
+        cent.append((xs.mean() + 0.5, ys.mean() + 0.5))
+    res["shape"] = "square" if np.median(fills) > 0.9 else "circle"
+    cent = np.array(cent)
+    d = cent[-1] - cent[0]
+    axis = int(abs(d[1]) > abs(d[0]))                                          # 0: x, 1: y
+    if abs(d[axis]) < 0.5 * speed * (Fn - 1) or abs(d[1 - axis]) > 0.5 * abs(d[axis]):
+        return res                                                             # not moving straight
+    res["direction"] = {(0, 1): "right", (0, -1): "left", (1, 1): "down", (1, -1): "up"}[(axis, int(np.sign(d[axis])))]
+    across = cent[:, 1 - axis].mean()
+    band = int(np.argmin([abs(across - b) for b in bands]))
+    if abs(across - bands[band]) <= 0.3 * size / (NUM_BANDS + 1):          # within the band, not between two
+        res["mode"] = band
+    res["valid"] = res["mode"] is not None and (res["colour"], res["direction"]) == (want[0], want[2])
+    res["shape_ok"] = res["shape"] == want[1]
+    return res
+
+# -----------------------------------------------------------------------------
+# files: clips, PNG
+
+def write_png(path, img):
+    """uint8 (H,W,3) -> an 8-bit RGB PNG (zlib + struct, no new dependency)."""
+    import struct
+    import zlib
+    h, w, _ = img.shape
+    raw = b"".join(b"\0" + img[i].tobytes() for i in range(h))               # filter type 0 per row
+    chunk = lambda tag, data: (struct.pack(">I", len(data)) + tag + data
+                               + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    return path
+
+
+def to_uint8(video):
+    """(3,F,H,W) in [-1,1] -> uint8 (F,H,W,3), rounded as sample.write_mp4 does."""
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+
+def write_dataset(root, size, num_frames, per_mode, seed):
+    """Every caption x band x per_mode clips as mp4 + sidecar .txt caption (data.py reads them)."""
+    rng = np.random.default_rng(seed)
+    for i, cap in enumerate(captions()):
+        for band in range(NUM_BANDS):
+            for k in range(per_mode):
+                stem = os.path.join(root, f"{i:02d}_b{band}_{k}")
+                video = torch.from_numpy(render(cap, band, size, num_frames, rng.uniform(-1, 1, 2)))
+                sample.write_mp4(stem + ".mp4", video.permute(3, 0, 1, 2).float() / 127.5 - 1)
+                with open(stem + ".txt", "w") as f:
+                    f.write(cap + "\n")
+
+
+def read_dataset(root):
+    """-> (videos (N,3,F,H,W) in [-1,1], captions [N], bands [N]) read back from the mp4s."""
+    names = sorted(n[:-4] for n in os.listdir(root) if n.endswith(".mp4"))
+    videos = [torch.from_numpy(sample.read_mp4(os.path.join(root, n + ".mp4"))[0]) for n in names]
+    caps = [open(os.path.join(root, n + ".txt")).read().strip() for n in names]
+    bands = [int(n.split("_b")[1].split("_")[0]) for n in names]
+    return torch.stack(videos).permute(0, 4, 1, 2, 3).float() / 127.5 - 1, caps, bands
+
+# -----------------------------------------------------------------------------
+# the VAE and the teacher, trained here
+
+def train_vae(videos, c, progress_png=None):
+    """The tiny WanVAE as an autoencoder on the clips: MSE weighted 10x on object pixels (they are ~8% of the
+    frame), noise on the latents so the decoder tolerates a DiT's imperfect samples, an L2 pull on them. The latent
+    normalisation (latents_mean/std) is then set to the clips' statistics: the DiT sees unit-scale latents."""
+    torch.manual_seed(c["seed"])
+    vae = mw.WanVAE(mw.WanVAEConfig(base_dim=c["vae_base_dim"], dim_mult=(1, 1, 1, 1), num_res_blocks=1))
+    opt = torch.optim.Adam(vae.parameters(), lr=c["vae_lr"])
+    bg = torch.tensor(BACKGROUND).view(1, 3, 1, 1, 1) / 127.5 - 1
+    t0 = time.perf_counter()
+    for step in range(c["vae_steps"]):
+        for g in opt.param_groups:   # cosine decay
+            g["lr"] = c["vae_lr"] * 0.5 * (1 + np.cos(np.pi * step / c["vae_steps"]))
+        x = videos[torch.randint(len(videos), (c["vae_batch_size"],))]             # (B,3,F,H,W)
+        z = vae.encode(x)                                                          # (B,16,T,h,w)
+        y = vae.decode(z + 0.05 * torch.randn_like(z))
+        w = 1 + 9 * ((x - bg).abs().sum(1, keepdim=True) > 0.3).float()           # object pixels count 10x
+        loss = (w * (y - x).square()).mean() + 1e-4 * z.square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == c["vae_steps"] - 1:
+            print(f"vae step {step:5d} | loss {loss.item():.4f} | {time.perf_counter() - t0:.0f}s", flush=True)
+        if step % 500 == 0 and progress_png:   # reconstructions so far: rows clip, reconstruction
+            with torch.no_grad():
+                y = vae.decode(vae.encode(videos[:: len(videos) // 4][:4]))
+            write_png(progress_png, contact_sheet([to_uint8(v) for p in zip(videos[:: len(videos) // 4][:4], y) for v in p]))
+    vae.eval()
+    with torch.no_grad():
+        z = torch.cat([vae.encode(videos[i:i + 16]) for i in range(0, len(videos), 16)])
+    m, s = z.mean((0, 2, 3, 4)), z.std((0, 2, 3, 4))
+    old_m, old_s = vae.latent_stats("cpu")
+    vae.cfg.latents_mean = tuple((old_m.flatten() + old_s.flatten() * m).tolist())
+    vae.cfg.latents_std = tuple((old_s.flatten() * s).tolist())
+    return vae
+
+
+def save_vae(vae, path):
+    """diffusers vae/ layout: config.json (with our latent statistics) + weights; mw.load_vae reads it back."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    cfg = vae.cfg
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(dict(base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult), num_res_blocks=cfg.num_res_blocks,
+                       temperal_downsample=list(cfg.temperal_downsample), latents_mean=list(cfg.latents_mean),
+                       latents_std=list(cfg.latents_std)), f, indent=1)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, os.path.join(path, "diffusion_pytorch_model.safetensors"))
+
+
+def train_teacher(latents, caps, c):
+    """Flow matching (train_dmd.flow_matching_loss) of a Wan DiT on the clips' latents, TinyTextEncoder contexts,
+    caption dropout to the empty prompt (the unconditional branch of CFG); AdamW, warmup + cosine."""
+    torch.manual_seed(c["seed"])
+    dit = mw.WanDiT(mw.PRESETS[c["teacher_preset"]])
+    te = train_dmd.TinyTextEncoder(dit.cfg.text_dim)
+    ctx, empty = te.encode(caps), te.encode([""])                                  # (N,512,D), (1,512,D)
+    opt = torch.optim.AdamW(dit.parameters(), lr=c["teacher_lr"], weight_decay=0.0)
+    n, warm = c["teacher_steps"], 100
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * s / n)))
+    t0 = time.perf_counter()
+    for step in range(n):
+        idx = torch.randint(len(latents), (c["teacher_batch_size"],))
+        drop = (torch.rand(len(idx)) < c["caption_dropout"]).view(-1, 1, 1)
+        cb = torch.where(drop, empty, ctx[idx])
+        loss = train_dmd.flow_matching_loss(dit, latents[idx], cb, c["flow_shift"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 200 == 0 or step == n - 1:
+            print(f"teacher step {step:5d} | flow loss {loss.item():.4f} | {time.perf_counter() - t0:.0f}s")
+    return dit.eval()
+
+# -----------------------------------------------------------------------------
+
+def contact_sheet(rows, scale=2):
+    """rows: list of uint8 (F,H,W,3) videos -> one uint8 image (a row per video, its frames across, each frame
+    scaled up `scale` x, 2 px white gaps). The PNG holds no text: main prints what the rows are."""
+    F_, H, W, _ = rows[0].shape
+    gap = 2
+    img = np.full((len(rows) * (H * scale + gap) + gap, F_ * (W * scale + gap) + gap, 3), 255, np.uint8)
+    for r, v in enumerate(rows):
+        for f in range(F_):
+            y, x = gap + r * (H * scale + gap), gap + f * (W * scale + gap)
+            img[y:y + H * scale, x:x + W * scale] = v[f].repeat(scale, 0).repeat(scale, 1)
+    return img
+
+
+def main(c):
+    torch.set_num_threads(c["threads"])
+    out = c["out_dir"]
+    data_dir, teacher_dir, dmd_dir = (os.path.join(out, d) for d in ("data", "teacher", "dmd"))
+    times = {}
+
+    t0 = time.perf_counter()                                                    # (1) dataset
+    n_clips = len(captions()) * NUM_BANDS * c["clips_per_mode"]
+    if not os.path.isdir(data_dir) or sum(n.endswith(".mp4") for n in os.listdir(data_dir)) != n_clips:
+        os.makedirs(data_dir, exist_ok=True)
+        write_dataset(data_dir, c["size"], c["num_frames"], c["clips_per_mode"], c["seed"])
+    videos, caps, bands = read_dataset(data_dir)
+    with open(os.path.join(out, "prompts.txt"), "w") as f:
+        f.write("\n".join(captions()) + "\n")
+    times["data"] = time.perf_counter() - t0
+    print(f"(1) dataset: {len(videos)} clips {tuple(videos.shape[1:])} of {len(captions())} captions in {data_dir} "
+          f"[{times['data']:.0f}s]")
+
+    t0 = time.perf_counter()                                                    # (2) VAE
+    vae_dir = os.path.join(teacher_dir, "vae")
+    if not os.path.exists(os.path.join(vae_dir, "config.json")):
+        if c["vae_path"]:
+            save_vae(mw.load_vae(os.path.join(os.path.dirname(os.path.abspath(__file__)), c["vae_path"])), vae_dir)
+        else:
+            save_vae(train_vae(videos, c, os.path.join(out, "vae_progress.png")), vae_dir)
+    vae = mw.load_vae(vae_dir)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(videos[i:i + 16]) for i in range(0, len(videos), 16)])   # (N,16,T,h,w)
+        pick = list(range(0, len(videos), c["clips_per_mode"]))                  # one clip per caption and band
+        rec = torch.cat([vae.decode(latents[pick[i:i + 16]]) for i in range(0, len(pick), 16)])
+    show = pick[:: max(1, len(pick) // 6)][:6]
+    write_png(os.path.join(out, "vae_reconstruction.png"),
+              contact_sheet([to_uint8(v) for i in show for v in (videos[i], rec[pick.index(i)])]))
+    ok = [detect(to_uint8(r), caps[i]) for r, i in zip(rec, pick)]
+    ceiling = np.mean([o["valid"] and o["mode"] == bands[i] for o, i in zip(ok, pick)])
+    shape_acc = np.mean([o["shape_ok"] for o in ok])
+    times["vae"] = time.perf_counter() - t0
+    print(f"(2) VAE: latents {tuple(latents.shape[1:])}, reconstruction |err| {(rec - videos[pick]).abs().mean():.3f}, "
+          f"detector on reconstructions: precision {ceiling:.3f}, shape {shape_acc:.3f} (ceilings for any sampler); "
+          f"{out}/vae_reconstruction.png: rows clip, reconstruction [{times['vae']:.0f}s]")
+
+    t0 = time.perf_counter()                                                    # (3) teacher
+    if not os.path.exists(os.path.join(teacher_dir, "transformer", "config.json")):
+        dit = train_teacher(latents, caps, c)
+        mw.save_dit(dit, os.path.join(teacher_dir, "transformer"), layout="diffusers")
+        for name, text in (("model_index.json", json.dumps({"_class_name": "WanPipeline (demo.py)"})),
+                           (train_dmd.TINY_TEXT_MARKER, "prompts are embedded by train_dmd.TinyTextEncoder\n")):
+            with open(os.path.join(teacher_dir, name), "w") as f:
+                f.write(text)
+    times["teacher"] = time.perf_counter() - t0
+    print(f"(3) teacher: {teacher_dir} [{times['teacher']:.0f}s]")
+
+    t0 = time.perf_counter()                                                    # (4) DMD
+    if not os.path.exists(os.path.join(dmd_dir, "transformer")):
+        from configurator import configure
+        T = latents.shape[2]
+        here = os.path.dirname(os.path.abspath(__file__))
+        dc = configure(dict(vars(train_dmd)), train_dmd.__file__, [os.path.join(here, c["dmd_config"])] + [
+            f"--{k}={v}" for k, v in dict(pretrained_model_name_or_path=teacher_dir, output_dir=dmd_dir,
+                                          prompts_file=os.path.join(out, "prompts.txt"), height=c["size"], width=c["size"],
+                                          num_training_frames=T, max_train_steps=c["dmd_steps"], seed=c["seed"],
+                                          validation_resolution=f"{c['size']}x{c['size']}",
+                                          validation_num_video_frames=c["num_frames"], validation_prompt=captions()[0],
+                                          checkpoint_step_interval=c["dmd_steps"], validation_step_interval=c["dmd_steps"]).items()])
+        train_dmd.train(dc)
+    times["dmd"] = time.perf_counter() - t0
+    print(f"(4) DMD student: {dmd_dir}/transformer [{times['dmd']:.0f}s]")
+
+    sys_path_bench()
+    import bench_quality as bq
+    t0 = time.perf_counter()                                                    # (5) samples, contact sheet
+    pair = bq.load_pair(teacher_dir, dmd_dir)
+    with open(os.path.join(dmd_dir, "config.json")) as f:
+        steps = [float(s) for s in json.load(f)["dmd_denoising_steps"].split(",")]
+    prompts = [captions()[(7 * i) % len(captions())] for i in range(c["sample_prompts"])]   # 7: every colour, shape, direction
+    shape = (c["num_frames"], c["size"], c["size"])
+    rows = []
+    for i, p in enumerate(prompts):
+        vids = {name: bq.sample_videos(pair, name, [p], [c["seed"]], shape, steps, c["guidance_scale"], c["flow_shift"])[1][0]
+                for name in bq.SAMPLERS}
+        sample.write_mp4(os.path.join(out, "samples", f"{i}_{sample.slug(p)}.mp4"), torch.cat(list(vids.values()), dim=-1))
+        rows += [to_uint8(v) for v in vids.values()]
+    sheet = write_png(os.path.join(out, "contact_sheet.png"), contact_sheet(rows))
+    times["samples"] = time.perf_counter() - t0
+    print(f"(5) samples: {out}/samples/*.mp4 (left to right: {', '.join(bq.SAMPLERS)}); contact sheet {sheet}: rows = "
+          f"{' / '.join(prompts)}, each as {', '.join(bq.SAMPLERS)}; columns = frames [{times['samples']:.0f}s]")
+
+    t0 = time.perf_counter()                                                    # (6) quality table
+    table = bq.evaluate(pair, captions(), list(range(c["bench_seeds"])), shape, steps, c["guidance_scale"], c["flow_shift"])
+    print(bq.format_table(table))
+    with open(os.path.join(out, "quality.json"), "w") as f:
+        json.dump(table, f, indent=1)
+    times["bench"] = time.perf_counter() - t0
+    print(f"(6) quality table -> {out}/quality.json [{times['bench']:.0f}s]; stage times " +
+          ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
+    return table
+
+
+def sys_path_bench():
+    import sys
+    d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench")
+    if d not in sys.path:
+        sys.path.insert(0, d)
+
+
+if __name__ == "__main__":
+    from configurator import configure
+    main(configure(globals(), __file__))

@@ -1,0 +1,106 @@
+"""demo.py: the synthetic world's detector against ground truth (the clips as written to mp4 and read back), the PNG
+writer against PyAV's decoder, and a reduced demo end to end (every artefact, then a resume that redoes nothing)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+av = pytest.importorskip("av")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import bench_quality as bq  # noqa: E402
+import demo  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_detector_on_the_dataset(tmp_path):
+    """Every ground-truth clip (mp4 round trip, jittered start) is a valid mode of its caption, in its own band:
+    precision 1 and full coverage; and the detector refuses the wrong caption, a still object and an empty frame."""
+    demo.write_dataset(str(tmp_path), 32, 9, 2, seed=0)
+    videos, caps, bands = demo.read_dataset(str(tmp_path))
+    assert videos.shape == (24 * 3 * 2, 3, 9, 32, 32) and len(set(caps)) == 24
+    found = {}
+    for v, cap, band in zip(videos, caps, bands):
+        r = demo.detect(demo.to_uint8(v), cap)
+        assert r["valid"] and r["shape_ok"] and r["mode"] == band, (cap, band, r)
+        assert (r["colour"], r["shape"], r["direction"]) == demo.parse_caption(cap)
+        found.setdefault(cap, set()).add(r["mode"])
+    assert all(len(m) == demo.NUM_BANDS for m in found.values())                 # coverage 1
+    # bench_quality's precision/coverage on the same clips, arranged prompt-major as its samplers return them
+    order = sorted(range(len(caps)), key=lambda i: (demo.captions().index(caps[i]), i))
+    prompts = demo.captions()
+    prec, cov, modes, shape = bq.precision_coverage(videos[order], prompts, range(6))
+    assert prec == shape == cov == 1.0 and all(m == [2, 2, 2] for m in modes.values())
+    # wrong caption, no motion, nothing drawn
+    clip = demo.render("a red circle moving left", 1, 32, 9)
+    assert demo.detect(clip, "a red circle moving left")["valid"]
+    for wrong in ("a blue circle moving left", "a red circle moving right"):
+        assert not demo.detect(clip, wrong)["valid"]
+    assert not demo.detect(clip, "a red square moving left")["shape_ok"]
+    still = np.repeat(clip[:1], 9, 0)
+    assert demo.detect(still, "a red circle moving left")["direction"] is None
+    assert not demo.detect(np.full_like(clip, 30), "a red circle moving left")["valid"]
+    assert bq.precision_coverage(videos[:1], ["a cat walks on the grass"], [0]) == (None,) * 4
+
+
+def test_png_and_mmd(tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (7, 11, 3), dtype=np.uint8)
+    path = demo.write_png(str(tmp_path / "x.png"), img)
+    with av.open(path) as c:
+        back = next(c.decode(video=0)).to_ndarray(format="rgb24")
+    assert np.array_equal(back, img)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 20, generator=g), torch.randn(64, 20, generator=g)
+    assert abs(bq.mmd2(a, b)) < 0.05 and bq.mmd2(a, b + 2) > 0.3                 # same law ~ 0, shifted law > 0
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    """A reduced demo (a few steps per stage): every artefact exists and has the right form; a second run
+    skips the trained stages (their files untouched)."""
+    out = str(tmp_path / "demo")
+    args = [sys.executable, os.path.join(ROOT, "demo.py"), f"--out_dir={out}", "--clips_per_mode=1", "--vae_steps=2",
+            "--teacher_steps=3", "--dmd_steps=2", "--bench_seeds=1", "--sample_prompts=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert len([n for n in os.listdir(os.path.join(out, "data")) if n.endswith(".mp4")]) == 72
+    for p in ("teacher/transformer/config.json", "teacher/vae/config.json", "teacher/tiny_text_encoder",
+              "dmd/transformer/config.json", "dmd/student.safetensors", "vae_reconstruction.png", "prompts.txt"):
+        assert os.path.exists(os.path.join(out, p)), p
+    samples = sorted(os.listdir(os.path.join(out, "samples")))
+    assert len(samples) == 2
+    import sample
+    frames, _ = sample.read_mp4(os.path.join(out, "samples", samples[0]))
+    assert frames.shape == (9, 32, 3 * 32, 3)                                     # three samplers side by side
+    with av.open(os.path.join(out, "contact_sheet.png")) as c:
+        sheet = next(c.decode(video=0)).to_ndarray(format="rgb24")
+    assert sheet.shape == (2 * 3 * 66 + 2, 9 * 66 + 2, 3)                        # 6 rows x 9 frames of 64 px + gaps
+    table = json.load(open(os.path.join(out, "quality.json")))
+    assert list(table) == list(bq.SAMPLERS)
+    for r in table.values():
+        assert 0 <= r["precision"] <= 1 and 0 <= r["coverage"] <= 1 and np.isfinite(r["mmd"])
+    assert "| student-3 |" in run.stdout
+    stamp = os.path.getmtime(os.path.join(out, "dmd", "transformer", "config.json"))
+    again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "vae step" not in again.stdout and "teacher step" not in again.stdout
+    assert os.path.getmtime(os.path.join(out, "dmd", "transformer", "config.json")) == stamp
+
+
+def test_train_vae_sets_latent_statistics(tmp_path):
+    """A few autoencoder steps; afterwards the VAE's latent normalisation makes the clips' latents zero-mean,
+    unit-std per channel (what the DiT is trained on), and save/load keeps it."""
+    demo.write_dataset(str(tmp_path / "d"), 32, 9, 1, seed=0)
+    videos = demo.read_dataset(str(tmp_path / "d"))[0][:8]
+    c = dict(seed=0, vae_base_dim=8, vae_lr=1e-3, vae_steps=2, vae_batch_size=2)
+    vae = demo.train_vae(videos, c)
+    demo.save_vae(vae, str(tmp_path / "vae"))
+    vae = demo.mw.load_vae(str(tmp_path / "vae"))
+    with torch.no_grad():
+        z = vae.encode(videos)                                                     # (8,16,3,4,4)
+    torch.testing.assert_close(z.mean((0, 2, 3, 4)), torch.zeros(16), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z.std((0, 2, 3, 4)), torch.ones(16), atol=1e-4, rtol=0)
