@@ -287,10 +287,10 @@ def attention(q, k, v, sp_group=None):
     With an SP group of P ranks (Ulysses), q/k/v hold this rank's L/P tokens of every head: one all-to-all
     trades them for all L tokens of N/P heads, attention runs on those, and a second all-to-all trades back."""
     if sp_group is not None:
-        q, k, v = _SeqToHeads.apply(torch.stack([q, k, v]), sp_group).unbind(0)
+        q, k, v = _AllToAll.apply(torch.stack([q, k, v]), sp_group, False).unbind(0)
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     if sp_group is not None:
-        o = _HeadsToSeq.apply(o.unsqueeze(0), sp_group).squeeze(0)
+        o = _AllToAll.apply(o.unsqueeze(0), sp_group, True).squeeze(0)
     return o.flatten(2)
 
 class Attention(nn.Module):
@@ -456,25 +456,16 @@ def _heads_to_seq(x, group):   # (S,B,L,N/P,d) -> (S,B,L/P,N,d)
     y = _all_to_all(x.view(S, B, P, L // P, Np, d).permute(2, 0, 1, 3, 4, 5), group)   # (P,S,B,L/P,N/P,d)
     return y.permute(1, 2, 3, 0, 4, 5).reshape(S, B, L // P, P * Np, d)
 
-class _SeqToHeads(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """_seq_to_heads (or _heads_to_seq when `back`) forward; the other one is its backward."""
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_to_heads(x, group)
+    def forward(ctx, x, group, back):
+        ctx.group, ctx.back = group, back
+        return (_heads_to_seq if back else _seq_to_heads)(x, group)
 
     @staticmethod
     def backward(ctx, g):
-        return _heads_to_seq(g, ctx.group), None
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _heads_to_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _seq_to_heads(g, ctx.group), None
+        return (_seq_to_heads if ctx.back else _heads_to_seq)(g, ctx.group), None, None
 
 def sp_split(x, group):
     """(B,L,...) -> this rank's contiguous L/P tokens (its gradient flows back into that slice only)."""

@@ -742,7 +742,8 @@ def train(c):
         stopping = stop["signal"] if env.world == 1 else not parallel.all_true(env, not stop["signal"])   # any rank
         if step % c["checkpoint_step_interval"] == 0 or last or stopping:
             path = save_checkpoint(c["output_dir"], state() if env.main else {"step": step}, c["checkpoints_total_limit"],
-                                   env, rank_state(), parallel.sharded_state(named, opts, ema) if c["fsdp"] else None)
+                                   env, None if env.main else rank_state(),
+                                   parallel.sharded_state(named, opts, ema) if c["fsdp"] else None)
             say(f"checkpoint {path}")
         if step % c["validation_step_interval"] == 0 or last:
             validate(c, env, gen, g_adapter, g_params, ema, vae, val_prompts, val_emb, steps, step, dev, dtype, autocast)
