@@ -29,6 +29,7 @@ import train_dmd
 out_dir = "out/demo"
 seed = 0
 threads = 1                    # torch threads (the demo targets 2 shared CPU cores)
+device = "cpu"                 # teacher training, DMD and sampling ("cuda": the same flow in seconds)
 # (1) synthetic dataset
 size = 32                      # frame height = width (pixels)
 num_frames = 9                 # 1 + 4k video frames (9 -> 3 latent frames)
@@ -246,16 +247,18 @@ def train_teacher(latents, caps, c):
     """Flow matching (train_dmd.flow_matching_loss) of a Wan DiT on the clips' latents, TinyTextEncoder contexts,
     caption dropout to the empty prompt (the unconditional branch of CFG); AdamW, warmup + cosine."""
     torch.manual_seed(c["seed"])
-    dit = mw.WanDiT(mw.PRESETS[c["teacher_preset"]])
+    dev = c["device"]
+    dit = mw.WanDiT(mw.PRESETS[c["teacher_preset"]]).to(dev)
     te = train_dmd.TinyTextEncoder(dit.cfg.text_dim)
-    ctx, empty = te.encode(caps), te.encode([""])                                  # (N,512,D), (1,512,D)
+    ctx, empty = te.encode(caps).to(dev), te.encode([""]).to(dev)                 # (N,512,D), (1,512,D)
+    latents = latents.to(dev)
     opt = torch.optim.AdamW(dit.parameters(), lr=c["teacher_lr"], weight_decay=0.0)
     n, warm = c["teacher_steps"], 100
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * s / n)))
     t0 = time.perf_counter()
     for step in range(n):
-        idx = torch.randint(len(latents), (c["teacher_batch_size"],))
-        drop = (torch.rand(len(idx)) < c["caption_dropout"]).view(-1, 1, 1)
+        idx = torch.randint(len(latents), (c["teacher_batch_size"],)).to(dev)
+        drop = (torch.rand(len(idx)) < c["caption_dropout"]).view(-1, 1, 1).to(dev)
         cb = torch.where(drop, empty, ctx[idx])
         loss = train_dmd.flow_matching_loss(dit, latents[idx], cb, c["flow_shift"])
         opt.zero_grad(set_to_none=True)
@@ -265,7 +268,7 @@ def train_teacher(latents, caps, c):
         sched.step()
         if step % 200 == 0 or step == n - 1:
             print(f"teacher step {step:5d} | flow loss {loss.item():.4f} | {time.perf_counter() - t0:.0f}s")
-    return dit.eval()
+    return dit.cpu().eval()
 
 # -----------------------------------------------------------------------------
 
@@ -342,7 +345,7 @@ def main(c):
         dc = configure(dict(vars(train_dmd)), train_dmd.__file__, [os.path.join(here, c["dmd_config"])] + [
             f"--{k}={v}" for k, v in dict(pretrained_model_name_or_path=teacher_dir, output_dir=dmd_dir,
                                           prompts_file=os.path.join(out, "prompts.txt"), height=c["size"], width=c["size"],
-                                          num_training_frames=T, max_train_steps=c["dmd_steps"], seed=c["seed"],
+                                          num_training_frames=T, max_train_steps=c["dmd_steps"], seed=c["seed"], device=c["device"],
                                           validation_resolution=f"{c['size']}x{c['size']}",
                                           validation_num_video_frames=c["num_frames"], validation_prompt=captions()[0],
                                           checkpoint_step_interval=c["dmd_steps"], validation_step_interval=c["dmd_steps"]).items()])
@@ -353,7 +356,7 @@ def main(c):
     sys_path_bench()
     import bench_quality as bq
     t0 = time.perf_counter()                                                    # (5) samples, contact sheet
-    pair = bq.load_pair(teacher_dir, dmd_dir)
+    pair = bq.load_pair(teacher_dir, dmd_dir, device=c["device"])
     with open(os.path.join(dmd_dir, "config.json")) as f:
         steps = [float(s) for s in json.load(f)["dmd_denoising_steps"].split(",")]
     prompts = [captions()[(7 * i) % len(captions())] for i in range(c["sample_prompts"])]   # 7: every colour, shape, direction

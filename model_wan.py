@@ -46,6 +46,7 @@ class WanConfig:
     patch_size: tuple = (1, 2, 2)
     eps: float = 1e-6
     rope_max_len: int = 1024   # positions per axis in the reference RoPE tables
+    text_len: int = 512        # context rows the model attends to: prompts are zero-padded to it (UMT5: 512)
 
     @property
     def head_dim(self):
@@ -56,8 +57,9 @@ PRESETS = {
     "t2v-14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     # tiny random-weight model for CPU tests and the offline demo
     "tiny": WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32),
-    # the teacher demo.py trains on one CPU core in ~5 min (with train_dmd.TinyTextEncoder's 32-d words)
-    "demo": WanConfig(dim=64, ffn_dim=256, num_heads=2, num_layers=4, text_dim=32),
+    # the teacher demo.py trains on one CPU core in ~5 min (with train_dmd.TinyTextEncoder's 32-d words); 16
+    # context rows: at width 64, 505 identical zero-padding keys drown the 6 word rows in cross-attention
+    "demo": WanConfig(dim=64, ffn_dim=256, num_heads=2, num_layers=4, text_dim=32, text_len=16),
 }
 
 # parameters (by name component) kept in fp32 when the model is cast to bf16/fp16
@@ -348,6 +350,15 @@ class Head(nn.Module):
         shift, scale = (self.modulation.float() + temb.float()[:, None]).chunk(2, dim=1)
         return self.head(layer_norm(x, eps=self.eps) * (1 + scale) + shift)
 
+def fit_context(context, n):
+    """(B,Lc,D) zero-padded text embeddings -> at most n rows: callers pad to 512 (Wan's UMT5 length); a model
+    trained with a shorter text_len (the demo's) gets its own length, the cut rows must be padding."""
+    if context.shape[1] <= n:
+        return context
+    if context[:, n:].any():
+        raise ValueError(f"context has {context.shape[1]} rows, non-zero past the model's text_len={n}")
+    return context[:, :n]
+
 class WanDiT(nn.Module):
     def __init__(self, cfg: WanConfig):
         super().__init__()
@@ -397,7 +408,7 @@ class WanDiT(nn.Module):
         rope = rope_tables(Fp, Hp, Wp, c.head_dim, x.device)                         # 2x (1,L,1,d/2)
         temb = self.time_embedding(timestep_sinusoid(t, c.freq_dim)).float()         # (B,E)
         e = self.time_projection(temb).float().unflatten(1, (6, -1))                 # (B,6,E)
-        ctx = self.text_embedding(context)                                           # (B,Lc,E)
+        ctx = self.text_embedding(fit_context(context, c.text_len))                  # (B,<=text_len,E)
         if self.sp_group is not None:   # this rank's L/P tokens (and their RoPE rows) through the blocks
             x, rope = sp_split(x, self.sp_group), tuple(sp_split(r, self.sp_group) for r in rope)
         for block in self.blocks:
@@ -540,7 +551,7 @@ def diffusers_config(cfg: WanConfig):
             "freq_dim": cfg.freq_dim, "ffn_dim": cfg.ffn_dim, "num_layers": cfg.num_layers,
             "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": cfg.eps,
             "image_dim": None, "added_kv_proj_dim": None, "rope_max_seq_len": cfg.rope_max_len,
-            "pos_embed_seq_len": None}
+            "pos_embed_seq_len": None, **({} if cfg.text_len == 512 else {"text_len": cfg.text_len})}
 
 # -----------------------------------------------------------------------------
 # loading
@@ -642,7 +653,8 @@ def config_from_state_dict(sd, config=None):
                     out_dim=sd["head.head.weight"].shape[0] // math.prod(patch),
                     text_dim=sd["text_embedding.0.weight"].shape[1],
                     freq_dim=sd["time_embedding.0.weight"].shape[1], patch_size=patch,
-                    eps=config.get("eps", 1e-6), rope_max_len=config.get("rope_max_seq_len", 1024))
+                    eps=config.get("eps", 1e-6), rope_max_len=config.get("rope_max_seq_len", 1024),
+                    text_len=config.get("text_len", 512))
     declared = {"dim": config.get("dim"), "num_layers": config.get("num_layers"), "ffn_dim": config.get("ffn_dim")}
     for k, v in declared.items():
         if v is not None and v != getattr(cfg, k):
@@ -688,7 +700,7 @@ def save_dit(model, path, layout="diffusers", state_dict=None):
         c = model.cfg
         cfg = {"_class_name": "WanModel", "model_type": "t2v", "dim": c.dim, "eps": c.eps, "ffn_dim": c.ffn_dim,
                "freq_dim": c.freq_dim, "in_dim": c.in_dim, "num_heads": c.num_heads, "num_layers": c.num_layers,
-               "out_dim": c.out_dim, "text_len": 512}
+               "out_dim": c.out_dim, "text_len": c.text_len}
     else:
         raise ValueError(f"layout must be 'diffusers' or 'original', got {layout!r}")
     save_file({k: v.detach().contiguous() for k, v in sd.items()}, os.path.join(path, "diffusion_pytorch_model.safetensors"))

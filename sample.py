@@ -70,7 +70,7 @@ def unipc_sample(velocity, x, sigmas, timesteps, progress=None):
     """Flow UniPC multistep, order 2, bh2, x0-prediction, lower order at the last step, final σ = 0
     (the corrector UniC at every step after the first). Scalars in fp32 as the references compute them.
     x (B,C,F,H,W) fp32 initial noise -> x0 (B,C,F,H,W)."""
-    n = len(timesteps)
+    n, sigmas = len(timesteps), sigmas.cpu()             # scalars on the host, whatever device x is on
     lam = torch.log(1 - sigmas) - torch.log(sigmas)     # λ = log α − log σ (+inf at σ = 0)
     ms, x_prev, order_prev = [], None, 0                 # x0 predictions, last sample, last predictor order
     for k in range(n):

@@ -33,7 +33,7 @@ import train_dmd  # noqa: E402
 SAMPLERS = ("teacher-50", "teacher-3", "student-3")
 
 
-def load_pair(teacher, student, negative_prompt=""):
+def load_pair(teacher, student, negative_prompt="", device="cpu"):
     """teacher: a pipeline folder / hub id; student: a train_dmd output folder (its merged transformer/) or an adapter
     / full-weights file -> dict(teacher, student DiTs, vae, text encoder, negative context)."""
     base = mw.load_dit(teacher).eval()
@@ -46,7 +46,8 @@ def load_pair(teacher, student, negative_prompt=""):
         stud = copy.deepcopy(base)
         sample.load_student(stud, student)
     neg = mw.WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
-    return dict(teacher=base, student=stud, vae=vae, te=te, neg=te.encode([neg]))
+    return dict(teacher=base.to(device), student=stud.to(device), vae=vae.to(device), te=te,
+                neg=te.encode([neg]).to(device), device=device)
 
 
 @torch.no_grad()
@@ -58,17 +59,18 @@ def sample_videos(pair, name, prompts, seeds, shape, steps, guidance, shift, bat
     lats, vids = [], []
     for i in range(0, len(jobs), batch):
         part = jobs[i:i + batch]
-        ctx = pair["te"].encode([p for p, _ in part])
-        x = torch.cat([sample.initial_noise(1, Fn, H, W, s, "cpu")[0] for _, s in part])
+        ctx = pair["te"].encode([p for p, _ in part]).to(pair["device"])
+        x = torch.cat([sample.initial_noise(1, Fn, H, W, s, pair["device"])[0] for _, s in part])
         if name == "student-3":
             gen = torch.Generator().manual_seed(part[0][1] + 7919 * i)
             lat = sample.student_sample(lambda x_, t_: pair["student"](x_, t_, ctx), x, steps, gen)
         else:
             n = 50 if name == "teacher-50" else len(steps)
             sig, ts = sample.flow_schedule(n, shift)
+            ts = ts.to(x.device)
             lat = sample.unipc_sample(sample.guided(pair["teacher"], ctx, pair["neg"].expand(len(part), -1, -1), guidance), x, sig, ts)
-        lats.append(lat)
-        vids.append(pair["vae"].decode(lat))
+        lats.append(lat.cpu())
+        vids.append(pair["vae"].decode(lat).cpu())
     return torch.cat(lats), torch.cat(vids)
 
 
@@ -137,6 +139,7 @@ if __name__ == "__main__":
     ap.add_argument("--shift", type=float, default=3.0, help="teacher schedule shift")
     ap.add_argument("--negative_prompt", default="", help="'None': Wan's default negative prompt")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="", help="also write the table as JSON here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -144,7 +147,7 @@ if __name__ == "__main__":
     steps = [float(s) for s in steps.split(",")]
     with open(a.prompts_file) as fh:
         prompts = [line.strip() for line in fh if line.strip()]
-    pair = load_pair(a.teacher, a.student, None if a.negative_prompt == "None" else a.negative_prompt)
+    pair = load_pair(a.teacher, a.student, None if a.negative_prompt == "None" else a.negative_prompt, a.device)
     table = evaluate(pair, prompts, list(range(a.seeds)), (a.num_frames, a.height, a.width), steps, a.guidance, a.shift)
     print(format_table(table))
     if a.out:
