@@ -1139,6 +1139,16 @@ class WanVAE(nn.Module):
             out = self._decode_tiled(x, *tile)
         return out.clamp_(-1.0, 1.0)
 
+    def decode_stream(self, latents, cache):
+        """Decode the next latent frames of a clip, continuing the decoder's causal `cache` (a dict: {} for a
+        new clip, then the same dict for every later call): the clip's first latent frame gives 1 video frame,
+        every other one 4. The outputs of the calls, concatenated, equal decode() of the whole clip (streaming)."""
+        if latents.ndim != 5 or latents.shape[1] != self.cfg.z_dim:
+            raise ValueError(f"latents must be (B,{self.cfg.z_dim},T,h,w), got shape {tuple(latents.shape)}")
+        mean, std = self.latent_stats(latents.device)
+        x = self.post_quant_conv((latents.float() * std + mean).to(self.dtype))
+        return torch.cat([self.decoder(x[:, :, i:i + 1], cache).float() for i in range(x.shape[2])], 2).clamp_(-1.0, 1.0)
+
     def _decode_frames(self, x):
         """x (B,z,T,h,w) after post_quant_conv -> (B,3,1+4(T-1),8h,8w) fp32, one latent frame per chunk;
         only the cache (<= 2 frames per conv) and the output outlive a chunk."""
