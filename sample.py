@@ -160,8 +160,8 @@ def causal_sample(dit, ctx, x, steps, causal, context_noise=0.0, window=None, ge
         if on_block is not None:
             on_block(s, x0)
         if e < Fn:   # the context pass: cache the block as the next blocks will see it
-            sc = context_noise / 1000
-            xc = x0 if sc == 0 else (1 - sc) * x0 + sc * torch.randn(x0.shape, generator=generator).to(x0.device)
+            sc = context_noise / 1000   # (the noise is drawn at 0 too: the same generator stream as train_dmd's)
+            xc = (1 - sc) * x0 + sc * torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
             velocity(xc, torch.full((B,), float(context_noise), device=x.device))
     return out
 
@@ -272,7 +272,8 @@ def slug(text, n=40):
 def read_causal_config(ckpt):
     """The causal keys of a student folder's config.json (train_dmd.py writes them) -> dict, or None for a
     bidirectional student (no config.json, or "causal" false). window: latent frames of the KV cache
-    (num_training_frames; more frames than that roll it)."""
+    (num_training_frames; more frames than that roll it); dmd_denoising_steps as trained (warped when
+    warp_denoising_step was set), used unless denoising_steps is given."""
     import json
     folder = ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt))
     path = os.path.join(folder, "config.json")
@@ -287,10 +288,13 @@ def read_causal_config(ckpt):
     if missing:
         raise ValueError(f"{path} has \"causal\": true but lacks {missing}")
     steps = cfg.get("dmd_denoising_steps", STUDENT_STEPS)
+    steps = [float(t) for t in (steps if isinstance(steps, list) else str(steps).split(","))]
+    if cfg.get("warp_denoising_step"):   # trained on warped steps (train_dmd.rollout_steps): sample on them too
+        steps = [float(1000 * shift_sigmas(torch.tensor(t) / 1000, float(cfg.get("timestep_shift", 1.0)))) for t in steps]
     return {"num_frame_per_block": int(cfg["num_frame_per_block"]),
             "independent_first_frame": bool(cfg["independent_first_frame"]),
             "context_noise": float(cfg["context_noise"]), "window": int(cfg["num_training_frames"]),
-            "dmd_denoising_steps": ",".join(map(str, steps)) if isinstance(steps, list) else str(steps)}
+            "dmd_denoising_steps": ",".join(map(str, steps))}
 
 
 def resolve_model_dir(source):

@@ -267,3 +267,20 @@ def test_causal_sample_streams_and_rolls(causal_student, tmp_path):
         sample.generate({**kw, "num_frames": 13, "stream": False, "out": str(tmp_path / "c")})
     with pytest.raises(ValueError, match="stream=True needs a causal student"):
         sample.generate({**kw, "ckpt": "", "denoising_steps": "1000", "stream": True, "out": str(tmp_path / "d")})
+
+
+def test_read_causal_config(tmp_path):
+    assert sample.read_causal_config(str(tmp_path)) is None                      # no config.json: bidirectional
+    (tmp_path / "config.json").write_text(json.dumps({"causal": False, "num_frame_per_block": 3}))
+    assert sample.read_causal_config(str(tmp_path)) is None
+    cfg = {"causal": True, "num_frame_per_block": 3, "independent_first_frame": False, "context_noise": 0,
+           "num_training_frames": 21, "dmd_denoising_steps": "1000,750,500,250", "warp_denoising_step": True,
+           "timestep_shift": 5.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    c = sample.read_causal_config(str(tmp_path / "student.safetensors"))        # a file: its folder's config.json
+    steps = [float(1000 * sample.shift_sigmas(torch.tensor(t) / 1000, 5.0)) for t in (1000.0, 750.0, 500.0, 250.0)]
+    assert c["dmd_denoising_steps"] == ",".join(map(str, steps)) and c["window"] == 21
+    del cfg["context_noise"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="context_noise"):
+        sample.read_causal_config(str(tmp_path))
