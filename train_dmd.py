@@ -954,7 +954,7 @@ def swap_in(params, values):
 def validate(c, env, gen, g_adapter, g_params, ema, vae, prompts, embs, steps, step, dev, dtype, autocast, causal=None):
     """Student samples of the validation prompts -> mp4s. Every rank runs the DiT (sharded or sequence-parallel
     networks need them all); rank 0 alone decodes and writes. A causal student samples block by block with the
-    KV cache: causal_rollout with every exit at the last step (the training rollout's stepping, no gradient)."""
+    KV cache (sample.causal_sample: the training rollout's stepping with every exit at the last step)."""
     W, H = (int(v) for v in c["validation_resolution"].lower().split("x"))
     Fn = c["validation_num_video_frames"]
     modes = {"none": ["raw"], "ema_only": ["ema"], "comparison": ["raw", "ema"]}[c["ema_validation"] if ema is not None else "none"]
@@ -966,11 +966,9 @@ def validate(c, env, gen, g_adapter, g_params, ema, vae, prompts, embs, steps, s
             x, gen_ = sample.initial_noise(1, Fn, H // 16 * 16, W // 16 * 16, c["validation_seed"], dev)
             with torch.no_grad():
                 ctx = pad_context([e], dev, dtype)
-                if causal:
-                    starts = mw.block_starts(x.shape[2], *causal)
-                    cache = gen.new_kv_cache(1, x.shape[2], x.shape[3] * x.shape[4] // 4)
-                    lat = causal_rollout(cached_call(G), x, ctx, steps, [len(steps) - 1] * len(starts), starts, cache,
-                                         c["context_noise"], generator=gen_)[0]
+                if causal:   # sample.py's sampler: equal to causal_rollout with every exit last (tests)
+                    with mw.use_adapter(gen, g_adapter), autocast():
+                        lat = sample.causal_sample(gen, ctx, x, steps, causal, c["context_noise"], generator=gen_).float()
                 else:
                     lat = sample.student_sample(lambda x_, t_: G(x_, t_, ctx), x, steps, gen_)
                 if env.main:
