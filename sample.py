@@ -342,7 +342,8 @@ def generate(cfg):
         prompts = [c["prompt"]]
     student = bool(c["ckpt"] or c["denoising_steps"])
     causal = read_causal_config(c["ckpt"]) if c["ckpt"] else None
-    if causal is None and c["stream"]:
+    stream = bool(c.get("stream", False))
+    if causal is None and stream:
         raise ValueError("stream=True needs a causal student (ckpt folder whose config.json has \"causal\": true)")
     if causal is not None:
         T = 1 + (Fn - 1) // 4
@@ -390,7 +391,7 @@ def generate(cfg):
                               f"_seed{c['seed'] + bi}") for j in range(B)]
         with torch.no_grad():
             if causal is not None:
-                writers = [Mp4Writer(st + ".mp4", c["fps"]) for st in stems] if c["stream"] else None
+                writers = [Mp4Writer(st + ".mp4", c["fps"]) for st in stems] if stream else None
                 vae_cache = {}
 
                 def on_block(s, x0):   # streaming: decode this block (continuing the VAE's causal cache), append
@@ -414,11 +415,11 @@ def generate(cfg):
             sync()
             t_dit += time.perf_counter() - t0   # streaming: DiT and VAE together
             t0 = time.perf_counter()
-            video = None if c["stream"] else vae.decode(lat.float())   # (B,3,F,H,W) in [-1,1]
+            video = None if stream else vae.decode(lat.float())   # (B,3,F,H,W) in [-1,1]
             sync()
             t_vae += time.perf_counter() - t0
         for j, stem in enumerate(stems):
-            paths.append(writers[j].close() if c["stream"] else write_mp4(stem + ".mp4", video[j], c["fps"]))
+            paths.append(writers[j].close() if stream else write_mp4(stem + ".mp4", video[j], c["fps"]))
             if c["save_latents"]:
                 from safetensors.torch import save_file
                 save_file({"latents": lat[j:j + 1].float().contiguous().cpu()}, stem + ".latents.safetensors")
@@ -429,7 +430,7 @@ def generate(cfg):
         import resource
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
     first = f" | first frames after {t_first:.2f}s" if t_first is not None else ""
-    dit_vae = "DiT+VAE (streamed)" if c["stream"] else "DiT"
+    dit_vae = "DiT+VAE (streamed)" if stream else "DiT"
     print(f"done: text {t_text:.1f}s | {dit_vae} {t_dit:.1f}s | VAE decode {t_vae:.1f}s{first} | peak {peak} | "
           + ", ".join(paths))
     return paths
