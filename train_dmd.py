@@ -69,7 +69,8 @@ independent_first_frame = False        # latent frame 0 is a block of its own (t
 same_step_across_blocks = True         # one exit step shared by all blocks; False: one drawn per block
 context_noise = 0                      # t (0-1000 scale) of the no-grad pass that writes a finished block's cache; 0 = clean
 dmd_loss_frames = 0                    # latent frames the DMD and critic losses see: the LAST ones of the rollout
-                                       # (Self-Forcing: 21 of a longer num_training_frames); 0 = num_training_frames
+                                       # (Self-Forcing: 21 of a longer num_training_frames); 0 = num_training_frames.
+                                       # Shorter: the first kept frame is re-encoded by the VAE as an image latent
 objective = "dmd"                      # "dmd"; "ode_init": regress the generator on teacher ODE trajectories (datasets
                                        # = the folder of `python data.py CONFIG --make_ode_pairs=prompts.txt`), no critic
 generator_init = ""                    # student to start the generator from: a train_dmd output folder or .safetensors
