@@ -24,6 +24,7 @@ import os
 import re
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -307,8 +308,8 @@ class Attention(nn.Module):
 
     def forward(self, x, ctx=None, rope=None, mask=None, cache=None):
         """x (B,L,E); ctx (B,Lc,E) for cross-attention or None for self-attention -> (B,L,E).
-        mask: block-causal (L,L) bool or None. cache: (k_buf, v_buf, a, b) of one KVCache layer: this call's
-        k/v (after RoPE, detached) go to token slots [a, b), and the queries attend to slots [0, b)."""
+        mask: block-causal (L,L) bool or None. cache: this layer's KVCache.update (k, v) -> (k, v): stores this
+        call's k/v (after RoPE) and gives the cached frames' k/v plus them, to attend to."""
         ctx = x if ctx is None else ctx
         N = self.num_heads
         q = self.norm_q(self.q(x)).unflatten(-1, (N, -1))    # (B,L,N,d)
@@ -317,12 +318,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            kb, vb, a, b = cache
-            kb[:, a:b], vb[:, a:b] = k.detach(), v.detach()
-            if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-                k, v = torch.cat([kb[:, :a], k], 1), torch.cat([vb[:, :a], v], 1)   # grad into this block only
-            else:
-                k, v = kb[:, :b], vb[:, :b]                                        # views: no copy
+            k, v = cache(k, v)
         return self.o(attention(q, k, v, self.sp_group, mask))
 
 class Block(nn.Module):
@@ -462,7 +458,8 @@ class WanDiT(nn.Module):
         - kv_cache too: x is ONE block starting at absolute latent frame start_frame, t is (B,). Its k/v are written
           to the cache first (overwriting those frames; later frames are dropped), then it attends to every cached
           frame up to its own end. The cache holds detached k/v: no gradient flows between blocks. Gradient
-          checkpointing is not applied in this mode (a recompute in backward would see a changed cache)."""
+          checkpointing works here too: the recompute in backward re-reads the earlier frames' cached k/v and
+          writes nothing (an error if the cache rolled or was reset in between)."""
         self.check_inputs(x, t, context, per_frame=causal is not None and kv_cache is None)
         if causal is not None or kv_cache is not None:
             self.check_causal_inputs(x, t, causal, kv_cache, start_frame)
@@ -488,11 +485,11 @@ class WanDiT(nn.Module):
         elif causal is not None and len(block_starts(Fp, *causal)) > 1:
             mask = block_causal_mask(Fp, Hp * Wp, *causal, device=x.device)
         for i, block in enumerate(self.blocks):
-            cache = None if slots is None else (kv_cache.k[i], kv_cache.v[i], *slots)
-            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+            cache = None if slots is None else partial(kv_cache.update, i, slots)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
                 # the recompute runs in backward, after use_adapter has restored its choice: replay this one
                 state = [(m, m.adapter) for m in block.modules() if isinstance(m, Linear)]
-                x = checkpoint(block, x, e, ctx, rope, mask, use_reentrant=False,
+                x = checkpoint(block, x, e, ctx, rope, mask, cache, use_reentrant=False,
                                context_fn=lambda s=state: (nullcontext(), _adapters_as(s)))
             else:
                 x = block(x, e, ctx, rope, mask, cache)
@@ -554,10 +551,12 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.batch, self.max_frames, self.tokens_per_frame, self.dtype = batch, max_frames, tokens_per_frame, dtype
+        self.version = 0   # bumped when held entries move or may change under an earlier forward (roll, reset, rewind)
         self.reset()
 
     def reset(self):
         self.start = self.end = 0
+        self.version += 1
 
     def write_slots(self, s, f):
         """Make room for frames [s, s+f) (rolling the window if needed) -> their token slots (a, b)."""
@@ -571,9 +570,27 @@ class KVCache:
             n, a = (s - new_start) * self.tokens_per_frame, (new_start - self.start) * self.tokens_per_frame
             for buf in self.k + self.v:
                 buf[:, :n] = buf[:, a:a + n].clone()
+        if new_start > self.start or s + f < self.end:   # moved, or rewound before the last block
+            self.version += 1
         self.start, self.end = new_start, s + f
         a = (s - self.start) * self.tokens_per_frame
-        return a, a + f * self.tokens_per_frame
+        return {"a": a, "b": a + f * self.tokens_per_frame, "version": self.version, "written": set()}
+
+    def update(self, i, slots, k, v):
+        """Self-attention of layer i in a forward whose block has token `slots` (write_slots): store k/v (detached)
+        there the first time; a gradient-checkpoint recompute in backward finds them written and stores nothing.
+        -> k, v to attend: the cached earlier frames, then this block's own (the gradient reaches only these)."""
+        a, b = slots["a"], slots["b"]
+        kb, vb = self.k[i], self.v[i]
+        if i not in slots["written"]:
+            kb[:, a:b], vb[:, a:b] = k.detach(), v.detach()
+            slots["written"].add(i)
+        elif self.version != slots["version"]:
+            raise RuntimeError("the KV cache rolled, was reset or rewound between a checkpointed forward with grad and "
+                               "its backward: give the cache room for the whole rollout, or backward first")
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            return torch.cat([kb[:, :a], k], 1), torch.cat([vb[:, :a], v], 1)
+        return kb[:, :b], vb[:, :b]                                             # views: no copy
 
 def num_params(model):
     return sum(p.numel() for p in model.parameters())

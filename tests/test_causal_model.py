@@ -284,3 +284,32 @@ def test_read_causal_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="context_noise"):
         sample.read_causal_config(str(tmp_path))
+
+
+def test_gradient_checkpointing_with_the_cache():
+    """A rollout-like sequence (grad forward per block, then a no-grad context pass overwriting that block):
+    the same gradients with checkpointing (the recompute re-reads the cache, writes nothing); an error if the
+    cache was reset between the forward and backward."""
+    m = tiny()
+    x, t, ctx = inputs(Fn=6)
+    causal = (2, False)
+    cache = m.new_kv_cache(2, 6, 6)
+    grads = []
+    for ckpt in (False, True):
+        m.zero_grad()
+        m.gradient_checkpointing = ckpt
+        cache.reset()
+        outs = []
+        for s in (0, 2, 4):
+            outs.append(m(x[:, :, s:s + 2], t, ctx, causal=causal, kv_cache=cache, start_frame=s))
+            with torch.no_grad():
+                m(outs[-1], torch.zeros(2), ctx, causal=causal, kv_cache=cache, start_frame=s)
+        torch.cat(outs, 2).square().mean().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    cache.reset()
+    out = m(x[:, :, :2], t, ctx, causal=causal, kv_cache=cache)
+    cache.reset()
+    with pytest.raises(RuntimeError, match="KV cache rolled, was reset"):
+        out.sum().backward()
