@@ -16,6 +16,11 @@ Numerics follow ../shared/design/wan21.md §2-§4:
 Sequence parallelism (Ulysses, off by default): `enable_sequence_parallel(model, group)` splits the tokens
 over a process group; two all-to-alls around self-attention are the only other change (parallel.py sets it up).
 
+Causal student (dmd.md §9, off by default): `forward(..., causal=(num_frame_per_block, independent_first_frame))`
+runs the whole clip under a block-causal SDPA mask (t per sample or per latent frame); with `kv_cache=` too it runs
+one block against a KVCache of earlier frames (block_starts, block_causal_mask, KVCache, WanDiT.new_kv_cache).
+No mask is built and no other op added when neither is given. (FlexAttention is not used: SDPA + a boolean mask.)
+
 Run `python model_wan.py` for a self-check of the tiny preset on CPU.
 """
 import json
