@@ -72,7 +72,8 @@ dmd_loss_frames = 0                    # latent frames the DMD and critic losses
                                        # (Self-Forcing: 21 of a longer num_training_frames); 0 = num_training_frames.
                                        # Shorter: the first kept frame is re-encoded by the VAE as an image latent
 objective = "dmd"                      # "dmd"; "ode_init": regress the generator on teacher ODE trajectories (datasets
-                                       # = the folder of `python data.py CONFIG --make_ode_pairs=prompts.txt`), no critic
+                                       # = the folder of `python data.py CONFIG --make_ode_pairs=prompts.txt`) at every
+                                       # trainer step; no critic, no teacher forward
 generator_init = ""                    # student to start the generator from: a train_dmd output folder or .safetensors
                                        # (LoRA file -> the generator adapter; full weights -> needs lora_rank = 0)
 # networks
@@ -778,10 +779,12 @@ def train(c):
             return pad_context([train_emb[i] for i in idx], dev, dtype), None
         b = next(batches)
         traj[0] = b.get("trajectory")
-        if c["objective"] == "ode_init" and (traj[0] is None or not torch.allclose(b["trajectory_t"][0], torch.tensor(steps))):
+        if c["objective"] == "ode_init" and (traj[0] is None or traj[0].shape[3] != Fr or
+                                             not torch.allclose(b["trajectory_t"][0], torch.tensor(steps))):
             raise ValueError(f"objective='ode_init': {b['file'][0]} has " + ("no trajectory" if traj[0] is None else
-                             f"states at t={b['trajectory_t'][0].tolist()}, this run's steps are {steps}") +
-                             ": make the ODE pairs with this config (python data.py CONFIG --make_ode_pairs=prompts.txt)")
+                             f"{traj[0].shape[3]} latent frames at t={b['trajectory_t'][0].tolist()}, this run has "
+                             f"{Fr} at {steps}") + ": make the ODE pairs with this config (python data.py CONFIG "
+                             "--make_ode_pairs=prompts.txt)")
         return b["context"].to(dev, dtype), b["latents"].to(dev) if "latents" in b else None
 
     traj = [None]

@@ -235,3 +235,14 @@ def test_ode_init_then_dmd_end_to_end(tmp_path):
     assert sample.read_causal_config(str(tmp_path / "dmd")) == {"num_frame_per_block": 2, "independent_first_frame": False,
                                                                  "context_noise": 0.0, "window": 6,
                                                                  "dmd_denoising_steps": "1000.0,757.0,522.0"}
+
+
+def test_causal_resume_is_exact(tmp_path):
+    common = ["--checkpoint_step_interval=2", "--validation_step_interval=1000", "--context_noise=100",
+              "--num_training_frames=6", "--dmd_loss_frames=4"]
+    run("train_dmd.py", *TINY, f"--output_dir={tmp_path / 'straight'}", "--max_train_steps=4", *common)
+    run("train_dmd.py", *TINY, f"--output_dir={tmp_path / 'split'}", "--max_train_steps=2", *common)
+    assert "resumed from" in run("train_dmd.py", *TINY, f"--output_dir={tmp_path / 'split'}", "--max_train_steps=4", *common)
+    a, b = (torch.load(tmp_path / d / "checkpoint-0000004" / "state.pt", weights_only=True) for d in ("straight", "split"))
+    for key in ("generator", "critic", "ema"):
+        assert all(torch.equal(x, y) for x, y in zip(a[key], b[key])), key
