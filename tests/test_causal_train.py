@@ -66,6 +66,7 @@ def test_gradient_only_at_exit_steps_and_none_across_blocks():
     assert [s for s, _, _ in calls] == [0] * 4 + [2] * 2 + [4] * 2
     assert [t for s, t, g in calls if s == 0] == [1000.0, 757.0, 522.0, 0.0]
     assert (t_from, t_to) == (1000.0, 0.0)   # the score window spans every block's (exit, next) pair
+    assert rollout(model, exits=[1, 1, 1])[1:3] == (757.0, 522.0)   # a shared exit: its own (from, to) pair
     # none across blocks: with every exit at step 0 each block's gradient forward reads the noise itself, and a
     # block's output has no gradient path to the noise (or the output) of the blocks before it
     noise = torch.randn(1, 16, 6, 4, 4, requires_grad=True)
