@@ -16,6 +16,7 @@ Cache (section 4): VAE latents and text embeddings, computed once and read back 
 
     python data.py CONFIG.py                                         # fill the caches of CONFIG's `datasets`
     python data.py CONFIG.py --make_teacher_data=prompts.txt --teacher_out=cache/teacher   # section 6
+    python data.py CONFIG.py --make_ode_pairs=prompts.txt --teacher_out=cache/ode    # + trajectories (causal ODE init)
 """
 import csv
 import hashlib
@@ -364,7 +365,7 @@ def collate(items):
     """List of dataset items (one bucket) -> {"video": (B, 3, F, H, W) | "latents": (B, 16, T, h, w),
     "context": (B, 512, D), "caption": [B], "file": [B]} (the tensors the items have)."""
     batch = dict(caption=[x["caption"] for x in items], file=[x["file"] for x in items])
-    for k in ("video", "latents", "context"):
+    for k in ("video", "latents", "context", "trajectory", "trajectory_t"):
         if k in items[0]:
             batch[k] = torch.stack([x[k] for x in items])
     return batch
@@ -613,8 +614,9 @@ class CachedDataset(torch.utils.data.Dataset):
         drop = rng.random() < self.media.configs[s["dataset"]]["caption_dropout_probability"]
         t = self.read(self.entries[i])
         out = dict(caption="" if drop else s["caption"], file=s["file"], context=pad(self.empty if drop else t["context"]))
-        if "latents" in t:
-            out["latents"] = t["latents"]
+        for k in ("latents", "trajectory", "trajectory_t"):   # trajectories: ODE pairs (make_teacher_data)
+            if k in t:
+                out[k] = t[k]
         return out
 
 # -----------------------------------------------------------------------------
@@ -719,11 +721,36 @@ def cache_datasets(c, rank=0, world_size=1):
 
 
 @torch.no_grad()
-def make_teacher_data(c, prompts_file, out_dir, steps=50, guidance=5.0, shift=None, mp4=False, rank=0, world_size=1):
+def ode_schedule(n, shift, layout, record):
+    """The teacher's n-step schedule with the grid point nearest each timestep of `record` (0-1000 scale) moved
+    onto it, so the sampler passes exactly through the student's timesteps -> (sigmas (n+1,), timesteps (n,),
+    indices of the recorded steps). t = 1000 stays the first grid point (σ0 = 1 − 1e-6: its state is the noise)."""
+    import sample
+    sigmas, timesteps = sample.flow_schedule(n, shift, layout)
+    sig, timesteps = sigmas.double(), timesteps.double()   # float: a snapped step keeps its exact t
+    idx = []
+    for t in record:
+        j = int((sig[:n] - t / 1000).abs().argmin())
+        if j in idx or (idx and j < idx[-1]):
+            raise ValueError(f"teacher_steps={n} is too coarse to pass through the student's timesteps {record}")
+        if j > 0:
+            sig[j], timesteps[j] = t / 1000, t
+        idx.append(j)
+    if not bool((sig[1:] < sig[:-1]).all()):
+        raise ValueError(f"teacher_steps={n}: snapping onto {record} breaks the schedule's order; use more steps")
+    return sig.float(), timesteps, idx
+
+
+def make_teacher_data(c, prompts_file, out_dir, steps=50, guidance=5.0, shift=None, mp4=False, rank=0, world_size=1,
+                      ode_pairs=False):
     """Teacher samples (sample.py's UniPC sampler with CFG) of every prompt, written as cache entries
     out_dir/teacher_<i>_<hash>.safetensors {latents (16, T, h, w), context (n, D)} + caption, at the config's
     height x width x num_training_frames, seed c["seed"] + i. Resumable: entries already written are skipped.
-    Load the result with dict(dataset_type="latents", cache_dir=out_dir)."""
+    Load the result with dict(dataset_type="latents", cache_dir=out_dir).
+    ode_pairs: also the trajectory (the causal student's ODE init, CausVid/Self-Forcing): "trajectory" (K, 16, T,
+    h, w), the sampler's state at each of the K student timesteps (train_dmd's rollout steps, warp included;
+    the schedule of ode_schedule passes through them: the state is the one the teacher is evaluated at),
+    and "trajectory_t" (K,) those timesteps; "latents" stays the final x0."""
     import sample
     import train_dmd
     with open(prompts_file, encoding="utf-8") as f:
@@ -741,22 +768,37 @@ def make_teacher_data(c, prompts_file, out_dir, steps=50, guidance=5.0, shift=No
     autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
     dit = train_dmd.velocity_fn(base, None, autocast)   # None: the teacher's own weights, no adapter
     sigmas, timesteps = sample.flow_schedule(steps, shift, layout)
+    record = None
+    if ode_pairs:
+        record = train_dmd.rollout_steps(train_dmd.check_config(c), c["warp_denoising_step"], c["timestep_shift"])
+        sigmas, timesteps, rec_idx = ode_schedule(steps, shift, layout, record)
     todo = [(i, p) for i, p in enumerate(prompts) if i % world_size == rank]
     written = 0
     for i, p in tqdm(todo, desc=f"teacher data (rank {rank})", dynamic_ncols=True):
-        key = digest(p, c["seed"] + i, steps, guidance, shift, H, W, Fn, model_id, text_id, neg if guidance > 1 else None)
-        path = os.path.join(out_dir, f"teacher_{i:06d}_{key}.safetensors")
+        key = digest(p, c["seed"] + i, steps, guidance, shift, H, W, Fn, model_id, text_id, neg if guidance > 1 else None,
+                     *([record] if record else []))
+        path = os.path.join(out_dir, f"{'ode' if record else 'teacher'}_{i:06d}_{key}.safetensors")
         if entry_ok(path):
             continue
         ctx = te.encode([p]).to(dev)
         x, _ = sample.initial_noise(1, Fn, H, W, c["seed"] + i, dev)
         velocity = sample.guided(dit, ctx, neg_ctx, guidance)
+        states, ticks = [], [0]
+        if record:   # the state at each recorded step is the x the sampler evaluates the teacher at
+            def velocity(x_, t_, v=velocity):
+                if len(states) < len(record) and ticks[0] == rec_idx[len(states)]:
+                    states.append(x_[0].float().cpu())
+                ticks[0] += 1
+                return v(x_, t_)
         lat = sample.unipc_sample(velocity, x, sigmas.to(dev), timesteps.to(dev))   # (1, 16, T, h, w)
-        write_entry(path, {"latents": lat[0].float(), "context": trim(ctx[0])}, kind="sample", caption=p, text=text_id)
+        t = {"latents": lat[0].float(), "context": trim(ctx[0])}
+        if record:
+            t.update(trajectory=torch.stack(states), trajectory_t=torch.tensor(record, dtype=torch.float32))
+        write_entry(path, t, kind="sample", caption=p, text=text_id)
         if mp4:
             sample.write_mp4(path[: -len(".safetensors")] + ".mp4", vae.decode(lat.float())[0])
         written += 1
-    print(f"data: teacher data: {written} written, {len(todo) - written} already there -> {out_dir}")
+    print(f"data: teacher {'ODE pairs' if record else 'data'}: {written} written, {len(todo) - written} already there -> {out_dir}")
     return out_dir
 
 
@@ -768,6 +810,7 @@ if __name__ == "__main__":
     import train_dmd
     from configurator import configure
     own = dict(make_teacher_data="",   # a prompts file: write teacher samples instead of caching `datasets`
+               make_ode_pairs="",      # the same, with the trajectories at the student's steps (causal ODE init)
                teacher_out="",         # their cache_dir (default: <prompts file>.teacher)
                teacher_steps=50, teacher_guidance=5.0, teacher_shift=None, teacher_mp4=False)
     rest = []
@@ -782,8 +825,10 @@ if __name__ == "__main__":
             rest.append(a)
     c = configure(dict(vars(train_dmd)), train_dmd.__file__, rest, json_map=train_dmd.map_simpletuner)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if own["make_teacher_data"]:
-        make_teacher_data(c, own["make_teacher_data"], own["teacher_out"] or own["make_teacher_data"] + ".teacher",
-                          own["teacher_steps"], own["teacher_guidance"], own["teacher_shift"], own["teacher_mp4"], rank, world)
+    prompts = own["make_teacher_data"] or own["make_ode_pairs"]
+    if prompts:
+        make_teacher_data(c, prompts, own["teacher_out"] or prompts + (".ode" if own["make_ode_pairs"] else ".teacher"),
+                          own["teacher_steps"], own["teacher_guidance"], own["teacher_shift"], own["teacher_mp4"], rank, world,
+                          ode_pairs=bool(own["make_ode_pairs"]))
     else:
         cache_datasets(c, rank, world)

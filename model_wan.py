@@ -16,6 +16,11 @@ Numerics follow ../shared/design/wan21.md §2-§4:
 Sequence parallelism (Ulysses, off by default): `enable_sequence_parallel(model, group)` splits the tokens
 over a process group; two all-to-alls around self-attention are the only other change (parallel.py sets it up).
 
+Causal student (dmd.md §9, off by default): `forward(..., causal=(num_frame_per_block, independent_first_frame))`
+runs the whole clip under a block-causal SDPA mask (t per sample or per latent frame); with `kv_cache=` too it runs
+one block against a KVCache of earlier frames (block_starts, block_causal_mask, KVCache, WanDiT.new_kv_cache).
+No mask is built and no other op added when neither is given. (FlexAttention is not used: SDPA + a boolean mask.)
+
 Run `python model_wan.py` for a self-check of the tiny preset on CPU.
 """
 import json
@@ -24,6 +29,7 @@ import os
 import re
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -259,15 +265,16 @@ def timestep_sinusoid(t, dim):
     arg = t.float()[:, None] * torch.exp(exponent)[None, :]
     return torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
 
-def rope_tables(Fp, Hp, Wp, head_dim, device):
+def rope_tables(Fp, Hp, Wp, head_dim, device, f0=0):
     """RoPE angles for a (Fp,Hp,Wp) patch grid -> cos, sin of shape (1, L, 1, head_dim/2), fp32.
+    f0: absolute index of the first frame (a causal block starting at latent frame f0 keeps absolute positions).
     Pair k of a head rotates by f*inv_t[k] (first t/2 pairs), then h*inv_h, then w*inv_w, with
     axis dims t = d - 4(d//6), h = w = 2(d//6) (44/42/42 at d=128), each with its own exponent."""
     hw = 2 * (head_dim // 6)
     angs = []
-    for n, a in ((Fp, head_dim - 2 * hw), (Hp, hw), (Wp, hw)):
+    for n, a, o in ((Fp, head_dim - 2 * hw, f0), (Hp, hw, 0), (Wp, hw, 0)):
         inv = 1.0 / (10000 ** (torch.arange(0, a, 2, dtype=torch.float64, device=device) / a))  # (a/2,)
-        angs.append(torch.arange(n, dtype=torch.float64, device=device)[:, None] * inv[None])  # (n, a/2)
+        angs.append(torch.arange(o, o + n, dtype=torch.float64, device=device)[:, None] * inv[None])  # (n, a/2)
     af, ah, aw = angs
     grid = torch.cat([af[:, None, None, :].expand(Fp, Hp, Wp, -1),
                       ah[None, :, None, :].expand(Fp, Hp, Wp, -1),
@@ -284,13 +291,15 @@ def apply_rope(x, cos, sin):
     out[..., 1::2] = x1 * sin + x2 * cos
     return out
 
-def attention(q, k, v, sp_group=None):
-    """q (B,Lq,N,d), k/v (B,Lk,N,d) -> (B,Lq,N*d). SDPA picks flash/cuDNN kernels on GPU.
+def attention(q, k, v, sp_group=None, mask=None):
+    """q (B,Lq,N,d), k/v (B,Lk,N,d) -> (B,Lq,N*d). SDPA picks flash/cuDNN kernels on GPU; a boolean
+    mask (Lq,Lk), True = attend (the causal whole-clip pass), sends it to the efficient/math kernels.
     With an SP group of P ranks (Ulysses), q/k/v hold this rank's L/P tokens of every head: one all-to-all
     trades them for all L tokens of N/P heads, attention runs on those, and a second all-to-all trades back."""
     if sp_group is not None:
         q, k, v = _AllToAll.apply(torch.stack([q, k, v]), sp_group, False).unbind(0)
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask).transpose(1, 2)
     if sp_group is not None:
         o = _AllToAll.apply(o.unsqueeze(0), sp_group, True).squeeze(0)
     return o.flatten(2)
@@ -304,8 +313,10 @@ class Attention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
-    def forward(self, x, ctx=None, rope=None):
-        """x (B,L,E); ctx (B,Lc,E) for cross-attention or None for self-attention -> (B,L,E)."""
+    def forward(self, x, ctx=None, rope=None, mask=None, cache=None):
+        """x (B,L,E); ctx (B,Lc,E) for cross-attention or None for self-attention -> (B,L,E).
+        mask: block-causal (L,L) bool or None. cache: this layer's KVCache.update (k, v) -> (k, v): stores this
+        call's k/v (after RoPE) and gives the cached frames' k/v plus them, to attend to."""
         ctx = x if ctx is None else ctx
         N = self.num_heads
         q = self.norm_q(self.q(x)).unflatten(-1, (N, -1))    # (B,L,N,d)
@@ -313,7 +324,9 @@ class Attention(nn.Module):
         v = self.v(ctx).unflatten(-1, (N, -1))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return self.o(attention(q, k, v, self.sp_group))
+        if cache is not None:
+            k, v = cache(k, v)
+        return self.o(attention(q, k, v, self.sp_group, mask))
 
 class Block(nn.Module):
     def __init__(self, cfg):
@@ -326,16 +339,31 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(Linear(E, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, E))
         self.modulation = nn.Parameter(torch.randn(1, 6, E) / E ** 0.5)
 
-    def forward(self, x, e, ctx, rope):
-        """x (B,L,E) fp32 residual; e (B,6,E) fp32 time projection; ctx (B,Lc,E); rope tables."""
+    def forward(self, x, e, ctx, rope, mask=None, cache=None):
+        """x (B,L,E) fp32 residual; e (B,6,E) fp32 time projection, or (B,F,6,E) per latent frame (causal);
+        ctx (B,Lc,E); rope tables; mask/cache for causal self-attention (Attention.forward)."""
+        if e.ndim == 4:
+            return self.forward_per_frame(x, e, ctx, rope, mask)
         dt = self.self_attn.q.weight.dtype
         shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e).chunk(6, dim=1)  # (B,1,E)
         h = torch.addcmul(shift, layer_norm(x, eps=self.eps), 1 + scale)        # LN(x)(1+scale)+shift, fp32
-        x = torch.addcmul(x, self.self_attn(h.to(dt), rope=rope), gate)        # fp32 residual += o * gate
+        x = torch.addcmul(x, self.self_attn(h.to(dt), rope=rope, mask=mask, cache=cache), gate)  # residual += o*gate
         x = x + self.cross_attn(self.norm3(x).to(dt), ctx=ctx)                 # no gate, no mask
         h = torch.addcmul(c_shift, layer_norm(x, eps=self.eps), 1 + c_scale)
         x = torch.addcmul(x, self.ffn(h.to(dt)), c_gate)
         return x
+
+    def forward_per_frame(self, x, e, ctx, rope, mask):
+        """The same with e (B,F,6,E): frame f's tokens are modulated by its own timestep (the whole-clip
+        causal pass with per-frame t); x is viewed as (B,F,HW,E) for each modulation (Self-Forcing's CausalWan)."""
+        dt = self.self_attn.q.weight.dtype
+        fr = lambda y: y.unflatten(1, (e.shape[1], -1))                        # (B,L,E) -> (B,F,HW,E)
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e).chunk(6, dim=2)  # (B,F,1,E)
+        h = torch.addcmul(shift, fr(layer_norm(x, eps=self.eps)), 1 + scale).flatten(1, 2)
+        x = torch.addcmul(fr(x), fr(self.self_attn(h.to(dt), rope=rope, mask=mask)), gate).flatten(1, 2)
+        x = x + self.cross_attn(self.norm3(x).to(dt), ctx=ctx)
+        h = torch.addcmul(c_shift, fr(layer_norm(x, eps=self.eps)), 1 + c_scale).flatten(1, 2)
+        return torch.addcmul(fr(x), fr(self.ffn(h.to(dt))), c_gate).flatten(1, 2)
 
 class Head(nn.Module):
     def __init__(self, cfg):
@@ -346,7 +374,11 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, E) / E ** 0.5)
 
     def forward(self, x, temb):
-        """x (B,L,E) fp32; temb (B,E) -> (B,L,out_dim*prod(patch))."""
+        """x (B,L,E) fp32; temb (B,E), or (B,F,E) per latent frame -> (B,L,out_dim*prod(patch))."""
+        if temb.ndim == 3:   # per frame: (B,F,1,E) modulation of x viewed as (B,F,HW,E)
+            shift, scale = (self.modulation.float() + temb.float()[:, :, None]).chunk(2, dim=2)
+            h = layer_norm(x, eps=self.eps).unflatten(1, (temb.shape[1], -1)) * (1 + scale) + shift
+            return self.head(h.flatten(1, 2))
         shift, scale = (self.modulation.float() + temb.float()[:, None]).chunk(2, dim=1)
         return self.head(layer_norm(x, eps=self.eps) * (1 + scale) + shift)
 
@@ -375,7 +407,7 @@ class WanDiT(nn.Module):
         self.gradient_checkpointing = False
         self.sp_group = None   # sequence parallelism (enable_sequence_parallel): tokens split over the group
 
-    def check_inputs(self, x, t, context):
+    def check_inputs(self, x, t, context, per_frame=False):
         c = self.cfg
         if x.ndim != 5 or x.shape[1] != c.in_dim:
             raise ValueError(f"x must be (B,{c.in_dim},F,H,W), got shape {tuple(x.shape)}")
@@ -385,7 +417,7 @@ class WanDiT(nn.Module):
             raise ValueError(f"x shape {tuple(x.shape)}: F,H,W must be divisible by the patch size {c.patch_size}")
         if max(Fr // pt, H // ph, W // pw) > c.rope_max_len:
             raise ValueError(f"x shape {tuple(x.shape)}: more than {c.rope_max_len} patches along an axis")
-        if t.shape != (B,):
+        if t.shape != (B,) and not per_frame:
             raise ValueError(f"t must have shape ({B},) (one timestep per sample), got {tuple(t.shape)}")
         if context.ndim != 3 or context.shape[0] != B or context.shape[2] != c.text_dim:
             raise ValueError(f"context must be ({B},L,{c.text_dim}), got shape {tuple(context.shape)}")
@@ -395,30 +427,88 @@ class WanDiT(nn.Module):
                 raise ValueError(f"sequence parallelism over {P} ranks needs the token count ({L} for x shape "
                                  f"{tuple(x.shape)}) and the head count ({c.num_heads}) divisible by {P}")
 
-    def forward(self, x, t, context):
+    def check_causal_inputs(self, x, t, causal, kv_cache, start_frame):
+        """The causal arguments of forward (see there); x and context have passed check_inputs' other checks."""
+        B, _, Fr, H, W = x.shape
+        pt, ph, pw = self.cfg.patch_size
+        Fp, hw = Fr // pt, (H // ph) * (W // pw)
+        if self.sp_group is not None:
+            raise ValueError("sequence parallelism does not support the causal student (causal/kv_cache given)")
+        if causal is None:
+            raise ValueError("a kv_cache forward needs causal=(num_frame_per_block, independent_first_frame) too")
+        nb, first = causal
+        if kv_cache is None:
+            block_starts(Fp, nb, first)   # raises when the blocks do not tile the frames
+            if start_frame != 0:
+                raise ValueError(f"start_frame={start_frame} needs a kv_cache (the whole-clip pass starts at frame 0)")
+            if t.shape not in ((B,), (B, Fp)):
+                raise ValueError(f"t must have shape ({B},) or ({B}, {Fp}) (per latent frame), got {tuple(t.shape)}")
+            return
+        if t.shape != (B,):
+            raise ValueError(f"with a kv_cache t must have shape ({B},) (one timestep per block), got {tuple(t.shape)}")
+        off = 1 if first else 0
+        if first and start_frame == 0:
+            ok = Fp == 1
+        elif nb == 0:
+            ok = start_frame == off
+        else:
+            ok = start_frame >= off and (start_frame - off) % nb == 0 and Fp == nb
+        if not ok:
+            raise ValueError(f"a kv_cache forward takes exactly one block: x has {Fp} latent frames at start_frame="
+                             f"{start_frame}, but blocks are {nb or 'all'} frames" +
+                             (" after a lone first frame" if first else "") + " (block_starts gives the starts)")
+        if (kv_cache.batch, kv_cache.tokens_per_frame) != (B, hw):
+            raise ValueError(f"kv_cache is for batch {kv_cache.batch} and {kv_cache.tokens_per_frame} tokens per frame, "
+                             f"x has batch {B} and {hw}")
+        if kv_cache.dtype != self.blocks[0].self_attn.k.weight.dtype:
+            raise ValueError(f"kv_cache dtype {kv_cache.dtype} != the model's {self.blocks[0].self_attn.k.weight.dtype}")
+        if start_frame + Fp > self.cfg.rope_max_len:
+            raise ValueError(f"frames up to {start_frame + Fp} exceed rope_max_len={self.cfg.rope_max_len} RoPE positions")
+
+    def forward(self, x, t, context, causal=None, kv_cache=None, start_frame=0):
         """x (B,C,F,H,W) latents; t (B,) float timesteps in [0,1000]; context (B,Lc,text_dim) text
-        embeddings with padded rows zero -> velocity (B,C,F,H,W) in fp32."""
-        self.check_inputs(x, t, context)
+        embeddings with padded rows zero -> velocity (B,C,F,H,W) in fp32.
+        Causal student (dmd.md §9):
+        - causal=(num_frame_per_block, independent_first_frame), no kv_cache: the whole clip in one pass with the
+          block-causal mask; t is (B,) or (B,F) per latent frame.
+        - kv_cache too: x is ONE block starting at absolute latent frame start_frame, t is (B,). Its k/v are written
+          to the cache first (overwriting those frames; later frames are dropped), then it attends to every cached
+          frame up to its own end. The cache holds detached k/v: no gradient flows between blocks. Gradient
+          checkpointing works here too: the recompute in backward re-reads the earlier frames' cached k/v and
+          writes nothing (an error if the cache rolled or was reset in between)."""
+        self.check_inputs(x, t, context, per_frame=causal is not None and kv_cache is None)
+        if causal is not None or kv_cache is not None:
+            self.check_causal_inputs(x, t, causal, kv_cache, start_frame)
         c = self.cfg
         B, _, Fr, H, W = x.shape
         pt, ph, pw = c.patch_size
         Fp, Hp, Wp = Fr // pt, H // ph, W // pw
         dt = self.patch_embedding.weight.dtype
         x = self.patch_embedding(x.to(dt)).flatten(2).transpose(1, 2).float()       # (B,L,E) fp32
-        rope = rope_tables(Fp, Hp, Wp, c.head_dim, x.device)                         # 2x (1,L,1,d/2)
-        temb = self.time_embedding(timestep_sinusoid(t, c.freq_dim)).float()         # (B,E)
-        e = self.time_projection(temb).float().unflatten(1, (6, -1))                 # (B,6,E)
+        rope = rope_tables(Fp, Hp, Wp, c.head_dim, x.device, start_frame)            # 2x (1,L,1,d/2)
+        if t.ndim == 2:   # per latent frame (causal whole-clip pass)
+            temb = self.time_embedding(timestep_sinusoid(t.flatten(), c.freq_dim)).float().unflatten(0, t.shape)
+            e = self.time_projection(temb).float().unflatten(-1, (6, -1))            # (B,F,6,E)
+        else:
+            temb = self.time_embedding(timestep_sinusoid(t, c.freq_dim)).float()     # (B,E)
+            e = self.time_projection(temb).float().unflatten(1, (6, -1))             # (B,6,E)
         ctx = self.text_embedding(fit_context(context, c.text_len))                  # (B,<=text_len,E)
         if self.sp_group is not None:   # this rank's L/P tokens (and their RoPE rows) through the blocks
             x, rope = sp_split(x, self.sp_group), tuple(sp_split(r, self.sp_group) for r in rope)
-        for block in self.blocks:
+        mask, slots = None, None
+        if kv_cache is not None:
+            slots = kv_cache.write_slots(start_frame, Fp)
+        elif causal is not None and len(block_starts(Fp, *causal)) > 1:
+            mask = block_causal_mask(Fp, Hp * Wp, *causal, device=x.device)
+        for i, block in enumerate(self.blocks):
+            cache = None if slots is None else partial(kv_cache.update, i, slots)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 # the recompute runs in backward, after use_adapter has restored its choice: replay this one
                 state = [(m, m.adapter) for m in block.modules() if isinstance(m, Linear)]
-                x = checkpoint(block, x, e, ctx, rope, use_reentrant=False,
+                x = checkpoint(block, x, e, ctx, rope, mask, cache, use_reentrant=False,
                                context_fn=lambda s=state: (nullcontext(), _adapters_as(s)))
             else:
-                x = block(x, e, ctx, rope)
+                x = block(x, e, ctx, rope, mask, cache)
         y = self.head(x, temb).float()                                               # (B,L,pt*ph*pw*C)
         if self.sp_group is not None:
             y = _Gather.apply(y, self.sp_group)
@@ -426,12 +516,97 @@ class WanDiT(nn.Module):
         y = y.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, c.out_dim, Fr, H, W)
         return y
 
+    def new_kv_cache(self, batch, max_frames, tokens_per_frame, device=None, dtype=None):
+        """An empty KVCache for this model's self-attention layers (device/dtype: the model's by default)."""
+        w = self.blocks[0].self_attn.k.weight
+        return KVCache(len(self.blocks), batch, max_frames, tokens_per_frame, self.cfg.num_heads, self.cfg.head_dim,
+                       device or w.device, dtype or w.dtype)
+
     def cast(self, dtype):
         """Cast to dtype, keeping FP32_MODULES (time MLPs, modulation tables, affine norms) in fp32."""
         for name, p in self.named_parameters():
             keep = any(part in FP32_MODULES for part in name.split("."))
             p.data = p.data.to(torch.float32 if keep else dtype)
         return self
+
+# -----------------------------------------------------------------------------
+# causal (block-wise autoregressive) student: blocks of latent frames, their attention mask, the KV cache
+
+def block_starts(num_frames, num_frame_per_block, independent_first_frame):
+    """Latent-frame index where each block starts: (21, 3, False) -> [0, 3, ..., 18]; (21, 4, True) ->
+    [0, 1, 5, 9, 13, 17] (the first frame is a block of its own). num_frame_per_block 0 = one block of all
+    (remaining) frames."""
+    off = 1 if independent_first_frame and num_frames > 0 else 0
+    n = num_frames - off
+    nb = num_frame_per_block or max(n, 1)
+    if num_frame_per_block < 0 or n % nb:
+        raise ValueError(f"{num_frames} latent frames" + (" (after the lone first frame: "
+                         f"{n})" if off else "") + f" do not split into blocks of num_frame_per_block="
+                         f"{num_frame_per_block}")
+    return [0] * off + list(range(off, num_frames, nb)) if n else [0]
+
+def block_causal_mask(num_frames, tokens_per_frame, num_frame_per_block, independent_first_frame, device=None):
+    """(L, L) bool, L = num_frames*tokens_per_frame: True where the query token may attend the key token,
+    i.e. the key's block is the query's block or an earlier one."""
+    starts = torch.tensor(block_starts(num_frames, num_frame_per_block, independent_first_frame), device=device)
+    blk = torch.searchsorted(starts, torch.arange(num_frames, device=device), right=True) - 1   # block of each frame
+    blk = blk.repeat_interleave(tokens_per_frame)
+    return blk[None, :] <= blk[:, None]
+
+class KVCache:
+    """Self-attention k/v (after RoPE, detached) of already processed latent frames, for every layer:
+    k[i], v[i] of shape (B, max_frames*tokens_per_frame, N, d). Absolute frames [start, end) are held, frame
+    `start` in slot 0. Writing a block of f frames at frame s (WanDiT.forward with kv_cache) keeps frames
+    [start, s), drops any from s on, and, when s+f would overflow the window, rolls it: the oldest frames are
+    dropped and the rest shifted to the front (no attention sink). RoPE positions stay absolute: the
+    rolled entries carry their own rotation."""
+
+    def __init__(self, num_layers, batch, max_frames, tokens_per_frame, num_heads, head_dim, device=None,
+                 dtype=torch.float32):
+        shape = (batch, max_frames * tokens_per_frame, num_heads, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.batch, self.max_frames, self.tokens_per_frame, self.dtype = batch, max_frames, tokens_per_frame, dtype
+        self.version = 0   # bumped when held entries move or may change under an earlier forward (roll, reset, rewind)
+        self.reset()
+
+    def reset(self):
+        self.start = self.end = 0
+        self.version += 1
+
+    def write_slots(self, s, f):
+        """Make room for frames [s, s+f) (rolling the window if needed) -> their token slots (a, b)."""
+        if f > self.max_frames:
+            raise ValueError(f"a block of {f} frames does not fit a KV cache of {self.max_frames} frames")
+        if not self.start <= s <= self.end:
+            raise ValueError(f"start_frame={s} does not continue the KV cache, which holds frames [{self.start}, "
+                             f"{self.end}): write blocks in order (reset() for a new clip)")
+        new_start = max(self.start, s + f - self.max_frames)
+        if new_start > self.start:   # roll: keep frames [new_start, s) and move them to the front
+            n, a = (s - new_start) * self.tokens_per_frame, (new_start - self.start) * self.tokens_per_frame
+            for buf in self.k + self.v:
+                buf[:, :n] = buf[:, a:a + n].clone()
+        if new_start > self.start or s + f < self.end:   # moved, or rewound before the last block
+            self.version += 1
+        self.start, self.end = new_start, s + f
+        a = (s - self.start) * self.tokens_per_frame
+        return {"a": a, "b": a + f * self.tokens_per_frame, "version": self.version, "written": set()}
+
+    def update(self, i, slots, k, v):
+        """Self-attention of layer i in a forward whose block has token `slots` (write_slots): store k/v (detached)
+        there the first time; a gradient-checkpoint recompute in backward finds them written and stores nothing.
+        -> k, v to attend: the cached earlier frames, then this block's own (the gradient reaches only these)."""
+        a, b = slots["a"], slots["b"]
+        kb, vb = self.k[i], self.v[i]
+        if i not in slots["written"]:
+            kb[:, a:b], vb[:, a:b] = k.detach(), v.detach()
+            slots["written"].add(i)
+        elif self.version != slots["version"]:
+            raise RuntimeError("the KV cache rolled, was reset or rewound between a checkpointed forward with grad and "
+                               "its backward: give the cache room for the whole rollout, or backward first")
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            return torch.cat([kb[:, :a], k], 1), torch.cat([vb[:, :a], v], 1)
+        return kb[:, :b], vb[:, :b]                                             # views: no copy
 
 def num_params(model):
     return sum(p.numel() for p in model.parameters())
@@ -997,6 +1172,16 @@ class WanVAE(nn.Module):
         else:
             out = self._decode_tiled(x, *tile)
         return out.clamp_(-1.0, 1.0)
+
+    def decode_stream(self, latents, cache):
+        """Decode the next latent frames of a clip, continuing the decoder's causal `cache` (a dict: {} for a
+        new clip, then the same dict for every later call): the clip's first latent frame gives 1 video frame,
+        every other one 4. The outputs of the calls, concatenated, equal decode() of the whole clip (streaming)."""
+        if latents.ndim != 5 or latents.shape[1] != self.cfg.z_dim:
+            raise ValueError(f"latents must be (B,{self.cfg.z_dim},T,h,w), got shape {tuple(latents.shape)}")
+        mean, std = self.latent_stats(latents.device)
+        x = self.post_quant_conv((latents.float() * std + mean).to(self.dtype))
+        return torch.cat([self.decoder(x[:, :, i:i + 1], cache).float() for i in range(x.shape[2])], 2).clamp_(-1.0, 1.0)
 
     def _decode_frames(self, x):
         """x (B,z,T,h,w) after post_quant_conv -> (B,3,1+4(T-1),8h,8w) fp32, one latent frame per chunk;

@@ -5,7 +5,12 @@ few-step DMD student (the sampler of shared/design/dmd.md §3: predict x0, re-no
   python sample.py --prompt="a red fox running through snow"                          # teacher, 50 steps
   python sample.py --ckpt=out/wan_dmd_3step --prompt="a red fox running through snow"  # 3-step student
   python sample.py --model=/path/to/Wan2.1-T2V-1.3B --prompts_file=prompts.txt --num_frames=33
+  python sample.py --ckpt=out/wan_causal_dmd --stream=True --num_frames=161  # causal student, streamed, rolled
   python sample.py --help
+
+A causal student (its folder's config.json has "causal": true, written by train_dmd.py) is generated block by
+block with the KV cache (causal_sample); --stream=True decodes and appends each block's frames to the mp4 as soon
+as the block is done; num_frames beyond the training length rolls the cache window (num_training_frames latents).
 
 Seeds follow diffusers' WanPipeline with a CPU generator: the same seed and settings give the same
 initial noise, so teacher samples match diffusers' (tests/test_sample.py checks the latents).
@@ -39,6 +44,7 @@ seed = 0                     # batch i uses seed + i
 batch_size = 1               # prompts per DiT batch
 out = "out/samples"          # folder for the mp4s (and latents)
 save_latents = False         # also write the final normalised latents as safetensors
+stream = False               # causal student: decode and write each block's frames as soon as it is generated
 fps = 16
 device = "auto"              # auto: cuda if available, else cpu
 dtype = "auto"               # DiT and text-encoder dtype; auto: bfloat16 on cuda, float32 on cpu (the VAE stays fp32)
@@ -133,6 +139,33 @@ def student_sample(velocity, x, steps, generator=None, progress=None):
     return x0
 
 
+def causal_sample(dit, ctx, x, steps, causal, context_noise=0.0, window=None, generator=None, on_block=None,
+                  progress=None):
+    """Causal student, block by block (dmd.md §9): each block of latent frames runs the student sampler above
+    with the KV cache (attending to itself and the cached earlier frames), then one more pass on its x0
+    (re-noised to σ = context_noise/1000 with fresh noise; clean at 0) at t = context_noise writes the block's
+    cache entries. causal = (num_frame_per_block, independent_first_frame); window: latent frames the cache
+    holds (None: all), older ones roll out. on_block(start_frame, x0_block) is called as each block finishes.
+    x (B,C,F,h,w) fp32 noise -> x0 (B,C,F,h,w)."""
+    B, _, Fn, h, w = x.shape
+    ph, pw = dit.cfg.patch_size[1:]
+    starts = mw.block_starts(Fn, *causal) + [Fn]
+    cache = dit.new_kv_cache(B, window or Fn, (h // ph) * (w // pw), device=x.device)
+    out = torch.empty_like(x)
+    for s, e in zip(starts[:-1], starts[1:]):
+        def velocity(x_, t_, s=s):
+            return dit(x_, t_, ctx, causal=causal, kv_cache=cache, start_frame=s)
+        x0 = student_sample(velocity, x[:, :, s:e], steps, generator, progress)
+        out[:, :, s:e] = x0
+        if on_block is not None:
+            on_block(s, x0)
+        if e < Fn:   # the context pass: cache the block as the next blocks will see it
+            sc = context_noise / 1000   # (the noise is drawn at 0 too: the same generator stream as train_dmd's)
+            xc = (1 - sc) * x0 + sc * torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+            velocity(xc, torch.full((B,), float(context_noise), device=x.device))
+    return out
+
+
 def guided(dit, ctx, neg_ctx, scale):
     """Velocity function with classifier-free guidance: two passes (cond, uncond), uncond + g·(cond − uncond)."""
     def velocity(x, t):
@@ -186,20 +219,39 @@ def load_student(dit, path):
     return "full"
 
 
+class Mp4Writer:
+    """An H.264 mp4 (yuv420p, crf 17) kept open: write(video) appends frames as they come (streaming),
+    close() flushes the encoder. video (3,F,H,W) in [−1,1]."""
+
+    def __init__(self, path, fps=16):
+        import av
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path, self.container, self.stream = path, av.open(path, mode="w"), None
+        self.fps = fps
+
+    def write(self, video):
+        import av
+        frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+        if self.stream is None:
+            self.stream = self.container.add_stream("libx264", rate=self.fps)
+            self.stream.height, self.stream.width = frames.shape[1:3]
+            self.stream.pix_fmt = "yuv420p"
+            self.stream.options = {"crf": "17"}
+        for fr in frames:
+            self.container.mux(self.stream.encode(av.VideoFrame.from_ndarray(fr, format="rgb24")))
+
+    def close(self):
+        if self.stream is not None:
+            self.container.mux(self.stream.encode())
+        self.container.close()
+        return self.path
+
+
 def write_mp4(path, video, fps=16):
     """video (3,F,H,W) in [−1,1] -> H.264 mp4 (yuv420p) at fps, written with PyAV."""
-    import av
-    frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with av.open(path, mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "17"}
-        for fr in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(fr, format="rgb24")))
-        container.mux(stream.encode())
-    return path
+    w = Mp4Writer(path, fps)
+    w.write(video)
+    return w.close()
 
 
 def read_mp4(path):
@@ -216,6 +268,34 @@ def slug(text, n=40):
     return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:n] or "prompt"
 
 # -----------------------------------------------------------------------------
+
+def read_causal_config(ckpt):
+    """The causal keys of a student folder's config.json (train_dmd.py writes them) -> dict, or None for a
+    bidirectional student (no config.json, or "causal" false). window: latent frames of the KV cache
+    (num_training_frames; more frames than that roll it); dmd_denoising_steps as trained (warped when
+    warp_denoising_step was set), used unless denoising_steps is given."""
+    import json
+    folder = ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt))
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        cfg = json.load(f)
+    if not cfg.get("causal"):
+        return None
+    keys = ("num_frame_per_block", "independent_first_frame", "context_noise", "num_training_frames")
+    missing = [k for k in keys if k not in cfg]
+    if missing:
+        raise ValueError(f"{path} has \"causal\": true but lacks {missing}")
+    steps = cfg.get("dmd_denoising_steps", STUDENT_STEPS)
+    steps = [float(t) for t in (steps if isinstance(steps, list) else str(steps).split(","))]
+    if cfg.get("warp_denoising_step"):   # trained on warped steps (train_dmd.rollout_steps): sample on them too
+        steps = [float(1000 * shift_sigmas(torch.tensor(t) / 1000, float(cfg.get("timestep_shift", 1.0)))) for t in steps]
+    return {"num_frame_per_block": int(cfg["num_frame_per_block"]),
+            "independent_first_frame": bool(cfg["independent_first_frame"]),
+            "context_noise": float(cfg["context_noise"]), "window": int(cfg["num_training_frames"]),
+            "dmd_denoising_steps": ",".join(map(str, steps))}
+
 
 def resolve_model_dir(source):
     """Local folder for `model` (a hub id downloads nothing here; each loader fetches its own files) and its layout."""
@@ -261,7 +341,20 @@ def generate(cfg):
     else:
         prompts = [c["prompt"]]
     student = bool(c["ckpt"] or c["denoising_steps"])
-    steps = [float(s) for s in (c["denoising_steps"] or STUDENT_STEPS).split(",")] if student else None
+    causal = read_causal_config(c["ckpt"]) if c["ckpt"] else None
+    stream = bool(c.get("stream", False))
+    if causal is None and stream:
+        raise ValueError("stream=True needs a causal student (ckpt folder whose config.json has \"causal\": true)")
+    if causal is not None:
+        T = 1 + (Fn - 1) // 4
+        try:
+            mw.block_starts(T, causal["num_frame_per_block"], causal["independent_first_frame"])
+        except ValueError as e:
+            raise ValueError(f"num_frames={Fn} ({T} latent frames) does not fit the causal student's blocks: {e}") from None
+        if T > causal["window"]:
+            print(f"notice: {T} latent frames > the {causal['window']} trained: the KV cache window rolls")
+    default_steps = causal["dmd_denoising_steps"] if causal is not None else STUDENT_STEPS
+    steps = [float(s) for s in (c["denoising_steps"] or default_steps).split(",")] if student else None
     if steps and (any(not 0 < s <= 1000 for s in steps) or steps != sorted(steps, reverse=True)):
         raise ValueError(f"denoising_steps must decrease within (0, 1000], got {c['denoising_steps']!r}")
     cfg_on = not student and c["guidance_scale"] > 1
@@ -287,15 +380,31 @@ def generate(cfg):
     mode = (f"student {len(steps)} steps {c['denoising_steps'] or STUDENT_STEPS}" if student else
             f"teacher {c['sampler']} {c['num_inference_steps']} steps, guidance {c['guidance_scale']}, shift {shift}")
     print(f"{len(prompts)} prompt(s), {Fn}x{H}x{W}, {mode}, {dev} {dt}")
-    paths, t_dit, t_vae = [], 0.0, 0.0
+    paths, t_dit, t_vae, t_first = [], 0.0, 0.0, None
     n_steps = len(steps) if student else c["num_inference_steps"]
     bar = tqdm(total=n_steps * len(ctxs), desc="denoising")
     for bi, ctx in enumerate(ctxs):
         B = ctx.shape[0]
         x, gen = initial_noise(B, Fn, H, W, c["seed"] + bi, dev)
         t0 = time.perf_counter()
+        stems = [os.path.join(c["out"], f"{bi * c['batch_size'] + j:03d}_{slug(prompts[bi * c['batch_size'] + j])}"
+                              f"_seed{c['seed'] + bi}") for j in range(B)]
         with torch.no_grad():
-            if student:
+            if causal is not None:
+                writers = [Mp4Writer(st + ".mp4", c["fps"]) for st in stems] if stream else None
+                vae_cache = {}
+
+                def on_block(s, x0):   # streaming: decode this block (continuing the VAE's causal cache), append
+                    nonlocal t_first
+                    video = vae.decode_stream(x0, vae_cache)
+                    for j, wr in enumerate(writers):
+                        wr.write(video[j])
+                    if t_first is None:
+                        sync()
+                        t_first = time.perf_counter() - t0
+                lat = causal_sample(dit, ctx, x, steps, (causal["num_frame_per_block"], causal["independent_first_frame"]),
+                                    causal["context_noise"], causal["window"], gen, on_block if writers else None, bar)
+            elif student:
                 lat = student_sample(lambda x_, t_: dit(x_, t_, ctx), x, steps, gen, bar)
             else:
                 velocity = guided(dit, ctx, None if neg_ctx is None else neg_ctx.expand(B, -1, -1), c["guidance_scale"])
@@ -304,15 +413,13 @@ def generate(cfg):
                 lat = (unipc_sample(velocity, x, sigmas, timesteps.to(dev), bar) if c["sampler"] == "unipc"
                        else euler_sample(velocity, x, sigmas, bar))
             sync()
-            t_dit += time.perf_counter() - t0
+            t_dit += time.perf_counter() - t0   # streaming: DiT and VAE together
             t0 = time.perf_counter()
-            video = vae.decode(lat.float())   # (B,3,F,H,W) in [-1,1]
+            video = None if stream else vae.decode(lat.float())   # (B,3,F,H,W) in [-1,1]
             sync()
             t_vae += time.perf_counter() - t0
-        for j in range(B):
-            i = bi * c["batch_size"] + j
-            stem = os.path.join(c["out"], f"{i:03d}_{slug(prompts[i])}_seed{c['seed'] + bi}")
-            paths.append(write_mp4(stem + ".mp4", video[j], c["fps"]))
+        for j, stem in enumerate(stems):
+            paths.append(writers[j].close() if stream else write_mp4(stem + ".mp4", video[j], c["fps"]))
             if c["save_latents"]:
                 from safetensors.torch import save_file
                 save_file({"latents": lat[j:j + 1].float().contiguous().cpu()}, stem + ".latents.safetensors")
@@ -322,7 +429,10 @@ def generate(cfg):
     else:
         import resource
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
-    print(f"done: text {t_text:.1f}s | DiT {t_dit:.1f}s | VAE decode {t_vae:.1f}s | peak {peak} | " + ", ".join(paths))
+    first = f" | first frames after {t_first:.2f}s" if t_first is not None else ""
+    dit_vae = "DiT+VAE (streamed)" if stream else "DiT"
+    print(f"done: text {t_text:.1f}s | {dit_vae} {t_dit:.1f}s | VAE decode {t_vae:.1f}s{first} | peak {peak} | "
+          + ", ".join(paths))
     return paths
 
 

@@ -60,11 +60,22 @@ timestep_shift = 1.0                   # shift applied to score timesteps (1 = n
 last_step_only = False                 # always exit the rollout at the last step
 real_data_loss_weight = 0.0            # flow-matching term of G on dataset latents, added to the DMD loss (needs datasets)
 flow_schedule_shift = 5.0              # shift of the real-data flow-matching timesteps
-# causal student keys (Self-Forcing): only their bidirectional values until the causal mode exists
-num_frame_per_block = 0                # 0 = one block of all frames
-independent_first_frame = False
-same_step_across_blocks = True
-context_noise = 0
+# causal student (Self-Forcing, dmd.md §9; README "Causal student"): the generator denoises blocks of latent
+# frames one after another with a KV cache; teacher and critic stay bidirectional. causal=False: the keys below must
+# keep their bidirectional values (one block, one exit step, no context noise), anything else is an error.
+causal = False                         # block-causal generator (model_wan forward(causal=, kv_cache=))
+num_frame_per_block = 0                # latent frames per block (Self-Forcing: 3); 0 = one block of all frames
+independent_first_frame = False        # latent frame 0 is a block of its own (then the rest split into blocks)
+same_step_across_blocks = True         # one exit step shared by all blocks; False: one drawn per block
+context_noise = 0                      # t (0-1000 scale) of the no-grad pass that writes a finished block's cache; 0 = clean
+dmd_loss_frames = 0                    # latent frames the DMD and critic losses see: the LAST ones of the rollout
+                                       # (Self-Forcing: 21 of a longer num_training_frames); 0 = num_training_frames.
+                                       # Shorter: the first kept frame is re-encoded by the VAE as an image latent
+objective = "dmd"                      # "dmd"; "ode_init": regress the generator on teacher ODE trajectories (datasets
+                                       # = the folder of `python data.py CONFIG --make_ode_pairs=prompts.txt`) at every
+                                       # trainer step; no critic, no teacher forward
+generator_init = ""                    # student to start the generator from: a train_dmd output folder or .safetensors
+                                       # (LoRA file -> the generator adapter; full weights -> needs lora_rank = 0)
 # networks
 lora_rank = 128                        # generator LoRA rank; 0 = full fine-tune (a separate fp32 copy)
 lora_alpha = 128
@@ -168,6 +179,80 @@ def data_rollout(gen, x0, ctx, steps, k_exit):
     return x_g, steps[k_exit], steps[k_exit + 1] if k_exit + 1 < len(steps) else 0.0
 
 
+def exit_steps(seed, step, salt, n_steps, n_blocks, same=True, last_only=False):
+    """The rollout's exit step per block (dmd.md §3, §9), identical on every rank without a broadcast: drawn from
+    a generator seeded by (seed, trainer step, salt: 0 generator / 1 critic). same: one draw shared by all blocks
+    (the bidirectional student is one block: the same draw as before the causal mode); last_only: the last step."""
+    if last_only:
+        return [n_steps - 1] * n_blocks
+    g = torch.Generator().manual_seed((seed * 100003 + step) * 2 + salt)
+    ks = torch.randint(n_steps, (1 if same else n_blocks,), generator=g).tolist()
+    return ks * n_blocks if same else ks
+
+
+def causal_rollout(gen, noise, ctx, steps, exits, starts, cache, context_noise=0.0, grad_from=0, generator=None):
+    """Block-wise backward simulation (dmd.md §9, Self-Forcing). gen(x, t, ctx, kv_cache=, start_frame=) runs one
+    block of latent frames against the cache. Per block b (frames [starts[b], starts[b+1])): no-grad steps before
+    exits[b], the block's ONLY forward with gradient at exits[b] (none for blocks starting before grad_from),
+    its x̂0 written into the clip, then one no-grad pass on x̂0 noised to t = context_noise that rewrites the block's
+    cache entries for the later blocks (the cache holds detached k/v: no gradient crosses blocks; the last block's
+    pass is skipped, nothing reads it). With every exit at the last step and no grad this is the causal sampler.
+    noise (B,C,F,H,W) -> (x_g (B,C,F,H,W), t_from, t_to): the score window of §4 spans every block's exit,
+    t_from = the largest exit timestep, t_to = the smallest next timestep (the same step: that step's pair)."""
+    B, Fr = noise.shape[0], noise.shape[2]
+    randn = (lambda x: torch.randn(x.shape, generator=generator).to(x.device)) if generator is not None else torch.randn_like
+    t_of = lambda t: torch.full((B,), float(t), device=noise.device)   # noqa: E731
+    cache.reset()
+    out = []
+    for b, (s, e) in enumerate(zip(starts, starts[1:] + [Fr])):
+        x = noise[:, :, s:e]                                                    # (B,C,f,H,W)
+        with torch.no_grad():
+            for k in range(exits[b]):
+                sig, sig_next = steps[k] / 1000, steps[k + 1] / 1000
+                x0 = x - sig * gen(x, t_of(steps[k]), ctx, kv_cache=cache, start_frame=s)
+                x = (1 - sig_next) * x0 + sig_next * randn(x0)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and s >= grad_from):
+            x0 = x - steps[exits[b]] / 1000 * gen(x, t_of(steps[exits[b]]), ctx, kv_cache=cache, start_frame=s)
+        out.append(x0)
+        if e < Fr:
+            with torch.no_grad():
+                sc = context_noise / 1000
+                gen((1 - sc) * x0.detach() + sc * randn(x0), t_of(context_noise), ctx, kv_cache=cache, start_frame=s)
+    t_from = max(steps[k] for k in exits)
+    t_to = min(steps[k + 1] if k + 1 < len(steps) else 0.0 for k in exits)
+    return torch.cat(out, 2), t_from, t_to
+
+
+def keep_last_frames(x_g, n, vae=None):
+    """The last n latent frames of a longer rollout (Self-Forcing's num_training_frames > 21). With a VAE the first
+    kept frame is re-encoded as an image latent (decode up to it, encode its last pixel frame alone) so the clip
+    starts as a real clip does; that frame carries no gradient. x_g (B,C,F,H,W) -> (B,C,n,H,W)."""
+    Fr = x_g.shape[2]
+    if n >= Fr:
+        return x_g
+    if vae is None:
+        return x_g[:, :, Fr - n:]
+    with torch.no_grad():
+        pixels = vae.decode(x_g[:, :, :Fr - n + 1].detach().float())         # (B,3,1+4(F-n),8H,8W)
+        first = vae.encode(pixels[:, :, -1:]).to(x_g.dtype)                    # (B,C,1,H,W)
+    return torch.cat([first, x_g[:, :, Fr - n + 1:]], 2)
+
+
+def ode_regression_loss(gen, traj, x0, ctx, steps, starts):
+    """ODE-init regression (CausVid §4.3, Self-Forcing's initialisation): per sample and block a random index i of
+    the student's steps; the block's frames are the teacher trajectory's state at steps[i] and its t is steps[i]
+    (teacher forcing: one whole-clip causal pass with per-frame t); loss mean (x̂0 − x0_teacher)².
+    traj (B,K,C,F,H,W) states at the K student timesteps; x0 (B,C,F,H,W) the teacher's final sample."""
+    B, K, C, Fr, H, W = traj.shape
+    blk = torch.tensor([sum(s <= f for s in starts) - 1 for f in range(Fr)])  # (F,) block of each frame
+    idx = torch.randint(K, (B, len(starts)))[:, blk].to(traj.device)          # (B,F) trajectory index per frame
+    x = traj.gather(1, idx[:, None, None, :, None, None].expand(B, 1, C, Fr, H, W)).squeeze(1)   # (B,C,F,H,W)
+    t = torch.tensor(steps, dtype=torch.float32, device=traj.device)[idx]     # (B,F)
+    v = gen(x, t if len(starts) > 1 else t[:, 0], ctx)
+    pred = x - (t / 1000)[:, None, :, None, None] * v
+    return F.mse_loss(pred.float(), x0.float()), t
+
+
 def flow_matching_loss(net, x0, ctx, shift):
     """Plain flow-matching loss on data latents (the optional real-data term of §6): σ = shift(u), u ~ U(0,1),
     mean (net(x_σ, 1000σ) − (ε − x0))²."""
@@ -229,14 +314,47 @@ def check_config(c):
     steps = [float(s) for s in str(c["dmd_denoising_steps"]).split(",")]
     if steps != sorted(steps, reverse=True) or not all(0 < s <= 1000 for s in steps):
         raise ValueError(f"dmd_denoising_steps must decrease within (0, 1000], got {c['dmd_denoising_steps']!r}")
-    causal = {"num_frame_per_block": c["num_frame_per_block"] in (0, None, c["num_training_frames"]),
-              "independent_first_frame": not c["independent_first_frame"],
-              "same_step_across_blocks": bool(c["same_step_across_blocks"]), "context_noise": c["context_noise"] == 0}
-    bad = [k for k, ok in causal.items() if not ok]
-    if bad:
-        raise ValueError(f"{', '.join(f'{k}={c[k]!r}' for k in bad)}: the causal (block-wise) student is not implemented "
-                         "yet; use num_frame_per_block=0 (one block), independent_first_frame=False, "
-                         "same_step_across_blocks=True, context_noise=0")
+    Fr, L = c["num_training_frames"], c["dmd_loss_frames"] or c["num_training_frames"]
+    if c["objective"] not in ("dmd", "ode_init"):
+        raise ValueError(f"objective must be 'dmd' or 'ode_init', got {c['objective']!r}")
+    if not c["causal"]:
+        bidir = {"num_frame_per_block": c["num_frame_per_block"] in (0, None, Fr),
+                 "independent_first_frame": not c["independent_first_frame"],
+                 "same_step_across_blocks": bool(c["same_step_across_blocks"]), "context_noise": c["context_noise"] == 0,
+                 "dmd_loss_frames": L == Fr}
+        bad = [k for k, ok in bidir.items() if not ok]
+        if bad:
+            raise ValueError(f"{', '.join(f'{k}={c[k]!r}' for k in bad)}: these are keys of the causal (block-wise) "
+                             "student: set causal=True, or keep num_frame_per_block=0 (one block), "
+                             "independent_first_frame=False, same_step_across_blocks=True, context_noise=0, "
+                             "dmd_loss_frames=0")
+    else:   # every block geometry error before any model is built (the seed's 121 frames -> 31 latent, dmd.md §8.11)
+        nb, first = c["num_frame_per_block"] or 0, int(bool(c["independent_first_frame"]))
+        Fv = 1 + (c["validation_num_video_frames"] - 1) // 4
+        for what, n in (("num_training_frames", Fr), ("validation_num_video_frames (latent frames)", Fv)):
+            if nb < 0 or n - first < 1 or (nb and (n - first) % nb):
+                raise ValueError(f"{what}={n}: {n - first} latent frames" + (" after the lone first frame" if first else "")
+                                 + f" do not split into blocks of num_frame_per_block={nb}; e.g. 21 latent frames "
+                                 "(81 video frames) with 3, or 21 with independent_first_frame and 4 (121 video "
+                                 "frames are 31 latent: not a multiple of 3)")
+        blocks = [0] * first + list(range(first, Fr, nb or Fr))
+        if not 0 < L <= Fr or Fr - L not in blocks:
+            raise ValueError(f"dmd_loss_frames={c['dmd_loss_frames']}: the loss keeps the last frames from a block start "
+                             f"(block starts {blocks}); use 0 (all {Fr}) or one of {sorted(Fr - b for b in blocks)}")
+        if not 0 <= c["context_noise"] < 1000:
+            raise ValueError(f"context_noise={c['context_noise']}: a timestep in [0, 1000) (0 = clean context)")
+        if c["sp_size"] > 1:
+            raise ValueError("sp_size > 1: sequence parallelism does not support the causal student")
+        if c["rollout_mode"] != "backward" and c["objective"] == "dmd":
+            raise ValueError("rollout_mode='data' noises a whole dataset clip at once: the causal student needs "
+                             "rollout_mode='backward'")
+    if c["objective"] == "ode_init":
+        if not any(d.get("dataset_type") == "latents" for d in c["datasets"]):
+            raise ValueError("objective='ode_init' reads teacher ODE trajectories: datasets=[dict(dataset_type="
+                             "'latents', cache_dir=...)] with the folder of `python data.py CONFIG "
+                             "--make_ode_pairs=prompts.txt`")
+        if c["real_data_loss_weight"] > 0:
+            raise ValueError("real_data_loss_weight is a DMD term: set it to 0 with objective='ode_init'")
     if c["rollout_mode"] not in ("backward", "data"):
         raise ValueError(f"rollout_mode must be 'backward' or 'data', got {c['rollout_mode']!r}")
     videos = [d for d in c["datasets"] if d.get("dataset_type", "video") in ("video", "latents")]
@@ -335,6 +453,9 @@ def build_networks(c, dev, dtype):
         mw.add_adapter(base, "generator", c["lora_rank"], c["lora_alpha"], tuple(c["lora_targets"]))
     else:
         gen = copy.deepcopy(base).float()
+    if c["generator_init"]:   # e.g. the causal ODE-init student (before the critic adapter: the critic stays the teacher's)
+        with torch.no_grad():
+            load_generator_init(c, base, gen, "generator" if gen is base else None)
     if c["fake_score_lora_rank"] > 0:
         mw.add_adapter(base, "critic", c["fake_score_lora_rank"], c["fake_score_lora_alpha"], tuple(c["lora_targets"]))
     else:
@@ -365,12 +486,47 @@ def named_trainable(model, adapter):
     return {n: p for n, p in model.named_parameters() if ".lora_" not in n}
 
 
-def velocity_fn(model, adapter, autocast):
-    """f(x, t, ctx) -> fp32 velocity of `model` with `adapter` active (None = the base weights)."""
+def velocity_fn(model, adapter, autocast, causal=None):
+    """f(x, t, ctx) -> fp32 velocity of `model` with `adapter` active (None = the base weights). causal =
+    (num_frame_per_block, independent_first_frame): the block-causal student; ctx may then be (ctx, {"kv_cache":,
+    "start_frame":}) for one block against the cache (packed into ctx so that DDP's wrapper passes it through)."""
     def f(x, t, ctx):
+        kw = {}
+        if isinstance(ctx, (tuple, list)):
+            ctx, kw = ctx
         with mw.use_adapter(model, adapter), autocast():
-            return model(x, t, ctx).float()
+            if causal is None:
+                return model(x, t, ctx).float()
+            return model(x, t, ctx, causal=causal, **kw).float()
     return f
+
+
+def cached_call(G):
+    """The rollout's gen(x, t, ctx, kv_cache=, start_frame=) over a velocity function f of velocity_fn (or DDP)."""
+    return lambda x, t, ctx, **kw: G(x, t, (ctx, kw))
+
+
+def load_generator_init(c, base, gen, g_adapter):
+    """generator_init: a LoRA file becomes the generator adapter (its own rank); full weights fill the generator's
+    full copy (lora_rank = 0). A train_dmd output folder: student_ema.safetensors, else student.safetensors."""
+    from safetensors.torch import load_file
+    path = c["generator_init"]
+    if os.path.isdir(path):
+        names = [n for n in ("student_ema.safetensors", "student.safetensors") if os.path.exists(os.path.join(path, n))]
+        if not names:
+            raise FileNotFoundError(f"generator_init={path!r}: no student_ema.safetensors or student.safetensors there")
+        path = os.path.join(path, names[0])
+    sd = load_file(path)
+    if any(".lora_A" in k for k in sd):
+        if g_adapter is None:
+            raise ValueError(f"generator_init={path!r} is a LoRA adapter: use lora_rank > 0 (it sets the rank)")
+        mw.delete_adapter(base, "generator")
+        mw.load_adapter(base, "generator", {k: v.to(base.patch_embedding.weight.device) for k, v in sd.items()})
+    else:
+        if g_adapter is not None:
+            raise ValueError(f"generator_init={path!r} holds full weights: use lora_rank = 0 (a full generator copy)")
+        sample.load_student(gen, path)
+    return path
 
 
 def lr_lambda(c):
@@ -526,7 +682,8 @@ def train(c):
     seed_all(c["seed"] + env.dp_rank)   # noise, timesteps and prompts: per data-parallel group
     g_params, f_params = trainable(gen, g_adapter), trainable(critic, f_adapter)
     # DDP on exactly the trainable parameters (FSDP: inside the sharded modules); the teacher R is not wrapped
-    G = parallel.data_parallel(env, velocity_fn(gen, g_adapter, autocast), g_params, c["fsdp"])
+    causal = (c["num_frame_per_block"] or 0, bool(c["independent_first_frame"])) if c["causal"] else None
+    G = parallel.data_parallel(env, velocity_fn(gen, g_adapter, autocast, causal), g_params, c["fsdp"])
     Fk = parallel.data_parallel(env, velocity_fn(critic, f_adapter, autocast), f_params, c["fsdp"])
     R = velocity_fn(base, None, autocast)
     g_opt = torch.optim.AdamW(g_params, lr=c["learning_rate"], betas=(c["adam_beta1"], c["adam_beta2"]),
@@ -615,23 +772,39 @@ def train(c):
     batches = iter(loader) if loader is not None else None
 
     def next_batch():
-        """-> (ctx (B,512,D), data latents (B,16,T,h,w) or None): the next dataset batch, or random prompts."""
+        """-> (ctx (B,512,D), data latents (B,16,T,h,w) or None): the next dataset batch, or random prompts.
+        An ODE-pairs batch also leaves its trajectories (B,K,16,T,h,w) in traj[0]."""
         if batches is None:
             idx = torch.randint(len(train_emb), (B,)).tolist()
             return pad_context([train_emb[i] for i in idx], dev, dtype), None
         b = next(batches)
+        traj[0] = b.get("trajectory")
+        if c["objective"] == "ode_init" and (traj[0] is None or traj[0].shape[3] != Fr or
+                                             not torch.allclose(b["trajectory_t"][0], torch.tensor(steps))):
+            raise ValueError(f"objective='ode_init': {b['file'][0]} has " + ("no trajectory" if traj[0] is None else
+                             f"{traj[0].shape[3]} latent frames at t={b['trajectory_t'][0].tolist()}, this run has "
+                             f"{Fr} at {steps}") + ": make the ODE pairs with this config (python data.py CONFIG "
+                             "--make_ode_pairs=prompts.txt)")
         return b["context"].to(dev, dtype), b["latents"].to(dev) if "latents" in b else None
 
-    def student(ctx, x0, k):   # the rollout of rollout_mode -> (x_g, t_from, t_to); noise shaped as the data
-        if c["rollout_mode"] == "data":
-            return data_rollout(G, x0, ctx, steps, k)
-        return rollout(G, torch.randn(x0.shape if x0 is not None else shape, device=dev), ctx, steps, k)
+    traj = [None]
+    ode = c["objective"] == "ode_init"
+    starts = mw.block_starts(Fr, *causal) if causal else [0]   # latent frame where each block starts
+    L = c["dmd_loss_frames"] or Fr                             # the losses see the last L frames of the rollout
+    cache = gen.new_kv_cache(B, Fr, (c["height"] // 16) * (c["width"] // 16)) if causal else None
+    Gc = cached_call(G)
 
-    def exit_step(salt):   # identical on every rank: drawn from a generator seeded by (seed, step, G or F)
-        if c["last_step_only"]:
-            return len(steps) - 1
-        g = torch.Generator().manual_seed((c["seed"] * 100003 + step) * 2 + salt)
-        return int(torch.randint(len(steps), (1,), generator=g))
+    def student(ctx, x0, ks):   # the rollout of rollout_mode -> (x_g, t_from, t_to); noise shaped as the data
+        if c["rollout_mode"] == "data":
+            return data_rollout(G, x0, ctx, steps, ks[0])
+        noise = torch.randn(x0.shape if x0 is not None and not causal else shape, device=dev)
+        if not causal:
+            return rollout(G, noise, ctx, steps, ks[0])
+        x_g, t_from, t_to = causal_rollout(Gc, noise, ctx, steps, ks, starts, cache, c["context_noise"], grad_from=Fr - L)
+        return keep_last_frames(x_g, L, vae), t_from, t_to
+
+    def exit_step(salt):   # per block; identical on every rank: drawn from a generator seeded by (seed, step, G or F)
+        return exit_steps(c["seed"], step, salt, len(steps), len(starts), c["same_step_across_blocks"], c["last_step_only"])
 
     def clip(params, method, value):   # -> the gradient norm as a tensor (read with .item() only when logging)
         if method == "value":
@@ -650,16 +823,19 @@ def train(c):
         rec = {"step": step + 1}
         log_now = (step + 1) % c["log_interval"] == 0   # statistics (and their device syncs) only on log steps
         k = exit_step(0)
-        # generator (DMD) step
-        if step % c["generator_update_interval"] == 0:
+        # generator step: DMD, or the ODE-init regression (then no critic and no teacher forward)
+        if step % c["generator_update_interval"] == 0 or ode:
             g_opt.zero_grad(set_to_none=True)
             losses, reals = [], []
             for i in range(accum):
                 ctx, x0 = next_batch()
                 with parallel.sync_gradients(G, [gen], on=i == accum - 1):   # sync on the last micro-step only
-                    x_g, t_from, t_to = student(ctx, x0, k)
-                    t = score_timesteps(B, t_from, t_to, c, dev)
-                    loss, g, st_ = dmd_loss(x_g, t, R, Fk, ctx, neg_ctx, c["real_score_guidance_scale"], c["fake_score_guidance_scale"])
+                    if ode:
+                        loss, t = ode_regression_loss(G, traj[0].to(dev), x0, ctx, steps, starts)
+                    else:
+                        x_g, t_from, t_to = student(ctx, x0, k)
+                        t = score_timesteps(B, t_from, t_to, c, dev)
+                        loss, g, st_ = dmd_loss(x_g, t, R, Fk, ctx, neg_ctx, c["real_score_guidance_scale"], c["fake_score_guidance_scale"])
                     total = loss
                     if c["real_data_loss_weight"] > 0:   # §6's optional real-data term: plain flow matching of G on x0
                         reals.append(flow_matching_loss(G, x0, ctx, c["flow_schedule_shift"]))
@@ -681,43 +857,50 @@ def train(c):
                         for e, p in zip(ema, g_params):
                             e.mul_(d).add_(p.detach().float(), alpha=1 - d)
                 g_opt.zero_grad(set_to_none=True)   # free the gradients before the critic step
-                if log_now:   # losses averaged over ranks, the other statistics are rank 0's
+                if log_now and ode:
+                    rec.update(ode_loss=parallel.mean(env, loss).item(), ode_t=t.mean().item(),
+                               g_grad_norm=parallel.local(g_norm).item())
+                elif log_now:   # losses averaged over ranks, the other statistics are rank 0's
                     rec.update(dmd_loss=parallel.mean(env, loss).item(), g_abs=g.abs().mean().item(),
-                               score_t=t.mean().item(), exit_step=k, g_grad_norm=parallel.local(g_norm).item(),
+                               score_t=t.mean().item(), exit_step=k if causal else k[0],
+                               g_grad_norm=parallel.local(g_norm).item(),
                                **{f"{n}_{s}": getattr(v, s)().item() for n, v in st_.items() for s in ("mean", "std")})
             else:
-                rec["dmd_loss"] = float("nan")
-        # critic step on fresh no-grad rollouts
-        f_opt.zero_grad(set_to_none=True)
-        losses, pers, ts = [], [], []
-        for i in range(accum):
-            ctx, x0 = next_batch()
-            with torch.no_grad():
-                x_g, t_from, t_to = student(ctx, x0, exit_step(1))
-            t = score_timesteps(B, t_from, t_to, c, dev)
-            with parallel.sync_gradients(Fk, [critic], on=i == accum - 1):
-                loss_f, per = critic_loss(Fk, x_g, t, ctx)
-                ok = parallel.all_true(env, torch.isfinite(loss_f))
-                if ok:
-                    (loss_f * scale).backward()
-            losses.append(loss_f.detach() if ok else torch.full_like(loss_f, float("nan")))
-            pers.append(per)
-            ts.append(t)
-        loss_f = torch.stack(losses).mean()
-        finite = torch.isfinite(loss_f) and math.isfinite(rec.get("dmd_loss", 0.0))
-        if torch.isfinite(loss_f):
-            f_norm = clip(f_params, "norm", c["fake_score_grad_clip"])
-            f_opt.step()
+                rec["ode_loss" if ode else "dmd_loss"] = float("nan")
+        loss_f = torch.zeros(())   # the ODE-init objective trains the generator alone
+        if not ode:
+            # critic step on fresh no-grad rollouts
             f_opt.zero_grad(set_to_none=True)
-            if log_now:   # critic loss per score-timestep bin of 250, to catch collapse early
-                bins = {}
-                for ti, li in zip(torch.cat(ts).tolist(), torch.cat(pers).tolist()):
-                    bins.setdefault(f"fake_score_loss_t{int(ti // 250) * 250}", []).append(li)
-                rec.update(fake_score_loss=parallel.mean(env, loss_f).item(), f_grad_norm=parallel.local(f_norm).item(),
-                           **{k_: sum(v) / len(v) for k_, v in bins.items()})
+            losses, pers, ts = [], [], []
+            for i in range(accum):
+                ctx, x0 = next_batch()
+                with torch.no_grad():
+                    x_g, t_from, t_to = student(ctx, x0, exit_step(1))
+                t = score_timesteps(B, t_from, t_to, c, dev)
+                with parallel.sync_gradients(Fk, [critic], on=i == accum - 1):
+                    loss_f, per = critic_loss(Fk, x_g, t, ctx)
+                    ok = parallel.all_true(env, torch.isfinite(loss_f))
+                    if ok:
+                        (loss_f * scale).backward()
+                losses.append(loss_f.detach() if ok else torch.full_like(loss_f, float("nan")))
+                pers.append(per)
+                ts.append(t)
+            loss_f = torch.stack(losses).mean()
+            if torch.isfinite(loss_f):
+                f_norm = clip(f_params, "norm", c["fake_score_grad_clip"])
+                f_opt.step()
+                f_opt.zero_grad(set_to_none=True)
+                if log_now:   # critic loss per score-timestep bin of 250, to catch collapse early
+                    bins = {}
+                    for ti, li in zip(torch.cat(ts).tolist(), torch.cat(pers).tolist()):
+                        bins.setdefault(f"fake_score_loss_t{int(ti // 250) * 250}", []).append(li)
+                    rec.update(fake_score_loss=parallel.mean(env, loss_f).item(), f_grad_norm=parallel.local(f_norm).item(),
+                               **{k_: sum(v) / len(v) for k_, v in bins.items()})
+        finite = torch.isfinite(loss_f) and math.isfinite(rec.get("ode_loss" if ode else "dmd_loss", 0.0))
         bad_in_row = 0 if finite else bad_in_row + 1
         if not finite:
-            say(f"step {step + 1}: non-finite loss (dmd {rec.get('dmd_loss')}, critic {loss_f.item()}), update skipped")
+            say(f"step {step + 1}: non-finite loss ({'ode' if ode else 'dmd'} {rec.get('ode_loss' if ode else 'dmd_loss')}, "
+                f"critic {loss_f.item()}), update skipped")
             if bad_in_row >= c["max_nonfinite_steps"]:
                 raise RuntimeError(f"{bad_in_row} non-finite losses in a row: aborting (lower the learning rates, "
                                    "check the teacher and the guidance scale)")
@@ -734,7 +917,7 @@ def train(c):
             log_f.flush()
             if wandb is not None:
                 wandb.log(rec, step=step)
-            tqdm.write(f"step {step:6d} | dmd {rec.get('dmd_loss', float('nan')):.3e} | fake {rec.get('fake_score_loss', float('nan')):.4f} "
+            tqdm.write(f"step {step:6d} | {'ode' if ode else 'dmd'} {rec.get('ode_loss' if ode else 'dmd_loss', float('nan')):.3e} | fake {rec.get('fake_score_loss', float('nan')):.4f} "
                   f"| |g| {rec.get('g_abs', float('nan')):.3e} | gnorm G {rec.get('g_grad_norm', float('nan')):.2e} "
                   f"F {rec.get('f_grad_norm', float('nan')):.2e} | lr {rec['lr']:.2e} | t {rec.get('score_t', float('nan')):5.1f} "
                   f"| {rec['s_per_step']:.2f} s/step | mem {rec['peak_mem_gb']:.1f} GB")
@@ -746,7 +929,7 @@ def train(c):
                                    parallel.sharded_state(named, opts, ema) if c["fsdp"] else None)
             say(f"checkpoint {path}")
         if step % c["validation_step_interval"] == 0 or last:
-            validate(c, env, gen, g_adapter, g_params, ema, vae, val_prompts, val_emb, steps, step, dev, dtype, autocast)
+            validate(c, env, gen, g_adapter, g_params, ema, vae, val_prompts, val_emb, steps, step, dev, dtype, autocast, causal)
         if stopping:
             say(f"signal {stop['signal'] or 'on another rank'}: checkpoint written at step {step}, exiting")
             if log_f is not None:
@@ -772,20 +955,26 @@ def swap_in(params, values):
     return old
 
 
-def validate(c, env, gen, g_adapter, g_params, ema, vae, prompts, embs, steps, step, dev, dtype, autocast):
+def validate(c, env, gen, g_adapter, g_params, ema, vae, prompts, embs, steps, step, dev, dtype, autocast, causal=None):
     """Student samples of the validation prompts -> mp4s. Every rank runs the DiT (sharded or sequence-parallel
-    networks need them all); rank 0 alone decodes and writes."""
+    networks need them all); rank 0 alone decodes and writes. A causal student samples block by block with the
+    KV cache (sample.causal_sample: the training rollout's stepping with every exit at the last step)."""
     W, H = (int(v) for v in c["validation_resolution"].lower().split("x"))
     Fn = c["validation_num_video_frames"]
     modes = {"none": ["raw"], "ema_only": ["ema"], "comparison": ["raw", "ema"]}[c["ema_validation"] if ema is not None else "none"]
-    G = velocity_fn(gen, g_adapter, autocast)
+    G = velocity_fn(gen, g_adapter, autocast, causal)
     out = os.path.join(c["output_dir"], "validation", f"step_{step}")
     for mode in modes:
         old = swap_in(g_params, ema) if mode == "ema" else None
         for i, (p, e) in enumerate(zip(prompts, embs)):
             x, gen_ = sample.initial_noise(1, Fn, H // 16 * 16, W // 16 * 16, c["validation_seed"], dev)
             with torch.no_grad():
-                lat = sample.student_sample(lambda x_, t_: G(x_, t_, pad_context([e], dev, dtype)), x, steps, gen_)
+                ctx = pad_context([e], dev, dtype)
+                if causal:   # sample.py's sampler: equal to causal_rollout with every exit last (tests)
+                    with mw.use_adapter(gen, g_adapter), autocast():
+                        lat = sample.causal_sample(gen, ctx, x, steps, causal, c["context_noise"], generator=gen_).float()
+                else:
+                    lat = sample.student_sample(lambda x_, t_: G(x_, t_, ctx), x, steps, gen_)
                 if env.main:
                     video = vae.decode(lat.float())[0]
                     sample.write_mp4(os.path.join(out, f"{i:02d}_{mode}_{sample.slug(p)}.mp4"), video)

@@ -120,6 +120,49 @@ def check_ddp_grads(out):
         print("ddp_grads ok")
 
 
+def check_causal_exits(out):
+    """The causal student's per-block exit steps (train_dmd.exit_steps) are identical on every rank although each
+    rank's own random streams differ; a DDP-wrapped causal LoRA generator runs the block-wise rollout (a gradient
+    forward per block, one backward) and ends with the same averaged gradients on every rank."""
+    import parallel
+    import train_dmd
+    from configurator import configure
+    env, dev = parallel.setup(1, torch.device("cpu"))
+    r, P = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(1000 + r)   # the ranks' global streams differ (noise and prompts are per rank)
+    draws = torch.tensor([train_dmd.exit_steps(42, step, salt, 3, 7, same=False, last_only=False)
+                          for step in range(50) for salt in (0, 1)])
+    gathered = [torch.empty_like(draws) for _ in range(P)]
+    dist.all_gather(gathered, draws)
+    assert all(torch.equal(g, gathered[0]) for g in gathered), "exit steps differ across ranks"
+    assert len(set(draws.flatten().tolist())) == 3
+    c = configure(dict(vars(train_dmd)), train_dmd.__file__,
+                  [os.path.join(ROOT, "config", "tiny.py"), os.path.join(ROOT, "config", "tiny_causal.py")],
+                  json_map=train_dmd.map_simpletuner)
+    train_dmd.seed_all(0)
+    base, gen, _, _, _ = train_dmd.build_networks(c, dev, torch.float32)
+    with torch.no_grad():   # non-zero LoRA B so that every adapter weight gets a gradient
+        for p in train_dmd.trainable(base, "generator"):
+            p.add_(0.02 * torch.randn_like(p))
+    params = train_dmd.trainable(base, "generator")
+    autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    G = parallel.data_parallel(env, train_dmd.velocity_fn(base, "generator", autocast, (2, False)), params, False)
+    assert isinstance(G, torch.nn.parallel.DistributedDataParallel)
+    torch.manual_seed(r)   # per-rank noise
+    exits = train_dmd.exit_steps(42, 3, 0, 3, 2, same=False)
+    cache = base.new_kv_cache(1, 4, 16)
+    x_g, _, _ = train_dmd.causal_rollout(train_dmd.cached_call(G), torch.randn(1, 16, 4, 8, 8), torch.randn(1, 5, 32),
+                                         [1000.0, 757.0, 522.0], exits, [0, 2], cache)
+    x_g.square().mean().backward()
+    for p in params:
+        both = [torch.empty_like(p.grad) for _ in range(P)]
+        dist.all_gather(both, p.grad.contiguous())
+        torch.testing.assert_close(both[0], both[1], rtol=0, atol=0)
+    assert any(p.grad.abs().sum() > 0 for p in params)
+    if env.main:
+        print("causal_exits ok")
+
+
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     try:
