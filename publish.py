@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import queue
+import shlex
 import shutil
 import struct
 import subprocess
@@ -624,12 +625,12 @@ def model_card(c, steps, records, env, files, prompts):
           "pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, stochastic_sampling=True)",
           "set_timesteps = pipe.scheduler.set_timesteps   # the pipeline asks for N steps: give it the student's sigmas",
           f"pipe.scheduler.set_timesteps = lambda *a, device=None, **k: set_timesteps(sigmas=[{sigmas}], device=device)",
-          f'video = pipe("{prompt}", num_inference_steps={len(steps)}, guidance_scale=1.0,',
+          f'video = pipe({json.dumps(prompt)}, num_inference_steps={len(steps)}, guidance_scale=1.0,',
           f"             height={H}, width={W}, num_frames={Fn}).frames[0]",
           'export_to_video(video, "student.mp4", fps=16)', "```", ""]
     L += ["## Use it with wan-dmd", "", "```bash", f"hf download {repo} --local-dir student",
           f'python sample.py --model={pipe_id} --ckpt=student --denoising_steps={fmt_steps(steps)} \\',
-          f'    --height={H} --width={W} --num_frames={Fn} --prompt="{prompt}"', "```", ""]
+          f'    --height={H} --width={W} --num_frames={Fn} --prompt={shlex.quote(prompt)}', "```", ""]
     L += ["## Files", "", "| file | what |", "|---|---|"]
     what = {"student_ema.safetensors": "the student, EMA weights: LoRA adapter (diffusers/PEFT keys) or full weights",
             "student.safetensors": "the student: LoRA adapter (diffusers/PEFT keys) or full weights",
@@ -649,9 +650,9 @@ def run_name(c):
     return c.get("tracker_run_name") or os.path.basename(os.path.normpath(c["output_dir"])) or c["tracker_project_name"]
 
 
-def stage_final(c, hub=None, steps=None):
-    """Write README.md (the model card) and preview.gif in output_dir and stage the upload folder: student file(s),
-    config, env, log, loss curve, preview and the last validation step's mp4s. -> the staged folder."""
+def write_card(c, steps=None):
+    """Write README.md (the model card) and preview.gif in output_dir -> {path in the upload: local path} of what
+    push_to_hub uploads: student file(s), config, env, log, loss curve, preview, the last validation step's mp4s."""
     out = c["output_dir"]
     steps = steps or [float(s) for s in str(c["dmd_denoising_steps"]).split(",")]
     steps_dirs = sorted(glob.glob(os.path.join(out, "validation", "step_*")), key=lambda p: int(p.rsplit("_", 1)[1]))
@@ -677,9 +678,17 @@ def stage_final(c, hub=None, steps=None):
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(card)
     files["README.md"] = os.path.join(out, "README.md")
-    if hub is None:   # dry run: the same folder, not queued
-        return stage_folder(os.path.join(out, ".hub_staging"), "final", files)
+    return files
+
+
+def stage_final(c, hub=None, steps=None):
+    """write_card, then stage its files as .hub_staging/final (queued on `hub`; hub=None: a dry run) -> the folder."""
+    files = write_card(c, steps)
+    if hub is None:
+        return stage_folder(os.path.join(c["output_dir"], ".hub_staging"), "final", files)
     return hub.stage("final", files)
+
+
 
 
 class Publisher:
@@ -752,12 +761,14 @@ class Publisher:
         """Model card, preview, the final upload (waited for), the finish message; then the webhook is flushed."""
         def run():
             self.write_loss_curve()
-            folder = stage_final(self.c, self.hub if (self.hub is not None and self.c["push_to_hub"]) else None, steps)
             url = None
+            if self.hub is not None and self.c["push_to_hub"]:
+                folder = stage_final(self.c, self.hub, steps)
+                print(f"hub: uploading {folder} to {self.c['hub_model_id']} ...")
+                self.hub.kick()
+            else:
+                write_card(self.c, steps)
             if self.hub is not None:
-                if self.c["push_to_hub"]:
-                    print(f"hub: uploading {folder} to {self.c['hub_model_id']} ...")
-                    self.hub.kick()
                 self.hub.close()
                 if "final" in self.hub.uploaded:
                     url = f"{self.hub.api.endpoint.rstrip('/')}/{self.c['hub_model_id']}"
