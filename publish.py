@@ -414,14 +414,20 @@ def link_tree(src, dst):
         link(src, dst)
 
 
-def stage_folder(staging, name, files):
-    """files: {path in the upload: local file or folder ("" = the folder's contents)} -> staging/NAME, built as
-    NAME.tmp by hard links and renamed, so a crash never leaves a half-staged folder to upload."""
-    tmp, final = os.path.join(staging, name + ".tmp"), os.path.join(staging, name)
+def build_folder(staging, name, files):
+    """files: {path in the upload: local file or folder ("" = the folder's contents)} -> staging/NAME.tmp, by hard
+    links; renamed to NAME once complete, so a crash never leaves a half-staged folder to upload."""
+    tmp = os.path.join(staging, name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     for rel, src in files.items():
         link_tree(src, os.path.join(tmp, rel))
+    return tmp
+
+
+def stage_folder(staging, name, files):
+    """build_folder, then rename NAME.tmp -> NAME (replacing an older NAME) -> the folder."""
+    tmp, final = build_folder(staging, name, files), os.path.join(staging, name)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -437,7 +443,7 @@ class HubUploader:
         self.api = api or HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
         os.makedirs(staging, exist_ok=True)
         self.q = queue.Queue()
-        self.lock = threading.Lock()   # held while a staged folder is uploaded or replaced
+        self.cv = threading.Condition()   # guards `current`: the staged folder being uploaded is never replaced
         self.current, self.repo_ready, self.failures, self.uploaded = None, False, 0, []
         self.thread = threading.Thread(target=self._work, name="hub-upload", daemon=True)
         self.thread.start()
@@ -446,15 +452,18 @@ class HubUploader:
         return sorted(n for n in os.listdir(self.staging) if not n.endswith(".tmp"))   # "checkpoint-*" < "final"
 
     def stage(self, name, files, keep=None):
-        """stage_folder under the lock; keep: the newest `keep` staged checkpoints stay, older ones (unless being
-        uploaded) are dropped."""
-        with self.lock:
-            final = stage_folder(self.staging, name, files)
-        ckpts = [n for n in self.pending() if n.startswith("checkpoint-")]
-        for n in ckpts[: max(0, len(ckpts) - keep)] if keep else []:
-            if n != self.current:
-                print(f"warning: hub: {n} was never uploaded and is dropped from the queue (newer ones are waiting)")
-                shutil.rmtree(os.path.join(self.staging, n), ignore_errors=True)
+        """Stage `files` as NAME without waiting for an upload in progress (unless it is NAME's own). keep: the newest
+        `keep` staged checkpoints stay, older ones not being uploaded are dropped (their disk space is freed)."""
+        tmp, final = build_folder(self.staging, name, files), os.path.join(self.staging, name)
+        with self.cv:
+            self.cv.wait_for(lambda: self.current != name)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            ckpts = [n for n in self.pending() if n.startswith("checkpoint-")]
+            for n in ckpts[: max(0, len(ckpts) - keep)] if keep else []:
+                if n != self.current:
+                    print(f"warning: hub: {n} was never uploaded and is dropped from the queue (newer ones wait)")
+                    shutil.rmtree(os.path.join(self.staging, n), ignore_errors=True)
         return final
 
     def kick(self):
@@ -464,31 +473,33 @@ class HubUploader:
     def _work(self):
         while self.q.get() == "go":
             for name in self.pending():
-                with self.lock:
-                    folder = os.path.join(self.staging, name)
+                folder = os.path.join(self.staging, name)
+                with self.cv:
                     if not os.path.isdir(folder):
                         continue
                     self.current = name
-                    try:
-                        if not self.repo_ready:
-                            self.api.create_repo(self.repo_id, private=self.private, exist_ok=True)
-                            self.repo_ready = True
-                        self.api.upload_folder(repo_id=self.repo_id, folder_path=folder,
-                                               path_in_repo="" if name == "final" else f"checkpoints/{name}",
-                                               commit_message=f"wan-dmd: {name}")
-                        shutil.rmtree(folder, ignore_errors=True)
-                        self.uploaded.append(name)
-                        print(f"hub: uploaded {name} to {self.repo_id}")
-                    except Exception as e:   # noqa: BLE001 -- no network, no token, hub down: the run goes on
-                        self.failures += 1
-                        if self.failures == 1:
-                            print(f"warning: hub upload to {self.repo_id} failed ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); training goes on, the upload "
-                                  f"stays staged in {self.staging} and is retried at the next checkpoint and the next "
-                                  "start (python publish.py OUTPUT_DIR pushes a finished run)")
-                        break   # the hub is probably unreachable: wait for the next kick
-                    finally:
+                try:
+                    if not self.repo_ready:
+                        self.api.create_repo(self.repo_id, private=self.private, exist_ok=True)
+                        self.repo_ready = True
+                    self.api.upload_folder(repo_id=self.repo_id, folder_path=folder,
+                                           path_in_repo="" if name == "final" else f"checkpoints/{name}",
+                                           commit_message=f"wan-dmd: {name}")
+                    shutil.rmtree(folder, ignore_errors=True)
+                    self.uploaded.append(name)
+                    print(f"hub: uploaded {name} to {self.repo_id}")
+                except Exception as e:   # noqa: BLE001 -- no network, no token, hub down: the run goes on
+                    self.failures += 1
+                    if self.failures == 1:
+                        print(f"warning: hub upload to {self.repo_id} failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); training goes on, the upload "
+                              f"stays staged in {self.staging} and is retried at the next checkpoint and the next "
+                              "start (python publish.py OUTPUT_DIR pushes a finished run)")
+                    break   # the hub is probably unreachable: wait for the next kick
+                finally:
+                    with self.cv:
                         self.current = None
+                        self.cv.notify_all()
 
     def close(self, timeout=None):
         """Finish the queued uploads (up to `timeout` seconds) and stop the thread."""

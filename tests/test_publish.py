@@ -42,11 +42,14 @@ class Server:
                 time.sleep(outer.delay)
                 code, obj = outer.reply(self, body) if outer.reply else (200, {})
                 data = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):   # the client gave up (its timeout)
+                    pass
             do_GET = do_POST = do_PUT = handle_any
 
         self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
@@ -286,6 +289,20 @@ def test_hub_upload_resume_and_offline(tmp_path, capsys, monkeypatch):
     up.close()
     assert up.pending() == [] and hub.repos == {"me/run": "private"}
     assert set(hub.files) == {"checkpoints/checkpoint-0000002/state.pt", "checkpoints/checkpoint-0000002/sharded/0.distcp"}
+    # a slow hub: staging the next checkpoint does not wait for the upload in progress
+    hub.delay = 0.4
+    up = publish.HubUploader("me/run", True, staging)
+    up.stage("checkpoint-0000004", {"x": __file__})
+    up.kick()
+    time.sleep(0.3)
+    assert up.current == "checkpoint-0000004"
+    t0 = time.time()
+    up.stage("checkpoint-0000006", {"x": __file__})
+    assert time.time() - t0 < 0.2
+    up.kick()
+    up.close()
+    hub.delay = 0.0
+    assert up.pending() == [] and {"checkpoints/checkpoint-0000004/x", "checkpoints/checkpoint-0000006/x"} <= set(hub.files)
     calls = [r for r in hub.requests if r["path"].startswith(("/api/repos/", "/api/models/"))]
     assert len(calls) >= 3 and all(r["headers"].get("authorization") == "Bearer hf_TESTSECRET" for r in calls)
     # no network at all
