@@ -176,34 +176,38 @@ COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
 
 def line_plot(title, series, size=(200, 360)):
     """One panel: title, frame, y max/min at the top/bottom left, x range under the frame, one line per
-    series (label, xs, ys) in COLORS order; non-finite points are skipped. -> uint8 (H,W,3)."""
+    series (label, xs, ys) in COLORS order; non-finite points are skipped; a log10 y axis when every value is
+    positive (losses and norms span decades). -> uint8 (H,W,3)."""
     H, W = size
     img = np.full((H, W, 3), 255, np.uint8)
     draw_text(img, 4, 4, title, (0, 0, 0))
-    x0, y0, x1, y1 = 64, 20, W - 8, H - 22   # plot area
+    x0, y0, x1, y1 = 72, 20, W - 8, H - 22   # plot area
     pts = [(np.asarray(xs, float), np.asarray(ys, float)) for _, xs, ys in series]
     fin = [(xs[np.isfinite(ys)], ys[np.isfinite(ys)]) for xs, ys in pts]
-    allx = np.concatenate([xs for xs, _ in fin] + [np.zeros(0)])
-    ally = np.concatenate([ys for _, ys in fin] + [np.zeros(0)])
     for a, b, c_, d in ((x0, y0, x1, y0), (x0, y1, x1, y1), (x0, y0, x0, y1), (x1, y0, x1, y1)):
         draw_line(img, a, b, c_, d, (160, 160, 160))
+    ally = np.concatenate([ys for _, ys in fin] + [np.zeros(0)])
     if len(ally) == 0:
         return img
-    lo, hi = float(ally.min()), float(ally.max())
+    allx = np.concatenate([xs for xs, _ in fin])
+    log = bool((ally > 0).all())
+    f = np.log10 if log else (lambda v: v)
+    lo, hi = float(f(ally).min()), float(f(ally).max())
     hi = hi if hi > lo else lo + (abs(lo) or 1.0)
     xa, xb = float(allx.min()), float(allx.max())
     xb = xb if xb > xa else xa + 1
-    draw_text(img, 2, y0, f"{hi:.2e}", (80, 80, 80))
-    draw_text(img, 2, y1 - 10, f"{lo:.2e}", (80, 80, 80))
+    label = (lambda v: f"{10 ** v:.2e}") if log else (lambda v: f"{v:.2e}")
+    draw_text(img, 2, y0, label(hi), (80, 80, 80))
+    draw_text(img, 2, y1 - 10, label(lo), (80, 80, 80))
+    draw_text(img, 2, (y0 + y1) // 2 - 5, "LOG" if log else "", (150, 150, 150))
     draw_text(img, x0, y1 + 6, f"{xa:g}", (80, 80, 80))
     draw_text(img, x1 - 8 * len(f"{xb:g}"), y1 + 6, f"{xb:g}", (80, 80, 80))
     for i, (xs, ys) in enumerate(fin):
         px = x0 + (xs - xa) / (xb - xa) * (x1 - x0)
-        py = y1 - (ys - lo) / (hi - lo) * (y1 - y0)
-        for j in range(len(px) - 1):
-            draw_line(img, px[j], py[j], px[j + 1], py[j + 1], COLORS[i % len(COLORS)])
-        if len(px) == 1:
-            draw_line(img, px[0], py[0], px[0], py[0], COLORS[i % len(COLORS)])
+        py = y1 - (f(ys) - lo) / (hi - lo) * (y1 - y0)
+        for j in range(max(1, len(px) - 1)):
+            k = min(j + 1, len(px) - 1)
+            draw_line(img, px[j], py[j], px[k], py[k], COLORS[i % len(COLORS)])
     return img
 
 
@@ -580,7 +584,8 @@ def model_card(c, steps, records, env, files, prompts):
     def mean(k):
         v = [r[k] for r in last if isinstance(r.get(k), (int, float)) and r[k] == r[k]]
         return f"{sum(v) / len(v):.4g}" if v else "n/a"
-    secs = sum(r.get("s_per_step", 0.0) for r in records) * c["log_interval"]
+    secs = sum(r.get("s_per_step", 0.0) for r in records) * c["log_interval"]   # summed over resumed runs too
+    took = f"{secs / 3600:.2f} h" if secs >= 3600 else f"{secs / 60:.1f} min"
     world = env.get("world_size", 1)
     gpus = ", ".join(sorted(set(env.get("gpus") or []))) or "CPU"
     tags = ["text-to-video", "diffusers", "wan2.1", "dmd", "distillation", "few-step", "wan-dmd"] + (["lora"] if lora else [])
@@ -592,7 +597,7 @@ def model_card(c, steps, records, env, files, prompts):
     critic = f"LoRA rank {c['fake_score_lora_rank']}" if c["fake_score_lora_rank"] > 0 else "full fine-tune"
     L = meta + [f"# {repo.split('/')[-1]}: a {len(steps)}-step DMD student of {base or src}", ""]
     L += [f"A {len(steps)}-step text-to-video student distilled from `{base or src}` with DMD (Distribution Matching "
-          "Distillation, DMD2 form) by [wan-dmd](https://github.com/) `train_dmd.py`.", ""]
+          "Distillation, DMD2 form) by wan-dmd's `train_dmd.py`.", ""]
     if os.path.exists(os.path.join(c["output_dir"], "preview.gif")) or "preview.gif" in files:
         L += ["![validation samples](preview.gif)", "", "Validation prompts: " + "; ".join(f"*{p}*" for p in prompts), ""]
     if c.get("model_card_note"):
@@ -610,8 +615,7 @@ def model_card(c, steps, records, env, files, prompts):
           f"| critic (fake score) | {critic}; lr {c['fake_score_lr']:g} |",
           f"| data | {data_summary(c)} |",
           f"| training | {c['max_train_steps']} steps at {c['num_training_frames']} latent frames {c['height']}x{c['width']}, "
-          f"batch {c['train_batch_size']} x accum {c['gradient_accumulation_steps']} x {world} process(es); "
-          f"{secs / 3600:.2f} h on {gpus} |",
+          f"batch {c['train_batch_size']} x accum {c['gradient_accumulation_steps']} x {world} process(es); {took} on {gpus} |",
           f"| final losses (mean of the last {len(last)} logged steps) | dmd_loss {mean('dmd_loss')}, "
           f"fake_score_loss {mean('fake_score_loss')}, abs(g) {mean('g_abs')} |",
           f"| code | wan-dmd commit `{env.get('git_commit', 'unknown')}`, torch {env.get('torch', '?')} |", ""]
@@ -648,7 +652,7 @@ def model_card(c, steps, records, env, files, prompts):
             "transformer/": "merged student in diffusers `WanTransformer3DModel` layout",
             "config.json": "the resolved training config (train_dmd.py keys)",
             "env.json": "versions of python, torch, CUDA, the GPUs and the wan-dmd commit",
-            "log.jsonl": "training metrics, one record per logged step", "loss_curve.png": "dmd_loss, fake_score_loss, |g|, grad norms",
+            "log.jsonl": "training metrics, one record per logged step", "loss_curve.png": "dmd_loss, fake_score_loss, mean abs(g), grad norms of G and F",
             "preview.gif": "validation samples (downscaled)", "samples/": "validation videos of the last step"}
     shown = {f.split("/")[0] + "/" if "/" in f else f for f in files}
     L += [f"| `{k}` | {v} |" for k, v in what.items() if k in shown]

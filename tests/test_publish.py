@@ -158,7 +158,7 @@ def test_model_card_renders_all_fields():
                  "library_name: diffusers", "pipeline_tag: text-to-video", "- text-to-video", "- dmd", "- lora"):
         assert line in head.splitlines(), line
     for s in ("timesteps 1000,757,522", "w = 3 in x_c + w(x_c − x_u) (= standard CFG 4)", "LoRA rank 128, alpha 128",
-              "score timestep shift 1", "flow_schedule_shift 5", "data-free DMD", "4000 steps", "0.25 h on NVIDIA H100 80GB HBM3",
+              "score timestep shift 1", "flow_schedule_shift 5", "data-free DMD", "4000 steps", "15.0 min on NVIDIA H100 80GB HBM3",
               "dmd_loss 0.955", "fake_score_loss 0.2", "abs(g) 0.5", "x 8 process(es)", "commit `abc123`",
               "![validation samples](preview.gif)", "*A cat walks on the grass.*",
               'pipe = WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", torch_dtype=torch.bfloat16)',
