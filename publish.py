@@ -669,7 +669,10 @@ def write_card(c, steps=None):
     """Write README.md (the model card) and preview.gif in output_dir -> {path in the upload: local path} of what
     push_to_hub uploads: student file(s), config, env, log, loss curve, preview, the last validation step's mp4s."""
     out = c["output_dir"]
-    steps = steps or [float(s) for s in str(c["dmd_denoising_steps"]).split(",")]
+    if steps is None:   # as train_dmd.train computes them (after the optional warp)
+        from train_dmd import rollout_steps
+        steps = rollout_steps([float(s) for s in str(c["dmd_denoising_steps"]).split(",")], c["warp_denoising_step"],
+                              c["timestep_shift"])
     steps_dirs = sorted(glob.glob(os.path.join(out, "validation", "step_*")), key=lambda p: int(p.rsplit("_", 1)[1]))
     prompts, files = [c["validation_prompt"]], {}
     if c.get("validation_prompt_library") and os.path.exists(c["validation_prompt_library"]):
