@@ -707,8 +707,6 @@ def stage_final(c, hub=None, steps=None):
     return hub.stage("final", files)
 
 
-
-
 class Publisher:
     """Rank 0's publishing for one run; with main=False every method does nothing. After __init__ (which raises
     config errors, before any training), no method raises: failures print a warning."""
