@@ -790,7 +790,7 @@ class Publisher:
                     url = f"{self.hub.api.endpoint.rstrip('/')}/{self.c['hub_model_id']}"
                 left = self.hub.pending()
                 if left:
-                    print(f"warning: hub: {len(left)} upload(s) not done ({', '.join(left)}): they stay in "
+                    print(f"hub: {len(left)} upload(s) not done ({', '.join(left)}): they stay in "
                           f"{self.hub.staging}; a resumed run or `python publish.py {self.c['output_dir']}` retries them")
             gif = os.path.join(self.c["output_dir"], "preview.gif")
             rec = (read_log(self.c["output_dir"]) or [{}])[-1]
