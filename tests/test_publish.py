@@ -272,7 +272,8 @@ def test_hub_upload_resume_and_offline(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_TESTSECRET")
     ck = tmp_path / "out" / "checkpoint-0000002"
     (ck / "sharded").mkdir(parents=True)
-    (ck / "state.pt").write_bytes(os.urandom(3000))
+    blob = os.urandom(3000)
+    (ck / "state.pt").write_bytes(blob)
     (ck / "sharded" / "0.distcp").write_bytes(b"x" * 10)
     staging = str(tmp_path / "out" / ".hub_staging")
     hub.fail = True   # the hub is down: nothing lost, the checkpoint stays staged, one warning
@@ -289,16 +290,18 @@ def test_hub_upload_resume_and_offline(tmp_path, capsys, monkeypatch):
     up.close()
     assert up.pending() == [] and hub.repos == {"me/run": "private"}
     assert set(hub.files) == {"checkpoints/checkpoint-0000002/state.pt", "checkpoints/checkpoint-0000002/sharded/0.distcp"}
+    assert hub.files["checkpoints/checkpoint-0000002/state.pt"] == blob
     # a slow hub: staging the next checkpoint does not wait for the upload in progress
-    hub.delay = 0.4
+    hub.delay = 1.0
     up = publish.HubUploader("me/run", True, staging)
     up.stage("checkpoint-0000004", {"x": __file__})
     up.kick()
-    time.sleep(0.3)
-    assert up.current == "checkpoint-0000004"
+    deadline = time.time() + 5
+    while up.current != "checkpoint-0000004" and time.time() < deadline:
+        time.sleep(0.01)
     t0 = time.time()
     up.stage("checkpoint-0000006", {"x": __file__})
-    assert time.time() - t0 < 0.2
+    assert time.time() - t0 < 0.5 and up.current == "checkpoint-0000004"   # staged while the upload goes on
     up.kick()
     up.close()
     hub.delay = 0.0
