@@ -549,6 +549,10 @@ def base_license(src, repo_id):
     return "other"
 
 
+def duration(secs):
+    return f"{secs / 3600:.2f} h" if secs >= 3600 else f"{secs / 60:.1f} min" if secs >= 60 else f"{secs:.0f} s"
+
+
 def fmt_steps(steps):
     return ",".join(f"{s:g}" if float(s).is_integer() else f"{s:.3f}" for s in steps)
 
@@ -585,7 +589,7 @@ def model_card(c, steps, records, env, files, prompts):
         v = [r[k] for r in last if isinstance(r.get(k), (int, float)) and r[k] == r[k]]
         return f"{sum(v) / len(v):.4g}" if v else "n/a"
     secs = sum(r.get("s_per_step", 0.0) for r in records) * c["log_interval"]   # summed over resumed runs too
-    took = f"{secs / 3600:.2f} h" if secs >= 3600 else f"{secs / 60:.1f} min"
+    took = duration(secs)
     world = env.get("world_size", 1)
     gpus = ", ".join(sorted(set(env.get("gpus") or []))) or "CPU"
     tags = ["text-to-video", "diffusers", "wan2.1", "dmd", "distillation", "few-step", "wan-dmd"] + (["lora"] if lora else [])
@@ -794,7 +798,7 @@ class Publisher:
                           f"{self.hub.staging}; a resumed run or `python publish.py {self.c['output_dir']}` retries them")
             gif = os.path.join(self.c["output_dir"], "preview.gif")
             rec = (read_log(self.c["output_dir"]) or [{}])[-1]
-            self.notify("finish", f"training finished at step {rec.get('step', '?')} in {(time.time() - self.t0) / 60:.1f} min"
+            self.notify("finish", f"training finished at step {rec.get('step', '?')} in {duration(time.time() - self.t0)}"
                         + (f": {url}" if url else f": {self.c['output_dir']}"),
                         image=("preview.gif", open(gif, "rb").read()) if os.path.exists(gif) else None,
                         url=url, step=rec.get("step"))
