@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import model_wan as mw
 import parallel
+import publish
 import sample
 
 # -----------------------------------------------------------------------------
@@ -134,6 +135,15 @@ log_interval = 1
 report_to = "none"                     # "none" or "wandb"
 tracker_project_name = "wan-dmd"
 tracker_run_name = ""
+# publishing (publish.py, rank 0): hub, model card, webhooks
+push_to_hub = False                    # at the end: student, merged transformer, config, model card, samples -> hub_model_id
+push_checkpoints_to_hub = False        # upload each checkpoint as written (background thread; retried when it fails)
+hub_model_id = ""                      # "user/name" (created if needed); token: HF_TOKEN or the cached login
+model_card_private = False             # create the hub repo private
+model_card_note = ""                   # a paragraph added to the model card
+push_merged_to_hub = True              # with LoRA: also upload the merged transformer/ (full weights) beside the adapter
+webhook_config = None                  # JSON file or string: {"webhook_type": "discord"|"raw", "webhook_url"|"callback_url",
+                                       # "message_prefix", "log_level"}; notified at start/validation/checkpoint/failure/end
 device = "auto"
 # -----------------------------------------------------------------------------
 
@@ -376,6 +386,8 @@ def check_config(c):
             raise ValueError(f"{k} must be one of {allowed}, got {c[k]!r}")
     if not isinstance(c["sp_size"], int) or c["sp_size"] < 1:
         raise ValueError(f"sp_size must be a positive integer, got {c['sp_size']!r}")
+    if (c["push_to_hub"] or c["push_checkpoints_to_hub"]) and not c["hub_model_id"]:
+        raise ValueError("push_to_hub / push_checkpoints_to_hub need hub_model_id ('user/name' on the hub)")
     if c["height"] % 16 or c["width"] % 16:
         raise ValueError(f"height and width must be multiples of 16, got {c['height']}x{c['width']}")
     return steps
@@ -624,6 +636,25 @@ def find_checkpoint(out_dir, spec):
 # -----------------------------------------------------------------------------
 
 def train(c):
+    """train_loop with publishing around it (publish.py, rank 0 only): env.json, webhook messages at start,
+    validation, checkpoint, failure (then re-raised) and finish; loss curve, contact sheets, model card, hub."""
+    steps = rollout_steps(check_config(c), c["warp_denoising_step"], c["timestep_shift"])   # config errors come first
+    pub = publish.Publisher(c, main=int(os.environ.get("RANK", "0")) == 0)
+    try:
+        out = train_loop(c, pub)
+    except SystemExit:   # SIGINT/SIGTERM: a checkpoint was written
+        pub.notify("stopped", "training stopped by a signal; a checkpoint was written, the same command resumes",
+                   level="warning")
+        pub.close()
+        raise
+    except BaseException as e:
+        pub.failed(e)
+        raise
+    pub.finish(steps)
+    return out
+
+
+def train_loop(c, pub):
     steps = check_config(c)
     steps = rollout_steps(steps, c["warp_denoising_step"], c["timestep_shift"])
     dev = torch.device(c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -928,8 +959,10 @@ def train(c):
                                    env, None if env.main else rank_state(),
                                    parallel.sharded_state(named, opts, ema) if c["fsdp"] else None)
             say(f"checkpoint {path}")
+            pub.checkpoint(step, path)
         if step % c["validation_step_interval"] == 0 or last:
             validate(c, env, gen, g_adapter, g_params, ema, vae, val_prompts, val_emb, steps, step, dev, dtype, autocast, causal)
+            pub.validation(step)
         if stopping:
             say(f"signal {stop['signal'] or 'on another rank'}: checkpoint written at step {step}, exiting")
             if log_f is not None:

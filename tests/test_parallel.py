@@ -64,7 +64,8 @@ def test_ddp_run_checkpoint_resume_and_fsdp(tmp_path):
     st = torch.load(ck / "state.pt", weights_only=True)
     r1 = torch.load(ck / "rank1.pt", weights_only=True)
     assert st["world"] == 2 and not torch.equal(st["rng"]["torch"], r1["rng"]["torch"])   # per-rank streams
-    assert len(os.listdir(full / "validation" / "step_4")) == 1   # rank 0 alone writes
+    assert sorted(n.rsplit(".")[-1] for n in os.listdir(full / "validation" / "step_4")) == ["mp4", "png"]   # rank 0 alone
+    assert os.path.exists(full / "env.json") and os.path.exists(full / "README.md")   # publish.py's artefacts, once
 
     half = tmp_path / "ddp_resumed"
     train(half, "--max_train_steps=2")

@@ -1,0 +1,842 @@
+"""
+Publishing a train_dmd.py run: the hub upload (the final student, and each checkpoint as it is written, from a
+background thread, resumable), the model card, webhooks (Discord-style or raw JSON, background thread, bounded
+queue) and the run's artefacts (env.json, loss_curve.png, a contact sheet per validation step, preview.gif),
+drawn with a tiny pure-Python PNG / GIF writer and line-plot rasteriser (no PIL or matplotlib at run time).
+
+  python publish.py OUTPUT_DIR --dry_run     # build OUTPUT_DIR/.hub_staging/final (the exact upload) and list it
+  python publish.py OUTPUT_DIR               # push a finished run (e.g. one trained offline) to its hub_model_id
+
+train_dmd.train makes one `Publisher` per run; on ranks other than 0 every method is a no-op. Nothing here
+raises into training once it has started: a failing hub or webhook endpoint costs one warning, not the run.
+"""
+import base64
+import glob
+import json
+import os
+import platform
+import queue
+import shlex
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+import uuid
+import zlib
+
+import numpy as np
+
+# -----------------------------------------------------------------------------
+# images: PNG, animated GIF, contact sheets, a line plot with a 3x5 pixel font
+
+def png_bytes(img):
+    """uint8 (H,W,3) -> the bytes of an 8-bit RGB PNG (zlib + struct)."""
+    img = np.ascontiguousarray(img, dtype=np.uint8)
+    h, w, _ = img.shape
+    raw = b"".join(b"\0" + img[i].tobytes() for i in range(h))   # filter type 0 per row
+    chunk = lambda tag, data: struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+def write_png(path, img):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(png_bytes(img))
+    return path
+
+
+GIF_LEVELS = (6, 7, 6)   # a fixed 6x7x6 colour cube: 252 colours, no palette search
+
+
+def gif_quantize(frames):
+    """uint8 (...,3) -> palette indices (...) uint8 in the GIF_LEVELS cube."""
+    q = [np.round(frames[..., i].astype(np.float32) * (n - 1) / 255).astype(np.int32) for i, n in enumerate(GIF_LEVELS)]
+    return ((q[0] * GIF_LEVELS[1] + q[1]) * GIF_LEVELS[2] + q[2]).astype(np.uint8)
+
+
+def lzw(indices):
+    """GIF LZW of 8-bit indices (minimum code size 8, codes up to 12 bits, a clear code when the table is full)."""
+    clear, eoi = 256, 257
+    out, acc, nbits = bytearray(), 0, 0
+
+    def emit(code, size):
+        nonlocal acc, nbits
+        acc |= code << nbits
+        nbits += size
+        while nbits >= 8:
+            out.append(acc & 255)
+            acc >>= 8
+            nbits -= 8
+
+    table, nxt, size = {}, 258, 9
+    emit(clear, size)
+    data = bytes(indices)
+    prefix = data[0]
+    for b in data[1:]:
+        key = prefix << 8 | b
+        code = table.get(key)
+        if code is not None:
+            prefix = code
+            continue
+        emit(prefix, size)
+        if nxt < 4096:
+            table[key] = nxt
+            nxt += 1
+            if nxt > 1 << size and size < 12:   # the decoder, one entry behind, widens at the next code
+                size += 1
+        else:
+            emit(clear, size)
+            table, nxt, size = {}, 258, 9
+        prefix = b
+    emit(prefix, size)
+    emit(eoi, size)
+    if nbits:
+        out.append(acc & 255)
+    return bytes(out)
+
+
+def write_gif(path, frames, fps=8):
+    """uint8 (F,H,W,3) -> a looping animated GIF89a at fps (colours quantised to the 6x7x6 cube)."""
+    F_, H, W, _ = frames.shape
+    pal = [(round(r * 255 / 5), round(g * 255 / 6), round(b * 255 / 5)) for r in range(6) for g in range(7) for b in range(6)]
+    pal = bytes(v for rgb in pal + [(0, 0, 0)] * (256 - len(pal)) for v in rgb)
+    out = [b"GIF89a", struct.pack("<HHBBB", W, H, 0xF7, 0, 0), pal, b"\x21\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00"]
+    for fr in gif_quantize(frames):
+        data = lzw(fr.reshape(-1))
+        out += [b"\x21\xf9\x04\x00" + struct.pack("<H", max(2, round(100 / fps))) + b"\x00\x00",
+                b"\x2c" + struct.pack("<HHHHB", 0, 0, W, H, 0), b"\x08"]
+        out += [bytes([len(data[i:i + 255])]) + data[i:i + 255] for i in range(0, len(data), 255)] + [b"\x00"]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"".join(out) + b"\x3b")
+    return path
+
+
+def shrink(video, max_side=160, max_frames=None):
+    """uint8 (F,H,W,3) -> every k-th pixel (longest side <= max_side) and evenly spaced frames (<= max_frames)."""
+    k = max(1, -(-max(video.shape[1:3]) // max_side))
+    if max_frames and len(video) > max_frames:
+        video = video[np.linspace(0, len(video) - 1, max_frames).round().astype(int)]
+    return video[:, ::k, ::k]
+
+
+def contact_sheet(rows, scale=2):
+    """rows: list of uint8 (F,H,W,3) videos -> one uint8 image (a row per video, its frames across, each frame
+    scaled up `scale` x, 2 px white gaps)."""
+    F_, H, W, _ = rows[0].shape
+    gap = 2
+    img = np.full((len(rows) * (H * scale + gap) + gap, F_ * (W * scale + gap) + gap, 3), 255, np.uint8)
+    for r, v in enumerate(rows):
+        for f in range(min(F_, len(v))):
+            y, x = gap + r * (H * scale + gap), gap + f * (W * scale + gap)
+            img[y:y + H * scale, x:x + W * scale] = v[f].repeat(scale, 0).repeat(scale, 1)
+    return img
+
+
+FONT = {   # 3x5 glyphs, rows top to bottom; letters are drawn upper case, anything else as a blank
+    "0": "### #.# #.# #.# ###", "1": ".#. ##. .#. .#. ###", "2": "### ..# ### #.. ###", "3": "### ..# ### ..# ###",
+    "4": "#.# #.# ### ..# ..#", "5": "### #.. ### ..# ###", "6": "### #.. ### #.# ###", "7": "### ..# ..# ..# ..#",
+    "8": "### #.# ### #.# ###", "9": "### #.# ### ..# ###", ".": "... ... ... ... .#.", "-": "... ... ### ... ...",
+    "+": "... .#. ### .#. ...", "|": ".#. .#. .#. .#. .#.", "_": "... ... ... ... ###", "/": "..# ..# .#. #.. #..",
+    "=": "... ### ... ### ...", ":": "... .#. ... .#. ...", "(": "..# .#. .#. .#. ..#", ")": "#.. .#. .#. .#. #..",
+    "A": ".#. #.# ### #.# #.#", "C": "### #.. #.. #.. ###", "D": "##. #.# #.# #.# ##.", "E": "### #.. ### #.. ###",
+    "F": "### #.. ### #.. #..", "G": "### #.. #.# #.# ###", "I": "### .#. .#. .#. ###", "K": "#.# #.# ##. #.# #.#",
+    "L": "#.. #.. #.. #.. ###", "M": "#.# ### ### #.# #.#", "N": "##. #.# #.# #.# #.#", "O": "### #.# #.# #.# ###",
+    "P": "### #.# ### #.. #..", "R": "##. #.# ##. #.# #.#", "S": "### #.. ### ..# ###", "T": "### .#. .#. .#. .#.",
+    "U": "#.# #.# #.# #.# ###", "W": "#.# #.# ### ### #.#", "X": "#.# #.# .#. #.# #.#",
+}
+
+
+def draw_text(img, x, y, text, color, scale=2):
+    """Stamp `text` (3x5 glyphs, 1 px spacing, times scale) with its top-left corner at (x, y)."""
+    for ch in text.upper():
+        rows = FONT.get(ch, "... ... ... ... ...").split()
+        for r, row in enumerate(rows):
+            for col, bit in enumerate(row):
+                if bit == "#":
+                    img[y + r * scale:y + (r + 1) * scale, x + col * scale:x + (col + 1) * scale] = color
+        x += 4 * scale
+    return img
+
+
+def draw_line(img, x0, y0, x1, y1, color):
+    n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
+    xs, ys = np.linspace(x0, x1, n).round().astype(int), np.linspace(y0, y1, n).round().astype(int)
+    ok = (xs >= 0) & (xs < img.shape[1]) & (ys >= 0) & (ys < img.shape[0])
+    img[ys[ok], xs[ok]] = color
+
+
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+
+
+def line_plot(title, series, size=(200, 360)):
+    """One panel: title, frame, y max/min at the top/bottom left, x range under the frame, one line per
+    series (label, xs, ys) in COLORS order; non-finite points are skipped; a log10 y axis when every value is
+    positive (losses and norms span decades). -> uint8 (H,W,3)."""
+    H, W = size
+    img = np.full((H, W, 3), 255, np.uint8)
+    draw_text(img, 4, 4, title, (0, 0, 0))
+    x0, y0, x1, y1 = 72, 20, W - 8, H - 22   # plot area
+    pts = [(np.asarray(xs, float), np.asarray(ys, float)) for _, xs, ys in series]
+    fin = [(xs[np.isfinite(ys)], ys[np.isfinite(ys)]) for xs, ys in pts]
+    for a, b, c_, d in ((x0, y0, x1, y0), (x0, y1, x1, y1), (x0, y0, x0, y1), (x1, y0, x1, y1)):
+        draw_line(img, a, b, c_, d, (160, 160, 160))
+    ally = np.concatenate([ys for _, ys in fin] + [np.zeros(0)])
+    if len(ally) == 0:
+        return img
+    allx = np.concatenate([xs for xs, _ in fin])
+    log = bool((ally > 0).all())
+    f = np.log10 if log else (lambda v: v)
+    lo, hi = float(f(ally).min()), float(f(ally).max())
+    hi = hi if hi > lo else lo + (abs(lo) or 1.0)
+    xa, xb = float(allx.min()), float(allx.max())
+    xb = xb if xb > xa else xa + 1
+    label = (lambda v: f"{10 ** v:.2e}") if log else (lambda v: f"{v:.2e}")
+    draw_text(img, 2, y0, label(hi), (80, 80, 80))
+    draw_text(img, 2, y1 - 10, label(lo), (80, 80, 80))
+    draw_text(img, 2, (y0 + y1) // 2 - 5, "LOG" if log else "", (150, 150, 150))
+    draw_text(img, x0, y1 + 6, f"{xa:g}", (80, 80, 80))
+    draw_text(img, x1 - 8 * len(f"{xb:g}"), y1 + 6, f"{xb:g}", (80, 80, 80))
+    for i, (xs, ys) in enumerate(fin):
+        px = x0 + (xs - xa) / (xb - xa) * (x1 - x0)
+        py = y1 - (f(ys) - lo) / (hi - lo) * (y1 - y0)
+        for j in range(max(1, len(px) - 1)):
+            k = min(j + 1, len(px) - 1)
+            draw_line(img, px[j], py[j], px[k], py[k], COLORS[i % len(COLORS)])
+    return img
+
+
+def read_log(out_dir):
+    path = os.path.join(out_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# panels of loss_curve.png, left to right then top to bottom: (title, [(label, log.jsonl key), ...])
+PANELS = [("dmd loss", [("dmd", "dmd_loss")]), ("fake score loss", [("critic", "fake_score_loss")]),
+          ("|g|", [("|g|", "g_abs")]), ("grad norm G F", [("G", "g_grad_norm"), ("F", "f_grad_norm")])]
+
+
+def loss_curve(records):
+    """log.jsonl records -> uint8 image of the PANELS in a 2x2 grid (grad norms: G blue, F red)."""
+    panels = []
+    for title, keys in PANELS:
+        series = []
+        for label, k in keys:
+            rs = [r for r in records if k in r and r[k] is not None]
+            series.append((label, [r["step"] for r in rs], [float(r[k]) for r in rs]))
+        panels.append(line_plot(title, series))
+    return np.concatenate([np.concatenate(panels[:2], 1), np.concatenate(panels[2:], 1)], 0)
+
+
+def videos_of(folder):
+    """The validation mp4s of one step folder -> (sorted paths, uint8 (F,H,W,3) videos)."""
+    import sample
+    paths = sorted(glob.glob(os.path.join(folder, "*.mp4")))
+    return paths, [sample.read_mp4(p)[0] for p in paths]
+
+
+def preview(videos, max_width=640, max_frames=48):
+    """Validation videos side by side (at most 4) -> uint8 (F,H,W,3) frames for preview.gif."""
+    videos = videos[:4]
+    vs = [shrink(v, max(16, max_width // len(videos)), max_frames) for v in videos]
+    n = min(len(v) for v in vs)
+    h = min(v.shape[1] for v in vs)
+    return np.concatenate([v[:n, :h] for v in vs], axis=2)
+
+# -----------------------------------------------------------------------------
+# environment
+
+def git_commit(folder=os.path.dirname(os.path.abspath(__file__))):
+    """HEAD of the library's git checkout ("+dirty" with local changes), else "unknown"."""
+    try:
+        head = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", folder, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment():
+    import importlib.metadata as md
+    import torch
+    versions = {}
+    for p in ("torch", "safetensors", "transformers", "huggingface_hub", "tqdm", "numpy", "av", "diffusers", "wandb"):
+        try:
+            versions[p] = md.version(p)
+        except md.PackageNotFoundError:
+            pass
+    cuda = torch.cuda.is_available()
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+            "world_size": int(os.environ.get("WORLD_SIZE", 1)), "git_commit": git_commit(), "packages": versions,
+            "argv": sys.argv, "hostname": platform.node(), "time": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+
+# -----------------------------------------------------------------------------
+# webhooks (SimpleTuner's webhook_config: {"webhook_type": "discord", "webhook_url": ...} or
+# {"webhook_type": "raw", "callback_url": ...}, optional "message_prefix" and "log_level")
+
+LEVELS = {"critical": 0, "error": 1, "warning": 2, "info": 3, "debug": 4}
+
+
+def load_webhook_config(spec):
+    """A path to a JSON file, a JSON string or a dict -> a checked dict (errors name what is missing)."""
+    if isinstance(spec, str):
+        if spec.lstrip().startswith("{"):
+            spec = json.loads(spec)
+        else:
+            with open(spec) as f:
+                spec = json.load(f)
+    kind = spec.get("webhook_type")
+    if kind not in ("discord", "raw"):
+        raise ValueError(f"webhook_config: webhook_type must be 'discord' or 'raw', got {kind!r}")
+    key = "webhook_url" if kind == "discord" else "callback_url"
+    if not spec.get(key) and not spec.get("webhook_url" if kind == "raw" else "callback_url"):
+        raise ValueError(f"webhook_config: a {kind} webhook needs {key!r}")
+    if spec.get("log_level", "info") not in LEVELS:
+        raise ValueError(f"webhook_config: log_level must be one of {list(LEVELS)}, got {spec['log_level']!r}")
+    return spec
+
+
+def multipart(fields, files):
+    """fields {name: str}, files {name: (filename, bytes, mime)} -> (body, content type)."""
+    b = uuid.uuid4().hex
+    parts = [f'--{b}\r\nContent-Disposition: form-data; name="{k}"\r\nContent-Type: application/json\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts += [f'--{b}\r\nContent-Disposition: form-data; name="{k}"; filename="{fn}"\r\nContent-Type: {mime}\r\n\r\n'.encode()
+              + data + b"\r\n" for k, (fn, data, mime) in files.items()]
+    return b"".join(parts) + f"--{b}--\r\n".encode(), f"multipart/form-data; boundary={b}"
+
+
+class Webhook:
+    """Posts events from a background thread through a bounded queue (the oldest message is dropped when it is
+    full); each request has a timeout; a failure is counted and reported once, never raised."""
+
+    def __init__(self, cfg, project, maxsize=64, timeout=10.0):
+        self.kind = cfg["webhook_type"]
+        self.url = cfg.get("webhook_url") or cfg.get("callback_url")
+        self.host = urllib.parse.urlsplit(self.url).netloc   # the only part of the URL we print (Discord's holds a secret)
+        self.prefix = f"`({cfg.get('message_prefix') or project})` "
+        self.job = project
+        self.level = LEVELS[cfg.get("log_level", "info")]
+        self.timeout = float(cfg.get("timeout", timeout))
+        self.q = queue.Queue(maxsize)
+        self.sent = self.failed = self.dropped = 0
+        self.thread = threading.Thread(target=self._work, name="webhook", daemon=True)
+        self.thread.start()
+
+    def send(self, event, message, level="info", image=None, **fields):
+        """Queue one message; image: (filename, bytes) attached where the target takes files."""
+        if LEVELS[level] > self.level:
+            return
+        item = (event, message, level, image, fields, int(time.time()))
+        while True:
+            try:
+                return self.q.put_nowait(item)
+            except queue.Full:
+                try:
+                    self.q.get_nowait()
+                    self.dropped += 1
+                    if self.dropped == 1:
+                        print(f"warning: webhook {self.host} is behind: dropping the oldest queued messages")
+                except queue.Empty:
+                    pass
+
+    def request(self, event, message, level, image, fields, ts):
+        """-> (body bytes, content type) of one message."""
+        if self.kind == "discord":
+            payload = {"content": (self.prefix + message)[:2000]}
+            if image is None:
+                return json.dumps(payload).encode(), "application/json"
+            mime = "image/gif" if image[0].endswith(".gif") else "image/png"
+            return multipart({"payload_json": json.dumps(payload)}, {"files[0]": (image[0], image[1], mime)})
+        payload = {"message_type": event, "message": message, "level": level, "job_id": self.job, "timestamp": ts,
+                   **fields}
+        if image is not None:
+            payload["images"] = [base64.b64encode(image[1]).decode()]
+        return json.dumps(payload, default=str).encode(), "application/json"
+
+    def _work(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            try:
+                body, ctype = self.request(*item)
+                req = urllib.request.Request(self.url, data=body, method="POST",
+                                             headers={"Content-Type": ctype, "User-Agent": "wan-dmd"})
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    r.read()
+                self.sent += 1
+            except Exception as e:   # noqa: BLE001 -- a notification must never reach training
+                self.failed += 1
+                if self.failed == 1:
+                    print(f"warning: webhook {self.host}: {type(e).__name__}: {str(e)[:200]} (training goes on; "
+                          "later failures are only counted)")
+
+    def close(self, deadline=10.0):
+        """Deliver what is queued within `deadline` seconds, then stop; -> messages not delivered."""
+        end = time.time() + deadline
+        try:
+            self.q.put(None, timeout=deadline)
+        except queue.Full:
+            pass
+        self.thread.join(max(0.0, end - time.time()))
+        left = self.q.qsize() if self.thread.is_alive() else 0   # the thread stays a daemon: exit does not wait
+        if left or self.failed or self.dropped:
+            print(f"webhook {self.host}: {self.sent} sent, {self.failed} failed, {self.dropped} dropped"
+                  + (f", {left} undelivered after the {deadline:.0f} s deadline" if left else ""))
+        return left
+
+# -----------------------------------------------------------------------------
+# hub: folders are staged under OUTPUT_DIR/.hub_staging/NAME (hard links, so a checkpoint rotated away locally
+# still uploads) and removed once uploaded; what is left there after a crash or without network is retried at
+# the next checkpoint and at the next start. upload_folder skips files the hub already holds.
+
+def link_tree(src, dst):
+    """Copy a file or folder by hard links (a copy where links are not possible)."""
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    if os.path.isdir(src):
+        shutil.copytree(src, dst, copy_function=link, dirs_exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        link(src, dst)
+
+
+def build_folder(staging, name, files):
+    """files: {path in the upload: local file or folder ("" = the folder's contents)} -> staging/NAME.tmp, by hard
+    links; renamed to NAME once complete, so a crash never leaves a half-staged folder to upload."""
+    tmp = os.path.join(staging, name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for rel, src in files.items():
+        link_tree(src, os.path.join(tmp, rel))
+    return tmp
+
+
+def stage_folder(staging, name, files):
+    """build_folder, then rename NAME.tmp -> NAME (replacing an older NAME) -> the folder."""
+    tmp, final = build_folder(staging, name, files), os.path.join(staging, name)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+class HubUploader:
+    """One background thread uploading the staged folders in order: checkpoint-N to checkpoints/checkpoint-N,
+    "final" to the repo root. The token comes from huggingface_hub (HF_TOKEN or the cached login), never printed."""
+
+    def __init__(self, repo_id, private, staging, api=None):
+        from huggingface_hub import HfApi
+        self.repo_id, self.private, self.staging = repo_id, private, staging
+        self.api = api or HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
+        os.makedirs(staging, exist_ok=True)
+        self.q = queue.Queue()
+        self.cv = threading.Condition()   # guards `current`: the staged folder being uploaded is never replaced
+        self.current, self.repo_ready, self.failures, self.uploaded = None, False, 0, []
+        self.thread = threading.Thread(target=self._work, name="hub-upload", daemon=True)
+        self.thread.start()
+
+    def pending(self):
+        return sorted(n for n in os.listdir(self.staging) if not n.endswith(".tmp"))   # "checkpoint-*" < "final"
+
+    def stage(self, name, files, keep=None):
+        """Stage `files` as NAME without waiting for an upload in progress (unless it is NAME's own). keep: the newest
+        `keep` staged checkpoints stay, older ones not being uploaded are dropped (their disk space is freed)."""
+        tmp, final = build_folder(self.staging, name, files), os.path.join(self.staging, name)
+        with self.cv:
+            self.cv.wait_for(lambda: self.current != name)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            ckpts = [n for n in self.pending() if n.startswith("checkpoint-")]
+            for n in ckpts[: max(0, len(ckpts) - keep)] if keep else []:
+                if n != self.current:
+                    print(f"warning: hub: {n} was never uploaded and is dropped from the queue (newer ones wait)")
+                    shutil.rmtree(os.path.join(self.staging, n), ignore_errors=True)
+        return final
+
+    def kick(self):
+        """Ask the thread to (re)try every staged folder."""
+        self.q.put("go")
+
+    def _work(self):
+        while self.q.get() == "go":
+            for name in self.pending():
+                folder = os.path.join(self.staging, name)
+                with self.cv:
+                    if not os.path.isdir(folder):
+                        continue
+                    self.current = name
+                try:
+                    if not self.repo_ready:
+                        self.api.create_repo(self.repo_id, private=self.private, exist_ok=True)
+                        self.repo_ready = True
+                    self.api.upload_folder(repo_id=self.repo_id, folder_path=folder,
+                                           path_in_repo="" if name == "final" else f"checkpoints/{name}",
+                                           commit_message=f"wan-dmd: {name}")
+                    shutil.rmtree(folder, ignore_errors=True)
+                    self.uploaded.append(name)
+                    print(f"hub: uploaded {name} to {self.repo_id}")
+                except Exception as e:   # noqa: BLE001 -- no network, no token, hub down: the run goes on
+                    self.failures += 1
+                    if self.failures == 1:
+                        print(f"warning: hub upload to {self.repo_id} failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); training goes on, the upload "
+                              f"stays staged in {self.staging} and is retried at the next checkpoint and the next "
+                              "start (python publish.py OUTPUT_DIR pushes a finished run)")
+                    break   # the hub is probably unreachable: wait for the next kick
+                finally:
+                    with self.cv:
+                        self.current = None
+                        self.cv.notify_all()
+
+    def close(self, timeout=None):
+        """Finish the queued uploads (up to `timeout` seconds) and stop the thread."""
+        self.q.put("stop")
+        self.thread.join(timeout)
+
+# -----------------------------------------------------------------------------
+# model card
+
+DIFFUSERS_BASES = {"Wan-AI/Wan2.1-T2V-1.3B": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+                   "Wan-AI/Wan2.1-T2V-14B": "Wan-AI/Wan2.1-T2V-14B-Diffusers"}
+
+
+def base_model_id(src):
+    """The hub id of the teacher, or None (tiny / random / a local folder outside the hub cache)."""
+    if src == "tiny" or src.startswith("random:"):
+        return None
+    if os.path.isdir(src):
+        parts = [p for p in os.path.abspath(src).split(os.sep) if p.startswith("models--")]
+        return parts[-1][len("models--"):].replace("--", "/", 1) if parts else None
+    return src if src.count("/") == 1 else None
+
+
+def base_license(src, repo_id):
+    """The base model's license from its README front matter (local folder or the hub cache), else Wan 2.1's
+    Apache-2.0 for Wan-AI repos and our own Apache-2.0 for tiny/random teachers; "other" when unknown."""
+    readme = os.path.join(src, "README.md") if os.path.isdir(src) else None
+    if readme is None and repo_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            hit = try_to_load_from_cache(repo_id, "README.md")
+            readme = hit if isinstance(hit, str) else None
+        except Exception:   # noqa: BLE001
+            readme = None
+    if readme and os.path.exists(readme):
+        with open(readme, encoding="utf-8", errors="replace") as f:
+            head = f.read(4000).split("---")
+        for line in (head[1].splitlines() if len(head) > 2 else []):
+            if line.startswith("license:"):
+                return line.split(":", 1)[1].strip().strip("'\"")
+    if repo_id is None or repo_id.startswith("Wan-AI/"):
+        return "apache-2.0"
+    return "other"
+
+
+def duration(secs):
+    return f"{secs / 3600:.2f} h" if secs >= 3600 else f"{secs / 60:.1f} min" if secs >= 60 else f"{secs:.0f} s"
+
+
+def fmt_steps(steps):
+    return ",".join(f"{s:g}" if float(s).is_integer() else f"{s:.3f}" for s in steps)
+
+
+def data_summary(c):
+    if c["datasets"]:
+        parts = [f"`{d.get('id', '?')}` ({d.get('dataset_type', 'video')})" for d in c["datasets"]]
+        return (f"{len(parts)} dataset(s): {', '.join(parts)}; captions and VAE latents cached, rollout_mode "
+                f"`{c['rollout_mode']}`, real_data_loss_weight {c['real_data_loss_weight']}")
+    n = 1
+    if c["prompts_file"] and os.path.exists(c["prompts_file"]):
+        with open(c["prompts_file"]) as f:
+            n = sum(1 for line in f if line.strip())
+        return f"data-free DMD: {n} training prompts (`{os.path.basename(c['prompts_file'])}`), no videos"
+    return "data-free DMD: the validation prompt(s) as training prompts, no videos"
+
+
+def model_card(c, steps, records, env, files, prompts):
+    """The README.md of the published student. steps: the rollout timesteps (after any warp); records: log.jsonl;
+    env: environment(); files: the names in the upload (decides which loading snippets apply); prompts: validation."""
+    src = c["pretrained_model_name_or_path"]
+    base = base_model_id(src)
+    pipe_id = DIFFUSERS_BASES.get(base, base) or "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    repo = c["hub_model_id"] or "OUTPUT_DIR"
+    lora = c["lora_rank"] > 0
+    adapter = "student_ema.safetensors" if "student_ema.safetensors" in files else "student.safetensors"
+    merged = "transformer/config.json" in files
+    sigmas = ", ".join(f"{s / 1000:g}" for s in steps)
+    W, H = (int(v) for v in c["validation_resolution"].lower().split("x"))
+    Fn = c["validation_num_video_frames"]
+    last = records[-max(1, len(records) // 10):] if records else []
+
+    def mean(k):
+        v = [r[k] for r in last if isinstance(r.get(k), (int, float)) and r[k] == r[k]]
+        return f"{sum(v) / len(v):.4g}" if v else "n/a"
+    secs = sum(r.get("s_per_step", 0.0) for r in records) * c["log_interval"]   # summed over resumed runs too
+    took = duration(secs)
+    world = env.get("world_size", 1)
+    gpus = ", ".join(sorted(set(env.get("gpus") or []))) or "CPU"
+    tags = ["text-to-video", "diffusers", "wan2.1", "dmd", "distillation", "few-step", "wan-dmd"] + (["lora"] if lora else [])
+    meta = ["---"] + ([f"base_model: {base}", f"base_model_relation: {'adapter' if lora else 'finetune'}"] if base else [])
+    meta += [f"license: {base_license(src, base)}", "library_name: diffusers", "pipeline_tag: text-to-video", "tags:"]
+    meta += [f"- {t}" for t in tags] + ["---", ""]
+    prompt = prompts[0] if prompts else c["validation_prompt"]
+    gen = f"LoRA rank {c['lora_rank']}, alpha {c['lora_alpha']:g}" if lora else "full fine-tune"
+    critic = f"LoRA rank {c['fake_score_lora_rank']}" if c["fake_score_lora_rank"] > 0 else "full fine-tune"
+    L = meta + [f"# {repo.split('/')[-1]}: a {len(steps)}-step DMD student of {base or src}", ""]
+    L += [f"A {len(steps)}-step text-to-video student distilled from `{base or src}` with DMD (Distribution Matching "
+          "Distillation, DMD2 form) by wan-dmd's `train_dmd.py`.", ""]
+    if os.path.exists(os.path.join(c["output_dir"], "preview.gif")) or "preview.gif" in files:
+        L += ["![validation samples](preview.gif)", "", "Validation prompts: " + "; ".join(f"*{p}*" for p in prompts), ""]
+    if c.get("model_card_note"):
+        L += [c["model_card_note"], ""]
+    L += ["## Method", "", "| | |", "|---|---|",
+          f"| base model (teacher) | `{base or src}` |",
+          f"| method | DMD (DMD2 form), backward-simulation rollout (`rollout_mode={c['rollout_mode']}`) |",
+          f"| student steps | {len(steps)}: timesteps {fmt_steps(steps)} (σ = t/1000), no CFG at inference |",
+          f"| teacher guidance | `real_score_guidance_scale` w = {c['real_score_guidance_scale']:g} in x_c + w(x_c − x_u) "
+          f"(= standard CFG {c['real_score_guidance_scale'] + 1:g}); critic w = {c['fake_score_guidance_scale']:g} |",
+          f"| shift | score timestep shift {c['timestep_shift']:g}, warp_denoising_step {c['warp_denoising_step']}, "
+          f"flow_schedule_shift {c['flow_schedule_shift']:g} |",
+          f"| generator | {gen}; lr {c['learning_rate']:g}, update every {c['generator_update_interval']} step(s); "
+          f"EMA {c['ema_decay'] if c['use_ema'] else 'off'} |",
+          f"| critic (fake score) | {critic}; lr {c['fake_score_lr']:g} |",
+          f"| data | {data_summary(c)} |",
+          f"| training | {c['max_train_steps']} steps at {c['num_training_frames']} latent frames {c['height']}x{c['width']}, "
+          f"batch {c['train_batch_size']} x accum {c['gradient_accumulation_steps']} x {world} process(es); {took} on {gpus} |",
+          f"| final losses (mean of the last {len(last)} logged steps) | dmd_loss {mean('dmd_loss')}, "
+          f"fake_score_loss {mean('fake_score_loss')}, abs(g) {mean('g_abs')} |",
+          f"| code | wan-dmd commit `{env.get('git_commit', 'unknown')}`, torch {env.get('torch', '?')} |", ""]
+    L += ["## Use it with diffusers", "",
+          f"The student samples in {len(steps)} steps: x0 = x − σ·v(x, t), then x0 is re-noised to the next σ with fresh "
+          "noise (`FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)` on the sigmas below), guidance_scale 1.", "",
+          "```python", "import torch", "from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline",
+          "from diffusers.utils import export_to_video", "",
+          f'pipe = WanPipeline.from_pretrained("{pipe_id}", torch_dtype=torch.bfloat16)']
+    if lora and adapter in files:
+        L += [f'pipe.load_lora_weights("{repo}", weight_name="{adapter}")   # the LoRA student (EMA weights)']
+        if merged:
+            L += ["# or the merged student:", "# from diffusers import WanTransformer3DModel",
+                  f'# pipe.transformer = WanTransformer3DModel.from_pretrained("{repo}", subfolder="transformer", '
+                  "torch_dtype=torch.bfloat16)"]
+    else:
+        L = L[:-1] + ["from diffusers import WanTransformer3DModel",
+                      f'transformer = WanTransformer3DModel.from_pretrained("{repo}", subfolder="transformer", '
+                      "torch_dtype=torch.bfloat16)",
+                      f'pipe = WanPipeline.from_pretrained("{pipe_id}", transformer=transformer, torch_dtype=torch.bfloat16)']
+    L += ['pipe.to("cuda")',
+          "pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, stochastic_sampling=True)",
+          "set_timesteps = pipe.scheduler.set_timesteps   # the pipeline asks for N steps: give it the student's sigmas",
+          f"pipe.scheduler.set_timesteps = lambda *a, device=None, **k: set_timesteps(sigmas=[{sigmas}], device=device)",
+          f'video = pipe({json.dumps(prompt)}, num_inference_steps={len(steps)}, guidance_scale=1.0,',
+          f"             height={H}, width={W}, num_frames={Fn}).frames[0]",
+          'export_to_video(video, "student.mp4", fps=16)', "```", ""]
+    L += ["## Use it with wan-dmd", "", "```bash", f"hf download {repo} --local-dir student",
+          f'python sample.py --model={pipe_id} --ckpt=student --denoising_steps={fmt_steps(steps)} \\',
+          f'    --height={H} --width={W} --num_frames={Fn} --prompt={shlex.quote(prompt)}', "```", ""]
+    L += ["## Files", "", "| file | what |", "|---|---|"]
+    what = {"student_ema.safetensors": "the student, EMA weights: LoRA adapter (diffusers/PEFT keys) or full weights",
+            "student.safetensors": "the student: LoRA adapter (diffusers/PEFT keys) or full weights",
+            "transformer/": "merged student in diffusers `WanTransformer3DModel` layout",
+            "config.json": "the resolved training config (train_dmd.py keys)",
+            "env.json": "versions of python, torch, CUDA, the GPUs and the wan-dmd commit",
+            "log.jsonl": "training metrics, one record per logged step", "loss_curve.png": "dmd_loss, fake_score_loss, mean abs(g), grad norms of G and F",
+            "preview.gif": "validation samples (downscaled)", "samples/": "validation videos of the last step"}
+    shown = {f.split("/")[0] + "/" if "/" in f else f for f in files}
+    L += [f"| `{k}` | {v} |" for k, v in what.items() if k in shown]
+    return "\n".join(L) + "\n"
+
+# -----------------------------------------------------------------------------
+# the run's side effects, called by train_dmd.train
+
+def run_name(c):
+    return c.get("tracker_run_name") or os.path.basename(os.path.normpath(c["output_dir"])) or c["tracker_project_name"]
+
+
+def write_card(c, steps=None):
+    """Write README.md (the model card) and preview.gif in output_dir -> {path in the upload: local path} of what
+    push_to_hub uploads: student file(s), config, env, log, loss curve, preview, the last validation step's mp4s."""
+    out = c["output_dir"]
+    if steps is None:   # as train_dmd.train computes them (after the optional warp)
+        from train_dmd import rollout_steps
+        steps = rollout_steps([float(s) for s in str(c["dmd_denoising_steps"]).split(",")], c["warp_denoising_step"],
+                              c["timestep_shift"])
+    steps_dirs = sorted(glob.glob(os.path.join(out, "validation", "step_*")), key=lambda p: int(p.rsplit("_", 1)[1]))
+    prompts, files = [c["validation_prompt"]], {}
+    if c.get("validation_prompt_library") and os.path.exists(c["validation_prompt_library"]):
+        with open(c["validation_prompt_library"]) as f:
+            lib = json.load(f)
+        prompts += list(lib.values()) if isinstance(lib, dict) else list(lib)
+    if steps_dirs:
+        paths, videos = videos_of(steps_dirs[-1])
+        if videos:
+            write_gif(os.path.join(out, "preview.gif"), preview(videos), fps=8)
+            files.update({f"samples/{os.path.basename(p)}": p for p in paths[:8]})
+    for name in ("student_ema.safetensors", "student.safetensors", "config.json", "env.json", "log.jsonl",
+                 "loss_curve.png", "preview.gif"):
+        if os.path.exists(os.path.join(out, name)):
+            files[name] = os.path.join(out, name)
+    if c.get("push_merged_to_hub", True) or c["lora_rank"] == 0:
+        for p in glob.glob(os.path.join(out, "transformer", "*")):
+            files[f"transformer/{os.path.basename(p)}"] = p
+    env = json.load(open(os.path.join(out, "env.json"))) if os.path.exists(os.path.join(out, "env.json")) else environment()
+    card = model_card(c, steps, read_log(out), env, sorted(files) + ["README.md"], prompts)
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write(card)
+    files["README.md"] = os.path.join(out, "README.md")
+    return files
+
+
+def stage_final(c, hub=None, steps=None):
+    """write_card, then stage its files as .hub_staging/final (queued on `hub`; hub=None: a dry run) -> the folder."""
+    files = write_card(c, steps)
+    if hub is None:
+        return stage_folder(os.path.join(c["output_dir"], ".hub_staging"), "final", files)
+    return hub.stage("final", files)
+
+
+class Publisher:
+    """Rank 0's publishing for one run; with main=False every method does nothing. After __init__ (which raises
+    config errors, before any training), no method raises: failures print a warning."""
+
+    def __init__(self, c, main=True, api=None):
+        self.c, self.main, self.webhook, self.hub, self.t0 = c, main, None, None, time.time()
+        if not main:
+            return
+        if c["webhook_config"]:
+            self.webhook = Webhook(load_webhook_config(c["webhook_config"]), run_name(c))
+        out = c["output_dir"]
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "env.json"), "w") as f:
+            json.dump(environment(), f, indent=2)
+        if c["push_to_hub"] or c["push_checkpoints_to_hub"]:
+            self.hub = HubUploader(c["hub_model_id"], c["model_card_private"], os.path.join(out, ".hub_staging"), api)
+            if self.hub.pending():
+                print(f"hub: resuming {len(self.hub.pending())} staged upload(s): {', '.join(self.hub.pending())}")
+                self.hub.kick()
+        self.notify("start", f"training started: {c['pretrained_model_name_or_path']} -> {len(str(c['dmd_denoising_steps']).split(','))}-step "
+                    f"student, {c['max_train_steps']} steps, output {out}", max_train_steps=c["max_train_steps"])
+
+    def notify(self, event, message, level="info", image=None, **fields):
+        if self.webhook is not None:
+            self.webhook.send(event, message, level, image, **fields)
+
+    def _safe(self, what, fn, *a):
+        if not self.main:
+            return None
+        try:
+            return fn(*a)
+        except Exception as e:   # noqa: BLE001 -- publishing never stops training
+            print(f"warning: {what} failed: {type(e).__name__}: {e}")
+            return None
+
+    def validation(self, step):
+        """Contact sheet beside the step's mp4s, loss_curve.png, a webhook message with the sheet."""
+        def run():
+            folder = os.path.join(self.c["output_dir"], "validation", f"step_{step}")
+            _, videos = videos_of(folder)
+            self.write_loss_curve()
+            if not videos:
+                return
+            small = [shrink(v, 160, 8) for v in videos]
+            sheet = contact_sheet(small, scale=max(1, 96 // small[0].shape[1]))
+            write_png(os.path.join(folder, "contact_sheet.png"), sheet)
+            rec = (read_log(self.c["output_dir"]) or [{}])[-1]
+            self.notify("validation", f"validation at step {step}: {len(videos)} video(s) | dmd "
+                        f"{rec.get('dmd_loss', float('nan')):.3e} | fake {rec.get('fake_score_loss', float('nan')):.4f}",
+                        image=("contact_sheet.png", png_bytes(sheet)), step=step,
+                        **{k: rec[k] for k in ("dmd_loss", "fake_score_loss", "g_abs") if k in rec})
+        self._safe("validation artefacts", run)
+
+    def write_loss_curve(self):
+        records = read_log(self.c["output_dir"])
+        if records:
+            write_png(os.path.join(self.c["output_dir"], "loss_curve.png"), loss_curve(records))
+
+    def checkpoint(self, step, path):
+        def run():
+            self.notify("checkpoint", f"checkpoint at step {step}: {os.path.basename(path)}", step=step)
+            if self.hub is not None and self.c["push_checkpoints_to_hub"]:
+                self.hub.stage(os.path.basename(path), {"": path}, keep=self.c["checkpoints_total_limit"])
+                self.hub.kick()
+        self._safe("checkpoint upload", run)
+
+    def finish(self, steps):
+        """Model card, preview, the final upload (waited for), the finish message; then the webhook is flushed."""
+        def run():
+            self.write_loss_curve()
+            url = None
+            if self.hub is not None and self.c["push_to_hub"]:
+                folder = stage_final(self.c, self.hub, steps)
+                print(f"hub: uploading {folder} to {self.c['hub_model_id']} ...")
+                self.hub.kick()
+            else:
+                write_card(self.c, steps)
+            if self.hub is not None:
+                self.hub.close()
+                if "final" in self.hub.uploaded:
+                    url = f"{self.hub.api.endpoint.rstrip('/')}/{self.c['hub_model_id']}"
+                left = self.hub.pending()
+                if left:
+                    print(f"hub: {len(left)} upload(s) not done ({', '.join(left)}): they stay in "
+                          f"{self.hub.staging}; a resumed run or `python publish.py {self.c['output_dir']}` retries them")
+            gif = os.path.join(self.c["output_dir"], "preview.gif")
+            rec = (read_log(self.c["output_dir"]) or [{}])[-1]
+            self.notify("finish", f"training finished at step {rec.get('step', '?')} in {duration(time.time() - self.t0)}"
+                        + (f": {url}" if url else f": {self.c['output_dir']}"),
+                        image=("preview.gif", open(gif, "rb").read()) if os.path.exists(gif) else None,
+                        url=url, step=rec.get("step"))
+        self._safe("publishing", run)
+        self.close()
+
+    def failed(self, exc):
+        def run():
+            line = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self.notify("failure", f"training failed: {line}", level="error", error=line)
+        self._safe("failure notification", run)
+        self.close()
+
+    def close(self):
+        if self.webhook is not None:
+            self.webhook.close()
+            self.webhook = None
+        if self.hub is not None and self.hub.thread.is_alive():
+            self.hub.close(timeout=30)
+
+
+if __name__ == "__main__":   # python publish.py OUTPUT_DIR [--dry_run]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if len(args) != 1:
+        sys.exit(__doc__)
+    with open(os.path.join(args[0], "config.json")) as f:
+        cfg = {**json.load(f), "output_dir": args[0]}
+    if "--dry_run" in sys.argv:
+        staged = stage_final(cfg)
+        for root, _, names in sorted(os.walk(staged)):
+            for n in sorted(names):
+                p = os.path.join(root, n)
+                print(f"{os.path.getsize(p):>12,d}  {os.path.relpath(p, staged)}")
+    else:
+        if not cfg.get("hub_model_id"):
+            sys.exit("config.json has no hub_model_id")
+        hub = HubUploader(cfg["hub_model_id"], cfg.get("model_card_private", False), os.path.join(args[0], ".hub_staging"))
+        stage_final(cfg, hub)
+        hub.kick()
+        hub.close()
+        sys.exit(0 if not hub.pending() else 1)
