@@ -22,13 +22,14 @@ import torch
 
 import model_wan as mw
 import sample
+from publish import contact_sheet, write_png
 import train_dmd
 
 # -----------------------------------------------------------------------------
 # defaults; override with a config file (python demo.py CONFIG.py) and --key=value
 out_dir = "out/demo"
 seed = 0
-threads = 1                    # torch threads (the demo targets 2 shared CPU cores)
+threads = 2                    # torch threads (the demo targets 2 CPU cores)
 device = "cpu"                 # teacher training, DMD and sampling ("cuda": the same flow in seconds)
 # (1) synthetic dataset
 size = 32                      # frame height = width (pixels)
@@ -50,11 +51,11 @@ caption_dropout = 0.2          # caption -> "" with this probability: the uncond
 flow_shift = 3.0               # shift of the training timesteps and of the teacher's sampling schedule
 # (4) DMD: train_dmd.py's config file plus the keys the demo fills in (teacher, prompts, size, steps)
 dmd_config = "config/demo_dmd.py"
-dmd_steps = 300
+dmd_steps = 600
 # (5) samples and (6) the quality benchmark
 guidance_scale = 2.0           # teacher CFG (standard form); DMD's real_score_guidance_scale is set in dmd_config
 sample_prompts = 4             # captions shown in the contact sheet (rows: prompt x sampler)
-bench_seeds = 8                # samples per caption and sampler in the quality table
+bench_seeds = 16               # samples per caption and sampler in the quality table
 # -----------------------------------------------------------------------------
 
 COLOURS = {"red": (220, 50, 50), "green": (50, 200, 60), "blue": (60, 90, 235)}
@@ -149,22 +150,7 @@ def detect(video, caption):
     return res
 
 # -----------------------------------------------------------------------------
-# files: clips, PNG
-
-def write_png(path, img):
-    """uint8 (H,W,3) -> an 8-bit RGB PNG (zlib + struct, no new dependency)."""
-    import struct
-    import zlib
-    h, w, _ = img.shape
-    raw = b"".join(b"\0" + img[i].tobytes() for i in range(h))               # filter type 0 per row
-    chunk = lambda tag, data: (struct.pack(">I", len(data)) + tag + data
-                               + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    return path
-
+# files: clips (the PNG writer and contact sheet are publish.py's)
 
 def to_uint8(video):
     """(3,F,H,W) in [-1,1] -> uint8 (F,H,W,3), rounded as sample.write_mp4 does."""
@@ -231,18 +217,6 @@ def train_vae(videos, c, progress_png=None):
     return vae
 
 
-def save_vae(vae, path):
-    """diffusers vae/ layout: config.json (with our latent statistics) + weights; mw.load_vae reads it back."""
-    from safetensors.torch import save_file
-    os.makedirs(path, exist_ok=True)
-    cfg = vae.cfg
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(dict(base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult), num_res_blocks=cfg.num_res_blocks,
-                       temperal_downsample=list(cfg.temperal_downsample), latents_mean=list(cfg.latents_mean),
-                       latents_std=list(cfg.latents_std)), f, indent=1)
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, os.path.join(path, "diffusion_pytorch_model.safetensors"))
-
-
 def train_teacher(latents, caps, c):
     """Flow matching (train_dmd.flow_matching_loss) of a Wan DiT on the clips' latents, TinyTextEncoder contexts,
     caption dropout to the empty prompt (the unconditional branch of CFG); AdamW, warmup + cosine."""
@@ -272,19 +246,6 @@ def train_teacher(latents, caps, c):
 
 # -----------------------------------------------------------------------------
 
-def contact_sheet(rows, scale=2):
-    """rows: list of uint8 (F,H,W,3) videos -> one uint8 image (a row per video, its frames across, each frame
-    scaled up `scale` x, 2 px white gaps). The PNG holds no text: main prints what the rows are."""
-    F_, H, W, _ = rows[0].shape
-    gap = 2
-    img = np.full((len(rows) * (H * scale + gap) + gap, F_ * (W * scale + gap) + gap, 3), 255, np.uint8)
-    for r, v in enumerate(rows):
-        for f in range(F_):
-            y, x = gap + r * (H * scale + gap), gap + f * (W * scale + gap)
-            img[y:y + H * scale, x:x + W * scale] = v[f].repeat(scale, 0).repeat(scale, 1)
-    return img
-
-
 def main(c):
     torch.set_num_threads(c["threads"])
     out = c["out_dir"]
@@ -307,9 +268,9 @@ def main(c):
     vae_dir = os.path.join(teacher_dir, "vae")
     if not os.path.exists(os.path.join(vae_dir, "config.json")):
         if c["vae_path"]:
-            save_vae(mw.load_vae(os.path.join(os.path.dirname(os.path.abspath(__file__)), c["vae_path"])), vae_dir)
+            mw.save_vae(mw.load_vae(os.path.join(os.path.dirname(os.path.abspath(__file__)), c["vae_path"])), vae_dir)
         else:
-            save_vae(train_vae(videos, c, os.path.join(out, "vae_progress.png")), vae_dir)
+            mw.save_vae(train_vae(videos, c, os.path.join(out, "vae_progress.png")), vae_dir)
     vae = mw.load_vae(vae_dir)
     with torch.no_grad():
         latents = torch.cat([vae.encode(videos[i:i + 16]) for i in range(0, len(videos), 16)])   # (N,16,T,h,w)
@@ -357,8 +318,7 @@ def main(c):
     import bench_quality as bq
     t0 = time.perf_counter()                                                    # (5) samples, contact sheet
     pair = bq.load_pair(teacher_dir, dmd_dir, device=c["device"])
-    with open(os.path.join(dmd_dir, "config.json")) as f:
-        steps = [float(s) for s in json.load(f)["dmd_denoising_steps"].split(",")]
+    steps = [float(s) for s in sample.student_steps(dmd_dir).split(",")]   # as trained
     prompts = [captions()[(7 * i) % len(captions())] for i in range(c["sample_prompts"])]   # 7: every colour, shape, direction
     shape = (c["num_frames"], c["size"], c["size"])
     rows = []

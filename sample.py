@@ -50,7 +50,7 @@ device = "auto"              # auto: cuda if available, else cpu
 dtype = "auto"               # DiT and text-encoder dtype; auto: bfloat16 on cuda, float32 on cpu (the VAE stays fp32)
 # -----------------------------------------------------------------------------
 
-STUDENT_STEPS = "1000,757,522"   # the FastWan / seed 3-step schedule, used when only ckpt is given
+STUDENT_STEPS = "1000,757,522"   # the FastWan / seed 3-step schedule, when the ckpt has no train_dmd config.json
 
 # -----------------------------------------------------------------------------
 # schedules and samplers: pure functions over a velocity function v(x, t) -> (B,16,F,H,W)
@@ -269,32 +269,44 @@ def slug(text, n=40):
 
 # -----------------------------------------------------------------------------
 
-def read_causal_config(ckpt):
-    """The causal keys of a student folder's config.json (train_dmd.py writes them) -> dict, or None for a
-    bidirectional student (no config.json, or "causal" false). window: latent frames of the KV cache
-    (num_training_frames; more frames than that roll it); dmd_denoising_steps as trained (warped when
-    warp_denoising_step was set), used unless denoising_steps is given."""
+def student_config(ckpt):
+    """The train_dmd config.json beside a student (its output folder, or the folder of a .safetensors file) -> dict,
+    or {} when there is none."""
     import json
     folder = ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt))
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
-        return None
+        return {}
     with open(path) as f:
-        cfg = json.load(f)
+        return json.load(f)
+
+
+def student_steps(ckpt):
+    """The student's timesteps as trained: dmd_denoising_steps of its config.json, warped when warp_denoising_step
+    was set (train_dmd.rollout_steps); STUDENT_STEPS when the folder has no such config -> "t1,t2,..."."""
+    cfg = student_config(ckpt)
+    steps = cfg.get("dmd_denoising_steps", STUDENT_STEPS)
+    steps = [float(t) for t in (steps if isinstance(steps, list) else str(steps).split(","))]
+    if cfg.get("warp_denoising_step"):
+        steps = [float(1000 * shift_sigmas(torch.tensor(t) / 1000, float(cfg.get("timestep_shift", 1.0)))) for t in steps]
+    return ",".join(map(str, steps))
+
+
+def read_causal_config(ckpt):
+    """The causal keys of a student folder's config.json (train_dmd.py writes them) -> dict, or None for a
+    bidirectional student (no config.json, or "causal" false). window: latent frames of the KV cache
+    (num_training_frames; more frames than that roll it); dmd_denoising_steps as trained (student_steps)."""
+    cfg = student_config(ckpt)
     if not cfg.get("causal"):
         return None
     keys = ("num_frame_per_block", "independent_first_frame", "context_noise", "num_training_frames")
     missing = [k for k in keys if k not in cfg]
     if missing:
-        raise ValueError(f"{path} has \"causal\": true but lacks {missing}")
-    steps = cfg.get("dmd_denoising_steps", STUDENT_STEPS)
-    steps = [float(t) for t in (steps if isinstance(steps, list) else str(steps).split(","))]
-    if cfg.get("warp_denoising_step"):   # trained on warped steps (train_dmd.rollout_steps): sample on them too
-        steps = [float(1000 * shift_sigmas(torch.tensor(t) / 1000, float(cfg.get("timestep_shift", 1.0)))) for t in steps]
+        raise ValueError(f"the config.json beside {ckpt} has \"causal\": true but lacks {missing}")
     return {"num_frame_per_block": int(cfg["num_frame_per_block"]),
             "independent_first_frame": bool(cfg["independent_first_frame"]),
             "context_noise": float(cfg["context_noise"]), "window": int(cfg["num_training_frames"]),
-            "dmd_denoising_steps": ",".join(map(str, steps))}
+            "dmd_denoising_steps": student_steps(ckpt)}
 
 
 def resolve_model_dir(source):
@@ -353,7 +365,7 @@ def generate(cfg):
             raise ValueError(f"num_frames={Fn} ({T} latent frames) does not fit the causal student's blocks: {e}") from None
         if T > causal["window"]:
             print(f"notice: {T} latent frames > the {causal['window']} trained: the KV cache window rolls")
-    default_steps = causal["dmd_denoising_steps"] if causal is not None else STUDENT_STEPS
+    default_steps = student_steps(c["ckpt"]) if c["ckpt"] else STUDENT_STEPS   # the steps it was trained on
     steps = [float(s) for s in (c["denoising_steps"] or default_steps).split(",")] if student else None
     if steps and (any(not 0 < s <= 1000 for s in steps) or steps != sorted(steps, reverse=True)):
         raise ValueError(f"denoising_steps must decrease within (0, 1000], got {c['denoising_steps']!r}")
@@ -377,7 +389,7 @@ def generate(cfg):
     if c["ckpt"]:
         print(f"student: {load_student(dit, c['ckpt'])} weights from {c['ckpt']}")
     vae = mw.load_vae(src, dtype=torch.float32, device=dev)
-    mode = (f"student {len(steps)} steps {c['denoising_steps'] or STUDENT_STEPS}" if student else
+    mode = (f"student {len(steps)} steps {','.join(f'{t:g}' for t in steps)}" if student else
             f"teacher {c['sampler']} {c['num_inference_steps']} steps, guidance {c['guidance_scale']}, shift {shift}")
     print(f"{len(prompts)} prompt(s), {Fn}x{H}x{W}, {mode}, {dev} {dt}")
     paths, t_dit, t_vae, t_first = [], 0.0, 0.0, None

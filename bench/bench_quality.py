@@ -5,8 +5,9 @@ and a table of
   precision  share of samples that show a valid mode of their caption (detector on decoded pixels: colour,
              direction, start band; the shape is reported apart, see demo.detect),
   coverage   share of each caption's modes produced over the seeds (mean over captions),
-  MMD        squared MMD (RBF kernel, median bandwidth) of the latents to a second teacher-50 set (other seeds);
-             teacher-50's own row is the noise floor.
+  mode TV    total variation between the sampler's caption x mode weights and a second teacher-50 set's (other
+             seeds): does the student keep the teacher's balance of modes; teacher-50's own row is the noise floor,
+  MMD        squared MMD (RBF kernel, median bandwidth) of the latents to that second teacher-50 set (its floor too).
 Precision and coverage need captions the detector knows (demo.py's synthetic world: "a red circle moving left");
 for any other prompt file only MMD is reported.
 
@@ -102,26 +103,36 @@ def precision_coverage(videos, prompts, seeds):
     return valid / len(videos), float(cov), found, shape / len(videos)
 
 
+def mode_tv(found, ref):
+    """Total variation between two {caption: [count per mode]} tables, each normalised over all its valid samples:
+    0 = the same caption x mode weights, 1 = disjoint. Sensitive to mode balance, which precision and coverage are not."""
+    a, b = (np.array([f[p] for p in ref], np.float64) for f in (found, ref))
+    return float(0.5 * np.abs(a / max(a.sum(), 1) - b / max(b.sum(), 1)).sum())
+
+
 def evaluate(pair, prompts, seeds, shape, steps, guidance, shift):
-    """-> {sampler: {precision, coverage, mmd, seconds}} (+ the mode counts per caption)."""
+    """-> {sampler: {precision, coverage, mmd, mode_tv, seconds}} (+ the mode counts per caption). The reference
+    is a second teacher-50 set (other seeds): teacher-50's own row is the noise floor of MMD and mode TV."""
     ref_seeds = [s + 100000 for s in seeds]
-    ref, _ = sample_videos(pair, "teacher-50", prompts, ref_seeds, shape, steps, guidance, shift)
+    ref, ref_vids = sample_videos(pair, "teacher-50", prompts, ref_seeds, shape, steps, guidance, shift)
+    ref_found = precision_coverage(ref_vids, prompts, ref_seeds)[2]
     table = {}
     for name in SAMPLERS:
         t0 = time.perf_counter()
         lat, vids = sample_videos(pair, name, prompts, seeds, shape, steps, guidance, shift)
         prec, cov, found, shape_acc = precision_coverage(vids, prompts, seeds)
         table[name] = dict(precision=prec, coverage=cov, mmd=mmd2(lat, ref), shape=shape_acc,
+                           mode_tv=None if found is None else mode_tv(found, ref_found),
                            seconds=time.perf_counter() - t0, modes=found)
     return table
 
 
 def format_table(table):
     f = lambda v: "n/a" if v is None else f"{v:.3f}"
-    lines = ["| sampler | precision | coverage | MMD² to teacher-50 | shape right | sampling + decode s |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {k} | {f(r['precision'])} | {f(r['coverage'])} | {r['mmd']:.4f} | {f(r['shape'])} | {r['seconds']:.1f} |"
-              for k, r in table.items()]
+    lines = ["| sampler | precision | coverage | mode TV to teacher-50 | MMD² to teacher-50 | shape right | sampling + decode s |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {f(r['precision'])} | {f(r['coverage'])} | {f(r.get('mode_tv'))} | {r['mmd']:.4f} | {f(r['shape'])} "
+              f"| {r['seconds']:.1f} |" for k, r in table.items()]
     return "\n".join(lines)
 
 
@@ -143,7 +154,7 @@ if __name__ == "__main__":
     ap.add_argument("--out", default="", help="also write the table as JSON here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    steps = a.steps or json.load(open(os.path.join(a.student, "config.json")))["dmd_denoising_steps"]
+    steps = a.steps or sample.student_steps(a.student)   # as trained (warped when warp_denoising_step was set)
     steps = [float(s) for s in steps.split(",")]
     with open(a.prompts_file) as fh:
         prompts = [line.strip() for line in fh if line.strip()]

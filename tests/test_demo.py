@@ -13,6 +13,7 @@ av = pytest.importorskip("av")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import bench_quality as bq  # noqa: E402
 import demo  # noqa: E402
+import model_wan as mw  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,6 +57,10 @@ def test_png_and_mmd(tmp_path):
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(64, 20, generator=g), torch.randn(64, 20, generator=g)
     assert abs(bq.mmd2(a, b)) < 0.05 and bq.mmd2(a, b + 2) > 0.3                 # same law ~ 0, shifted law > 0
+    ref = {"p": [4, 4, 0], "q": [0, 0, 8]}
+    assert bq.mode_tv({"p": [2, 2, 0], "q": [0, 0, 4]}, ref) == 0                  # the same weights at half the count
+    assert bq.mode_tv({"p": [0, 0, 8], "q": [8, 0, 0]}, ref) == 1                  # disjoint
+    assert abs(bq.mode_tv({"p": [8, 0, 0], "q": [0, 0, 8]}, ref) - 0.25) < 1e-12    # p's weight on one mode only
 
 
 @pytest.mark.slow
@@ -84,6 +89,7 @@ def test_demo_end_to_end(tmp_path):
     assert list(table) == list(bq.SAMPLERS)
     for r in table.values():
         assert 0 <= r["precision"] <= 1 and 0 <= r["coverage"] <= 1 and np.isfinite(r["mmd"])
+        assert 0 <= r["mode_tv"] <= 1
     assert "| student-3 |" in run.stdout
     stamp = os.path.getmtime(os.path.join(out, "dmd", "transformer", "config.json"))
     again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -98,7 +104,7 @@ def test_train_vae_sets_latent_statistics(tmp_path):
     videos = demo.read_dataset(str(tmp_path / "d"))[0][:8]
     c = dict(seed=0, vae_base_dim=8, vae_lr=1e-3, vae_steps=2, vae_batch_size=2)
     vae = demo.train_vae(videos, c)
-    demo.save_vae(vae, str(tmp_path / "vae"))
+    mw.save_vae(vae, str(tmp_path / "vae"))
     vae = demo.mw.load_vae(str(tmp_path / "vae"))
     with torch.no_grad():
         z = vae.encode(videos)                                                     # (8,16,3,4,4)

@@ -251,3 +251,29 @@ def test_bf16_load_keeps_fp32_modules_exact(ref_dit, tmp_path):
             assert v.dtype == torch.float32 and torch.equal(v, sd32[k]), k
         else:
             assert v.dtype == torch.bfloat16 and torch.equal(v, sd32[k].to(torch.bfloat16)), k
+
+
+def test_text_len_cuts_padding_and_survives_save_load(tmp_path):
+    """A model trained with text_len n sees exactly n context rows whatever the caller pads to (512 by default);
+    text_len is saved in both layouts; cutting non-zero rows is an error, shorter contexts pass unchanged."""
+    import dataclasses
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(mw.PRESETS["tiny"], text_len=8)
+    m = mw.WanDiT(cfg).eval()
+    x, t = torch.randn(1, 16, 1, 4, 4), torch.tensor([500.0])
+    words = torch.randn(1, 5, 32)
+    pad = lambda n: torch.cat([words, torch.zeros(1, n - 5, 32)], 1)   # noqa: E731
+    with torch.no_grad():
+        want = m(x, t, pad(8))
+        assert torch.equal(m(x, t, pad(512)), want)                     # zero rows past 8 are cut
+        assert not torch.allclose(m(x, t, pad(6)), want)                # shorter: passed as given (diffusers' way)
+        full = mw.WanDiT(mw.PRESETS["tiny"]).eval()
+        full.load_state_dict(m.state_dict())
+        assert not torch.allclose(full(x, t, pad(512)), want)           # 512 rows attend differently: it matters
+    with pytest.raises(ValueError, match="text_len=8"):
+        m(x, t, torch.randn(1, 512, 32))
+    for layout in ("diffusers", "original"):
+        mw.save_dit(m, tmp_path / layout, layout=layout)
+        assert mw.load_dit(tmp_path / layout).cfg.text_len == 8
+    mw.save_dit(full, tmp_path / "d512")
+    assert "text_len" not in json.load(open(tmp_path / "d512" / "config.json"))   # real exports stay diffusers' own

@@ -205,3 +205,17 @@ def test_configurator(tmp_path, capsys):
     with pytest.raises(SystemExit):
         configure(g, str(script), ["--help"])
     assert "learning rate" in capsys.readouterr().out
+
+
+def test_student_steps_as_trained(tmp_path):
+    """sample.py samples a student on the timesteps it was trained on (its train_dmd config.json, warped when
+    warp_denoising_step was set), the seed's 1000,757,522 without one."""
+    import json
+    assert sample.student_steps(str(tmp_path)) == sample.STUDENT_STEPS.replace(",", ".0,") + ".0"
+    json.dump({"dmd_denoising_steps": "1000,750,500,250"}, open(tmp_path / "config.json", "w"))
+    assert sample.student_steps(str(tmp_path / "student.safetensors")) == "1000.0,750.0,500.0,250.0"
+    json.dump({"dmd_denoising_steps": "1000,750,500,250", "warp_denoising_step": True, "timestep_shift": 5.0},
+              open(tmp_path / "config.json", "w"))
+    warped = [float(t) for t in sample.student_steps(str(tmp_path)).split(",")]
+    want = [1000 * 5 * s / (1 + 4 * s) for s in (1.0, 0.75, 0.5, 0.25)]      # σ' = 5σ / (1 + 4σ)
+    assert max(abs(a - b) for a, b in zip(warped, want)) < 1e-3
