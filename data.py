@@ -704,7 +704,11 @@ def load_models(c, dit=False):
         base, _, _, vae, te = train_dmd.build_networks(c, dev, dtype)
         return (base if dit else None), vae, te, dev
     base = mw.load_dit(src, dtype=dtype, device=dev) if dit else None
-    return base, mw.load_vae(src, dtype=torch.float32, device=dev), mw.load_text_encoder(src, dtype=dtype, device=dev), dev
+    if os.path.exists(os.path.join(src, train_dmd.TINY_TEXT_MARKER)):   # a demo.py teacher: hashed-word embeddings
+        te = train_dmd.TinyTextEncoder(mw.load_dit(src).cfg.text_dim if base is None else base.cfg.text_dim)
+    else:
+        te = mw.load_text_encoder(src, dtype=dtype, device=dev)
+    return base, mw.load_vae(src, dtype=torch.float32, device=dev), te, dev
 
 
 def cache_datasets(c, rank=0, world_size=1):

@@ -49,9 +49,15 @@ teacher_batch_size = 32
 teacher_lr = 1e-3
 caption_dropout = 0.2          # caption -> "" with this probability: the unconditional branch for CFG
 flow_shift = 3.0               # shift of the training timesteps and of the teacher's sampling schedule
-# (4) DMD: train_dmd.py's config file plus the keys the demo fills in (teacher, prompts, size, steps)
+# (4) DMD: train_dmd.py's config file(s, comma-separated) plus the keys the demo fills in (teacher, prompts, size,
+# steps). A causal student ("config/demo_dmd.py,config/demo_causal.py") first gets the ODE init of README "Causal
+# student": teacher trajectories (ode_seeds per caption, ode_teacher_steps UniPC steps with CFG), then ode_steps of
+# regression, then DMD from there
 dmd_config = "config/demo_dmd.py"
 dmd_steps = 600
+ode_seeds = 16
+ode_teacher_steps = 48
+ode_steps = 600
 # (5) samples and (6) the quality benchmark
 guidance_scale = 2.0           # teacher CFG (standard form); DMD's real_score_guidance_scale is set in dmd_config
 sample_prompts = 4             # captions shown in the contact sheet (rows: prompt x sampler)
@@ -246,6 +252,23 @@ def train_teacher(latents, caps, c):
 
 # -----------------------------------------------------------------------------
 
+def ode_init(dc, c, out):
+    """The causal student's first stage (README "Causal student"): teacher ODE trajectories at the student's steps
+    (data.make_teacher_data with ode_pairs), then train_dmd's ode_init regression on them -> the init's folder."""
+    import data
+    init_dir, pairs = os.path.join(out, "ode_init"), os.path.join(out, "ode_pairs")
+    if not os.path.exists(os.path.join(init_dir, "transformer")):
+        prompts = os.path.join(out, "ode_prompts.txt")
+        with open(prompts, "w") as f:   # line i is sampled from seed + i: ode_seeds different noises per caption
+            f.write("\n".join(captions() * c["ode_seeds"]) + "\n")
+        data.make_teacher_data(dc, prompts, pairs, c["ode_teacher_steps"], c["guidance_scale"], c["flow_shift"], ode_pairs=True)
+        n = c["ode_steps"]
+        train_dmd.train({**dc, "objective": "ode_init", "datasets": [dict(dataset_type="latents", cache_dir=pairs)],
+                         "output_dir": init_dir, "max_train_steps": n, "checkpoint_step_interval": n,
+                         "validation_step_interval": n})
+    return init_dir
+
+
 def main(c):
     torch.set_num_threads(c["threads"])
     out = c["out_dir"]
@@ -303,13 +326,15 @@ def main(c):
         from configurator import configure
         T = latents.shape[2]
         here = os.path.dirname(os.path.abspath(__file__))
-        dc = configure(dict(vars(train_dmd)), train_dmd.__file__, [os.path.join(here, c["dmd_config"])] + [
+        dc = configure(dict(vars(train_dmd)), train_dmd.__file__, [os.path.join(here, f) for f in c["dmd_config"].split(",")] + [
             f"--{k}={v}" for k, v in dict(pretrained_model_name_or_path=teacher_dir, output_dir=dmd_dir,
                                           prompts_file=os.path.join(out, "prompts.txt"), height=c["size"], width=c["size"],
                                           num_training_frames=T, max_train_steps=c["dmd_steps"], seed=c["seed"], device=c["device"],
                                           validation_resolution=f"{c['size']}x{c['size']}",
                                           validation_num_video_frames=c["num_frames"], validation_prompt=captions()[0],
                                           checkpoint_step_interval=c["dmd_steps"], validation_step_interval=c["dmd_steps"]).items()])
+        if dc["causal"]:
+            dc["generator_init"] = ode_init(dc, c, out)
         train_dmd.train(dc)
     times["dmd"] = time.perf_counter() - t0
     print(f"(4) DMD student: {dmd_dir}/transformer [{times['dmd']:.0f}s]")

@@ -203,6 +203,8 @@ def line_plot(title, series, size=(200, 360)):
     draw_text(img, x0, y1 + 6, f"{xa:g}", (80, 80, 80))
     draw_text(img, x1 - 8 * len(f"{xb:g}"), y1 + 6, f"{xb:g}", (80, 80, 80))
     for i, (xs, ys) in enumerate(fin):
+        if len(xs) == 0:   # a series with no finite point (e.g. G's norm before its first step)
+            continue
         px = x0 + (xs - xa) / (xb - xa) * (x1 - x0)
         py = y1 - (f(ys) - lo) / (hi - lo) * (y1 - y0)
         for j in range(max(1, len(px) - 1)):
@@ -220,12 +222,13 @@ def read_log(out_dir):
 
 
 # panels of loss_curve.png, left to right then top to bottom: (title, [(label, log.jsonl key), ...])
-PANELS = [("dmd loss", [("dmd", "dmd_loss")]), ("fake score loss", [("critic", "fake_score_loss")]),
+PANELS = [("dmd loss", [("dmd", "dmd_loss"), ("ode", "ode_loss")]), ("fake score loss", [("critic", "fake_score_loss")]),
           ("|g|", [("|g|", "g_abs")]), ("grad norm G F", [("G", "g_grad_norm"), ("F", "f_grad_norm")])]
 
 
 def loss_curve(records):
-    """log.jsonl records -> uint8 image of the PANELS in a 2x2 grid (grad norms: G blue, F red)."""
+    """log.jsonl records -> uint8 image of the PANELS in a 2x2 grid (grad norms: G blue, F red; the first panel
+    holds the DMD loss, or the ODE-init regression loss of objective="ode_init")."""
     panels = []
     for title, keys in PANELS:
         series = []

@@ -36,7 +36,8 @@ SAMPLERS = ("teacher-50", "teacher-3", "student-3")
 
 def load_pair(teacher, student, negative_prompt="", device="cpu"):
     """teacher: a pipeline folder / hub id; student: a train_dmd output folder (its merged transformer/) or an adapter
-    / full-weights file -> dict(teacher, student DiTs, vae, text encoder, negative context)."""
+    / full-weights file -> dict(teacher, student DiTs, vae, text encoder, negative context, the student's causal
+    settings or None)."""
     base = mw.load_dit(teacher).eval()
     vae = mw.load_vae(teacher).eval()
     tiny = os.path.exists(os.path.join(teacher, train_dmd.TINY_TEXT_MARKER))
@@ -48,7 +49,7 @@ def load_pair(teacher, student, negative_prompt="", device="cpu"):
         sample.load_student(stud, student)
     neg = mw.WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
     return dict(teacher=base.to(device), student=stud.to(device), vae=vae.to(device), te=te,
-                neg=te.encode([neg]).to(device), device=device)
+                neg=te.encode([neg]).to(device), device=device, causal=sample.read_causal_config(student))
 
 
 @torch.no_grad()
@@ -64,7 +65,12 @@ def sample_videos(pair, name, prompts, seeds, shape, steps, guidance, shift, bat
         x = torch.cat([sample.initial_noise(1, Fn, H, W, s, pair["device"])[0] for _, s in part])
         if name == "student-3":
             gen = torch.Generator().manual_seed(part[0][1] + 7919 * i)
-            lat = sample.student_sample(lambda x_, t_: pair["student"](x_, t_, ctx), x, steps, gen)
+            cz = pair.get("causal")
+            if cz:   # a causal student: block by block with the KV cache, as sample.py generates it
+                lat = sample.causal_sample(pair["student"], ctx, x, steps, (cz["num_frame_per_block"],
+                                           cz["independent_first_frame"]), cz["context_noise"], cz["window"], gen)
+            else:
+                lat = sample.student_sample(lambda x_, t_: pair["student"](x_, t_, ctx), x, steps, gen)
         else:
             n = 50 if name == "teacher-50" else len(steps)
             sig, ts = sample.flow_schedule(n, shift)

@@ -110,3 +110,23 @@ def test_train_vae_sets_latent_statistics(tmp_path):
         z = vae.encode(videos)                                                     # (8,16,3,4,4)
     torch.testing.assert_close(z.mean((0, 2, 3, 4)), torch.zeros(16), atol=1e-4, rtol=0)
     torch.testing.assert_close(z.std((0, 2, 3, 4)), torch.ones(16), atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_demo_causal_student(tmp_path):
+    """The demo with a causal student (config/demo_causal.py): teacher ODE trajectories -> ode_init regression ->
+    causal DMD from it -> the quality table sampled block by block; the student's config.json says causal."""
+    out = str(tmp_path / "demo")
+    args = [sys.executable, os.path.join(ROOT, "demo.py"), f"--out_dir={out}", "--clips_per_mode=1", "--vae_steps=2",
+            "--teacher_steps=3", "--dmd_steps=2", "--bench_seeds=1", "--sample_prompts=1", "--ode_seeds=1",
+            "--ode_teacher_steps=8", "--ode_steps=2", "--dmd_config=config/demo_dmd.py,config/demo_causal.py"]
+    run = subprocess.run(args, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert len([n for n in os.listdir(os.path.join(out, "ode_pairs")) if n.startswith("ode_")]) == 24   # + the text cache
+    init = json.load(open(os.path.join(out, "ode_init", "config.json")))
+    assert init["objective"] == "ode_init" and init["max_train_steps"] == 2
+    assert os.path.exists(os.path.join(out, "ode_init", "student.safetensors"))
+    cfg = json.load(open(os.path.join(out, "dmd", "config.json")))
+    assert cfg["causal"] and cfg["num_frame_per_block"] == 1 and cfg["generator_init"] == os.path.join(out, "ode_init")
+    assert "| student-3 |" in run.stdout and json.load(open(os.path.join(out, "quality.json")))["student-3"]["mode_tv"] <= 1

@@ -139,6 +139,8 @@ def test_png_gif_and_loss_curve(tmp_path):
     for panel in (curve[:200, :360], curve[:200, 360:], curve[200:, :360], curve[200:, 360:]):
         assert (np.all(panel == publish.COLORS[0], axis=-1)).sum() > 50   # a drawn line in every panel
     assert (np.all(curve[200:, 360:] == publish.COLORS[1], axis=-1)).sum() > 50   # F's grad norm
+    ode = publish.loss_curve([{"step": s, "ode_loss": 1 / s, "g_grad_norm": 2.0} for s in range(1, 30)])   # ode_init run
+    assert (np.all(ode[:200, :360] == publish.COLORS[1], axis=-1)).sum() > 50   # the ODE loss, beside an empty dmd series
     sheet = publish.contact_sheet([frames[:, :8, :8]] * 2, scale=2)
     assert sheet.shape == (2 * 18 + 2, 3 * 18 + 2, 3)
 

@@ -1,0 +1,9 @@
+# A causal (block-wise) student of the demo's teacher: goes on top of config/demo_dmd.py with the keys demo.py fills
+# in (teacher, prompts, 32x32, 3 latent frames). Each latent frame is a block of its own (3 blocks), clean context.
+#   python demo.py --dmd_config=config/demo_dmd.py,config/demo_causal.py --out_dir=out/demo_causal
+# (teacher trajectories -> ODE-init regression -> causal DMD -> the same samples and quality table)
+causal = True
+num_frame_per_block = 1
+independent_first_frame = False
+same_step_across_blocks = False
+context_noise = 0
