@@ -378,9 +378,13 @@ def generate(cfg):
         torch.cuda.reset_peak_memory_stats()
 
     t0 = time.perf_counter()   # text encoding first, then free the encoder before the DiT comes in
-    te = mw.load_text_encoder(src, dtype=dt, device=dev)
-    ctxs = [te.encode(prompts[i:i + c["batch_size"]]) for i in range(0, len(prompts), c["batch_size"])]
-    neg_ctx = te.encode([neg]) if cfg_on else None
+    if os.path.exists(os.path.join(src, "tiny_text_encoder")):   # a demo.py teacher: train_dmd.TinyTextEncoder's words
+        import train_dmd
+        te = train_dmd.TinyTextEncoder(mw.load_dit(src).cfg.text_dim)
+    else:
+        te = mw.load_text_encoder(src, dtype=dt, device=dev)
+    ctxs = [te.encode(prompts[i:i + c["batch_size"]]).to(dev, dt) for i in range(0, len(prompts), c["batch_size"])]
+    neg_ctx = te.encode([neg]).to(dev, dt) if cfg_on else None
     del te
     sync()
     t_text = time.perf_counter() - t0

@@ -219,3 +219,22 @@ def test_student_steps_as_trained(tmp_path):
     warped = [float(t) for t in sample.student_steps(str(tmp_path)).split(",")]
     want = [1000 * 5 * s / (1 + 4 * s) for s in (1.0, 0.75, 0.5, 0.25)]      # σ' = 5σ / (1 + 4σ)
     assert max(abs(a - b) for a, b in zip(warped, want)) < 1e-3
+
+
+def test_demo_teacher_folder(tmp_path):
+    """A demo.py teacher folder (DiT + VAE + the tiny_text_encoder marker, no UMT5) samples with
+    train_dmd.TinyTextEncoder's embeddings: the same latents as the sampler run by hand on them."""
+    import train_dmd
+    torch.manual_seed(0)
+    dit = mw.WanDiT(mw.PRESETS["tiny"]).eval()
+    mw.save_dit(dit, tmp_path / "teacher" / "transformer")
+    mw.save_vae(mw.WanVAE(mw.WanVAEConfig(base_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1)), str(tmp_path / "teacher" / "vae"))
+    (tmp_path / "teacher" / "model_index.json").write_text("{}")
+    (tmp_path / "teacher" / train_dmd.TINY_TEXT_MARKER).write_text("")
+    paths, (lat,) = run_sample(tmp_path / "teacher", tmp_path, denoising_steps="1000,500", num_frames=9)
+    x, gen = sample.initial_noise(1, 9, 32, 48, 7, "cpu")
+    ctx = train_dmd.TinyTextEncoder(32).encode(["a red circle moving left"])
+    with torch.no_grad():
+        ref = sample.student_sample(lambda x_, t_: dit(x_, t_, ctx), x, [1000.0, 500.0], gen)
+    torch.testing.assert_close(lat, ref, rtol=0, atol=1e-5)
+    assert sample.read_mp4(paths[0])[0].shape == (9, 32, 48, 3)
