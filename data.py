@@ -703,11 +703,8 @@ def load_models(c, dit=False):
     if src == "tiny" or src.startswith("random:"):
         base, _, _, vae, te = train_dmd.build_networks(c, dev, dtype)
         return (base if dit else None), vae, te, dev
-    base = mw.load_dit(src, dtype=dtype, device=dev) if dit else None
-    if os.path.exists(os.path.join(src, train_dmd.TINY_TEXT_MARKER)):   # a demo.py teacher: hashed-word embeddings
-        te = train_dmd.TinyTextEncoder(mw.load_dit(src).cfg.text_dim if base is None else base.cfg.text_dim)
-    else:
-        te = mw.load_text_encoder(src, dtype=dtype, device=dev)
+    base = mw.load_dit(src, dtype=dtype, device=dev).requires_grad_(False) if dit else None
+    te = train_dmd.text_encoder(src, dtype, dev, base)
     return base, mw.load_vae(src, dtype=torch.float32, device=dev), te, dev
 
 
@@ -724,7 +721,6 @@ def cache_datasets(c, rank=0, world_size=1):
     return cached
 
 
-@torch.no_grad()
 def ode_schedule(n, shift, layout, record):
     """The teacher's n-step schedule with the grid point nearest each timestep of `record` (0-1000 scale) moved
     onto it, so the sampler passes exactly through the student's timesteps -> (sigmas (n+1,), timesteps (n,),
@@ -745,6 +741,7 @@ def ode_schedule(n, shift, layout, record):
     return sig.float(), timesteps, idx
 
 
+@torch.no_grad()
 def make_teacher_data(c, prompts_file, out_dir, steps=50, guidance=5.0, shift=None, mp4=False, rank=0, world_size=1,
                       ode_pairs=False):
     """Teacher samples (sample.py's UniPC sampler with CFG) of every prompt, written as cache entries

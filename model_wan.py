@@ -340,30 +340,18 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, E) / E ** 0.5)
 
     def forward(self, x, e, ctx, rope, mask=None, cache=None):
-        """x (B,L,E) fp32 residual; e (B,6,E) fp32 time projection, or (B,F,6,E) per latent frame (causal);
-        ctx (B,Lc,E); rope tables; mask/cache for causal self-attention (Attention.forward)."""
-        if e.ndim == 4:
-            return self.forward_per_frame(x, e, ctx, rope, mask)
+        """x (B,L,E) fp32 residual; e (B,6,E) fp32 time projection, or (B,F,6,E) per latent frame (the causal
+        whole-clip pass: frame f's tokens are modulated by its own timestep, x viewed as (B,F,HW,E) for each
+        modulation, as Self-Forcing's CausalWan); ctx (B,Lc,E); rope tables; mask/cache for causal self-attention."""
         dt = self.self_attn.q.weight.dtype
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e).chunk(6, dim=1)  # (B,1,E)
-        h = torch.addcmul(shift, layer_norm(x, eps=self.eps), 1 + scale)        # LN(x)(1+scale)+shift, fp32
-        x = torch.addcmul(x, self.self_attn(h.to(dt), rope=rope, mask=mask, cache=cache), gate)  # residual += o*gate
-        x = x + self.cross_attn(self.norm3(x).to(dt), ctx=ctx)                 # no gate, no mask
-        h = torch.addcmul(c_shift, layer_norm(x, eps=self.eps), 1 + c_scale)
-        x = torch.addcmul(x, self.ffn(h.to(dt)), c_gate)
-        return x
-
-    def forward_per_frame(self, x, e, ctx, rope, mask):
-        """The same with e (B,F,6,E): frame f's tokens are modulated by its own timestep (the whole-clip
-        causal pass with per-frame t); x is viewed as (B,F,HW,E) for each modulation (Self-Forcing's CausalWan)."""
-        dt = self.self_attn.q.weight.dtype
-        fr = lambda y: y.unflatten(1, (e.shape[1], -1))                        # (B,L,E) -> (B,F,HW,E)
+        e = e if e.ndim == 4 else e[:, None]                                   # one timestep per sample = one "frame"
+        fr = lambda y: y.unflatten(1, (e.shape[1], -1))                        # (B,L,E) -> (B,F,HW,E), a view
         shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e).chunk(6, dim=2)  # (B,F,1,E)
-        h = torch.addcmul(shift, fr(layer_norm(x, eps=self.eps)), 1 + scale).flatten(1, 2)
-        x = torch.addcmul(fr(x), fr(self.self_attn(h.to(dt), rope=rope, mask=mask)), gate).flatten(1, 2)
-        x = x + self.cross_attn(self.norm3(x).to(dt), ctx=ctx)
+        h = torch.addcmul(shift, fr(layer_norm(x, eps=self.eps)), 1 + scale).flatten(1, 2)   # LN(x)(1+scale)+shift
+        x = torch.addcmul(fr(x), fr(self.self_attn(h.to(dt), rope=rope, mask=mask, cache=cache)), gate).flatten(1, 2)
+        x = x + self.cross_attn(self.norm3(x).to(dt), ctx=ctx)                 # no gate, no mask
         h = torch.addcmul(c_shift, fr(layer_norm(x, eps=self.eps)), 1 + c_scale).flatten(1, 2)
-        return torch.addcmul(fr(x), fr(self.ffn(h.to(dt))), c_gate).flatten(1, 2)
+        return torch.addcmul(fr(x), fr(self.ffn(h.to(dt))), c_gate).flatten(1, 2)   # fp32 residual += o*gate
 
 class Head(nn.Module):
     def __init__(self, cfg):
@@ -375,12 +363,10 @@ class Head(nn.Module):
 
     def forward(self, x, temb):
         """x (B,L,E) fp32; temb (B,E), or (B,F,E) per latent frame -> (B,L,out_dim*prod(patch))."""
-        if temb.ndim == 3:   # per frame: (B,F,1,E) modulation of x viewed as (B,F,HW,E)
-            shift, scale = (self.modulation.float() + temb.float()[:, :, None]).chunk(2, dim=2)
-            h = layer_norm(x, eps=self.eps).unflatten(1, (temb.shape[1], -1)) * (1 + scale) + shift
-            return self.head(h.flatten(1, 2))
-        shift, scale = (self.modulation.float() + temb.float()[:, None]).chunk(2, dim=1)
-        return self.head(layer_norm(x, eps=self.eps) * (1 + scale) + shift)
+        temb = temb if temb.ndim == 3 else temb[:, None]                       # (B,F,E): (B,F,1,E) modulation
+        shift, scale = (self.modulation.float() + temb.float()[:, :, None]).chunk(2, dim=2)
+        h = layer_norm(x, eps=self.eps).unflatten(1, (temb.shape[1], -1)) * (1 + scale) + shift
+        return self.head(h.flatten(1, 2))
 
 def fit_context(context, n):
     """(B,Lc,D) zero-padded text embeddings -> at most n rows: callers pad to 512 (Wan's UMT5 length); a model
@@ -1159,39 +1145,39 @@ class WanVAE(nn.Module):
         mean, std = self.latent_stats(mu.device)
         return (mu.float() - mean) / std
 
-    def decode(self, latents, tile=None):
+    def decode(self, latents, tile=None, cache=None):
         """latents (B,z_dim,T,h,w) normalised -> video (B,3,1+4(T-1),8h,8w) fp32 in [-1,1].
         tile=(size, stride) in pixels (multiples of 8) decodes overlapping size x size tiles one at a
-        time and blends them linearly: less memory at large H, W, close to but not equal to untiled."""
+        time and blends them linearly: less memory at large H, W, close to but not equal to untiled.
+        cache: a dict ({} for a new clip, the same dict for every later call) continues the decoder's causal cache
+        across calls (streaming, decode_stream): a later call's T latent frames give 4T video frames, and the
+        outputs concatenated equal one decode of the whole clip."""
         if latents.ndim != 5 or latents.shape[1] != self.cfg.z_dim or latents.shape[2] < 1:
             raise ValueError(f"latents must be (B,{self.cfg.z_dim},T,h,w) with T >= 1, got shape {tuple(latents.shape)}")
+        if tile is not None and cache is not None:
+            raise ValueError("decode: tile and a streaming cache do not combine")
         mean, std = self.latent_stats(latents.device)
         x = self.post_quant_conv((latents.float() * std + mean).to(self.dtype))  # 1x1x1: per frame
         if tile is None:
-            out = self._decode_frames(x)
+            out = self._decode_frames(x) if cache is None else self._decode_frames(x, cache)
         else:
             out = self._decode_tiled(x, *tile)
         return out.clamp_(-1.0, 1.0)
 
     def decode_stream(self, latents, cache):
-        """Decode the next latent frames of a clip, continuing the decoder's causal `cache` (a dict: {} for a
-        new clip, then the same dict for every later call): the clip's first latent frame gives 1 video frame,
-        every other one 4. The outputs of the calls, concatenated, equal decode() of the whole clip (streaming)."""
-        if latents.ndim != 5 or latents.shape[1] != self.cfg.z_dim:
-            raise ValueError(f"latents must be (B,{self.cfg.z_dim},T,h,w), got shape {tuple(latents.shape)}")
-        mean, std = self.latent_stats(latents.device)
-        x = self.post_quant_conv((latents.float() * std + mean).to(self.dtype))
-        return torch.cat([self.decoder(x[:, :, i:i + 1], cache).float() for i in range(x.shape[2])], 2).clamp_(-1.0, 1.0)
+        """The next latent frames of a clip, continuing the decoder's causal `cache` (decode with cache=)."""
+        return self.decode(latents, cache=cache)
 
-    def _decode_frames(self, x):
-        """x (B,z,T,h,w) after post_quant_conv -> (B,3,1+4(T-1),8h,8w) fp32, one latent frame per chunk;
-        only the cache (<= 2 frames per conv) and the output outlive a chunk."""
+    def _decode_frames(self, x, cache=None):
+        """x (B,z,T,h,w) after post_quant_conv -> (B,3,1+4(T-1),8h,8w) fp32 (4T frames when `cache` continues a
+        clip), one latent frame per chunk; only the cache (<= 2 frames per conv) and the output outlive a chunk."""
         B, _, T, h, w = x.shape
-        out, cache, f = None, {}, 0
+        cache = {} if cache is None else cache
+        out, f, n = None, 0, 4 * T - (0 if cache else 3)   # a clip's first latent frame gives one video frame
         for i in range(T):
-            y = self.decoder(x[:, :, i:i + 1], cache)          # (B,3,1,H,W) for i = 0, then (B,3,4,H,W)
+            y = self.decoder(x[:, :, i:i + 1], cache)          # (B,3,1,H,W) for a clip's first frame, then (B,3,4,H,W)
             if out is None:
-                out = torch.empty(B, 3, 1 + 4 * (T - 1), *y.shape[3:], device=y.device, dtype=torch.float32)
+                out = torch.empty(B, 3, n, *y.shape[3:], device=y.device, dtype=torch.float32)
             out[:, :, f:f + y.shape[2]] = y
             f += y.shape[2]
         return out

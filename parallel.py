@@ -128,8 +128,8 @@ class Trainable(nn.Module):
         self.params = nn.ParameterList(params)
         self.fn = fn
 
-    def forward(self, x, t, ctx):
-        return self.fn(x, t, ctx)
+    def forward(self, x, t, ctx, **kw):
+        return self.fn(x, t, ctx, **kw)
 
 
 def data_parallel(env, fn, params, fsdp):

@@ -305,7 +305,7 @@ def load_webhook_config(spec):
     if kind not in ("discord", "raw"):
         raise ValueError(f"webhook_config: webhook_type must be 'discord' or 'raw', got {kind!r}")
     key = "webhook_url" if kind == "discord" else "callback_url"
-    if not spec.get(key) and not spec.get("webhook_url" if kind == "raw" else "callback_url"):
+    if not (spec.get("webhook_url") or spec.get("callback_url")):   # either name of the URL, whatever the type
         raise ValueError(f"webhook_config: a {kind} webhook needs {key!r}")
     if spec.get("log_level", "info") not in LEVELS:
         raise ValueError(f"webhook_config: log_level must be one of {list(LEVELS)}, got {spec['log_level']!r}")
@@ -444,10 +444,10 @@ class HubUploader:
     """One background thread uploading the staged folders in order: checkpoint-N to checkpoints/checkpoint-N,
     "final" to the repo root. The token comes from huggingface_hub (HF_TOKEN or the cached login), never printed."""
 
-    def __init__(self, repo_id, private, staging, api=None):
+    def __init__(self, repo_id, private, staging):
         from huggingface_hub import HfApi
         self.repo_id, self.private, self.staging = repo_id, private, staging
-        self.api = api or HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
+        self.api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
         os.makedirs(staging, exist_ok=True)
         self.q = queue.Queue()
         self.cv = threading.Condition()   # guards `current`: the staged folder being uploaded is never replaced
@@ -718,7 +718,7 @@ class Publisher:
     """Rank 0's publishing for one run; with main=False every method does nothing. After __init__ (which raises
     config errors, before any training), no method raises: failures print a warning."""
 
-    def __init__(self, c, main=True, api=None):
+    def __init__(self, c, main=True):
         self.c, self.main, self.webhook, self.hub, self.t0 = c, main, None, None, time.time()
         if not main:
             return
@@ -729,7 +729,7 @@ class Publisher:
         with open(os.path.join(out, "env.json"), "w") as f:
             json.dump(environment(), f, indent=2)
         if c["push_to_hub"] or c["push_checkpoints_to_hub"]:
-            self.hub = HubUploader(c["hub_model_id"], c["model_card_private"], os.path.join(out, ".hub_staging"), api)
+            self.hub = HubUploader(c["hub_model_id"], c["model_card_private"], os.path.join(out, ".hub_staging"))
             if self.hub.pending():
                 print(f"hub: resuming {len(self.hub.pending())} staged upload(s): {', '.join(self.hub.pending())}")
                 self.hub.kick()
@@ -754,13 +754,13 @@ class Publisher:
         def run():
             folder = os.path.join(self.c["output_dir"], "validation", f"step_{step}")
             _, videos = videos_of(folder)
-            self.write_loss_curve()
+            records = self.write_loss_curve()
             if not videos:
                 return
             small = [shrink(v, 160, 8) for v in videos]
             sheet = contact_sheet(small, scale=max(1, 96 // small[0].shape[1]))
             write_png(os.path.join(folder, "contact_sheet.png"), sheet)
-            rec = (read_log(self.c["output_dir"]) or [{}])[-1]
+            rec = (records or [{}])[-1]
             self.notify("validation", f"validation at step {step}: {len(videos)} video(s) | dmd "
                         f"{rec.get('dmd_loss', float('nan')):.3e} | fake {rec.get('fake_score_loss', float('nan')):.4f}",
                         image=("contact_sheet.png", png_bytes(sheet)), step=step,
@@ -768,9 +768,11 @@ class Publisher:
         self._safe("validation artefacts", run)
 
     def write_loss_curve(self):
+        """loss_curve.png from log.jsonl -> the records read."""
         records = read_log(self.c["output_dir"])
         if records:
             write_png(os.path.join(self.c["output_dir"], "loss_curve.png"), loss_curve(records))
+        return records
 
     def checkpoint(self, step, path):
         def run():
@@ -783,7 +785,7 @@ class Publisher:
     def finish(self, steps):
         """Model card, preview, the final upload (waited for), the finish message; then the webhook is flushed."""
         def run():
-            self.write_loss_curve()
+            records = self.write_loss_curve()
             url = None
             if self.hub is not None and self.c["push_to_hub"]:
                 folder = stage_final(self.c, self.hub, steps)
@@ -800,7 +802,7 @@ class Publisher:
                     print(f"hub: {len(left)} upload(s) not done ({', '.join(left)}): they stay in "
                           f"{self.hub.staging}; a resumed run or `python publish.py {self.c['output_dir']}` retries them")
             gif = os.path.join(self.c["output_dir"], "preview.gif")
-            rec = (read_log(self.c["output_dir"]) or [{}])[-1]
+            rec = (records or [{}])[-1]
             self.notify("finish", f"training finished at step {rec.get('step', '?')} in {duration(time.time() - self.t0)}"
                         + (f": {url}" if url else f": {self.c['output_dir']}"),
                         image=("preview.gif", open(gif, "rb").read()) if os.path.exists(gif) else None,

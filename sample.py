@@ -284,12 +284,11 @@ def student_config(ckpt):
 def student_steps(ckpt):
     """The student's timesteps as trained: dmd_denoising_steps of its config.json, warped when warp_denoising_step
     was set (train_dmd.rollout_steps); STUDENT_STEPS when the folder has no such config -> "t1,t2,..."."""
+    from train_dmd import rollout_steps
     cfg = student_config(ckpt)
     steps = cfg.get("dmd_denoising_steps", STUDENT_STEPS)
     steps = [float(t) for t in (steps if isinstance(steps, list) else str(steps).split(","))]
-    if cfg.get("warp_denoising_step"):
-        steps = [float(1000 * shift_sigmas(torch.tensor(t) / 1000, float(cfg.get("timestep_shift", 1.0)))) for t in steps]
-    return ",".join(map(str, steps))
+    return ",".join(map(str, rollout_steps(steps, cfg.get("warp_denoising_step"), float(cfg.get("timestep_shift", 1.0)))))
 
 
 def read_causal_config(ckpt):
@@ -378,11 +377,8 @@ def generate(cfg):
         torch.cuda.reset_peak_memory_stats()
 
     t0 = time.perf_counter()   # text encoding first, then free the encoder before the DiT comes in
-    if os.path.exists(os.path.join(src, "tiny_text_encoder")):   # a demo.py teacher: train_dmd.TinyTextEncoder's words
-        import train_dmd
-        te = train_dmd.TinyTextEncoder(mw.load_dit(src).cfg.text_dim)
-    else:
-        te = mw.load_text_encoder(src, dtype=dt, device=dev)
+    import train_dmd   # (UMT5, or a demo.py teacher's TinyTextEncoder)
+    te = train_dmd.text_encoder(src, dt, dev)
     ctxs = [te.encode(prompts[i:i + c["batch_size"]]).to(dev, dt) for i in range(0, len(prompts), c["batch_size"])]
     neg_ctx = te.encode([neg]).to(dev, dt) if cfg_on else None
     del te

@@ -165,19 +165,24 @@ def rollout_steps(steps, warp, shift):
     return [float(shift_timestep(torch.tensor(t), shift)) if warp else float(t) for t in steps]
 
 
-def rollout(gen, noise, ctx, steps, k_exit):
-    """Backward simulation (dmd.md §3): no-grad steps before k_exit, then the ONLY forward with gradient.
-    noise (B,C,F,H,W) -> (x_g = x − σ·G(x, t_k*), t_from, t_to)."""
+def rollout(gen, noise, ctx, steps, k_exit, generator=None):
+    """Backward simulation (dmd.md §3): no-grad steps before k_exit, then the ONLY forward with gradient (as the
+    caller's grad mode allows). noise (B,C,F,H,W) -> (x_g = x − σ·G(x, t_k*), t_from, t_to). generator: the
+    re-noising draws from it (on the CPU) instead of the global stream."""
     x = noise
     with torch.no_grad():
         for k in range(k_exit):
             s, s_next = steps[k] / 1000, steps[k + 1] / 1000
             x0 = x - s * gen(x, torch.full((x.shape[0],), steps[k], device=x.device), ctx)
-            x = (1 - s_next) * x0 + s_next * torch.randn_like(x0)
+            x = (1 - s_next) * x0 + s_next * randn_as(x0, generator)
     s = steps[k_exit] / 1000
     x_g = x - s * gen(x, torch.full((x.shape[0],), steps[k_exit], device=x.device), ctx)
     t_to = steps[k_exit + 1] if k_exit + 1 < len(steps) else 0.0
     return x_g, steps[k_exit], t_to
+
+
+def randn_as(x, generator=None):
+    return torch.randn_like(x) if generator is None else torch.randn(x.shape, generator=generator).to(x.device)
 
 
 def data_rollout(gen, x0, ctx, steps, k_exit):
@@ -210,27 +215,20 @@ def causal_rollout(gen, noise, ctx, steps, exits, starts, cache, context_noise=0
     noise (B,C,F,H,W) -> (x_g (B,C,F,H,W), t_from, t_to): the score window of §4 spans every block's exit,
     t_from = the largest exit timestep, t_to = the smallest next timestep (the same step: that step's pair)."""
     B, Fr = noise.shape[0], noise.shape[2]
-    randn = (lambda x: torch.randn(x.shape, generator=generator).to(x.device)) if generator is not None else torch.randn_like
-    t_of = lambda t: torch.full((B,), float(t), device=noise.device)   # noqa: E731
     cache.reset()
-    out = []
+    out, windows = [], []
     for b, (s, e) in enumerate(zip(starts, starts[1:] + [Fr])):
-        x = noise[:, :, s:e]                                                    # (B,C,f,H,W)
-        with torch.no_grad():
-            for k in range(exits[b]):
-                sig, sig_next = steps[k] / 1000, steps[k + 1] / 1000
-                x0 = x - sig * gen(x, t_of(steps[k]), ctx, kv_cache=cache, start_frame=s)
-                x = (1 - sig_next) * x0 + sig_next * randn(x0)
+        block = lambda x, t, ctx_, s=s: gen(x, t, ctx_, kv_cache=cache, start_frame=s)   # noqa: E731
         with torch.set_grad_enabled(torch.is_grad_enabled() and s >= grad_from):
-            x0 = x - steps[exits[b]] / 1000 * gen(x, t_of(steps[exits[b]]), ctx, kv_cache=cache, start_frame=s)
+            x0, t_from, t_to = rollout(block, noise[:, :, s:e], ctx, steps, exits[b], generator)
         out.append(x0)
+        windows.append((t_from, t_to))
         if e < Fr:
             with torch.no_grad():
                 sc = context_noise / 1000
-                gen((1 - sc) * x0.detach() + sc * randn(x0), t_of(context_noise), ctx, kv_cache=cache, start_frame=s)
-    t_from = max(steps[k] for k in exits)
-    t_to = min(steps[k + 1] if k + 1 < len(steps) else 0.0 for k in exits)
-    return torch.cat(out, 2), t_from, t_to
+                block((1 - sc) * x0.detach() + sc * randn_as(x0, generator),
+                      torch.full((B,), float(context_noise), device=noise.device), ctx)
+    return torch.cat(out, 2), max(w[0] for w in windows), min(w[1] for w in windows)
 
 
 def keep_last_frames(x_g, n, vae=None):
@@ -342,12 +340,16 @@ def check_config(c):
         nb, first = c["num_frame_per_block"] or 0, int(bool(c["independent_first_frame"]))
         Fv = 1 + (c["validation_num_video_frames"] - 1) // 4
         for what, n in (("num_training_frames", Fr), ("validation_num_video_frames (latent frames)", Fv)):
-            if nb < 0 or n - first < 1 or (nb and (n - first) % nb):
+            try:
+                ok = n - first >= 1 and mw.block_starts(n, nb, first)
+            except ValueError:
+                ok = False
+            if not ok:
                 raise ValueError(f"{what}={n}: {n - first} latent frames" + (" after the lone first frame" if first else "")
                                  + f" do not split into blocks of num_frame_per_block={nb}; e.g. 21 latent frames "
                                  "(81 video frames) with 3, or 21 with independent_first_frame and 4 (121 video "
                                  "frames are 31 latent: not a multiple of 3)")
-        blocks = [0] * first + list(range(first, Fr, nb or Fr))
+        blocks = mw.block_starts(Fr, nb, first)
         if not 0 < L <= Fr or Fr - L not in blocks:
             raise ValueError(f"dmd_loss_frames={c['dmd_loss_frames']}: the loss keeps the last frames from a block start "
                              f"(block starts {blocks}); use 0 (all {Fr}) or one of {sorted(Fr - b for b in blocks)}")
@@ -436,6 +438,14 @@ class TinyTextEncoder:
         return out
 
 
+def text_encoder(src, dtype, dev, dit=None):
+    """The teacher folder's text encoder: TinyTextEncoder for a demo.py teacher (TINY_TEXT_MARKER; its width from
+    `dit`, or from the folder's DiT config), else UMT5 through mw.load_text_encoder."""
+    if os.path.exists(os.path.join(src, TINY_TEXT_MARKER)):
+        return TinyTextEncoder((dit if dit is not None else mw.load_dit(src)).cfg.text_dim)
+    return mw.load_text_encoder(src, dtype=dtype, device=dev)
+
+
 def build_networks(c, dev, dtype):
     """-> (base DiT holding the teacher (+ LoRA adapters), generator module, critic module, vae, text encoder)."""
     src = c["pretrained_model_name_or_path"]
@@ -457,7 +467,7 @@ def build_networks(c, dev, dtype):
         base = mw.load_dit(src, dtype=dtype, device=dev)
         vae = mw.load_vae(src, dtype=torch.float32, device=dev)
         # a demo.py teacher folder names TinyTextEncoder; else UMT5, loaded, used and freed in encode_prompts
-        te = TinyTextEncoder(base.cfg.text_dim) if os.path.exists(os.path.join(src, TINY_TEXT_MARKER)) else None
+        te = text_encoder(src, dtype, dev, base) if os.path.exists(os.path.join(src, TINY_TEXT_MARKER)) else None
     base.requires_grad_(False).eval()
     base.gradient_checkpointing = c["gradient_checkpointing"]
     gen = critic = base
@@ -499,23 +509,15 @@ def named_trainable(model, adapter):
 
 
 def velocity_fn(model, adapter, autocast, causal=None):
-    """f(x, t, ctx) -> fp32 velocity of `model` with `adapter` active (None = the base weights). causal =
-    (num_frame_per_block, independent_first_frame): the block-causal student; ctx may then be (ctx, {"kv_cache":,
-    "start_frame":}) for one block against the cache (packed into ctx so that DDP's wrapper passes it through)."""
-    def f(x, t, ctx):
-        kw = {}
-        if isinstance(ctx, (tuple, list)):
-            ctx, kw = ctx
+    """f(x, t, ctx, **kw) -> fp32 velocity of `model` with `adapter` active (None = the base weights). causal =
+    (num_frame_per_block, independent_first_frame): the block-causal student; kw (kv_cache=, start_frame=) then runs
+    one block against the cache (DDP and parallel.Trainable pass keywords through)."""
+    def f(x, t, ctx, **kw):
         with mw.use_adapter(model, adapter), autocast():
             if causal is None:
                 return model(x, t, ctx).float()
             return model(x, t, ctx, causal=causal, **kw).float()
     return f
-
-
-def cached_call(G):
-    """The rollout's gen(x, t, ctx, kv_cache=, start_frame=) over a velocity function f of velocity_fn (or DDP)."""
-    return lambda x, t, ctx, **kw: G(x, t, (ctx, kw))
 
 
 def load_generator_init(c, base, gen, g_adapter):
@@ -641,7 +643,7 @@ def train(c):
     steps = rollout_steps(check_config(c), c["warp_denoising_step"], c["timestep_shift"])   # config errors come first
     pub = publish.Publisher(c, main=int(os.environ.get("RANK", "0")) == 0)
     try:
-        out = train_loop(c, pub)
+        out = train_loop(c, pub, steps)
     except SystemExit:   # SIGINT/SIGTERM: a checkpoint was written
         pub.notify("stopped", "training stopped by a signal; a checkpoint was written, the same command resumes",
                    level="warning")
@@ -654,9 +656,7 @@ def train(c):
     return out
 
 
-def train_loop(c, pub):
-    steps = check_config(c)
-    steps = rollout_steps(steps, c["warp_denoising_step"], c["timestep_shift"])
+def train_loop(c, pub, steps):   # steps: the checked config's rollout timesteps (train)
     dev = torch.device(c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     env, dev = parallel.setup(c["sp_size"], dev, c["fsdp"])   # torchrun: process groups; one process: nothing
     say = print if env.main else (lambda *a, **k: None)   # rank 0 alone prints, logs, validates, exports
@@ -803,27 +803,25 @@ def train_loop(c, pub):
     batches = iter(loader) if loader is not None else None
 
     def next_batch():
-        """-> (ctx (B,512,D), data latents (B,16,T,h,w) or None): the next dataset batch, or random prompts.
-        An ODE-pairs batch also leaves its trajectories (B,K,16,T,h,w) in traj[0]."""
+        """-> (ctx (B,512,D), data latents (B,16,T,h,w) or None, ODE trajectories (B,K,16,T,h,w) or None): the next
+        dataset batch, or random prompts."""
         if batches is None:
             idx = torch.randint(len(train_emb), (B,)).tolist()
-            return pad_context([train_emb[i] for i in idx], dev, dtype), None
+            return pad_context([train_emb[i] for i in idx], dev, dtype), None, None
         b = next(batches)
-        traj[0] = b.get("trajectory")
-        if c["objective"] == "ode_init" and (traj[0] is None or traj[0].shape[3] != Fr or
+        traj = b.get("trajectory")
+        if c["objective"] == "ode_init" and (traj is None or traj.shape[3] != Fr or
                                              not torch.allclose(b["trajectory_t"][0], torch.tensor(steps))):
-            raise ValueError(f"objective='ode_init': {b['file'][0]} has " + ("no trajectory" if traj[0] is None else
-                             f"{traj[0].shape[3]} latent frames at t={b['trajectory_t'][0].tolist()}, this run has "
+            raise ValueError(f"objective='ode_init': {b['file'][0]} has " + ("no trajectory" if traj is None else
+                             f"{traj.shape[3]} latent frames at t={b['trajectory_t'][0].tolist()}, this run has "
                              f"{Fr} at {steps}") + ": make the ODE pairs with this config (python data.py CONFIG "
                              "--make_ode_pairs=prompts.txt)")
-        return b["context"].to(dev, dtype), b["latents"].to(dev) if "latents" in b else None
+        return b["context"].to(dev, dtype), b["latents"].to(dev) if "latents" in b else None, traj
 
-    traj = [None]
     ode = c["objective"] == "ode_init"
     starts = mw.block_starts(Fr, *causal) if causal else [0]   # latent frame where each block starts
     L = c["dmd_loss_frames"] or Fr                             # the losses see the last L frames of the rollout
     cache = gen.new_kv_cache(B, Fr, (c["height"] // 16) * (c["width"] // 16)) if causal else None
-    Gc = cached_call(G)
 
     def student(ctx, x0, ks):   # the rollout of rollout_mode -> (x_g, t_from, t_to); noise shaped as the data
         if c["rollout_mode"] == "data":
@@ -831,7 +829,7 @@ def train_loop(c, pub):
         noise = torch.randn(x0.shape if x0 is not None and not causal else shape, device=dev)
         if not causal:
             return rollout(G, noise, ctx, steps, ks[0])
-        x_g, t_from, t_to = causal_rollout(Gc, noise, ctx, steps, ks, starts, cache, c["context_noise"], grad_from=Fr - L)
+        x_g, t_from, t_to = causal_rollout(G, noise, ctx, steps, ks, starts, cache, c["context_noise"], grad_from=Fr - L)
         return keep_last_frames(x_g, L, vae), t_from, t_to
 
     def exit_step(salt):   # per block; identical on every rank: drawn from a generator seeded by (seed, step, G or F)
@@ -859,10 +857,10 @@ def train_loop(c, pub):
             g_opt.zero_grad(set_to_none=True)
             losses, reals = [], []
             for i in range(accum):
-                ctx, x0 = next_batch()
+                ctx, x0, traj = next_batch()
                 with parallel.sync_gradients(G, [gen], on=i == accum - 1):   # sync on the last micro-step only
                     if ode:
-                        loss, t = ode_regression_loss(G, traj[0].to(dev), x0, ctx, steps, starts)
+                        loss, t = ode_regression_loss(G, traj.to(dev), x0, ctx, steps, starts)
                     else:
                         x_g, t_from, t_to = student(ctx, x0, k)
                         t = score_timesteps(B, t_from, t_to, c, dev)
@@ -904,7 +902,7 @@ def train_loop(c, pub):
             f_opt.zero_grad(set_to_none=True)
             losses, pers, ts = [], [], []
             for i in range(accum):
-                ctx, x0 = next_batch()
+                ctx, x0, _ = next_batch()
                 with torch.no_grad():
                     x_g, t_from, t_to = student(ctx, x0, exit_step(1))
                 t = score_timesteps(B, t_from, t_to, c, dev)

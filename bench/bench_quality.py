@@ -40,8 +40,7 @@ def load_pair(teacher, student, negative_prompt="", device="cpu"):
     settings or None)."""
     base = mw.load_dit(teacher).eval()
     vae = mw.load_vae(teacher).eval()
-    tiny = os.path.exists(os.path.join(teacher, train_dmd.TINY_TEXT_MARKER))
-    te = train_dmd.TinyTextEncoder(base.cfg.text_dim) if tiny else mw.load_text_encoder(teacher)
+    te = train_dmd.text_encoder(teacher, torch.float32, "cpu", base)
     if os.path.isdir(os.path.join(student, "transformer")):
         stud = mw.load_dit(os.path.join(student, "transformer")).eval()
     else:

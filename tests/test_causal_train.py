@@ -83,7 +83,7 @@ def test_gradient_only_at_exit_steps_and_none_across_blocks():
     model.requires_grad_(False)
     for p in train_dmd.trainable(model, "generator"):
         p.requires_grad_(True)
-    G = train_dmd.cached_call(train_dmd.velocity_fn(model, "generator", lambda: torch.autocast("cpu", enabled=False), (2, False)))
+    G = train_dmd.velocity_fn(model, "generator", lambda: torch.autocast("cpu", enabled=False), (2, False))
     cache = model.new_kv_cache(1, 6, 4)
     x_g, _, _ = train_dmd.causal_rollout(G, torch.randn(1, 16, 6, 4, 4), torch.randn(1, 5, 32), STEPS, [1, 2, 0],
                                          starts, cache)

@@ -238,3 +238,7 @@ def test_demo_teacher_folder(tmp_path):
         ref = sample.student_sample(lambda x_, t_: dit(x_, t_, ctx), x, [1000.0, 500.0], gen)
     torch.testing.assert_close(lat, ref, rtol=0, atol=1e-5)
     assert sample.read_mp4(paths[0])[0].shape == (9, 32, 48, 3)
+    import data   # data.py loads the same folder for teacher data: frozen weights, the tiny text encoder
+    base, _, te, _ = data.load_models(dict(train_dmd.DEFAULTS, pretrained_model_name_or_path=str(tmp_path / "teacher"),
+                                           device="cpu"), dit=True)
+    assert not any(p.requires_grad for p in base.parameters()) and isinstance(te, train_dmd.TinyTextEncoder)
