@@ -8,6 +8,9 @@ which applies, in order, any config files given as positional arguments (plain P
 exec'd) and `--key=value` overrides, checks every key against the defaults (an unknown key is an error
 that names the closest known key) and every value against the default's type, prints `--help`, and
 returns the resolved {key: value} dict (also written back into the script's globals).
+
+`script_defaults(path)` reads another script's defaults without importing it (data.py's commands take
+train_dmd.py's config), and `map_simpletuner` turns the seed's SimpleTuner config.json into our keys.
 """
 import ast
 import difflib
@@ -33,6 +36,13 @@ def default_keys(path):
         if isinstance(node, ast.Assign):
             keys += [t.id for t in node.targets if isinstance(t, ast.Name)]
     return keys
+
+
+def script_defaults(path):
+    """{key: default} of a script's fenced defaults block, executed on its own (plain assignments)."""
+    scope = {}
+    exec(compile("\n".join(_defaults_source(path)), path, "exec"), {}, scope)
+    return {k: scope[k] for k in default_keys(path)}
 
 
 def _check(key, value, default):
@@ -103,3 +113,32 @@ def configure(g, script_path, argv=None, json_map=None):
         cfg[k] = _check(k, value, defaults[k])
     g.update(cfg)
     return cfg
+
+
+# the seed's SimpleTuner config.json keys that differ from ours (all other implemented keys match by name)
+SIMPLETUNER_RENAMES = {"train_batch_size": "train_batch_size", "validation_steps": "validation_step_interval",
+                       "checkpointing_steps": "checkpoint_step_interval", "lr_warmup_steps": "lr_warmup_steps",
+                       "adam_weight_decay": "adam_weight_decay", "model_path": "pretrained_model_name_or_path"}
+SIMPLETUNER_VALUES = {"optimizer": {"adamw_bf16": "adamw"}, "mixed_precision": {"bf16": "bf16", "no": "no"}}
+
+
+def map_simpletuner(d, defaults):
+    """SimpleTuner config.json -> our keys (those of `defaults` we implement); the rest listed in one warning."""
+    out, skipped = {}, []
+    for k, v in d.items():
+        k = k.lstrip("-")
+        ours = SIMPLETUNER_RENAMES.get(k, k)
+        if ours in defaults:
+            v = SIMPLETUNER_VALUES.get(ours, {}).get(v, v) if isinstance(v, str) else v
+            if isinstance(defaults[ours], tuple) and isinstance(v, str):
+                v = tuple(float(x) for x in v.strip("[]()").split(","))
+            if isinstance(defaults[ours], (int, float)) and not isinstance(defaults[ours], bool) and isinstance(v, str):
+                v = type(defaults[ours])(float(v))
+            if isinstance(defaults[ours], bool) and isinstance(v, str):
+                v = v.lower() == "true"
+            out[ours] = v
+        else:
+            skipped.append(k)
+    if skipped:
+        print(f"warning: SimpleTuner keys not implemented here, ignored: {', '.join(sorted(skipped))}")
+    return out

@@ -1,5 +1,7 @@
 """
-Video and image datasets for DMD: sources, reading, aspect buckets, a resumable bucket sampler, bad-file handling.
+Video and image datasets for DMD: sources, aspect buckets, a resumable bucket sampler, bad-file handling (the
+clips are read by media.py); the cache of latents and embeddings (cache.py); the teacher that makes them
+(load_teacher) and teacher-made data (section 6: samples and ODE pairs, with flow.py's samplers).
 
     datasets = [dict(instance_data_dir="clips/", num_frames=81, resolution=480, crop="center"),
                 dict(instance_data_dir="stills/", repeats=2),
@@ -9,7 +11,7 @@ Video and image datasets for DMD: sources, reading, aspect buckets, a resumable 
     for batch in loader: ...                          # {"video": (B,3,F,H,W) in [-1,1], "caption": [str], ...}
     ckpt["data"] = loader.state_dict()                # exact position: a resume continues with the next batch
 
-Cache (section 4): VAE latents and text embeddings, computed once and read back through the same sampler:
+Cache (section 4, cache.py): VAE latents and text embeddings, computed once and read back through the same sampler:
 
     cached = CachedDataset(ds, vae, text_encoder, rank=rank, world_size=world_size)   # builds what is missing
     loader = Loader(cached, batch_size=2, seed=1337)  # {"latents": (B,16,T,h,w), "context": (B,512,D), "caption"}
@@ -19,7 +21,6 @@ Cache (section 4): VAE latents and text embeddings, computed once and read back 
     python data.py CONFIG.py --make_ode_pairs=prompts.txt --teacher_out=cache/ode    # + trajectories (causal ODE init)
 """
 import csv
-import hashlib
 import json
 import math
 import os
@@ -27,10 +28,15 @@ import random
 from collections import Counter, defaultdict
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+import flow
+import media
+from cache import CachedDataset, digest, entry_meta, entry_ok, identity, trim, write_entry  # noqa: F401 (data.X API)
+from media import BadFile, frame_indices, load_frames, probe
 import model_wan as mw
+import text_encoders
+import vae_wan
 
 VIDEO_EXT = {".mp4", ".webm", ".mov", ".mkv"}
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp"}
@@ -99,94 +105,6 @@ def bucket_size(h, w, resolution, rounding):
     return max(16, round(H / 16) * 16), max(16, round(H * ar / 16) * 16)
 
 
-def frame_indices(n_src, num_frames, interval, rng):
-    """Which source frames to take: num_frames of them, interval apart, from a random start. None if too short."""
-    span = (num_frames - 1) * interval + 1
-    if n_src < span:
-        return None
-    start = rng.randint(0, n_src - span)
-    return list(range(start, start + span, interval))
-
-# -----------------------------------------------------------------------------
-# decoding (PyAV for videos and images alike: images are 1-frame streams of the image2 demuxers)
-
-class BadFile(Exception):
-    pass
-
-
-def probe(path, is_image):
-    """Open a file and decode its first frame -> (h, w, n_frames). Raises BadFile(reason)."""
-    import av
-    if os.path.getsize(path) == 0:
-        raise BadFile("zero-byte file")
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise BadFile("no video stream (unsupported)")
-            stream = container.streams.video[0]
-            first = next(container.decode(stream), None)
-            if first is None:
-                raise BadFile("no decodable frame (truncated or undecodable)")
-            fmt = first.format
-            if is_image and max(c.bits for c in fmt.components) > 8:
-                # 16-bit stills are usually linear/HDR/scientific data: the tone curve to 8-bit sRGB is a guess
-                raise BadFile(f"16-bit image ({fmt.name})")
-            if any(c.is_alpha for c in fmt.components):
-                # opaque alpha is harmless; real transparency would need a guessed background (black? white?)
-                a = first.to_ndarray(format="rgba")[..., 3]
-                if a.min() < 255:
-                    raise BadFile(f"transparent alpha ({fmt.name})")
-            n = 1 if is_image else stream.frames or count_packets(path)   # mkv/webm headers carry no count
-            return first.height, first.width, n
-    except BadFile:
-        raise
-    except (av.FFmpegError, OSError, ValueError, StopIteration, IndexError, RuntimeError) as e:
-        raise BadFile(f"undecodable ({type(e).__name__}: {e})")
-
-
-def count_packets(path):
-    import av
-    with av.open(path) as container:
-        return sum(1 for p in container.demux(video=0) if p.size)
-
-
-def load_frames(path, indices, size, crop, rng):
-    """Decode source frames `indices` -> float32 (3, F, H, W) in [-1, 1], RGB, resized (and cropped) to size=(H, W)."""
-    import av
-    # decodes from the first frame (no seek: exact frame indices without trusting timestamps); fine for clips
-    want, out = set(indices), []
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for i, frame in enumerate(container.decode(stream)):
-            if i in want:
-                # swscale converts any pixel format (yuv 8/10-bit, gray, pal8; opaque alpha dropped) with the
-                # frame's own matrix and range tags (BT.601/709, limited/full)
-                rgb = torch.from_numpy(frame.to_ndarray(format="rgb24"))          # (h, w, 3) uint8
-                out.append(resize_crop(rgb.permute(2, 0, 1)[None].float(), size, crop, rng))  # (1, 3, H, W)
-                if len(out) == len(indices):
-                    break
-    if len(out) < len(indices):
-        raise BadFile(f"decoded {len(out)} of {len(indices)} frames (truncated)")
-    video = torch.cat(out).permute(1, 0, 2, 3)                                      # (3, F, H, W) in [0, 255]
-    return (video / 127.5 - 1).clamp_(-1, 1)
-
-
-def resize_crop(x, size, crop, rng):
-    """x (1, 3, h, w) float -> (1, 3, H, W): plain resize, or cover + center/random crop."""
-    H, W = size
-    h, w = x.shape[-2:]
-    if not crop:
-        return F.interpolate(x, size=(H, W), mode="bilinear", antialias=True, align_corners=False)
-    s = max(H / h, W / w)
-    rh, rw = max(H, round(h * s)), max(W, round(w * s))
-    x = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)  # (1, 3, rh, rw)
-    if crop == "center":
-        top, left = (rh - H) // 2, (rw - W) // 2
-    else:   # drawn once per sample (rng is the sample's own), so every frame gets the same crop
-        rng.offsets = rng.offsets or (rng.randint(0, rh - H), rng.randint(0, rw - W))
-        top, left = rng.offsets
-    return x[..., top:top + H, left:left + W]
 
 # -----------------------------------------------------------------------------
 # sources: media files with captions, and prompt files
@@ -371,255 +289,6 @@ def collate(items):
     return batch
 
 # -----------------------------------------------------------------------------
-# cache (section 4): one safetensors file per sample under its dataset's cache_dir, named by a hash of
-# everything that changes its content: the source bytes, the caption, the bucket and reading settings, the
-# seed (it picks the clip's start and random crop: one fixed clip per file), and the VAE and text-encoder
-# identities. A changed setting names another file (rebuilt); an unchanged one finds its file (reused).
-# Stale files are left in place. Entries: {"latents": (16, T, h, w) fp32 normalised, "context": (n, D)
-# trimmed to the real tokens} + metadata {kind, caption}; the empty and negative prompts: text_<hash>.
-
-TEXT_LEN = 512   # Wan's text length: contexts are zero-padded to it on load
-
-
-def digest(*parts):
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def file_digest(path, index=None):
-    """sha256 of the file's bytes. `index` ({path: [size, mtime_ns, digest]}, kept in each cache_dir's
-    digests.json) skips re-reading a file whose size and modification time are unchanged."""
-    st = os.stat(path)
-    known = None if index is None else index.get(os.path.abspath(path))
-    if known and known[:2] == [st.st_size, st.st_mtime_ns]:
-        return known[2]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    if index is not None:
-        index[os.path.abspath(path)] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
-    return h.hexdigest()
-
-
-def digest_index(cache_dir, index=None):
-    """Read (index None) or write (atomically) a cache_dir's digests.json."""
-    path = os.path.join(cache_dir, "digests.json")
-    if index is None:
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return {}
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(index, f)
-    os.replace(tmp, path)
-
-
-def identity(net):
-    """A short hash naming an encoder: class, config, dtype and a slice of the first, middle and last weights.
-    Cheap (no full pass over 11 GB of UMT5), and any other checkpoint differs in practice."""
-    m = getattr(net, "model", net)   # TextEncoder wraps transformers' UMT5EncoderModel
-    cfg = getattr(m, "cfg", None) or getattr(m, "config", None)
-    cfg = {k: v for k, v in cfg.to_dict().items() if k not in ("_name_or_path", "transformers_version")} \
-        if hasattr(cfg, "to_dict") else cfg
-    h = hashlib.sha256(f"{type(net).__name__} {cfg!r}".encode())
-    if isinstance(m, torch.nn.Module):
-        sd = list(m.state_dict().values())
-        h.update(str(sd[0].dtype).encode())   # a bf16 encoder's outputs differ from an fp32 one's
-        for t in sd[:1] + sd[len(sd) // 2: len(sd) // 2 + 1] + sd[-1:]:
-            h.update(t.detach().flatten()[:65536].float().cpu().numpy().tobytes())
-    else:   # TinyTextEncoder: its settings are its identity
-        h.update(repr(sorted(vars(net).items())).encode())
-    return h.hexdigest()[:16]
-
-
-def trim(e):
-    """(L, D) embedding -> its real rows (mw.trim_context), fp32 on the CPU, as the cache stores them."""
-    return mw.trim_context(e).float().cpu().contiguous()
-
-
-def pad(e, n=TEXT_LEN):
-    return mw.pad_context([e], n)[0]
-
-
-def write_entry(path, tensors, compress=False, **meta):
-    """safetensors (gzip-compressed when `compress`) via a temporary name and a rename: a killed writer
-    leaves no half entry under `path`."""
-    import gzip
-    from safetensors.torch import save
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    raw = save({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata=meta)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(gzip.compress(raw, compresslevel=3) if compress else raw)
-    os.replace(tmp, path)
-
-
-def read_entry(path):
-    """A cache entry, gzip-compressed or not -> (metadata dict, {name: tensor})."""
-    import gzip
-    from safetensors.torch import load
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == b"\x1f\x8b":   # gzip magic: compress_disk_cache
-        raw = gzip.decompress(raw)
-    n = int.from_bytes(raw[:8], "little")
-    return json.loads(raw[8:8 + n]).get("__metadata__", {}), load(raw)
-
-
-def entry_meta(path):
-    """Metadata and the latents' shape (or None) without reading the tensors of an uncompressed entry."""
-    from safetensors import safe_open
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    if gz:
-        meta, t = read_entry(path)
-        return meta, tuple(t["latents"].shape) if "latents" in t else None
-    with safe_open(path, "pt") as f:
-        return f.metadata() or {}, tuple(f.get_slice("latents").get_shape()) if "latents" in f.keys() else None
-
-
-def entry_ok(path):
-    """True for a complete, readable entry; a corrupt or partial one is deleted (and so rebuilt)."""
-    if not os.path.exists(path):
-        return False
-    try:
-        if read_entry(path)[0].get("kind") in ("sample", "text"):
-            return True
-    except Exception:
-        pass
-    print(f"data: warning: {path}: corrupt or partial cache entry, rebuilding")
-    os.remove(path)
-    return False
-
-
-def encode_text(te, prompts):
-    return [trim(e) for e in te.encode(prompts)]
-
-
-class CachedDataset(torch.utils.data.Dataset):
-    """A MediaDataset's samples as cached latents + text embeddings, with the same buckets (so the same
-    BucketBatchSampler/Loader and resume). Builds missing entries on construction, split across ranks:
-    this rank does every world_size-th missing entry; `check` then requires all of them (after a barrier)."""
-
-    def __init__(self, media, vae, text_encoder, rank=0, world_size=1, device="cpu", negative_prompt=None, check=True):
-        self.media, self.buckets, self.seed = media, media.buckets, media.seed
-        self.vae_id, self.text_id = identity(vae), identity(text_encoder)
-        self.broken, self.built, hashes = set(), 0, {}
-        self.entries = []
-        indexes = {c["cache_dir"]: digest_index(c["cache_dir"]) for c in media.configs if c["dataset_type"] == "video"}
-        for s in media.samples:
-            c = media.configs[s["dataset"]]
-            if c["dataset_type"] == "latents":
-                made_by = entry_meta(s["file"])[0].get("text")
-                if made_by != self.text_id:   # its context came from another text encoder: not silently mixed
-                    raise ValueError(f"{s['file']}: made with text encoder {made_by}, this run's is {self.text_id}")
-                self.entries.append(s["file"])
-                continue
-            if c["dataset_type"] == "video" and s["file"] not in hashes:
-                hashes[s["file"]] = file_digest(s["file"], indexes[c["cache_dir"]])
-            key = digest(hashes.get(s["file"]), s["caption"], s["bucket"], self.vae_id if s["file"] else None,
-                         self.text_id, self.seed if s["file"] else None,
-                         *[c[k] for k in ("resolution", "num_frames", "frame_interval", "crop", "aspect_bucket_rounding")])
-            self.entries.append(os.path.join(c["cache_dir"], key + ".safetensors"))
-        self.hashes = hashes
-        for d, index in indexes.items():
-            if rank == 0:
-                digest_index(d, index)
-        self.compress = {c["cache_dir"]: bool(c["compress_disk_cache"]) for c in media.configs}
-        self.build(vae, text_encoder, rank, world_size, device)
-        texts = {"empty": ""} if negative_prompt is None else {"empty": "", "negative": negative_prompt}
-        for name, prompt in texts.items():   # tiny: every rank computes them (same bytes, atomic renames)
-            for d in sorted({c["cache_dir"] for c in media.configs}):
-                path = os.path.join(d, f"text_{digest(prompt, self.text_id)}.safetensors")
-                if not entry_ok(path):
-                    write_entry(path, {"context": encode_text(text_encoder, [prompt])[0]}, self.compress.get(d, False),
-                                kind="text", prompt=prompt)
-            setattr(self, name, self.read(path)["context"])
-        if check:
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.barrier()
-            missing = [p for p in set(self.entries) if not os.path.exists(p)]
-            if missing:
-                raise RuntimeError(f"data: {len(missing)} cache entries missing (e.g. {missing[0]}); run every rank")
-
-    def build(self, vae, te, rank, world_size, device):
-        first = {}   # entry -> its first sample (repeats share an entry); split over all entries: stable across ranks
-        for i, p in enumerate(self.entries):
-            if self.media.configs[self.media.samples[i]["dataset"]]["dataset_type"] != "latents":
-                first.setdefault(p, i)
-        todo = [i for i in list(first.values())[rank::world_size] if not entry_ok(self.entries[i])]
-        if not todo:
-            return
-        groups = defaultdict(list)   # bucket -> sample indices: one VAE batch has one shape
-        for i in todo:
-            groups[self.media.samples[i]["bucket"]].append(i)
-        bar = tqdm(total=len(todo), desc=f"cache latents+text (rank {rank})", dynamic_ncols=True)
-        for bucket, idx in sorted(groups.items()):
-            n = max(1, self.media.configs[self.media.samples[idx[0]]["dataset"]]["vae_batch_size"]) if bucket[0] else 64
-            for j in range(0, len(idx), n):
-                self.encode(idx[j:j + n], vae, te, device)
-                bar.update(len(idx[j:j + n]))
-        bar.close()
-
-    @torch.no_grad()
-    def encode(self, idx, vae, te, device):
-        samples = [self.media.samples[i] for i in idx]
-        videos, ok = [], []
-        for i, s in zip(idx, samples):
-            if s["file"] is None:
-                ok.append(i)
-                continue
-            c = self.media.configs[s["dataset"]]
-            rng = random.Random(f"{self.seed}-{self.hashes[s['file']]}")   # the cached clip's start and crop
-            rng.offsets = None
-            try:
-                frames = frame_indices(s["n_src"], s["bucket"][2], c["frame_interval"], rng)
-                videos.append(load_frames(s["file"], frames, s["bucket"][:2], c["crop"], rng))   # (3, F, H, W)
-                ok.append(i)
-            except Exception as e:   # damaged after the probe: left out, its bucket's next sample stands in
-                print(f"data: warning: {s['file']}: {e}; not cached")
-                self.broken.add(i)
-        lat = vae.encode(torch.stack(videos).to(device)).cpu() if videos else None   # (B, 16, T, h, w)
-        ctx = encode_text(te, [self.media.samples[i]["caption"] for i in ok])
-        k = 0
-        for i, e in zip(ok, ctx):
-            t = {"context": e}
-            if self.media.samples[i]["file"] is not None:
-                t["latents"], k = lat[k], k + 1
-            cfg = self.media.configs[self.media.samples[i]["dataset"]]
-            write_entry(self.entries[i], t, cfg["compress_disk_cache"], kind="sample", caption=self.media.samples[i]["caption"])
-            self.built += 1
-
-    @staticmethod
-    def read(path):
-        return read_entry(path)[1]
-
-    def __len__(self):
-        return len(self.entries)
-
-    def __getitem__(self, key):
-        """key = (index, epoch) -> {"latents": (16, T, h, w) (absent for prompts), "context": (512, D), "caption",
-        "file"}. Caption dropout (drawn as MediaDataset draws it) -> the empty prompt's embedding."""
-        i, epoch = key
-        if i in self.broken:
-            b = self.buckets[self.media.samples[i]["bucket"]]
-            ok = [j for j in b[b.index(i):] + b[:b.index(i)] if j not in self.broken]
-            if not ok:
-                raise ValueError(f"data: no sample of bucket {self.media.samples[i]['bucket']} could be cached")
-            i = ok[0]
-        s, rng = self.media.samples[i], random.Random(f"{self.seed}-{epoch}-{i}")
-        drop = rng.random() < self.media.configs[s["dataset"]]["caption_dropout_probability"]
-        t = self.read(self.entries[i])
-        out = dict(caption="" if drop else s["caption"], file=s["file"], context=pad(self.empty if drop else t["context"]))
-        for k in ("latents", "trajectory", "trajectory_t"):   # trajectories: ODE pairs (make_teacher_data)
-            if k in t:
-                out[k] = t[k]
-        return out
-
-# -----------------------------------------------------------------------------
 # sampling: one shape per batch, shuffled by (seed, epoch), sharded by rank, resumable at (epoch, index)
 
 def epoch_batches(buckets, batch_size, seed, epoch, rank, world_size, drop_last=True):
@@ -693,29 +362,77 @@ class Loader:
 # -----------------------------------------------------------------------------
 # encoders, teacher-made data (section 6), and the caching command
 
-def load_models(c, dit=False):
-    """train_dmd config -> (teacher DiT or None, VAE, text encoder, device). The tiny teacher is built exactly
-    as train_dmd.build_networks builds it (same seed: same tiny VAE, so the same cache identity)."""
-    import train_dmd
-    dev = torch.device(c["device"] if c["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if dev.type == "cuda" and c["mixed_precision"] == "bf16" else torch.float32
+def load_teacher(c, dev, dtype, dit=True, text=True):
+    """The teacher of a train_dmd config -> (its DiT, frozen, or None; its VAE (fp32); its text encoder or None).
+    "tiny": a random tiny DiT, VAE and TinyTextEncoder built from c["seed"] (the tests' teacher; the same seed
+    gives the same VAE, so the same cache identity); "random:<preset>": real size, random weights, built on the
+    device (memory and speed checks); else a teacher folder or hub id. text=False leaves UMT5 unloaded (the
+    trainer loads it only to encode its prompts); a demo.py teacher's TinyTextEncoder is made all the same."""
     src = c["pretrained_model_name_or_path"]
-    if src == "tiny" or src.startswith("random:"):
-        base, _, _, vae, te = train_dmd.build_networks(c, dev, dtype)
-        return (base if dit else None), vae, te, dev
-    base = mw.load_dit(src, dtype=dtype, device=dev).requires_grad_(False) if dit else None
-    te = train_dmd.text_encoder(src, dtype, dev, base)
-    return base, mw.load_vae(src, dtype=torch.float32, device=dev), te, dev
+    if src == "tiny":
+        torch.manual_seed(c["seed"])
+        base = mw.WanDiT(mw.PRESETS["tiny"]).to(dev)
+        vae = vae_wan.WanVAE(vae_wan.WanVAEConfig(base_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1)).to(dev)
+        te = text_encoders.TinyTextEncoder(base.cfg.text_dim)
+    elif src.startswith("random:"):   # real architecture, random weights, built on the device
+        preset = src.split(":", 1)[1]
+        if preset not in mw.PRESETS:
+            raise ValueError(f"{src!r}: unknown preset {preset!r}; have {sorted(mw.PRESETS)}")
+        torch.manual_seed(c["seed"])
+        with torch.device(dev):
+            base = mw.WanDiT(mw.PRESETS[preset]).cast(dtype)
+            vae = vae_wan.WanVAE(vae_wan.WanVAEConfig())
+        te = text_encoders.TinyTextEncoder(base.cfg.text_dim)
+    else:
+        base = mw.load_dit(src, dtype=dtype, device=dev) if dit else None
+        vae = vae_wan.load_vae(src, dtype=torch.float32, device=dev)
+        tiny = os.path.exists(os.path.join(src, text_encoders.TINY_TEXT_MARKER))
+        te = text_encoders.text_encoder(src, dtype, dev, base) if text or tiny else None
+    if base is not None:
+        base.requires_grad_(False).eval()
+    return (base if dit else None), vae, te
+
+
+def read_prompts(c):
+    """A train_dmd config's prompts -> (training prompts (none with `datasets`: the cached captions are the contexts), validation prompts)."""
+    val = [c["validation_prompt"]]
+    if c["validation_prompt_library"]:
+        with open(c["validation_prompt_library"]) as f:
+            lib = json.load(f)
+        val += list(lib.values()) if isinstance(lib, dict) else list(lib)
+    if c["datasets"]:
+        return [], val
+    if c["prompts_file"]:
+        with open(c["prompts_file"]) as f:
+            train_prompts = [line.strip() for line in f if line.strip()]
+    else:
+        train_prompts = val
+    if not train_prompts:
+        raise ValueError("no training prompts")
+    return train_prompts, val
+
+
+def encode_prompts(c, te, prompts, dev, dtype):
+    """The trainer's prompts encoded once (te None: UMT5 of the teacher, loaded here and freed after) -> list of
+    trimmed (n_i, D) CPU tensors."""
+    if te is None:
+        te = text_encoders.load_text_encoder(c["pretrained_model_name_or_path"], dtype=dtype, device=dev)
+    out = []
+    for i in range(0, len(prompts), 16):
+        emb = te.encode(prompts[i:i + 16]).cpu()
+        out += [text_encoders.trim_context(e).clone() for e in emb]
+    return out
 
 
 def cache_datasets(c, rank=0, world_size=1):
     """`python data.py CONFIG.py`: build this rank's share of the cache of every dataset in c["datasets"]."""
     if not c["datasets"]:
         raise ValueError("no `datasets` in the config: nothing to cache")
-    media = MediaDataset(c["datasets"], seed=c["seed"], verbose=rank == 0)
-    _, vae, te, dev = load_models(c)
-    neg = mw.WAN_NEGATIVE_PROMPT if c["negative_prompt"] is None else c["negative_prompt"]
-    cached = CachedDataset(media, vae, te, rank, world_size, dev, negative_prompt=neg, check=False)
+    media_ds = MediaDataset(c["datasets"], seed=c["seed"], verbose=rank == 0)
+    dev = mw.pick_device(c["device"])
+    _, vae, te = load_teacher(c, dev, mw.pick_dtype(c["mixed_precision"], dev), dit=False)
+    neg = text_encoders.negative_prompt(c["negative_prompt"])
+    cached = CachedDataset(media_ds, vae, te, rank, world_size, dev, negative_prompt=neg, check=False)
     print(f"data: rank {rank}/{world_size}: {cached.built} entries built, "
           f"{len(set(cached.entries)) - cached.built} already cached or another rank's")
     return cached
@@ -725,8 +442,7 @@ def ode_schedule(n, shift, layout, record):
     """The teacher's n-step schedule with the grid point nearest each timestep of `record` (0-1000 scale) moved
     onto it, so the sampler passes exactly through the student's timesteps -> (sigmas (n+1,), timesteps (n,),
     indices of the recorded steps). t = 1000 stays the first grid point (σ0 = 1 − 1e-6: its state is the noise)."""
-    import sample
-    sigmas, timesteps = sample.flow_schedule(n, shift, layout)
+    sigmas, timesteps = flow.flow_schedule(n, shift, layout)
     sig, timesteps = sigmas.double(), timesteps.double()   # float: a snapped step keeps its exact t
     idx = []
     for t in record:
@@ -752,26 +468,28 @@ def make_teacher_data(c, prompts_file, out_dir, steps=50, guidance=5.0, shift=No
     h, w), the sampler's state at each of the K student timesteps (train_dmd's rollout steps, warp included;
     the schedule of ode_schedule passes through them: the state is the one the teacher is evaluated at),
     and "trajectory_t" (K,) those timesteps; "latents" stays the final x0."""
-    import sample
-    import train_dmd
     with open(prompts_file, encoding="utf-8") as f:
         prompts = [line.strip() for line in f if line.strip()]
-    base, vae, te, dev = load_models(c, dit=True)
+    dev = mw.pick_device(c["device"])
+    dtype = mw.pick_dtype(c["mixed_precision"], dev)
+    base, vae, te = load_teacher(c, dev, dtype)
     src = c["pretrained_model_name_or_path"]
-    layout = "diffusers" if src == "tiny" else sample.resolve_model_dir(src)[1]
+    layout = "diffusers" if src == "tiny" else flow.resolve_model_dir(src)[1]
     if shift is None:
-        shift = 3.0 if src == "tiny" else sample.reference_shift(*sample.resolve_model_dir(src))
+        shift = 3.0 if src == "tiny" else flow.reference_shift(*flow.resolve_model_dir(src))
     H, W, Fn = c["height"], c["width"], 4 * (c["num_training_frames"] - 1) + 1
     text_id, model_id = identity(te), identity(base)
-    neg = mw.WAN_NEGATIVE_PROMPT if c["negative_prompt"] is None else c["negative_prompt"]
+    neg = text_encoders.negative_prompt(c["negative_prompt"])
     neg_ctx = te.encode([neg]).to(dev) if guidance > 1 else None
-    bf16 = dev.type == "cuda" and c["mixed_precision"] == "bf16"
-    autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
-    dit = train_dmd.velocity_fn(base, None, autocast)   # None: the teacher's own weights, no adapter
-    sigmas, timesteps = sample.flow_schedule(steps, shift, layout)
+    autocast = mw.autocast_fn(dtype, dev)
+
+    def dit(x, t, ctx):   # the teacher's own weights in fp32 out
+        with autocast():
+            return base(x, t, ctx).float()
+    sigmas, timesteps = flow.flow_schedule(steps, shift, layout)
     record = None
-    if ode_pairs:
-        record = train_dmd.rollout_steps(train_dmd.check_config(c), c["warp_denoising_step"], c["timestep_shift"])
+    if ode_pairs:   # the student's steps as train_dmd rolls out (warp included)
+        record = flow.rollout_steps(flow.parse_steps(c["dmd_denoising_steps"]), c["warp_denoising_step"], c["timestep_shift"])
         sigmas, timesteps, rec_idx = ode_schedule(steps, shift, layout, record)
     todo = [(i, p) for i, p in enumerate(prompts) if i % world_size == rank]
     written = 0
@@ -782,8 +500,8 @@ def make_teacher_data(c, prompts_file, out_dir, steps=50, guidance=5.0, shift=No
         if entry_ok(path):
             continue
         ctx = te.encode([p]).to(dev)
-        x, _ = sample.initial_noise(1, Fn, H, W, c["seed"] + i, dev)
-        velocity = sample.guided(dit, ctx, neg_ctx, guidance)
+        x, _ = flow.initial_noise(1, Fn, H, W, c["seed"] + i, dev)
+        velocity = flow.guided(dit, ctx, neg_ctx, guidance)
         states, ticks = [], [0]
         if record:   # the state at each recorded step is the x the sampler evaluates the teacher at
             def velocity(x_, t_, v=velocity):
@@ -791,25 +509,25 @@ def make_teacher_data(c, prompts_file, out_dir, steps=50, guidance=5.0, shift=No
                     states.append(x_[0].float().cpu())
                 ticks[0] += 1
                 return v(x_, t_)
-        lat = sample.unipc_sample(velocity, x, sigmas.to(dev), timesteps.to(dev))   # (1, 16, T, h, w)
+        lat = flow.unipc_sample(velocity, x, sigmas.to(dev), timesteps.to(dev))   # (1, 16, T, h, w)
         t = {"latents": lat[0].float(), "context": trim(ctx[0])}
         if record:
             t.update(trajectory=torch.stack(states), trajectory_t=torch.tensor(record, dtype=torch.float32))
         write_entry(path, t, kind="sample", caption=p, text=text_id)
         if mp4:
-            sample.write_mp4(path[: -len(".safetensors")] + ".mp4", vae.decode(lat.float())[0])
+            media.write_mp4(path[: -len(".safetensors")] + ".mp4", vae.decode(lat.float())[0])
         written += 1
     print(f"data: teacher {'ODE pairs' if record else 'data'}: {written} written, {len(todo) - written} already there -> {out_dir}")
     return out_dir
 
 
 if __name__ == "__main__":
-    # python data.py CONFIG.py [--key=value ...]: train_dmd.py's config (its `datasets`, teacher, seed);
-    # torchrun sets RANK/WORLD_SIZE and each rank caches its share. The flags below are data.py's own.
+    # python data.py CONFIG.py [--key=value ...]: train_dmd.py's config (its `datasets`, teacher, seed), read from
+    # train_dmd.py's defaults block without importing the trainer; torchrun sets RANK/WORLD_SIZE and each rank caches
+    # its share. The flags below are data.py's own.
     import ast
     import sys
-    import train_dmd
-    from configurator import configure
+    from configurator import configure, map_simpletuner, script_defaults
     own = dict(make_teacher_data="",   # a prompts file: write teacher samples instead of caching `datasets`
                make_ode_pairs="",      # the same, with the trajectories at the student's steps (causal ODE init)
                teacher_out="",         # their cache_dir (default: <prompts file>.teacher)
@@ -824,7 +542,9 @@ if __name__ == "__main__":
                 own[k] = v
         else:
             rest.append(a)
-    c = configure(dict(vars(train_dmd)), train_dmd.__file__, rest, json_map=train_dmd.map_simpletuner)
+    trainer = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_dmd.py")
+    defaults = script_defaults(trainer)
+    c = configure(dict(defaults), trainer, rest, json_map=lambda d: map_simpletuner(d, defaults))
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     prompts = own["make_teacher_data"] or own["make_ode_pairs"]
     if prompts:

@@ -2,14 +2,13 @@
 The whole story offline on a CPU in minutes: a synthetic captioned video dataset (real mp4s) -> a tiny Wan VAE
 and a tiny Wan DiT teacher trained here by flow matching -> DMD distillation to a 3-step student
 (train_dmd.train) -> side-by-side samples (teacher 50 steps, teacher 3 steps, student 3 steps) as mp4s and
-one contact-sheet PNG -> the quality table of bench/bench_quality.py (precision, coverage, MMD).
+one contact-sheet PNG -> the quality table of quality.py (precision, coverage, mode TV, MMD).
 
   python demo.py                                  # out/demo/, every stage skipped when its output exists
   python demo.py --dmd_steps=100 --out_dir=out/d2 # override any key below; python demo.py --help
 
-The world: "a <colour> <shape> moving <direction>" (3 colours x 2 shapes x 4 directions = 24 captions). Each
-caption has 3 modes: the band (of 3) across the motion axis the shape travels in. Clips jitter within the band,
-so a detector on decoded pixels (`detect`) tells colour, shape, direction and mode, and coverage is measurable.
+The world and the detector are quality.py's: "a <colour> <shape> moving <direction>" (24 captions), 3 modes per
+caption (the band the shape travels in), read back from decoded pixels by quality.detect.
 The real model: skip the first three stages (teacher = a Wan 2.1 folder, your video folder as data) and point
 train_dmd at config/wan_dmd_3step.py; bench/bench_quality.py then takes the pair and a prompt file.
 """
@@ -20,10 +19,13 @@ import time
 import numpy as np
 import torch
 
+import media
 import model_wan as mw
+import quality
 import sample
-from publish import contact_sheet, write_png
+import text_encoders
 import train_dmd
+import vae_wan
 
 # -----------------------------------------------------------------------------
 # defaults; override with a config file (python demo.py CONFIG.py) and --key=value
@@ -64,114 +66,18 @@ sample_prompts = 4             # captions shown in the contact sheet (rows: prom
 bench_seeds = 16               # samples per caption and sampler in the quality table
 # -----------------------------------------------------------------------------
 
-COLOURS = {"red": (220, 50, 50), "green": (50, 200, 60), "blue": (60, 90, 235)}
-SHAPES = ("circle", "square")
-DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}   # (dx, dy), y down
-BACKGROUND = (30, 30, 30)
-NUM_BANDS = 3
-
-
-def captions():
-    return [f"a {c} {s} moving {d}" for s in SHAPES for c in COLOURS for d in DIRECTIONS]
-
-
-def parse_caption(caption):
-    """"a red circle moving left" -> ("red", "circle", "left"), or None for any other prompt."""
-    w = caption.lower().split()
-    if len(w) == 5 and w[0] == "a" and w[1] in COLOURS and w[2] in SHAPES and w[3] == "moving" and w[4] in DIRECTIONS:
-        return w[1], w[2], w[4]
-    return None
-
-
-def geometry(size, num_frames):
-    """Radius, speed (px/frame) and band centres, all scaled with the frame size."""
-    r = size * 5 / 32
-    speed = size * 12 / 32 / (num_frames - 1)          # 12 px over the clip at 32 px
-    bands = [size * (i + 1) / (NUM_BANDS + 1) for i in range(NUM_BANDS)]
-    return r, speed, bands
-
-
-def render(caption, band, size, num_frames, jitter=(0.0, 0.0)):
-    """One clip -> uint8 (F, size, size, 3): the shape crosses the frame centre along its direction, in `band`
-    across it; jitter (along, across) in pixels."""
-    colour, shape, direction = parse_caption(caption)
-    r, speed, bands = geometry(size, num_frames)
-    dx, dy = DIRECTIONS[direction]
-    yy, xx = np.mgrid[0:size, 0:size] + 0.5
-    out = np.empty((num_frames, size, size, 3), np.uint8)
-    out[:] = BACKGROUND
-    half = speed * (num_frames - 1) / 2
-    for f in range(num_frames):
-        along = size / 2 - half + speed * f + jitter[0]
-        across = bands[band] + jitter[1]
-        cx, cy = (along if dx > 0 else size - along, across) if dx else (across, along if dy > 0 else size - along)
-        if shape == "circle":
-            mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
-        else:
-            mask = np.maximum(abs(xx - cx), abs(yy - cy)) <= 0.9 * r
-        out[f][mask] = COLOURS[colour]
-    return out
-
-
-def detect(video, caption):
-    """video uint8 (F,H,W,3) -> dict(valid, mode, colour, shape, direction, shape_ok): what the decoded pixels show.
-    valid: one object of the caption's colour and direction, centred in one of its bands (a mode). The shape is
-    judged apart (shape_ok): the demo's 4x4-latent VAE renders colour, place and motion but rounds the squares'
-    corners (circle/square is at chance on its own reconstructions), so it cannot be part of a sampler's score."""
-    want = parse_caption(caption)
-    size, Fn = video.shape[1], video.shape[0]
-    r, speed, bands = geometry(size, Fn)
-    v = video.astype(np.float32)
-    diff = np.abs(v - np.array(BACKGROUND, np.float32)).sum(-1)                # (F,H,W) L1 distance to the background
-    res = dict(valid=False, mode=None, colour=None, shape=None, direction=None, shape_ok=False)
-    loose = diff > 100
-    if loose.sum() == 0:
-        return res
-    cols = v[loose].mean(0)
-    res["colour"] = min(COLOURS, key=lambda k: np.abs(cols - np.array(COLOURS[k])).sum())
-    contrast = np.abs(np.array(COLOURS[res["colour"]]) - np.array(BACKGROUND)).sum()
-    fg = diff > 0.5 * contrast                                                 # the object's edge at half contrast
-    areas = fg.sum((1, 2))
-    expect = np.pi * r * r
-    if (areas < 0.4 * expect).any() or (areas > 2.0 * expect).any():
-        return res                                                             # missing in a frame, or a smear
-    fills, cent = [], []
-    for m in fg:
-        ys, xs = np.nonzero(m)
-        fills.append(len(xs) / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)))
-        cent.append((xs.mean() + 0.5, ys.mean() + 0.5))
-    res["shape"] = "square" if np.median(fills) > 0.9 else "circle"
-    cent = np.array(cent)
-    d = cent[-1] - cent[0]
-    axis = int(abs(d[1]) > abs(d[0]))                                          # 0: x, 1: y
-    if abs(d[axis]) < 0.5 * speed * (Fn - 1) or abs(d[1 - axis]) > 0.5 * abs(d[axis]):
-        return res                                                             # not moving straight
-    res["direction"] = {(0, 1): "right", (0, -1): "left", (1, 1): "down", (1, -1): "up"}[(axis, int(np.sign(d[axis])))]
-    across = cent[:, 1 - axis].mean()
-    band = int(np.argmin([abs(across - b) for b in bands]))
-    if abs(across - bands[band]) <= 0.3 * size / (NUM_BANDS + 1):          # within the band, not between two
-        res["mode"] = band
-    res["valid"] = res["mode"] is not None and (res["colour"], res["direction"]) == (want[0], want[2])
-    res["shape_ok"] = res["shape"] == want[1]
-    return res
-
 # -----------------------------------------------------------------------------
-# files: clips (the PNG writer and contact sheet are publish.py's)
-
-def to_uint8(video):
-    """(3,F,H,W) in [-1,1] -> uint8 (F,H,W,3), rounded as sample.write_mp4 does."""
-    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
-
+# files: the clips as mp4s with sidecar captions (data.py reads them)
 
 def write_dataset(root, size, num_frames, per_mode, seed):
-    """Every caption x band x per_mode clips as mp4 + sidecar .txt caption (data.py reads them)."""
+    """Every caption x band x per_mode clips (quality.render) as mp4 + sidecar .txt caption (data.py reads them)."""
     rng = np.random.default_rng(seed)
-    for i, cap in enumerate(captions()):
-        for band in range(NUM_BANDS):
+    for i, cap in enumerate(quality.captions()):
+        for band in range(quality.NUM_BANDS):
             for k in range(per_mode):
                 stem = os.path.join(root, f"{i:02d}_b{band}_{k}")
-                video = torch.from_numpy(render(cap, band, size, num_frames, rng.uniform(-1, 1, 2)))
-                sample.write_mp4(stem + ".mp4", video.permute(3, 0, 1, 2).float() / 127.5 - 1)
+                video = torch.from_numpy(quality.render(cap, band, size, num_frames, rng.uniform(-1, 1, 2)))
+                media.write_mp4(stem + ".mp4", video.permute(3, 0, 1, 2).float() / 127.5 - 1)
                 with open(stem + ".txt", "w") as f:
                     f.write(cap + "\n")
 
@@ -179,7 +85,7 @@ def write_dataset(root, size, num_frames, per_mode, seed):
 def read_dataset(root):
     """-> (videos (N,3,F,H,W) in [-1,1], captions [N], bands [N]) read back from the mp4s."""
     names = sorted(n[:-4] for n in os.listdir(root) if n.endswith(".mp4"))
-    videos = [torch.from_numpy(sample.read_mp4(os.path.join(root, n + ".mp4"))[0]) for n in names]
+    videos = [torch.from_numpy(media.read_mp4(os.path.join(root, n + ".mp4"))[0]) for n in names]
     caps = [open(os.path.join(root, n + ".txt")).read().strip() for n in names]
     bands = [int(n.split("_b")[1].split("_")[0]) for n in names]
     return torch.stack(videos).permute(0, 4, 1, 2, 3).float() / 127.5 - 1, caps, bands
@@ -192,9 +98,9 @@ def train_vae(videos, c, progress_png=None):
     frame), noise on the latents so the decoder tolerates a DiT's imperfect samples, an L2 pull on them. The latent
     normalisation (latents_mean/std) is then set to the clips' statistics: the DiT sees unit-scale latents."""
     torch.manual_seed(c["seed"])
-    vae = mw.WanVAE(mw.WanVAEConfig(base_dim=c["vae_base_dim"], dim_mult=(1, 1, 1, 1), num_res_blocks=1))
+    vae = vae_wan.WanVAE(vae_wan.WanVAEConfig(base_dim=c["vae_base_dim"], dim_mult=(1, 1, 1, 1), num_res_blocks=1))
     opt = torch.optim.Adam(vae.parameters(), lr=c["vae_lr"])
-    bg = torch.tensor(BACKGROUND).view(1, 3, 1, 1, 1) / 127.5 - 1
+    bg = torch.tensor(quality.BACKGROUND).view(1, 3, 1, 1, 1) / 127.5 - 1
     t0 = time.perf_counter()
     for step in range(c["vae_steps"]):
         for g in opt.param_groups:   # cosine decay
@@ -212,7 +118,8 @@ def train_vae(videos, c, progress_png=None):
         if step % 500 == 0 and progress_png:   # reconstructions so far: rows clip, reconstruction
             with torch.no_grad():
                 y = vae.decode(vae.encode(videos[:: len(videos) // 4][:4]))
-            write_png(progress_png, contact_sheet([to_uint8(v) for p in zip(videos[:: len(videos) // 4][:4], y) for v in p]))
+            media.write_png(progress_png, media.contact_sheet(
+                [media.to_uint8(v) for p in zip(videos[:: len(videos) // 4][:4], y) for v in p]))
     vae.eval()
     with torch.no_grad():
         z = torch.cat([vae.encode(videos[i:i + 16]) for i in range(0, len(videos), 16)])
@@ -229,7 +136,7 @@ def train_teacher(latents, caps, c):
     torch.manual_seed(c["seed"])
     dev = c["device"]
     dit = mw.WanDiT(mw.PRESETS[c["teacher_preset"]]).to(dev)
-    te = train_dmd.TinyTextEncoder(dit.cfg.text_dim)
+    te = text_encoders.TinyTextEncoder(dit.cfg.text_dim)
     ctx, empty = te.encode(caps).to(dev), te.encode([""]).to(dev)                 # (N,512,D), (1,512,D)
     latents = latents.to(dev)
     opt = torch.optim.AdamW(dit.parameters(), lr=c["teacher_lr"], weight_decay=0.0)
@@ -250,7 +157,6 @@ def train_teacher(latents, caps, c):
             print(f"teacher step {step:5d} | flow loss {loss.item():.4f} | {time.perf_counter() - t0:.0f}s")
     return dit.cpu().eval()
 
-# -----------------------------------------------------------------------------
 
 def ode_init(dc, c, out):
     """The causal student's first stage (README "Causal student"): teacher ODE trajectories at the student's steps
@@ -260,7 +166,7 @@ def ode_init(dc, c, out):
     if not os.path.exists(os.path.join(init_dir, "transformer")):
         prompts = os.path.join(out, "ode_prompts.txt")
         with open(prompts, "w") as f:   # line i is sampled from seed + i: ode_seeds different noises per caption
-            f.write("\n".join(captions() * c["ode_seeds"]) + "\n")
+            f.write("\n".join(quality.captions() * c["ode_seeds"]) + "\n")
         data.make_teacher_data(dc, prompts, pairs, c["ode_teacher_steps"], c["guidance_scale"], c["flow_shift"], ode_pairs=True)
         n = c["ode_steps"]
         train_dmd.train({**dc, "objective": "ode_init", "datasets": [dict(dataset_type="latents", cache_dir=pairs)],
@@ -268,70 +174,86 @@ def ode_init(dc, c, out):
                          "validation_step_interval": n})
     return init_dir
 
+# -----------------------------------------------------------------------------
+# the six stages in order; each skips its work when its output exists, and adds its seconds to `times`
 
-def main(c):
-    torch.set_num_threads(c["threads"])
-    out = c["out_dir"]
-    data_dir, teacher_dir, dmd_dir = (os.path.join(out, d) for d in ("data", "teacher", "dmd"))
-    times = {}
-
-    t0 = time.perf_counter()                                                    # (1) dataset
-    n_clips = len(captions()) * NUM_BANDS * c["clips_per_mode"]
+def make_dataset(c, out, times):
+    """(1) The clips in out/data (written when missing) and out/prompts.txt -> (videos (N,3,F,H,W), captions,
+    bands)."""
+    t0 = time.perf_counter()
+    data_dir = os.path.join(out, "data")
+    n_clips = len(quality.captions()) * quality.NUM_BANDS * c["clips_per_mode"]
     if not os.path.isdir(data_dir) or sum(n.endswith(".mp4") for n in os.listdir(data_dir)) != n_clips:
         os.makedirs(data_dir, exist_ok=True)
         write_dataset(data_dir, c["size"], c["num_frames"], c["clips_per_mode"], c["seed"])
     videos, caps, bands = read_dataset(data_dir)
     with open(os.path.join(out, "prompts.txt"), "w") as f:
-        f.write("\n".join(captions()) + "\n")
+        f.write("\n".join(quality.captions()) + "\n")
     times["data"] = time.perf_counter() - t0
-    print(f"(1) dataset: {len(videos)} clips {tuple(videos.shape[1:])} of {len(captions())} captions in {data_dir} "
+    print(f"(1) dataset: {len(videos)} clips {tuple(videos.shape[1:])} of {len(quality.captions())} captions in {data_dir} "
           f"[{times['data']:.0f}s]")
+    return videos, caps, bands
 
-    t0 = time.perf_counter()                                                    # (2) VAE
-    vae_dir = os.path.join(teacher_dir, "vae")
+
+def make_vae(c, out, videos, caps, bands, times):
+    """(2) The VAE in out/teacher/vae (a copy of vae_path, or trained here), its reconstructions of one clip per
+    caption and band, and the detector on them (the ceiling of any sampler) -> the clips' latents (N,16,T,h,w)."""
+    t0 = time.perf_counter()
+    vae_dir = os.path.join(out, "teacher", "vae")
     if not os.path.exists(os.path.join(vae_dir, "config.json")):
         if c["vae_path"]:
-            mw.save_vae(mw.load_vae(os.path.join(os.path.dirname(os.path.abspath(__file__)), c["vae_path"])), vae_dir)
+            vae_wan.save_vae(vae_wan.load_vae(os.path.join(os.path.dirname(os.path.abspath(__file__)), c["vae_path"])), vae_dir)
         else:
-            mw.save_vae(train_vae(videos, c, os.path.join(out, "vae_progress.png")), vae_dir)
-    vae = mw.load_vae(vae_dir)
+            vae_wan.save_vae(train_vae(videos, c, os.path.join(out, "vae_progress.png")), vae_dir)
+    vae = vae_wan.load_vae(vae_dir)
     with torch.no_grad():
         latents = torch.cat([vae.encode(videos[i:i + 16]) for i in range(0, len(videos), 16)])   # (N,16,T,h,w)
         pick = list(range(0, len(videos), c["clips_per_mode"]))                  # one clip per caption and band
         rec = torch.cat([vae.decode(latents[pick[i:i + 16]]) for i in range(0, len(pick), 16)])
     show = pick[:: max(1, len(pick) // 6)][:6]
-    write_png(os.path.join(out, "vae_reconstruction.png"),
-              contact_sheet([to_uint8(v) for i in show for v in (videos[i], rec[pick.index(i)])]))
-    ok = [detect(to_uint8(r), caps[i]) for r, i in zip(rec, pick)]
+    media.write_png(os.path.join(out, "vae_reconstruction.png"),
+                    media.contact_sheet([media.to_uint8(v) for i in show for v in (videos[i], rec[pick.index(i)])]))
+    ok = [quality.detect(media.to_uint8(r), caps[i]) for r, i in zip(rec, pick)]
     ceiling = np.mean([o["valid"] and o["mode"] == bands[i] for o, i in zip(ok, pick)])
     shape_acc = np.mean([o["shape_ok"] for o in ok])
     times["vae"] = time.perf_counter() - t0
     print(f"(2) VAE: latents {tuple(latents.shape[1:])}, reconstruction |err| {(rec - videos[pick]).abs().mean():.3f}, "
           f"detector on reconstructions: precision {ceiling:.3f}, shape {shape_acc:.3f} (ceilings for any sampler); "
           f"{out}/vae_reconstruction.png: rows clip, reconstruction [{times['vae']:.0f}s]")
+    return latents
 
-    t0 = time.perf_counter()                                                    # (3) teacher
+
+def make_teacher(c, out, latents, caps, times):
+    """(3) The teacher DiT, trained here, saved as a diffusers-layout pipeline folder out/teacher whose prompts
+    TinyTextEncoder embeds (text_encoders.TINY_TEXT_MARKER)."""
+    t0 = time.perf_counter()
+    teacher_dir = os.path.join(out, "teacher")
     if not os.path.exists(os.path.join(teacher_dir, "transformer", "config.json")):
         dit = train_teacher(latents, caps, c)
         mw.save_dit(dit, os.path.join(teacher_dir, "transformer"), layout="diffusers")
         for name, text in (("model_index.json", json.dumps({"_class_name": "WanPipeline (demo.py)"})),
-                           (train_dmd.TINY_TEXT_MARKER, "prompts are embedded by train_dmd.TinyTextEncoder\n")):
+                           (text_encoders.TINY_TEXT_MARKER, "prompts are embedded by text_encoders.TinyTextEncoder\n")):
             with open(os.path.join(teacher_dir, name), "w") as f:
                 f.write(text)
     times["teacher"] = time.perf_counter() - t0
     print(f"(3) teacher: {teacher_dir} [{times['teacher']:.0f}s]")
 
-    t0 = time.perf_counter()                                                    # (4) DMD
+
+def make_student(c, out, latents, times):
+    """(4) DMD: train_dmd.train on dmd_config with the demo's teacher, prompts and sizes -> out/dmd; a causal
+    student first gets its ODE init (ode_init)."""
+    t0 = time.perf_counter()
+    dmd_dir = os.path.join(out, "dmd")
     if not os.path.exists(os.path.join(dmd_dir, "transformer")):
         from configurator import configure
         T = latents.shape[2]
         here = os.path.dirname(os.path.abspath(__file__))
         dc = configure(dict(vars(train_dmd)), train_dmd.__file__, [os.path.join(here, f) for f in c["dmd_config"].split(",")] + [
-            f"--{k}={v}" for k, v in dict(pretrained_model_name_or_path=teacher_dir, output_dir=dmd_dir,
+            f"--{k}={v}" for k, v in dict(pretrained_model_name_or_path=os.path.join(out, "teacher"), output_dir=dmd_dir,
                                           prompts_file=os.path.join(out, "prompts.txt"), height=c["size"], width=c["size"],
                                           num_training_frames=T, max_train_steps=c["dmd_steps"], seed=c["seed"], device=c["device"],
                                           validation_resolution=f"{c['size']}x{c['size']}",
-                                          validation_num_video_frames=c["num_frames"], validation_prompt=captions()[0],
+                                          validation_num_video_frames=c["num_frames"], validation_prompt=quality.captions()[0],
                                           checkpoint_step_interval=c["dmd_steps"], validation_step_interval=c["dmd_steps"]).items()])
         if dc["causal"]:
             dc["generator_init"] = ode_init(dc, c, out)
@@ -339,27 +261,37 @@ def main(c):
     times["dmd"] = time.perf_counter() - t0
     print(f"(4) DMD student: {dmd_dir}/transformer [{times['dmd']:.0f}s]")
 
-    sys_path_bench()
-    import bench_quality as bq
-    t0 = time.perf_counter()                                                    # (5) samples, contact sheet
-    pair = bq.load_pair(teacher_dir, dmd_dir, device=c["device"])
-    steps = [float(s) for s in sample.student_steps(dmd_dir).split(",")]   # as trained
-    prompts = [captions()[(7 * i) % len(captions())] for i in range(c["sample_prompts"])]   # 7: every colour, shape, direction
+
+def make_samples(c, out, times):
+    """(5) The pair (quality.load_pair) on sample_prompts captions, one seed: out/samples/*.mp4 (the samplers side
+    by side) and out/contact_sheet.png -> (the pair, the student's steps as trained), for the table."""
+    t0 = time.perf_counter()
+    pair = quality.load_pair(os.path.join(out, "teacher"), os.path.join(out, "dmd"), device=c["device"])
+    steps = [float(s) for s in sample.student_steps(os.path.join(out, "dmd")).split(",")]   # as trained
+    caps = quality.captions()
+    prompts = [caps[(7 * i) % len(caps)] for i in range(c["sample_prompts"])]   # 7: every colour, shape, direction
     shape = (c["num_frames"], c["size"], c["size"])
     rows = []
     for i, p in enumerate(prompts):
-        vids = {name: bq.sample_videos(pair, name, [p], [c["seed"]], shape, steps, c["guidance_scale"], c["flow_shift"])[1][0]
-                for name in bq.SAMPLERS}
-        sample.write_mp4(os.path.join(out, "samples", f"{i}_{sample.slug(p)}.mp4"), torch.cat(list(vids.values()), dim=-1))
-        rows += [to_uint8(v) for v in vids.values()]
-    sheet = write_png(os.path.join(out, "contact_sheet.png"), contact_sheet(rows))
+        vids = {name: quality.sample_videos(pair, name, [p], [c["seed"]], shape, steps, c["guidance_scale"],
+                                            c["flow_shift"])[1][0] for name in quality.SAMPLERS}
+        media.write_mp4(os.path.join(out, "samples", f"{i}_{media.slug(p)}.mp4"), torch.cat(list(vids.values()), dim=-1))
+        rows += [media.to_uint8(v) for v in vids.values()]
+    sheet = media.write_png(os.path.join(out, "contact_sheet.png"), media.contact_sheet(rows))
     times["samples"] = time.perf_counter() - t0
-    print(f"(5) samples: {out}/samples/*.mp4 (left to right: {', '.join(bq.SAMPLERS)}); contact sheet {sheet}: rows = "
-          f"{' / '.join(prompts)}, each as {', '.join(bq.SAMPLERS)}; columns = frames [{times['samples']:.0f}s]")
+    names = ", ".join(quality.SAMPLERS)
+    print(f"(5) samples: {out}/samples/*.mp4 (left to right: {names}); contact sheet {sheet}: rows = "
+          f"{' / '.join(prompts)}, each as {names}; columns = frames [{times['samples']:.0f}s]")
+    return pair, steps
 
-    t0 = time.perf_counter()                                                    # (6) quality table
-    table = bq.evaluate(pair, captions(), list(range(c["bench_seeds"])), shape, steps, c["guidance_scale"], c["flow_shift"])
-    print(bq.format_table(table))
+
+def make_table(c, out, pair, steps, times):
+    """(6) quality.evaluate over every caption and bench_seeds seeds, printed and written to out/quality.json."""
+    t0 = time.perf_counter()
+    shape = (c["num_frames"], c["size"], c["size"])
+    table = quality.evaluate(pair, quality.captions(), list(range(c["bench_seeds"])), shape, steps, c["guidance_scale"],
+                             c["flow_shift"])
+    print(quality.format_table(table))
     with open(os.path.join(out, "quality.json"), "w") as f:
         json.dump(table, f, indent=1)
     times["bench"] = time.perf_counter() - t0
@@ -368,11 +300,15 @@ def main(c):
     return table
 
 
-def sys_path_bench():
-    import sys
-    d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench")
-    if d not in sys.path:
-        sys.path.insert(0, d)
+def main(c):
+    torch.set_num_threads(c["threads"])
+    out, times = c["out_dir"], {}
+    videos, caps, bands = make_dataset(c, out, times)
+    latents = make_vae(c, out, videos, caps, bands, times)
+    make_teacher(c, out, latents, caps, times)
+    make_student(c, out, latents, times)
+    pair, steps = make_samples(c, out, times)
+    return make_table(c, out, pair, steps, times)
 
 
 if __name__ == "__main__":

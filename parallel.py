@@ -18,15 +18,19 @@ Many GPUs for train_dmd.py, with PyTorch's own engine only (torch.distributed, l
   the loss is scaled by P before the world-wide averaging of DDP/FSDP: the result is the data-parallel mean.
 """
 import os
+import random
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 import model_wan as mw
+import lora
 
 try:   # public from torch 2.6; torch 2.5 has it under _composable
     from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -210,9 +214,75 @@ def gathered_copy(env, model):
         return None
     with torch.device("meta"):
         plain = mw.WanDiT(model.cfg)
-        for name in mw.adapter_names(model):
-            mods = [(n, m) for n, m in mw.lora_modules(model) if name in m.lora_scale]
+        for name in lora.adapter_names(model):
+            mods = [(n, m) for n, m in lora.lora_modules(model) if name in m.lora_scale]
             r = mods[0][1].lora_A[name].shape[0]
-            mw.add_adapter(plain, name, r, mods[0][1].lora_scale[name] * r, tuple(n for n, _ in mods))
+            lora.add_adapter(plain, name, r, mods[0][1].lora_scale[name] * r, tuple(n for n, _ in mods))
     plain.load_state_dict(sd, assign=True)
     return plain.requires_grad_(False)
+
+# -----------------------------------------------------------------------------
+# process state: random streams and the checkpoint folder every rank writes into (train_dmd's checkpoint_state
+# and load_checkpoint say what goes in it)
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    st = {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+          "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)), "numpy_pos": int(np.random.get_state()[2]),
+          "numpy_gauss": [int(np.random.get_state()[3]), float(np.random.get_state()[4])],
+          "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st):
+    random.setstate((3, tuple(st["python"]), st["python_pos"]))
+    np.random.set_state(("MT19937", st["numpy"].numpy().astype(np.uint32), st["numpy_pos"], *st["numpy_gauss"]))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_checkpoint(out_dir, state, limit, env=Dist(), rank_state=None, sharded=None):
+    """Write checkpoint-{step}/ via a temporary folder and a rename; keep the newest `limit`. state.pt comes
+    from rank 0; with several processes rank r > 0 adds rank{r}.pt (its RNG and data position) and FSDP adds
+    the sharded weights and optimiser states under sharded/ (torch.distributed.checkpoint, every rank)."""
+    final = os.path.join(out_dir, f"checkpoint-{state['step']:07d}")
+    tmp = final + ".tmp"
+    if env.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier(env)
+    if not env.main:
+        torch.save(rank_state, os.path.join(tmp, f"rank{env.rank}.pt"))
+    if sharded is not None:
+        save_sharded(os.path.join(tmp, "sharded"), sharded)
+    barrier(env)
+    if env.main:
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        done = sorted(d for d in os.listdir(out_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp"))
+        for d in done[: max(0, len(done) - max(1, limit))]:
+            shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
+    barrier(env)
+    return final
+
+
+def find_checkpoint(out_dir, spec):
+    if not spec:
+        return None
+    if spec != "latest":
+        if not os.path.exists(os.path.join(spec, "state.pt")):
+            raise FileNotFoundError(f"resume_from_checkpoint={spec!r}: no state.pt there")
+        return spec
+    if not os.path.isdir(out_dir):
+        return None
+    done = sorted(d for d in os.listdir(out_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp"))
+    return os.path.join(out_dir, done[-1]) if done else None

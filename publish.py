@@ -18,7 +18,6 @@ import platform
 import queue
 import shlex
 import shutil
-import struct
 import subprocess
 import sys
 import threading
@@ -26,192 +25,17 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-import zlib
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
-# -----------------------------------------------------------------------------
-# images: PNG, animated GIF, contact sheets, a line plot with a 3x5 pixel font
-
-def png_bytes(img):
-    """uint8 (H,W,3) -> the bytes of an 8-bit RGB PNG (zlib + struct)."""
-    img = np.ascontiguousarray(img, dtype=np.uint8)
-    h, w, _ = img.shape
-    raw = b"".join(b"\0" + img[i].tobytes() for i in range(h))   # filter type 0 per row
-    chunk = lambda tag, data: struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-
-
-def write_png(path, img):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(png_bytes(img))
-    return path
-
-
-GIF_LEVELS = (6, 7, 6)   # a fixed 6x7x6 colour cube: 252 colours, no palette search
-
-
-def gif_quantize(frames):
-    """uint8 (...,3) -> palette indices (...) uint8 in the GIF_LEVELS cube."""
-    q = [np.round(frames[..., i].astype(np.float32) * (n - 1) / 255).astype(np.int32) for i, n in enumerate(GIF_LEVELS)]
-    return ((q[0] * GIF_LEVELS[1] + q[1]) * GIF_LEVELS[2] + q[2]).astype(np.uint8)
-
-
-def lzw(indices):
-    """GIF LZW of 8-bit indices (minimum code size 8, codes up to 12 bits, a clear code when the table is full)."""
-    clear, eoi = 256, 257
-    out, acc, nbits = bytearray(), 0, 0
-
-    def emit(code, size):
-        nonlocal acc, nbits
-        acc |= code << nbits
-        nbits += size
-        while nbits >= 8:
-            out.append(acc & 255)
-            acc >>= 8
-            nbits -= 8
-
-    table, nxt, size = {}, 258, 9
-    emit(clear, size)
-    data = bytes(indices)
-    prefix = data[0]
-    for b in data[1:]:
-        key = prefix << 8 | b
-        code = table.get(key)
-        if code is not None:
-            prefix = code
-            continue
-        emit(prefix, size)
-        if nxt < 4096:
-            table[key] = nxt
-            nxt += 1
-            if nxt > 1 << size and size < 12:   # the decoder, one entry behind, widens at the next code
-                size += 1
-        else:
-            emit(clear, size)
-            table, nxt, size = {}, 258, 9
-        prefix = b
-    emit(prefix, size)
-    emit(eoi, size)
-    if nbits:
-        out.append(acc & 255)
-    return bytes(out)
-
-
-def write_gif(path, frames, fps=8):
-    """uint8 (F,H,W,3) -> a looping animated GIF89a at fps (colours quantised to the 6x7x6 cube)."""
-    F_, H, W, _ = frames.shape
-    pal = [(round(r * 255 / 5), round(g * 255 / 6), round(b * 255 / 5)) for r in range(6) for g in range(7) for b in range(6)]
-    pal = bytes(v for rgb in pal + [(0, 0, 0)] * (256 - len(pal)) for v in rgb)
-    out = [b"GIF89a", struct.pack("<HHBBB", W, H, 0xF7, 0, 0), pal, b"\x21\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00"]
-    for fr in gif_quantize(frames):
-        data = lzw(fr.reshape(-1))
-        out += [b"\x21\xf9\x04\x00" + struct.pack("<H", max(2, round(100 / fps))) + b"\x00\x00",
-                b"\x2c" + struct.pack("<HHHHB", 0, 0, W, H, 0), b"\x08"]
-        out += [bytes([len(data[i:i + 255])]) + data[i:i + 255] for i in range(0, len(data), 255)] + [b"\x00"]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(b"".join(out) + b"\x3b")
-    return path
-
-
-def shrink(video, max_side=160, max_frames=None):
-    """uint8 (F,H,W,3) -> every k-th pixel (longest side <= max_side) and evenly spaced frames (<= max_frames)."""
-    k = max(1, -(-max(video.shape[1:3]) // max_side))
-    if max_frames and len(video) > max_frames:
-        video = video[np.linspace(0, len(video) - 1, max_frames).round().astype(int)]
-    return video[:, ::k, ::k]
-
-
-def contact_sheet(rows, scale=2):
-    """rows: list of uint8 (F,H,W,3) videos -> one uint8 image (a row per video, its frames across, each frame
-    scaled up `scale` x, 2 px white gaps)."""
-    F_, H, W, _ = rows[0].shape
-    gap = 2
-    img = np.full((len(rows) * (H * scale + gap) + gap, F_ * (W * scale + gap) + gap, 3), 255, np.uint8)
-    for r, v in enumerate(rows):
-        for f in range(min(F_, len(v))):
-            y, x = gap + r * (H * scale + gap), gap + f * (W * scale + gap)
-            img[y:y + H * scale, x:x + W * scale] = v[f].repeat(scale, 0).repeat(scale, 1)
-    return img
-
-
-FONT = {   # 3x5 glyphs, rows top to bottom; letters are drawn upper case, anything else as a blank
-    "0": "### #.# #.# #.# ###", "1": ".#. ##. .#. .#. ###", "2": "### ..# ### #.. ###", "3": "### ..# ### ..# ###",
-    "4": "#.# #.# ### ..# ..#", "5": "### #.. ### ..# ###", "6": "### #.. ### #.# ###", "7": "### ..# ..# ..# ..#",
-    "8": "### #.# ### #.# ###", "9": "### #.# ### ..# ###", ".": "... ... ... ... .#.", "-": "... ... ### ... ...",
-    "+": "... .#. ### .#. ...", "|": ".#. .#. .#. .#. .#.", "_": "... ... ... ... ###", "/": "..# ..# .#. #.. #..",
-    "=": "... ### ... ### ...", ":": "... .#. ... .#. ...", "(": "..# .#. .#. .#. ..#", ")": "#.. .#. .#. .#. #..",
-    "A": ".#. #.# ### #.# #.#", "C": "### #.. #.. #.. ###", "D": "##. #.# #.# #.# ##.", "E": "### #.. ### #.. ###",
-    "F": "### #.. ### #.. #..", "G": "### #.. #.# #.# ###", "I": "### .#. .#. .#. ###", "K": "#.# #.# ##. #.# #.#",
-    "L": "#.. #.. #.. #.. ###", "M": "#.# ### ### #.# #.#", "N": "##. #.# #.# #.# #.#", "O": "### #.# #.# #.# ###",
-    "P": "### #.# ### #.. #..", "R": "##. #.# ##. #.# #.#", "S": "### #.. ### ..# ###", "T": "### .#. .#. .#. .#.",
-    "U": "#.# #.# #.# #.# ###", "W": "#.# #.# ### ### #.#", "X": "#.# #.# .#. #.# #.#",
-}
-
-
-def draw_text(img, x, y, text, color, scale=2):
-    """Stamp `text` (3x5 glyphs, 1 px spacing, times scale) with its top-left corner at (x, y)."""
-    for ch in text.upper():
-        rows = FONT.get(ch, "... ... ... ... ...").split()
-        for r, row in enumerate(rows):
-            for col, bit in enumerate(row):
-                if bit == "#":
-                    img[y + r * scale:y + (r + 1) * scale, x + col * scale:x + (col + 1) * scale] = color
-        x += 4 * scale
-    return img
-
-
-def draw_line(img, x0, y0, x1, y1, color):
-    n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-    xs, ys = np.linspace(x0, x1, n).round().astype(int), np.linspace(y0, y1, n).round().astype(int)
-    ok = (xs >= 0) & (xs < img.shape[1]) & (ys >= 0) & (ys < img.shape[0])
-    img[ys[ok], xs[ok]] = color
-
-
-COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
-
-
-def line_plot(title, series, size=(200, 360)):
-    """One panel: title, frame, y max/min at the top/bottom left, x range under the frame, one line per
-    series (label, xs, ys) in COLORS order; non-finite points are skipped; a log10 y axis when every value is
-    positive (losses and norms span decades). -> uint8 (H,W,3)."""
-    H, W = size
-    img = np.full((H, W, 3), 255, np.uint8)
-    draw_text(img, 4, 4, title, (0, 0, 0))
-    x0, y0, x1, y1 = 72, 20, W - 8, H - 22   # plot area
-    pts = [(np.asarray(xs, float), np.asarray(ys, float)) for _, xs, ys in series]
-    fin = [(xs[np.isfinite(ys)], ys[np.isfinite(ys)]) for xs, ys in pts]
-    for a, b, c_, d in ((x0, y0, x1, y0), (x0, y1, x1, y1), (x0, y0, x0, y1), (x1, y0, x1, y1)):
-        draw_line(img, a, b, c_, d, (160, 160, 160))
-    ally = np.concatenate([ys for _, ys in fin] + [np.zeros(0)])
-    if len(ally) == 0:
-        return img
-    allx = np.concatenate([xs for xs, _ in fin])
-    log = bool((ally > 0).all())
-    f = np.log10 if log else (lambda v: v)
-    lo, hi = float(f(ally).min()), float(f(ally).max())
-    hi = hi if hi > lo else lo + (abs(lo) or 1.0)
-    xa, xb = float(allx.min()), float(allx.max())
-    xb = xb if xb > xa else xa + 1
-    label = (lambda v: f"{10 ** v:.2e}") if log else (lambda v: f"{v:.2e}")
-    draw_text(img, 2, y0, label(hi), (80, 80, 80))
-    draw_text(img, 2, y1 - 10, label(lo), (80, 80, 80))
-    draw_text(img, 2, (y0 + y1) // 2 - 5, "LOG" if log else "", (150, 150, 150))
-    draw_text(img, x0, y1 + 6, f"{xa:g}", (80, 80, 80))
-    draw_text(img, x1 - 8 * len(f"{xb:g}"), y1 + 6, f"{xb:g}", (80, 80, 80))
-    for i, (xs, ys) in enumerate(fin):
-        if len(xs) == 0:   # a series with no finite point (e.g. G's norm before its first step)
-            continue
-        px = x0 + (xs - xa) / (xb - xa) * (x1 - x0)
-        py = y1 - (f(ys) - lo) / (hi - lo) * (y1 - y0)
-        for j in range(max(1, len(px) - 1)):
-            k = min(j + 1, len(px) - 1)
-            draw_line(img, px[j], py[j], px[k], py[k], COLORS[i % len(COLORS)])
-    return img
-
+import flow
+import lora
+import media
+import model_wan as mw
+import sample
+import text_encoders
 
 def read_log(out_dir):
     path = os.path.join(out_dir, "log.jsonl")
@@ -235,24 +59,84 @@ def loss_curve(records):
         for label, k in keys:
             rs = [r for r in records if k in r and r[k] is not None]
             series.append((label, [r["step"] for r in rs], [float(r[k]) for r in rs]))
-        panels.append(line_plot(title, series))
+        panels.append(media.line_plot(title, series))
     return np.concatenate([np.concatenate(panels[:2], 1), np.concatenate(panels[2:], 1)], 0)
 
 
 def videos_of(folder):
     """The validation mp4s of one step folder -> (sorted paths, uint8 (F,H,W,3) videos)."""
-    import sample
     paths = sorted(glob.glob(os.path.join(folder, "*.mp4")))
-    return paths, [sample.read_mp4(p)[0] for p in paths]
+    return paths, [media.read_mp4(p)[0] for p in paths]
 
 
 def preview(videos, max_width=640, max_frames=48):
     """Validation videos side by side (at most 4) -> uint8 (F,H,W,3) frames for preview.gif."""
     videos = videos[:4]
-    vs = [shrink(v, max(16, max_width // len(videos)), max_frames) for v in videos]
+    vs = [media.shrink(v, max(16, max_width // len(videos)), max_frames) for v in videos]
     n = min(len(v) for v in vs)
     h = min(v.shape[1] for v in vs)
     return np.concatenate([v[:n, :h] for v in vs], axis=2)
+
+# -----------------------------------------------------------------------------
+# the run's student: validation samples during training, the exported files at its end
+
+@torch.no_grad()
+def swap_in(params, values):
+    """Copy `values` into `params`, returning the previous values (for validating/exporting EMA weights)."""
+    old = [p.detach().clone() for p in params]
+    for p, v in zip(params, values):
+        p.copy_(v)
+    return old
+
+
+def validate(r, step):
+    """Student samples of the validation prompts -> mp4s, with sample.py's sampler (flow.rollout exiting at the
+    last step; block by block with the KV cache for a causal student). Every rank runs the DiT (sharded or
+    sequence-parallel networks need them all); rank 0 alone decodes and writes. r: train_dmd's run (c, env, gen,
+    g_adapter, g_params, ema, causal, vae, val_prompts, val_emb, steps, dev, dtype, autocast)."""
+    c, env = r.c, r.env
+    W, H = (int(v) for v in c["validation_resolution"].lower().split("x"))
+    modes = {"none": ["raw"], "ema_only": ["ema"], "comparison": ["raw", "ema"]}[c["ema_validation"] if r.ema is not None else "none"]
+    G = lora.velocity_fn(r.gen, r.g_adapter, r.autocast, r.causal)
+    causal = dict(num_frame_per_block=r.causal[0], independent_first_frame=r.causal[1],
+                  context_noise=c["context_noise"]) if r.causal else None
+    out = os.path.join(c["output_dir"], "validation", f"step_{step}")
+    for mode in modes:
+        old = swap_in(r.g_params, r.ema) if mode == "ema" else None
+        for i, (p, e) in enumerate(zip(r.val_prompts, r.val_emb)):
+            x, gen_ = flow.initial_noise(1, c["validation_num_video_frames"], H // 16 * 16, W // 16 * 16,
+                                         c["validation_seed"], r.dev)
+            with torch.no_grad():
+                ctx = text_encoders.pad_context([e]).to(r.dev, r.dtype)
+                if causal:   # the student DiT itself under its adapter, as sample.py runs it
+                    with lora.use_adapter(r.gen, r.g_adapter), r.autocast():
+                        lat = sample.sample_student(r.gen, ctx, x, r.steps, causal, gen_).float()
+                else:
+                    lat = sample.sample_student(r.gen, ctx, x, r.steps, None, gen_, velocity=G)
+                if env.main:
+                    video = r.vae.decode(lat.float())[0]
+                    media.write_mp4(os.path.join(out, f"{i:02d}_{mode}_{media.slug(p)}.mp4"), video)
+        if old is not None:
+            swap_in(r.g_params, old)
+    if env.main:
+        print(f"validation: {len(r.val_prompts)} prompt(s) x {modes} -> {out}")
+
+
+def export(c, gen, g_adapter, ema):
+    """The student (EMA weights when used) as (a) student[_ema].safetensors — the LoRA adapter in diffusers/PEFT
+    keys, or full weights — and (b) merged full weights in diffusers transformer/ layout with config.json.
+    Rank 0 writes (train_dmd gathers FSDP's sharded weights into a CPU copy there first, every rank taking part)."""
+    from safetensors.torch import save_file
+    name = "student_ema.safetensors" if ema is not None else "student.safetensors"
+    path = os.path.join(c["output_dir"], name)
+    if g_adapter is not None:   # the teacher base stays untouched: the merge is computed into a copy
+        save_file(mw.adapter_state_dict(gen, g_adapter), path)
+        merged = lora.merged_state_dict(gen, g_adapter)
+    else:
+        save_file({k: v.contiguous() for k, v in mw.to_diffusers_state_dict(gen).items()}, path)
+        merged = None
+    mw.save_dit(gen, os.path.join(c["output_dir"], "transformer"), layout="diffusers", state_dict=merged)
+    print(f"exported {path} and {os.path.join(c['output_dir'], 'transformer')}/")
 
 # -----------------------------------------------------------------------------
 # environment
@@ -689,7 +573,7 @@ def write_card(c, steps=None):
     if steps_dirs:
         paths, videos = videos_of(steps_dirs[-1])
         if videos:
-            write_gif(os.path.join(out, "preview.gif"), preview(videos), fps=8)
+            media.write_gif(os.path.join(out, "preview.gif"), preview(videos), fps=8)
             files.update({f"samples/{os.path.basename(p)}": p for p in paths[:8]})
     for name in ("student_ema.safetensors", "student.safetensors", "config.json", "env.json", "log.jsonl",
                  "loss_curve.png", "preview.gif"):
@@ -757,13 +641,13 @@ class Publisher:
             records = self.write_loss_curve()
             if not videos:
                 return
-            small = [shrink(v, 160, 8) for v in videos]
-            sheet = contact_sheet(small, scale=max(1, 96 // small[0].shape[1]))
-            write_png(os.path.join(folder, "contact_sheet.png"), sheet)
+            small = [media.shrink(v, 160, 8) for v in videos]
+            sheet = media.contact_sheet(small, scale=max(1, 96 // small[0].shape[1]))
+            media.write_png(os.path.join(folder, "contact_sheet.png"), sheet)
             rec = (records or [{}])[-1]
             self.notify("validation", f"validation at step {step}: {len(videos)} video(s) | dmd "
                         f"{rec.get('dmd_loss', float('nan')):.3e} | fake {rec.get('fake_score_loss', float('nan')):.4f}",
-                        image=("contact_sheet.png", png_bytes(sheet)), step=step,
+                        image=("contact_sheet.png", media.png_bytes(sheet)), step=step,
                         **{k: rec[k] for k in ("dmd_loss", "fake_score_loss", "g_abs") if k in rec})
         self._safe("validation artefacts", run)
 
@@ -771,7 +655,7 @@ class Publisher:
         """loss_curve.png from log.jsonl -> the records read."""
         records = read_log(self.c["output_dir"])
         if records:
-            write_png(os.path.join(self.c["output_dir"], "loss_curve.png"), loss_curve(records))
+            media.write_png(os.path.join(self.c["output_dir"], "loss_curve.png"), loss_curve(records))
         return records
 
     def checkpoint(self, step, path):
@@ -816,6 +700,45 @@ class Publisher:
             self.notify("failure", f"training failed: {line}", level="error", error=line)
         self._safe("failure notification", run)
         self.close()
+
+    def open_log(self, step):
+        """log.jsonl in append mode, its lines of steps lost since the resumed checkpoint (at `step`) dropped; wandb."""
+        self.log_f = self.wandb = None
+        if not self.main:
+            return
+        if self.c["report_to"] == "wandb":
+            import wandb
+            self.wandb = wandb.init(project=self.c["tracker_project_name"], name=self.c["tracker_run_name"] or None,
+                                    config=self.c)
+        path = os.path.join(self.c["output_dir"], "log.jsonl")
+        if os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            with open(path, "w") as f:
+                f.writelines(kept)
+        self.log_f = open(path, "a")
+
+    def log(self, rec, step, objective="dmd"):
+        """One JSONL record, one wandb record and one terminal line per log interval."""
+        if not self.main:
+            return
+        self.log_f.write(json.dumps(rec) + "\n")
+        self.log_f.flush()
+        if self.wandb is not None:
+            self.wandb.log(rec, step=step)
+        nan = float("nan")
+        tqdm.write(f"step {step:6d} | {objective} {rec.get(objective + '_loss', nan):.3e} "
+                   f"| fake {rec.get('fake_score_loss', nan):.4f} | |g| {rec.get('g_abs', nan):.3e} "
+                   f"| gnorm G {rec.get('g_grad_norm', nan):.2e} F {rec.get('f_grad_norm', nan):.2e} | lr {rec['lr']:.2e} "
+                   f"| t {rec.get('score_t', nan):5.1f} | {rec['s_per_step']:.2f} s/step | mem {rec['peak_mem_gb']:.1f} GB")
+
+    def close_log(self):
+        if getattr(self, "log_f", None) is not None:
+            self.log_f.close()
+            self.log_f = None
+        if getattr(self, "wandb", None) is not None:
+            self.wandb.finish()
+            self.wandb = None
 
     def close(self):
         if self.webhook is not None:

@@ -19,9 +19,7 @@ gives it (its _keep_in_fp32_modules and the rope tables stay fp32). The residual
 bf16 in diffusers, so bf16 outputs differ slightly; the strict check runs first, in fp32, on a small input.
 """
 import argparse
-import multiprocessing as mp
 import os
-import resource
 import statistics
 import sys
 import time
@@ -30,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model_wan import PRESETS, WanConfig, WanDiT, diffusers_config, diffusers_to_original_key  # noqa: E402
+from common import card, collect_children, gb, peak_rss_above_now, start_children  # noqa: E402
 
 TEXT_LEN, TEXT_REAL = 512, 100   # context rows (UMT5 pads to 512 with zeros) and how many are a "prompt"
 # name -> (config, default video size (frames, height, width) in pixels); latent (1, 16, (F-1)/4+1, H/8, W/8)
@@ -138,11 +137,6 @@ def run_step(model, fn, backward, device):
     return sec, peak
 
 
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def peak_rss_child(which, cfg, shape, ckpt, backward, queue):
     """CPU memory of one step in a fresh process: peak RSS above the RSS after building model and inputs."""
     torch.manual_seed(0)
@@ -154,38 +148,10 @@ def peak_rss_child(which, cfg, shape, ckpt, backward, queue):
     queue.put((which, *peak_rss_above_now(lambda: run_step(model, fn, backward, torch.device("cpu")))))
 
 
-def peak_rss_above_now(run):
-    """Peak RSS in bytes while run() runs, above the RSS before it -> (bytes, how it was measured)."""
-    before = _status_kb("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")   # reset VmHWM to the current RSS, so a spike while building cannot hide the step's peak
-        how = "VmHWM"
-    except OSError:    # ru_maxrss cannot be reset: exact if the step's peak is the highest, else an upper bound
-        how = "ru_maxrss"
-    run()
-    peak = _status_kb("VmHWM") if how == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (peak - before) * 1024, how
+O, D, C = "ours (WanDiT)", "diffusers", "ours + compile"   # the rows
 
 
-def collect_children(children, queue, names):
-    """Join the memory subprocesses -> ({name: peak bytes}, how it was measured)."""
-    for c in children:
-        c.join()
-        if c.exitcode:
-            raise SystemExit(f"memory subprocess failed with exit code {c.exitcode}")
-    mem, how = {}, ""
-    for _ in children:
-        which, nbytes, how = queue.get()
-        mem[names.get(which, which)] = nbytes
-    return mem, how
-
-
-def gb(n):
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--preset", default=None, choices=list(BENCH), help="default: t2v-1.3B on CUDA, cpu-small on CPU")
@@ -197,34 +163,12 @@ def main():
     p.add_argument("--no-backward", action="store_true", help="forward-only timings (memory of the no_grad forward)")
     p.add_argument("--ckpt", action=argparse.BooleanOptionalAction, default=None,
                    help="gradient checkpointing for both (default: on for CUDA, off for CPU)")
-    args = p.parse_args()
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cuda = dev.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    ckpt = cuda if args.ckpt is None else args.ckpt
-    backward = not args.no_backward
-    repeats = args.repeats or (5 if cuda else 20)
-    preset = args.preset or ("t2v-1.3B" if cuda else "cpu-small")
-    cfg, (F0, H0, W0) = BENCH[preset]
-    shape = latent_shape(args.frames or F0, args.height or H0, args.width or W0)
-    L = shape[2] * shape[3] * shape[4] // 4                     # video tokens after the (1,2,2) patchify
-    card = torch.cuda.get_device_name(dev) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{card} | torch {torch.__version__} | {str(dtype)[6:]} | preset {preset}: dim {cfg.dim} ({cfg.num_heads} "
-          f"heads x {cfg.head_dim}), ffn {cfg.ffn_dim}, {cfg.num_layers} layers, text_dim {cfg.text_dim}")
-    print(f"latent {shape} L={L} | context (1,{TEXT_LEN},{cfg.text_dim}), {TEXT_REAL} nonzero rows | "
-          f"grad ckpt {'on' if ckpt else 'off'} | {'fwd+bwd and fwd' if backward else 'fwd only'}")
+    return p.parse_args()
 
-    if not cuda:   # memory children run while this process builds and checks (nothing is timed meanwhile)
-        ctx_mp = mp.get_context("spawn")
-        queue = ctx_mp.Queue()
-        children = [ctx_mp.Process(target=peak_rss_child, args=(w, cfg, shape, ckpt, backward, queue))
-                    for w in ("ours", "diffusers")]
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"   # children only: a fixed glibc threshold gives every tensor
-        for c in children:                               # >= 64 KiB its own mmap, unmapped when freed, so their
-            c.start()                                    # RSS tracks live tensors instead of the heap's high water
-        del os.environ["MALLOC_MMAP_THRESHOLD_"]
 
-    # identical weights: random diffusers model -> our layout, fp32 on the device
+def checked_pair(cfg, dev):
+    """Identical weights: a random diffusers model -> our layout, fp32 on the device; their outputs compared in
+    fp32 on a small latent (1,16,3,8,12), an error unless they agree -> (ours, ref)."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # true fp32 for the check
     torch.manual_seed(0)
     with torch.device(dev):
@@ -232,21 +176,26 @@ def main():
         randomise_(ref)
         ours = WanDiT(cfg)
     ours.load_state_dict({diffusers_to_original_key(k): v for k, v in ref.state_dict().items()}, strict=True)
-    with torch.no_grad():   # strict check in fp32 on a small latent (1,16,3,8,12)
+    with torch.no_grad():
         xs, ts, cs = make_inputs(cfg, (1, 16, 3, 8, 12), dev)
         a, b = ours(xs, ts, cs), ref(xs, ts, cs, return_dict=False)[0]
         diff, scale = (a - b).abs().max().item(), b.abs().max().item()
     print(f"fp32 check, latent (1,16,3,8,12): max|ours - diffusers| = {diff:.2e} (max|diffusers| {scale:.2e})")
     if not diff <= 1e-4 * scale:
         raise SystemExit("outputs disagree: the comparison would not be like for like")
+    return ours, ref
+
+
+def bench_rows(ours, ref, cfg, shape, dev, dtype, ckpt, compile_):
+    """Both models in the bench dtype on the bench inputs (+ the compiled view of ours) -> ({row: model},
+    {row: forward closure}); prints their sizes and their difference at bench size."""
     if dtype != torch.float32:
         ours.cast(dtype)
         cast_like_from_pretrained(ref, dtype)
     x, t, ctx = make_inputs(cfg, shape, dev, dtype)
-    O, D, C = "ours (WanDiT)", "diffusers", "ours + compile"
     models = {O: ours, D: ref}
     fns = {name: prepare(m, ckpt, x, t, ctx) for name, m in models.items()}
-    if args.compile:   # made after prepare(ours): it shares its parameters, train mode and checkpointing flag
+    if compile_:   # made after prepare(ours): it shares its parameters, train mode and checkpointing flag
         models[C] = compiled_view(ours)
         fns[C] = prepare(models[C], ckpt, x, t, ctx)
     for name in (O, D):
@@ -257,11 +206,13 @@ def main():
         print(f"{str(dtype)[6:]} at bench size: max|ours - diffusers| = {(a - b).abs().max().item():.2e} "
               f"(max|diffusers| {b.abs().max().item():.2e})")
         del a, b
+    return models, fns
 
-    mem, mem_how = {}, "torch.cuda.max_memory_allocated above weights and inputs"
-    if not cuda:
-        mem, how = collect_children(children, queue, {"ours": O, "diffusers": D})
-        mem_how = f"peak RSS above the built model and inputs, fresh process per model ({how})"
+
+def time_rounds(models, fns, repeats, backward, dev, mem):
+    """1 warm-up round (and compilation), then `repeats` rounds, the rows' order alternating every round ->
+    {row: {"fb": [seconds], "f": [seconds]}}; on CUDA the step's peak goes into mem[row]."""
+    cuda = dev.type == "cuda"
     times = {name: {"fb": [], "f": []} for name in models}
     t_start = time.perf_counter()
     for r in range(1 + repeats):   # round 0: warm-up (and compilation), not recorded
@@ -273,9 +224,13 @@ def main():
                     if cuda and mode == ("fb" if backward else "f"):
                         mem[name] = max(mem.get(name, 0), peak)
     print(f"timing: {time.perf_counter() - t_start:.1f} s for 1 warm-up + {repeats} rounds\n")
+    return times
 
+
+def report(cfg, L, card_name, cuda, models, times, mem, mem_how, backward):
+    """The table (median seconds, TFLOP/s and MFU on CUDA, peak memory) and the ratios to diffusers."""
     fwd = forward_flops(cfg, L)
-    peak_tf = 788.0 if "H200" in card else 798.0   # perf.md: measured bf16 matmul peaks, H200 and H100
+    peak_tf = 788.0 if "H200" in card_name else 798.0   # perf.md: measured bf16 matmul peaks, H200 and H100
     print(f"model FLOPs (perf.md formula): forward {fwd / 1e12:.4g} TFLOP, fwd+bwd 3x = {3 * fwd / 1e12:.4g} TFLOP"
           + (f"; MFU vs {peak_tf:.0f} TFLOP/s bf16 peak" if cuda else ""))
     hdr = f"{'model':<16}{'fwd+bwd s':>11}{'TFLOP/s':>9}{'MFU':>7}{'fwd s':>9}{'TFLOP/s':>9}{'MFU':>7}{'peak mem':>12}"
@@ -294,6 +249,35 @@ def main():
         if min(mem[D], mem.get(name, 0)) > 2**24:   # below 16 MiB a ratio is allocator noise (tiny preset)
             ratio.append(f"peak mem {mem[name] / mem[D]:.3f}x")
         print(f"{name} / {D}: " + ", ".join(ratio))
+
+
+def main():
+    args = parse_args()
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = dev.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    ckpt = cuda if args.ckpt is None else args.ckpt
+    backward = not args.no_backward
+    repeats = args.repeats or (5 if cuda else 20)
+    preset = args.preset or ("t2v-1.3B" if cuda else "cpu-small")
+    cfg, (F0, H0, W0) = BENCH[preset]
+    shape = latent_shape(args.frames or F0, args.height or H0, args.width or W0)
+    L = shape[2] * shape[3] * shape[4] // 4                     # video tokens after the (1,2,2) patchify
+    card_name = card(dev)
+    print(f"{card_name} | torch {torch.__version__} | {str(dtype)[6:]} | preset {preset}: dim {cfg.dim} ({cfg.num_heads} "
+          f"heads x {cfg.head_dim}), ffn {cfg.ffn_dim}, {cfg.num_layers} layers, text_dim {cfg.text_dim}")
+    print(f"latent {shape} L={L} | context (1,{TEXT_LEN},{cfg.text_dim}), {TEXT_REAL} nonzero rows | "
+          f"grad ckpt {'on' if ckpt else 'off'} | {'fwd+bwd and fwd' if backward else 'fwd only'}")
+    if not cuda:   # memory children run while this process builds and checks (nothing is timed meanwhile)
+        children, queue = start_children(peak_rss_child, [(w, cfg, shape, ckpt, backward) for w in ("ours", "diffusers")])
+    ours, ref = checked_pair(cfg, dev)
+    models, fns = bench_rows(ours, ref, cfg, shape, dev, dtype, ckpt, args.compile)
+    mem, mem_how = {}, "torch.cuda.max_memory_allocated above weights and inputs"
+    if not cuda:
+        mem, how = collect_children(children, queue, {"ours": O, "diffusers": D})
+        mem_how = f"peak RSS above the built model and inputs, fresh process per model ({how})"
+    times = time_rounds(models, fns, repeats, backward, dev, mem)
+    report(cfg, L, card_name, cuda, models, times, mem, mem_how, backward)
 
 
 if __name__ == "__main__":

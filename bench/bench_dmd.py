@@ -10,13 +10,13 @@ weights: seconds per phase and peak memory of (a) LoRA generator and critic on O
 
 Each mode runs in a fresh process: build (teacher on the meta device, to_empty + normal init, bf16 on CUDA),
 one untimed warm-up step, --repeats timed steps (mean per phase; perf_counter, torch.cuda.synchronize around
-each phase). The pieces are train_dmd.py's (rollout, score_timesteps, dmd_loss, critic_loss, velocity_fn with
-bf16 autocast on CUDA, trainable, pad_context), with AdamW on fp32 masters, grad-norm clipping and the
-generator's EMA (updated every step here: an upper bound). Both rollouts exit at --exit-step (default the last,
+each phase). The pieces are the trainer's (flow.rollout; train_dmd's score_timesteps, dmd_loss, critic_loss,
+velocity_fn with bf16 autocast on CUDA, trainable; text_encoders.pad_context), with AdamW on fp32 masters,
+grad-norm clipping and the generator's EMA (updated every step here: an upper bound). Both rollouts exit at --exit-step (default the last,
 the most expensive); the critic's rollout runs all its steps without grad, as in train_dmd.
 Memory: CUDA max_memory_allocated (and _reserved) over warm-up + timed steps, weights and optimiser states
 included; CPU: peak RSS above the RSS after imports (build included) of a second fresh process per mode
-(bench_dit.peak_rss_above_now, glibc mmap threshold 64 KiB; separate because it slows the steps ~1.5x).
+(common.peak_rss_above_now, glibc mmap threshold 64 KiB; separate because it slows the steps ~1.5x).
 LoRA + gradient checkpointing fails in train_dmd (CheckpointError: the recompute runs in backward, after
 velocity_fn's use_adapter has restored the previous adapter); here the trained adapter stays selected
 (set_adapter) through each sub-step so that the recompute replays it. The work is the same.
@@ -29,14 +29,17 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import flow  # noqa: E402
+import lora  # noqa: E402
 import model_wan as mw  # noqa: E402
+import text_encoders  # noqa: E402
 import train_dmd as td  # noqa: E402
-from bench_dit import peak_rss_above_now  # noqa: E402
+from common import card, gb, peak_rss_above_now  # noqa: E402
 
 TEXT_LEN, TEXT_REAL, NEG_REAL = 512, 100, 120   # context rows; nonzero rows of the prompt and the negative prompt
 BENCH = {   # name -> (config, (latent frames, height, width in pixels)); latent (1, 16, frames, H/8, W/8)
@@ -104,91 +107,112 @@ def build(mode, cfg, dev, dtype, a):
     base.gradient_checkpointing = a.ckpt
     if mode == "lora":
         for name in ("generator", "critic"):
-            mw.add_adapter(base, name, a.lora_rank, a.lora_rank, tuple(td.lora_targets))
+            lora.add_adapter(base, name, a.lora_rank, a.lora_rank, tuple(td.DEFAULTS["lora_targets"]))
         return base, base, base, "generator", "critic"
     gen, critic = (copy.deepcopy(base).float().requires_grad_(True) for _ in range(2))
     return base, gen, critic, None, None
+
+
+def setup(mode, a, dev, out):
+    """Networks, optimisers, EMA and contexts of `mode` as train_dmd makes them, every network call timed under
+    its phase by a Clock -> SimpleNamespace (stage: "G" or "F", the step now running)."""
+    cuda = dev.type == "cuda"
+    torch.manual_seed(0)
+    c = dict(td.DEFAULTS)
+    cfg = BENCH[a.preset][0]
+    dtype = torch.bfloat16 if cuda else torch.float32
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (lambda: torch.autocast("cpu", enabled=False))
+    base, gen, critic, ga, fa = build(mode, cfg, dev, dtype, a)
+    n = SimpleNamespace(c=c, base=base, ga=ga, fa=fa, stage="G", clock=Clock(cuda))
+    n.g_params, n.f_params = td.trainable(gen, ga), td.trainable(critic, fa)
+    out.update(g_train=sum(p.numel() for p in n.g_params), f_train=sum(p.numel() for p in n.f_params))
+    n.g_opt = torch.optim.AdamW(n.g_params, lr=c["learning_rate"], betas=(c["adam_beta1"], c["adam_beta2"]),
+                                weight_decay=c["adam_weight_decay"], eps=c["adam_epsilon"])
+    n.f_opt = torch.optim.AdamW(n.f_params, lr=c["fake_score_lr"], betas=tuple(c["fake_score_betas"]),
+                                weight_decay=c["fake_score_weight_decay"], eps=c["fake_score_eps"])
+    n.ema = [p.detach().float().clone() for p in n.g_params] if a.ema else None
+    g = torch.Generator().manual_seed(1)
+    n.ctx = text_encoders.pad_context([torch.randn(TEXT_REAL, cfg.text_dim, generator=g)]).to(dev, dtype)
+    n.neg_ctx = text_encoders.pad_context([torch.randn(NEG_REAL, cfg.text_dim, generator=g)]).to(dev, dtype)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        out["resident"] = torch.cuda.memory_allocated()
+    n.G = n.clock.wrap(td.velocity_fn(gen, ga, autocast),
+                       lambda: "f_roll" if n.stage == "F" else ("g_fwd" if torch.is_grad_enabled() else "g_roll"))
+    n.R = n.clock.wrap(td.velocity_fn(base, None, autocast), "teacher")
+    n.F_dmd = n.clock.wrap(td.velocity_fn(critic, fa, autocast), "f_dmd")
+    n.F_fm = n.clock.wrap(td.velocity_fn(critic, fa, autocast), "f_fwd")
+    return n
+
+
+def generator_step(n, a, dev):
+    """The DMD step of the generator: rollout exiting at a.exit_step, dmd_loss, backward, clip, AdamW, EMA."""
+    c, clock = n.c, n.clock
+    n.stage = "G"
+    if n.ga:
+        lora.set_adapter(n.base, n.ga)       # workaround: the checkpoint recompute in backward replays it
+    n.g_opt.zero_grad(set_to_none=True)
+    x_g, t_from, t_to = flow.rollout(lambda x, t: n.G(x, t, n.ctx), torch.randn(a.shape, device=dev), a.steps, a.exit_step)
+    t = td.score_timesteps(1, t_from, t_to, c, dev)
+    loss, _, _ = td.dmd_loss(x_g, t, n.R, n.F_dmd, n.ctx, n.neg_ctx, c["real_score_guidance_scale"], c["fake_score_guidance_scale"])
+    with clock("g_bwd"):
+        loss.backward()
+    with clock("g_opt"):
+        float(torch.nn.utils.clip_grad_norm_(n.g_params, c["max_grad_norm"]))
+        n.g_opt.step()
+        if n.ema is not None:
+            with torch.no_grad():
+                for e, p in zip(n.ema, n.g_params):
+                    e.mul_(c["ema_decay"]).add_(p.detach().float(), alpha=1 - c["ema_decay"])
+        if a.free_grads:
+            n.g_opt.zero_grad(set_to_none=True)
+
+
+def critic_step(n, a, dev):
+    """The critic's flow-matching step on a fresh no-grad rollout: critic_loss, backward, clip, AdamW."""
+    c, clock = n.c, n.clock
+    n.stage = "F"
+    if n.fa:
+        lora.set_adapter(n.base, n.fa)
+    n.f_opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        x_g, t_from, t_to = flow.rollout(lambda x, t: n.G(x, t, n.ctx), torch.randn(a.shape, device=dev), a.steps,
+                                         a.exit_step)
+    t = td.score_timesteps(1, t_from, t_to, c, dev)
+    loss_f, _ = td.critic_loss(n.F_fm, x_g, t, n.ctx)
+    with clock("f_bwd"):
+        loss_f.backward()
+    with clock("f_opt"):
+        float(torch.nn.utils.clip_grad_norm_(n.f_params, c["fake_score_grad_clip"]))
+        n.f_opt.step()
+        if a.free_grads:
+            n.f_opt.zero_grad(set_to_none=True)
+
+
+def step(n, a, dev):
+    """One trainer step (generator step, then critic step) -> seconds."""
+    n.clock.sync()
+    t0 = time.perf_counter()
+    generator_step(n, a, dev)
+    critic_step(n, a, dev)
+    n.clock.sync()
+    return time.perf_counter() - t0
 
 
 def run_mode(mode, a):
     """Build the networks of `mode`, one warm-up step, a.repeats timed steps -> dict of results."""
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"
-    out = {"mode": mode, "card": torch.cuda.get_device_name(dev) if cuda else f"CPU, {torch.get_num_threads()} threads"}
+    out = {"mode": mode, "card": card(dev)}
 
     def body():
-        torch.manual_seed(0)
-        c = dict(td.DEFAULTS)
-        cfg, shape, steps, k = BENCH[a.preset][0], a.shape, a.steps, a.exit_step
-        dtype = torch.bfloat16 if cuda else torch.float32
-        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (lambda: torch.autocast("cpu", enabled=False))
-        base, gen, critic, ga, fa = build(mode, cfg, dev, dtype, a)
-        g_params, f_params = td.trainable(gen, ga), td.trainable(critic, fa)
-        out.update(g_train=sum(p.numel() for p in g_params), f_train=sum(p.numel() for p in f_params))
-        g_opt = torch.optim.AdamW(g_params, lr=c["learning_rate"], betas=(c["adam_beta1"], c["adam_beta2"]),
-                                  weight_decay=c["adam_weight_decay"], eps=c["adam_epsilon"])
-        f_opt = torch.optim.AdamW(f_params, lr=c["fake_score_lr"], betas=tuple(c["fake_score_betas"]),
-                                  weight_decay=c["fake_score_weight_decay"], eps=c["fake_score_eps"])
-        ema = [p.detach().float().clone() for p in g_params] if a.ema else None
-        g = torch.Generator().manual_seed(1)
-        ctx = td.pad_context([torch.randn(TEXT_REAL, cfg.text_dim, generator=g)], dev, dtype)
-        neg_ctx = td.pad_context([torch.randn(NEG_REAL, cfg.text_dim, generator=g)], dev, dtype)
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            out["resident"] = torch.cuda.memory_allocated()
-        stage = ["G"]
-        clock = Clock(cuda)
-        G = clock.wrap(td.velocity_fn(gen, ga, autocast),
-                       lambda: "f_roll" if stage[0] == "F" else ("g_fwd" if torch.is_grad_enabled() else "g_roll"))
-        R = clock.wrap(td.velocity_fn(base, None, autocast), "teacher")
-        F_dmd = clock.wrap(td.velocity_fn(critic, fa, autocast), "f_dmd")
-        F_fm = clock.wrap(td.velocity_fn(critic, fa, autocast), "f_fwd")
-
-        def step():
-            clock.sync()
-            t0 = time.perf_counter()
-            stage[0] = "G"                     # generator (DMD) step
-            if ga:
-                mw.set_adapter(base, ga)       # workaround: the checkpoint recompute in backward replays it
-            g_opt.zero_grad(set_to_none=True)
-            x_g, t_from, t_to = td.rollout(G, torch.randn(shape, device=dev), ctx, steps, k)
-            t = td.score_timesteps(1, t_from, t_to, c, dev)
-            loss, _, _ = td.dmd_loss(x_g, t, R, F_dmd, ctx, neg_ctx, c["real_score_guidance_scale"], c["fake_score_guidance_scale"])
-            with clock("g_bwd"):
-                loss.backward()
-            with clock("g_opt"):
-                float(torch.nn.utils.clip_grad_norm_(g_params, c["max_grad_norm"]))
-                g_opt.step()
-                if ema is not None:
-                    with torch.no_grad():
-                        for e, p in zip(ema, g_params):
-                            e.mul_(c["ema_decay"]).add_(p.detach().float(), alpha=1 - c["ema_decay"])
-                if a.free_grads:
-                    g_opt.zero_grad(set_to_none=True)
-            stage[0] = "F"                     # critic step on a fresh no-grad rollout
-            if fa:
-                mw.set_adapter(base, fa)
-            f_opt.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                x_g, t_from, t_to = td.rollout(G, torch.randn(shape, device=dev), ctx, steps, k)
-            t = td.score_timesteps(1, t_from, t_to, c, dev)
-            loss_f, _ = td.critic_loss(F_fm, x_g, t, ctx)
-            with clock("f_bwd"):
-                loss_f.backward()
-            with clock("f_opt"):
-                float(torch.nn.utils.clip_grad_norm_(f_params, c["fake_score_grad_clip"]))
-                f_opt.step()
-                if a.free_grads:
-                    f_opt.zero_grad(set_to_none=True)
-            clock.sync()
-            return time.perf_counter() - t0
-
-        step()                                 # warm-up: first calls, lazy optimiser state
-        clock.sec.clear()
-        total = sum(step() for _ in range(a.repeats)) / a.repeats
-        out["sec"] = {name: s / a.repeats for name, s in clock.sec.items()}
+        n = setup(mode, a, dev, out)
+        step(n, a, dev)                        # warm-up: first calls, lazy optimiser state
+        n.clock.sec.clear()
+        total = sum(step(n, a, dev) for _ in range(a.repeats)) / a.repeats
+        out["sec"] = {name: s / a.repeats for name, s in n.clock.sec.items()}
         out["sec"]["other"] = total - sum(out["sec"].values())
         out["total"] = total
         if cuda:
@@ -216,11 +240,8 @@ def in_child(mode, a, env=None):
             os.environ.pop(k, None)
 
 
-def gib(n):
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def main():
+def parse_args():
+    """The flags, with their defaults resolved: device, preset, repeats, modes, shape, steps, exit step."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--preset", default=None, choices=list(BENCH), help="default: t2v-1.3B on CUDA, cpu-small on CPU")
@@ -228,7 +249,7 @@ def main():
     p.add_argument("--height", type=int, help="pixels, a multiple of 16")
     p.add_argument("--width", type=int, help="pixels, a multiple of 16")
     p.add_argument("--modes", choices=("lora", "full", "both"), default=None, help="default: lora for t2v-14B, else both")
-    p.add_argument("--steps", default=td.dmd_denoising_steps, help="rollout timesteps (train_dmd's dmd_denoising_steps)")
+    p.add_argument("--steps", default=td.DEFAULTS["dmd_denoising_steps"], help="rollout timesteps (train_dmd's dmd_denoising_steps)")
     p.add_argument("--exit-step", type=int, default=None, help="rollout exit step, 0-based (default: the last)")
     p.add_argument("--lora-rank", type=int, default=128, help="rank (= alpha) of both adapters")
     p.add_argument("--ckpt", action=argparse.BooleanOptionalAction, default=True, help="gradient checkpointing")
@@ -241,35 +262,32 @@ def main():
     cuda = a.device.startswith("cuda")
     a.preset = a.preset or ("t2v-1.3B" if cuda else "cpu-small")
     a.repeats = a.repeats or (3 if not cuda else 1 if a.preset == "t2v-14B" else 2)
-    modes = {"lora": ["lora"], "full": ["full"], "both": ["lora", "full"]}[a.modes or ("lora" if a.preset == "t2v-14B" else "both")]
-    cfg, (F0, H0, W0) = BENCH[a.preset]
-    Fr, H, W = a.frames or F0, a.height or H0, a.width or W0
+    a.modes = {"lora": ["lora"], "full": ["full"], "both": ["lora", "full"]}[a.modes or ("lora" if a.preset == "t2v-14B" else "both")]
+    _, (F0, H0, W0) = BENCH[a.preset]
+    a.size = (a.frames or F0, a.height or H0, a.width or W0)
+    Fr, H, W = a.size
     if H % 16 or W % 16:
         raise SystemExit(f"height and width must be multiples of 16, got {H}x{W}")
     a.shape = (1, 16, Fr, H // 8, W // 8)
-    L = Fr * (H // 16) * (W // 16)
     a.steps = [float(s) for s in str(a.steps).split(",")]
     a.exit_step = len(a.steps) - 1 if a.exit_step is None else a.exit_step
     if not 0 <= a.exit_step < len(a.steps):
         raise SystemExit(f"--exit-step must be in [0, {len(a.steps) - 1}]")
+    return a
 
-    results = {}
-    for mode in modes:   # one fresh process per mode: clean allocator, clean RSS high-water mark
-        a.rss = False
-        results[mode] = in_child(mode, a)
-        if not cuda:     # CPU memory: another process, each tensor >= 64 KiB its own mmap (as bench_dit.py)
-            a.rss = True
-            mem = in_child(mode, a, {"MALLOC_MMAP_THRESHOLD_": "65536"})
-            results[mode].update(peak=mem["peak"], how=mem["how"])
 
+def report(a, results, cuda):
+    """The header lines, the phase table (seconds per phase, total, memory, trainable counts) and the goals."""
+    modes, (Fr, H, W) = a.modes, a.size
+    cfg = BENCH[a.preset][0]
     r0 = results[modes[0]]
     print(f"{r0['card']} | torch {torch.__version__} | {'bf16 autocast, bf16 teacher' if cuda else 'fp32'} | preset {a.preset}: "
           f"dim {cfg.dim} ({cfg.num_heads} heads x {cfg.head_dim}), ffn {cfg.ffn_dim}, {cfg.num_layers} layers, text_dim {cfg.text_dim}")
-    print(f"latent {a.shape} L={L} | context (1,{TEXT_LEN},{cfg.text_dim}), {TEXT_REAL} nonzero rows | steps {a.steps}, "
+    print(f"latent {a.shape} L={Fr * (H // 16) * (W // 16)} | context (1,{TEXT_LEN},{cfg.text_dim}), {TEXT_REAL} nonzero rows | steps {a.steps}, "
           f"exit step {a.exit_step} | grad ckpt {'on' if a.ckpt else 'off'} | LoRA rank {a.lora_rank} | EMA {'on' if a.ema else 'off'}"
           f" | grads {'freed after each optimiser step' if a.free_grads else 'kept to the next zero_grad (train_dmd)'}"
           f" | mean of {a.repeats} steps after 1 warm-up")
-    k, nf = a.exit_step, 2 if td.fake_score_guidance_scale else 1
+    k, nf = a.exit_step, 2 if td.DEFAULTS["fake_score_guidance_scale"] else 1
     labels = {n: s.format(k=k, k1=k + 1, nf=nf, rc=" (+ recompute)" if a.ckpt else "") for n, s in LABELS.items()}
     heads = {"lora": "LoRA, shared base", "full": "full fp32 copies"}
     both = len(modes) == 2 and not any("oom" in r for r in results.values())
@@ -287,10 +305,10 @@ def main():
             lambda v: f"{v:.3f}")
     print("-" * len(hdr))
     row("total s/step", [results[m].get("total") for m in modes], lambda v: f"{v:.3f}")
-    row("peak memory", [results[m]["peak"] for m in modes], gib)
+    row("peak memory", [results[m]["peak"] for m in modes], gb)
     if cuda:
-        row("  peak reserved", [results[m]["reserved"] for m in modes], gib)
-        row("  after build (weights, adapters)", [results[m].get("resident") for m in modes], gib)
+        row("  peak reserved", [results[m]["reserved"] for m in modes], gb)
+        row("  after build (weights, adapters)", [results[m].get("resident") for m in modes], gb)
     row("trainable params G / F (M)", [(results[m].get("g_train"), results[m].get("f_train")) for m in modes],
         lambda v: f"{v[0] / 1e6:.1f} / {v[1] / 1e6:.1f}" if v[0] is not None else "-", ratio=False)
     how = (f"peak RSS above the RSS after imports, build included, fresh process per mode ({r0.get('how')})" if not cuda
@@ -299,18 +317,38 @@ def main():
     for m in modes:
         if "oom" in results[m]:
             print(f"{heads[m]}: out of memory ({results[m]['oom']})")
+    goals(a, results, cuda, heads)
+
+
+def goals(a, results, cuda, heads):
+    """Does the measured step fit the issue's cards (CUDA), or the note that a CPU run cannot say."""
     if cuda and a.preset in GOALS:
-        card, usable = GOALS[a.preset]
-        at_size = (Fr, H, W) == BENCH[a.preset][1]
-        for m in modes:
+        card_name, usable = GOALS[a.preset]
+        at_size = a.size == BENCH[a.preset][1]
+        Fr, H, W = a.size
+        for m in a.modes:
             r = results[m]
             ok = "oom" not in r and r["reserved"] / 2**30 <= usable
-            print(f"goal ({'the issue' if m == 'lora' else 'for comparison'}): {a.preset} {heads[m]} DMD step fits a {card} "
-                  f"card (peak reserved <= {usable} GiB): {'YES' if ok else 'NO'} ({gib(r['reserved'])})"
+            print(f"goal ({'the issue' if m == 'lora' else 'for comparison'}): {a.preset} {heads[m]} DMD step fits a {card_name} "
+                  f"card (peak reserved <= {usable} GiB): {'YES' if ok else 'NO'} ({gb(r['reserved'])})"
                   + ("" if at_size else f" [measured at {Fr}x{H}x{W}, the goal is at {BENCH[a.preset][1]}]"))
     elif not cuda:
         print("CPU: a smoke test at a toy size (a rank-128 adapter on dim 256 is about as large as the blocks it adapts): "
               "the full/LoRA ratios say nothing about 1.3B/14B. The goals (1.3B LoRA in 24 GB, 14B in 80 GB) need CUDA.")
+
+
+def main():
+    a = parse_args()
+    cuda = a.device.startswith("cuda")
+    results = {}
+    for mode in a.modes:   # one fresh process per mode: clean allocator, clean RSS high-water mark
+        a.rss = False
+        results[mode] = in_child(mode, a)
+        if not cuda:     # CPU memory: another process, each tensor >= 64 KiB its own mmap (as bench_dit.py)
+            a.rss = True
+            mem = in_child(mode, a, {"MALLOC_MMAP_THRESHOLD_": "65536"})
+            results[mode].update(peak=mem["peak"], how=mem["how"])
+    report(a, results, cuda)
 
 
 if __name__ == "__main__":

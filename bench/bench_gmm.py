@@ -1,7 +1,7 @@
 """
 DMD against a closed form (issue 7 §3). A class-conditional Gaussian mixture whose exact flow-matching
-velocity is known is the real score R; train_dmd.py's own pure functions (rollout, score_timesteps, dmd_loss,
-critic_loss) distil a small MLP generator into a 3-step sampler (steps 1000,757,522). Its samples are scored
+velocity is known is the real score R; the trainer's own pure functions (flow.rollout, train_dmd's
+score_timesteps, dmd_loss, critic_loss) distil a small MLP generator into a 3-step sampler (steps 1000,757,522). Its samples are scored
 against exact samples of the target beside the exact 50-step sampler and plain 3-step sampling.
 
   python bench/bench_gmm.py                        # w = 0 and w = 2 at interval 5, and the seed's w = 3, interval 1
@@ -29,7 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sample  # noqa: E402
+import flow  # noqa: E402
 import train_dmd as td  # noqa: E402
 
 STEPS = [1000.0, 757.0, 522.0]   # the seed's dmd_denoising_steps
@@ -119,17 +119,18 @@ def noise(mix, n, seed):
 
 
 def exact_sample(mix, labels, n_steps, w, seed, shift=3.0):
-    """Flow UniPC (sample.py, flow shift 3 as Wan 2.1's diffusers scheduler) over the exact guided velocity."""
+    """Flow UniPC (flow.py, flow shift 3 as Wan 2.1's diffusers scheduler) over the exact guided velocity."""
     x, _ = noise(mix, len(labels), seed)
-    sigmas, timesteps = sample.flow_schedule(n_steps, shift)
-    return sample.unipc_sample(guided(real_score(mix), context(mix, labels), w), x, sigmas, timesteps)
+    sigmas, timesteps = flow.flow_schedule(n_steps, shift)
+    return flow.unipc_sample(guided(real_score(mix), context(mix, labels), w), x, sigmas, timesteps)
 
 
 def few_step_sample(vel, mix, labels, seed, w=0.0):
-    """sample.py's DMD student sampler (x0 prediction, re-noise) at STEPS over f(x, t, ctx)."""
+    """The DMD student's sampler (flow.rollout exiting at the last step: x0 prediction, re-noise) at STEPS over
+    f(x, t, ctx)."""
     x, g = noise(mix, len(labels), seed)
     with torch.no_grad():
-        return sample.student_sample(guided(vel, context(mix, labels), w), x, STEPS, g)
+        return flow.rollout(guided(vel, context(mix, labels), w), x, STEPS, generator=g)[0]
 
 # -----------------------------------------------------------------------------
 # the generator and the fake score: a small MLP velocity network
@@ -190,7 +191,8 @@ def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, f
     for step in range(iters):
         if step % interval == 0:   # generator (DMD) step
             ctx = context(mix, torch.randint(mix["classes"], (batch,)))
-            x_g, t_from, t_to = td.rollout(G, torch.randn(shape), ctx, STEPS, int(torch.randint(len(STEPS), ())))
+            x_g, t_from, t_to = flow.rollout(lambda x, t: G(x, t, ctx), torch.randn(shape), STEPS,
+                                             int(torch.randint(len(STEPS), ())))
             t = td.score_timesteps(batch, t_from, t_to, SCORE_T, "cpu")
             loss, g, _ = td.dmd_loss(x_g, t, R, Fk, ctx, neg, w, 0.0)
             g_opt.zero_grad(set_to_none=True)
@@ -202,7 +204,8 @@ def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, f
                     e.lerp_(p, 1 - ema)
         ctx = context(mix, torch.randint(mix["classes"], (batch,)))   # critic step on a fresh no-grad rollout
         with torch.no_grad():
-            x_g, t_from, t_to = td.rollout(G, torch.randn(shape), ctx, STEPS, int(torch.randint(len(STEPS), ())))
+            x_g, t_from, t_to = flow.rollout(lambda x, t: G(x, t, ctx), torch.randn(shape), STEPS,
+                                             int(torch.randint(len(STEPS), ())))
         t = td.score_timesteps(batch, t_from, t_to, SCORE_T, "cpu")
         loss_f, _ = td.critic_loss(Fk, x_g, t, ctx)
         f_opt.zero_grad(set_to_none=True)

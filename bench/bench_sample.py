@@ -16,19 +16,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flow  # noqa: E402
 import model_wan as mw  # noqa: E402
 import sample  # noqa: E402
-
-
-@torch.no_grad()
-def random_dit(cfg, device, dtype):
-    """Random-weight DiT built on the meta device and materialised on `device` (no host copy)."""
-    with torch.device("meta"):
-        dit = mw.WanDiT(cfg)
-    dit.to_empty(device=device)
-    for name, p in dit.named_parameters():
-        p.normal_(0, cfg.dim ** -0.5 if "modulation" in name else 0.02)
-    return dit.cast(dtype).eval()
+import vae_wan  # noqa: E402
+from common import random_dit  # noqa: E402
 
 
 def timed(fn, sync, repeats):
@@ -62,18 +54,18 @@ def main():
     torch.manual_seed(0)
     cfg = mw.PRESETS[args.preset]
     dit = random_dit(cfg, dev, dt)
-    vae = mw.WanVAE(mw.WanVAEConfig(base_dim=args.vae_base_dim)).to(dev).eval()
+    vae = vae_wan.WanVAE(vae_wan.WanVAEConfig(base_dim=args.vae_base_dim)).to(dev).eval()
     steps = [float(s) for s in args.steps.split(",")]
     ctx = torch.randn(1, 512, cfg.text_dim, device=dev, dtype=dt)
     ctx[:, 100:] = 0
-    x, gen = sample.initial_noise(1, args.frames, args.height, args.width, 0, dev)
+    x, gen = flow.initial_noise(1, args.frames, args.height, args.width, 0, dev)
     name = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"{name} | torch {torch.__version__} | DiT {args.preset} {dt} | VAE base_dim {args.vae_base_dim} fp32 | "
           f"{args.frames}x{args.height}x{args.width} -> latent {tuple(x.shape)}")
 
     def student():
         with torch.no_grad():
-            return sample.student_sample(lambda x_, t_: dit(x_, t_, ctx), x, steps, gen)
+            return sample.sample_student(dit, ctx, x, steps, None, gen)
 
     def decode():
         with torch.no_grad():
@@ -81,14 +73,14 @@ def main():
 
     def end_to_end():
         with torch.no_grad():
-            noise, g = sample.initial_noise(1, args.frames, args.height, args.width, 1, dev)
-            z = sample.student_sample(lambda x_, t_: dit(x_, t_, ctx), noise, steps, g)
+            noise, g = flow.initial_noise(1, args.frames, args.height, args.width, 1, dev)
+            z = sample.sample_student(dit, ctx, noise, steps, None, g)
             video = vae.decode(z.float())
             return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
     def teacher_step():   # one CFG step = two forwards (cond, uncond)
         with torch.no_grad():
-            return sample.guided(dit, ctx, torch.zeros_like(ctx), 5.0)(x, torch.full((1,), 999.0, device=dev))
+            return flow.guided(dit, ctx, torch.zeros_like(ctx), 5.0)(x, torch.full((1,), 999.0, device=dev))
 
     rows = []
     lat = student()

@@ -13,13 +13,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model_wan as mw  # noqa: E402
+import text_encoders  # noqa: E402
 import train_dmd as td  # noqa: E402
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
     torch.manual_seed(0)
     x0 = torch.randn(32, 16, 3, 4, 4)
-    ctx = td.TinyTextEncoder(32).encode(["a red circle moving left"] * 32)   # (32, 512, 32), 6 rows non-zero
+    ctx = text_encoders.TinyTextEncoder(32).encode(["a red circle moving left"] * 32)   # (32, 512, 32), 6 rows non-zero
     best = {16: float("inf"), 512: float("inf")}
     for rep in range(3):
         for n in best:

@@ -12,14 +12,13 @@ de-normalisation its pipeline does), both clamped to [-1,1]. The real config (ba
 Agreement first: in fp32 on a small latent (1,16,2,4,6), then at bench size in the bench dtype; the
 bench-size decode is also the untimed warm-up round.
 Memory: peak above the resident weights and latent during one decode: torch.cuda.max_memory_allocated on
-CUDA; on CPU the peak RSS of a fresh process per model (bench_dit.py's method: a small decode first, the
-high-water mark reset through /proc/self/clear_refs, glibc's mmap threshold fixed).
+CUDA; on CPU the peak RSS of a fresh process per model (bench/common.py's method, as bench_dit.py: a small
+decode first, the high-water mark reset through /proc/self/clear_refs, glibc's mmap threshold fixed).
 Ours returns the video in fp32 whatever the VAE dtype, diffusers in the VAE dtype: in bf16 our output
 buffer is 3*F*H*W*2 bytes larger (+0.18 GiB at 81x480x832), which shows in the CUDA peak.
 CUDA fp32 runs with TF32 off (true fp32 convolutions).
 """
 import argparse
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -28,9 +27,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model_wan import WanVAE, WanVAEConfig  # noqa: E402
-from bench_dit import collect_children, gb, peak_rss_above_now  # noqa: E402
+from vae_wan import WanVAE, WanVAEConfig  # noqa: E402
+from common import card, collect_children, gb, peak_rss_above_now, start_children  # noqa: E402
 
 
 def build_ref():
@@ -109,20 +107,13 @@ def main():
     if (frames - 1) % 4 or height % 8 or width % 8:
         raise SystemExit(f"need frames = 4k+1 and height, width multiples of 8; got {frames}x{height}x{width}")
     shape = (1, 16, (frames - 1) // 4 + 1, height // 8, width // 8)
-    card = torch.cuda.get_device_name(dev) if cuda else f"CPU, {torch.get_num_threads()} threads"
     c = WanVAEConfig()
-    print(f"{card} | torch {torch.__version__} | {str(dtype)[6:]} | Wan 2.1 VAE: base_dim {c.base_dim}, "
+    print(f"{card(dev)} | torch {torch.__version__} | {str(dtype)[6:]} | Wan 2.1 VAE: base_dim {c.base_dim}, "
           f"dim_mult {c.dim_mult}, {c.num_res_blocks} res blocks, z_dim {c.z_dim}")
     print(f"decode latent {shape} -> video (1,3,{frames},{height},{width})")
 
     if not cuda:   # memory children run while this process builds and checks (nothing is timed meanwhile)
-        ctx_mp = mp.get_context("spawn")
-        queue = ctx_mp.Queue()
-        children = [ctx_mp.Process(target=peak_rss_child, args=(w, shape, queue)) for w in ("ours", "diffusers")]
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"   # children only: freed tensors leave the RSS at once
-        for c in children:
-            c.start()
-        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        children, queue = start_children(peak_rss_child, [(w, shape) for w in ("ours", "diffusers")])
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # true fp32
     torch.manual_seed(0)

@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model_wan as mw  # noqa: E402
+import lora  # noqa: E402
 import train_dmd as td  # noqa: E402
 
 GIB = 2 ** 30
@@ -61,10 +62,11 @@ def count(preset):
         base = mw.WanDiT(cfg)
         n = mw.num_params(base)
         c = dict(cfg=cfg, n=n, base=stored_bytes(base), block_full=stored_bytes(base.blocks[0], bf16=False))
-        mw.add_adapter(base, "generator", td.lora_rank, td.lora_alpha, tuple(td.lora_targets))
-        mw.add_adapter(base, "critic", td.fake_score_lora_rank, td.fake_score_lora_alpha, tuple(td.lora_targets))
-    c["lora_g"] = sum(p.numel() for p in mw.adapter_parameters(base, "generator"))
-    c["lora_f"] = sum(p.numel() for p in mw.adapter_parameters(base, "critic"))
+        d = td.DEFAULTS
+        lora.add_adapter(base, "generator", d["lora_rank"], d["lora_alpha"], tuple(d["lora_targets"]))
+        lora.add_adapter(base, "critic", d["fake_score_lora_rank"], d["fake_score_lora_alpha"], tuple(d["lora_targets"]))
+    c["lora_g"] = sum(p.numel() for p in lora.adapter_parameters(base, "generator"))
+    c["lora_f"] = sum(p.numel() for p in lora.adapter_parameters(base, "critic"))
     c["block_lora"] = stored_bytes(base.blocks[0])
     return c
 
@@ -115,7 +117,7 @@ def main():
     rows = []
     for preset, c in counts.items():
         for mode in ("lora", "full"):
-            label = (f"LoRA r{td.lora_rank} ({c['lora_g'] / 1e6:.0f}M+{c['lora_f'] / 1e6:.0f}M), shared base"
+            label = (f"LoRA r{td.DEFAULTS['lora_rank']} ({c['lora_g'] / 1e6:.0f}M+{c['lora_f'] / 1e6:.0f}M), shared base"
                      if mode == "lora" else f"full fp32 copies ({c['n'] / 1e6:.0f}M x2)")
             for par in ("ddp", "fsdp"):
                 w, s, act = (x / GIB for x in memory(c, mode, par, a.gpus, a.sp, L, lat))

@@ -11,6 +11,9 @@ import torch.distributed as dist
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model_wan as mw  # noqa: E402
+import parallel
+import lora
+import flow
 
 
 def tiny(seed=0):
@@ -71,15 +74,15 @@ def check_ddp_grads(out):
     import train_dmd
     from configurator import configure
     c = configure(dict(vars(train_dmd)), train_dmd.__file__, [os.path.join(ROOT, "config", "tiny.py")],
-                  json_map=train_dmd.map_simpletuner)
+                  )
     env, dev = parallel.setup(1, torch.device("cpu"))
     cpu = torch.float32
 
     def nets():
-        train_dmd.seed_all(0)
+        parallel.seed_all(0)
         base, gen, critic, _, _ = train_dmd.build_networks(c, dev, cpu)
         with torch.no_grad():   # non-zero LoRA B so that A gets gradients too
-            for p in train_dmd.trainable(base, "generator") + train_dmd.trainable(base, "critic"):
+            for p in lora.trainable(base, "generator") + lora.trainable(base, "critic"):
                 p.add_(0.02 * torch.randn_like(p))
         return base
 
@@ -93,16 +96,16 @@ def check_ddp_grads(out):
         return lg, lf
 
     ref = nets()
-    G, Fk = (train_dmd.velocity_fn(ref, a, lambda: torch.autocast("cpu", enabled=False)) for a in ("generator", "critic"))
+    G, Fk = (lora.velocity_fn(ref, a, lambda: torch.autocast("cpu", enabled=False)) for a in ("generator", "critic"))
     lg, lf = losses(G, Fk, slice(0, 4))
     (lg + lf).backward()
-    ref_g = [p.grad.clone() for p in train_dmd.trainable(ref, "generator") + train_dmd.trainable(ref, "critic")]
+    ref_g = [p.grad.clone() for p in lora.trainable(ref, "generator") + lora.trainable(ref, "critic")]
 
     base = nets()
-    g_params, f_params = train_dmd.trainable(base, "generator"), train_dmd.trainable(base, "critic")
+    g_params, f_params = lora.trainable(base, "generator"), lora.trainable(base, "critic")
     autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
-    G = parallel.data_parallel(env, train_dmd.velocity_fn(base, "generator", autocast), g_params, False)
-    Fk = parallel.data_parallel(env, train_dmd.velocity_fn(base, "critic", autocast), f_params, False)
+    G = parallel.data_parallel(env, lora.velocity_fn(base, "generator", autocast), g_params, False)
+    Fk = parallel.data_parallel(env, lora.velocity_fn(base, "critic", autocast), f_params, False)
     assert isinstance(G, torch.nn.parallel.DistributedDataParallel)
     for i in range(2):   # rank r, micro-step i: sample 2i + r
         idx = slice(2 * i + env.rank, 2 * i + env.rank + 1)
@@ -138,21 +141,22 @@ def check_causal_exits(out):
     assert len(set(draws.flatten().tolist())) == 3
     c = configure(dict(vars(train_dmd)), train_dmd.__file__,
                   [os.path.join(ROOT, "config", "tiny.py"), os.path.join(ROOT, "config", "tiny_causal.py")],
-                  json_map=train_dmd.map_simpletuner)
-    train_dmd.seed_all(0)
+                  )
+    parallel.seed_all(0)
     base, gen, _, _, _ = train_dmd.build_networks(c, dev, torch.float32)
     with torch.no_grad():   # non-zero LoRA B so that every adapter weight gets a gradient
-        for p in train_dmd.trainable(base, "generator"):
+        for p in lora.trainable(base, "generator"):
             p.add_(0.02 * torch.randn_like(p))
-    params = train_dmd.trainable(base, "generator")
+    params = lora.trainable(base, "generator")
     autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
-    G = parallel.data_parallel(env, train_dmd.velocity_fn(base, "generator", autocast, (2, False)), params, False)
+    G = parallel.data_parallel(env, lora.velocity_fn(base, "generator", autocast, (2, False)), params, False)
     assert isinstance(G, torch.nn.parallel.DistributedDataParallel)
     torch.manual_seed(r)   # per-rank noise
     exits = train_dmd.exit_steps(42, 3, 0, 3, 2, same=False)
     cache = base.new_kv_cache(1, 4, 16)
-    x_g, _, _ = train_dmd.causal_rollout(G, torch.randn(1, 16, 4, 8, 8), torch.randn(1, 5, 32),
-                                         [1000.0, 757.0, 522.0], exits, [0, 2], cache)
+    ctx = torch.randn(1, 5, 32)
+    x_g, _, _ = flow.causal_rollout(lambda x, t, s: G(x, t, ctx, kv_cache=cache, start_frame=s), torch.randn(1, 16, 4, 8, 8),
+                                    [1000.0, 757.0, 522.0], exits, [0, 2])
     x_g.square().mean().backward()
     for p in params:
         both = [torch.empty_like(p.grad) for _ in range(P)]

@@ -8,7 +8,11 @@ from conftest import randomize_
 from safetensors.torch import save_file
 
 import model_wan as mw
+import media
+import vae_wan
+import text_encoders
 import sample
+import flow
 
 CTX = 5
 
@@ -197,8 +201,8 @@ def test_bad_inputs():
 
 
 def tiny_vae(seed=0):
-    cfg = mw.WanVAEConfig(base_dim=8, dim_mult=(1, 1, 1, 1), num_res_blocks=1)
-    return randomize_(mw.WanVAE(cfg), std=0.05, seed=seed).eval()
+    cfg = vae_wan.WanVAEConfig(base_dim=8, dim_mult=(1, 1, 1, 1), num_res_blocks=1)
+    return randomize_(vae_wan.WanVAE(cfg), std=0.05, seed=seed).eval()
 
 
 def test_streamed_vae_decode_equals_whole_clip():
@@ -214,12 +218,12 @@ def test_streamed_vae_decode_equals_whole_clip():
 
 def test_mp4_writer_streams(tmp_path):
     video = torch.linspace(-1, 1, 9).view(1, 9, 1, 1).expand(3, 9, 16, 16).clone()
-    w = sample.Mp4Writer(str(tmp_path / "s.mp4"), fps=16)
+    w = media.Mp4Writer(str(tmp_path / "s.mp4"), fps=16)
     w.write(video[:, :1])
     w.write(video[:, 1:5])
     w.write(video[:, 5:])
-    frames, fps = sample.read_mp4(w.close())
-    ref, _ = sample.read_mp4(sample.write_mp4(str(tmp_path / "w.mp4"), video, 16))
+    frames, fps = media.read_mp4(w.close())
+    ref, _ = media.read_mp4(media.write_mp4(str(tmp_path / "w.mp4"), video, 16))
     assert frames.shape == (9, 16, 16, 3) and fps == 16 and (frames == ref).all()
     want = ((video + 1) * 127.5).round().permute(1, 2, 3, 0).numpy()          # independent of the writer's code
     assert abs(frames.astype(float) - want).max() <= 3                         # H.264 crf 17 on flat grey frames
@@ -252,17 +256,18 @@ def test_causal_sample_streams_and_rolls(causal_student, tmp_path):
     lat = load_file(p_stream.replace(".mp4", ".latents.safetensors"))["latents"]
     assert lat.shape == (1, 16, 5, 4, 6)
     assert torch.equal(lat, load_file(p_whole.replace(".mp4", ".latents.safetensors"))["latents"])
-    fs, fw = sample.read_mp4(p_stream)[0], sample.read_mp4(p_whole)[0]
+    fs, fw = media.read_mp4(p_stream)[0], media.read_mp4(p_whole)[0]
     assert fs.shape == fw.shape == (17, 32, 48, 3)
     assert abs(fs.astype(float) - fw.astype(float)).mean() < 1.0      # same video up to float error and H.264
     # by hand: the same sampler with steps from config.json, window 3; and the first blocks do not depend on
     # how long the clip is (they are generated before the later ones exist)
-    x, gen = sample.initial_noise(1, 17, 32, 48, 7, "cpu")
-    ctx = mw.load_text_encoder(pipe).encode(["a red circle moving left"])
+    x, gen = flow.initial_noise(1, 17, 32, 48, 7, "cpu")
+    ctx = text_encoders.load_text_encoder(pipe).encode(["a red circle moving left"])
     with torch.no_grad():
-        ref = sample.causal_sample(dit, ctx, x, [1000.0, 600.0], (2, True), 0.0, 3, gen)
-        _, gen2 = sample.initial_noise(1, 17, 32, 48, 7, "cpu")     # the generator in the same state
-        short = sample.causal_sample(dit, ctx, x[:, :, :3], [1000.0, 600.0], (2, True), 0.0, 3, gen2)
+        cz = dict(num_frame_per_block=2, independent_first_frame=True, context_noise=0.0, window=3)
+        ref = sample.sample_student(dit, ctx, x, [1000.0, 600.0], cz, gen)
+        _, gen2 = flow.initial_noise(1, 17, 32, 48, 7, "cpu")     # the generator in the same state
+        short = sample.sample_student(dit, ctx, x[:, :, :3], [1000.0, 600.0], cz, gen2)
     torch.testing.assert_close(lat, ref, rtol=0, atol=1e-5)
     assert torch.equal(short, ref[:, :, :3])
     with pytest.raises(ValueError, match="num_frames=13"):             # 4 latent frames do not fit [0] + 2-frame blocks
@@ -280,7 +285,7 @@ def test_read_causal_config(tmp_path):
            "timestep_shift": 5.0}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     c = sample.read_causal_config(str(tmp_path / "student.safetensors"))        # a file: its folder's config.json
-    steps = [float(1000 * sample.shift_sigmas(torch.tensor(t) / 1000, 5.0)) for t in (1000.0, 750.0, 500.0, 250.0)]
+    steps = [float(1000 * flow.shift_sigmas(torch.tensor(t) / 1000, 5.0)) for t in (1000.0, 750.0, 500.0, 250.0)]
     assert c["dmd_denoising_steps"] == ",".join(map(str, steps)) and c["window"] == 21
     del cfg["context_noise"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))

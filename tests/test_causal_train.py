@@ -13,8 +13,11 @@ from safetensors.torch import load_file
 
 import data
 import model_wan as mw
+import vae_wan
+import lora
 import sample
 import train_dmd
+import flow
 from configurator import configure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +27,7 @@ STEPS = [1000.0, 757.0, 522.0]
 
 
 def cfg(*overrides):
-    return configure(dict(vars(train_dmd)), train_dmd.__file__, [*TINY, *overrides], json_map=train_dmd.map_simpletuner)
+    return train_dmd.config([*TINY, *overrides])
 
 
 def tiny_student(seed=0):
@@ -51,7 +54,8 @@ def rollout(model, Fn=6, causal=(2, False), exits=None, context_noise=0.0, grad_
     rec = Recorder(model, causal)
     cache = model.new_kv_cache(1, Fn, 4)
     torch.manual_seed(seed)
-    x_g, t_from, t_to = train_dmd.causal_rollout(rec, noise, ctx, STEPS, exits, starts, cache, context_noise, grad_from)
+    x_g, t_from, t_to = flow.causal_rollout(lambda x, t, s: rec(x, t, ctx, kv_cache=cache, start_frame=s), noise, STEPS,
+                                            exits, starts, context_noise, grad_from)
     return x_g, t_from, t_to, rec.calls, starts
 
 
@@ -76,19 +80,20 @@ def test_gradient_only_at_exit_steps_and_none_across_blocks():
         assert gn[:, :, s:s + 2].abs().sum() > 0
         assert torch.count_nonzero(gn[:, :, :s]) == 0 and torch.count_nonzero(gn[:, :, s + 2:]) == 0, b
     # the LoRA generator through train_dmd's velocity function: gradients reach the adapter, never the base
-    mw.add_adapter(model, "generator", 4, 4)
+    lora.add_adapter(model, "generator", 4, 4)
     with torch.no_grad():
-        for p in train_dmd.trainable(model, "generator"):
+        for p in lora.trainable(model, "generator"):
             p.add_(0.01 * torch.randn_like(p))
     model.requires_grad_(False)
-    for p in train_dmd.trainable(model, "generator"):
+    for p in lora.trainable(model, "generator"):
         p.requires_grad_(True)
-    G = train_dmd.velocity_fn(model, "generator", lambda: torch.autocast("cpu", enabled=False), (2, False))
+    G = lora.velocity_fn(model, "generator", lambda: torch.autocast("cpu", enabled=False), (2, False))
     cache = model.new_kv_cache(1, 6, 4)
-    x_g, _, _ = train_dmd.causal_rollout(G, torch.randn(1, 16, 6, 4, 4), torch.randn(1, 5, 32), STEPS, [1, 2, 0],
-                                         starts, cache)
+    ctx = torch.randn(1, 5, 32)
+    x_g, _, _ = flow.causal_rollout(lambda x, t, s: G(x, t, ctx, kv_cache=cache, start_frame=s), torch.randn(1, 16, 6, 4, 4),
+                                    STEPS, [1, 2, 0], starts)
     x_g.square().mean().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in train_dmd.trainable(model, "generator"))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.trainable(model, "generator"))
     assert all(p.grad is None for n, p in model.named_parameters() if ".lora_" not in n)
     assert not any(k.requires_grad for k in cache.k + cache.v)
 
@@ -130,7 +135,7 @@ def test_longer_rollout_keeps_the_last_frames():
     assert [s for s, _, g in calls if g] == [2, 4]                          # no gradient forward before the window
     assert torch.equal(train_dmd.keep_last_frames(x_g, 4), x_g[:, :, 2:])
     torch.manual_seed(0)
-    vae = mw.WanVAE(mw.WanVAEConfig(base_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1)).eval()
+    vae = vae_wan.WanVAE(vae_wan.WanVAEConfig(base_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1)).eval()
     kept = train_dmd.keep_last_frames(x_g, 4, vae)
     assert kept.shape[2] == 4 and torch.equal(kept[:, :, 1:], x_g[:, :, 3:])
     with torch.no_grad():   # the first kept frame: decoded up to it, its last pixel frame encoded as an image latent
@@ -139,16 +144,20 @@ def test_longer_rollout_keeps_the_last_frames():
     assert train_dmd.keep_last_frames(x_g, 6, vae) is x_g
 
 
-def test_causal_rollout_equals_sample_causal_sample():
+def test_training_rollout_exiting_last_equals_sample_student():
+    """The trainer's call of flow.causal_rollout (its block function, every exit last) and sample.py's
+    sample_student (its KV cache and block plumbing) give the same samples bit for bit."""
     model = tiny_student()
     g = torch.Generator().manual_seed(5)
     x, ctx = torch.randn(1, 16, 5, 4, 4, generator=g), torch.randn(1, 5, 32, generator=g)
     for causal, cn in (((2, True), 0.0), ((1, False), 250.0)):
         starts = mw.block_starts(5, *causal)
         with torch.no_grad():
-            ours = train_dmd.causal_rollout(Recorder(model, causal), x, ctx, STEPS, [2] * len(starts), starts,
-                                            model.new_kv_cache(1, 5, 4), cn, generator=torch.Generator().manual_seed(1))[0]
-            ref = sample.causal_sample(model, ctx, x, STEPS, causal, cn, generator=torch.Generator().manual_seed(1))
+            rec, cache = Recorder(model, causal), model.new_kv_cache(1, 5, 4)
+            ours = flow.causal_rollout(lambda x_, t, s: rec(x_, t, ctx, kv_cache=cache, start_frame=s), x, STEPS,
+                                       [2] * len(starts), starts, cn, generator=torch.Generator().manual_seed(1))[0]
+            cz = dict(num_frame_per_block=causal[0], independent_first_frame=causal[1], context_noise=cn)
+            ref = sample.sample_student(model, ctx, x, STEPS, cz, generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(ours, ref, rtol=0, atol=0)
 
 
@@ -174,7 +183,7 @@ def test_config_errors(overrides, match):
 
 
 def test_defaults_are_bidirectional():
-    c = configure(dict(vars(train_dmd)), train_dmd.__file__, [TINY[0]], json_map=train_dmd.map_simpletuner)
+    c = train_dmd.config([TINY[0]])
     assert not c["causal"] and train_dmd.check_config(c) == STEPS
     train_dmd.check_config(cfg("--num_training_frames=6", "--dmd_loss_frames=4"))   # causal: valid
     train_dmd.check_config(cfg("--num_frame_per_block=3", "--independent_first_frame=True", "--num_training_frames=7",
@@ -206,8 +215,8 @@ def test_ode_init_then_dmd_end_to_end(tmp_path):
     assert t["trajectory"].shape == (3, 16, 4, 8, 8) and t["latents"].shape == (16, 4, 8, 8)
     assert t["trajectory_t"].tolist() == STEPS
     c = cfg()
-    _, _, te, _ = data.load_models(c)
-    x, _ = sample.initial_noise(1, 13, 64, 64, c["seed"], "cpu")
+    _, _, te = data.load_teacher(c, torch.device("cpu"), torch.float32, dit=False)
+    x, _ = flow.initial_noise(1, 13, 64, 64, c["seed"], "cpu")
     torch.testing.assert_close(t["trajectory"][0], x[0])              # t = 1000: the teacher's initial noise
     # (b) regression of the causal student on them: the generator alone (full fine-tune, as the references)
     ds = f"--datasets=[{{'dataset_type': 'latents', 'cache_dir': '{ode_dir}'}}]"

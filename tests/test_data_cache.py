@@ -21,7 +21,7 @@ TINY = os.path.join(ROOT, "config", "tiny.py")
 @pytest.fixture(scope="module")
 def encoders():
     c = configure(dict(vars(train_dmd)), train_dmd.__file__, [TINY])
-    _, vae, te, _ = data.load_models(c)
+    _, vae, te = data.load_teacher(c, torch.device("cpu"), torch.float32, dit=False)
     return c, vae, te
 
 

@@ -1,5 +1,6 @@
-"""demo.py: the synthetic world's detector against ground truth (the clips as written to mp4 and read back), the PNG
-writer against PyAV's decoder, and a reduced demo end to end (every artefact, then a resume that redoes nothing)."""
+"""demo.py and quality.py: the synthetic world's detector against ground truth (the clips as written to mp4 and read
+back), the PNG writer against PyAV's decoder, the metrics on known cases, and a reduced demo end to end (every
+artefact, then a resume that redoes nothing)."""
 import json
 import os
 import subprocess
@@ -10,10 +11,10 @@ import pytest
 import torch
 
 av = pytest.importorskip("av")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-import bench_quality as bq  # noqa: E402
 import demo  # noqa: E402
-import model_wan as mw  # noqa: E402
+import media  # noqa: E402
+import quality  # noqa: E402
+import vae_wan  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,41 +27,41 @@ def test_detector_on_the_dataset(tmp_path):
     assert videos.shape == (24 * 3 * 2, 3, 9, 32, 32) and len(set(caps)) == 24
     found = {}
     for v, cap, band in zip(videos, caps, bands):
-        r = demo.detect(demo.to_uint8(v), cap)
+        r = quality.detect(media.to_uint8(v), cap)
         assert r["valid"] and r["shape_ok"] and r["mode"] == band, (cap, band, r)
-        assert (r["colour"], r["shape"], r["direction"]) == demo.parse_caption(cap)
+        assert (r["colour"], r["shape"], r["direction"]) == quality.parse_caption(cap)
         found.setdefault(cap, set()).add(r["mode"])
-    assert all(len(m) == demo.NUM_BANDS for m in found.values())                 # coverage 1
-    # bench_quality's precision/coverage on the same clips, arranged prompt-major as its samplers return them
-    order = sorted(range(len(caps)), key=lambda i: (demo.captions().index(caps[i]), i))
-    prompts = demo.captions()
-    prec, cov, modes, shape = bq.precision_coverage(videos[order], prompts, range(6))
+    assert all(len(m) == quality.NUM_BANDS for m in found.values())                 # coverage 1
+    # quality's precision/coverage on the same clips, arranged prompt-major as its samplers return them
+    order = sorted(range(len(caps)), key=lambda i: (quality.captions().index(caps[i]), i))
+    prompts = quality.captions()
+    prec, cov, modes, shape = quality.precision_coverage(videos[order], prompts, range(6))
     assert prec == shape == cov == 1.0 and all(m == [2, 2, 2] for m in modes.values())
     # wrong caption, no motion, nothing drawn
-    clip = demo.render("a red circle moving left", 1, 32, 9)
-    assert demo.detect(clip, "a red circle moving left")["valid"]
+    clip = quality.render("a red circle moving left", 1, 32, 9)
+    assert quality.detect(clip, "a red circle moving left")["valid"]
     for wrong in ("a blue circle moving left", "a red circle moving right"):
-        assert not demo.detect(clip, wrong)["valid"]
-    assert not demo.detect(clip, "a red square moving left")["shape_ok"]
+        assert not quality.detect(clip, wrong)["valid"]
+    assert not quality.detect(clip, "a red square moving left")["shape_ok"]
     still = np.repeat(clip[:1], 9, 0)
-    assert demo.detect(still, "a red circle moving left")["direction"] is None
-    assert not demo.detect(np.full_like(clip, 30), "a red circle moving left")["valid"]
-    assert bq.precision_coverage(videos[:1], ["a cat walks on the grass"], [0]) == (None,) * 4
+    assert quality.detect(still, "a red circle moving left")["direction"] is None
+    assert not quality.detect(np.full_like(clip, 30), "a red circle moving left")["valid"]
+    assert quality.precision_coverage(videos[:1], ["a cat walks on the grass"], [0]) == (None,) * 4
 
 
 def test_png_and_mmd(tmp_path):
     img = np.random.default_rng(0).integers(0, 256, (7, 11, 3), dtype=np.uint8)
-    path = demo.write_png(str(tmp_path / "x.png"), img)
+    path = media.write_png(str(tmp_path / "x.png"), img)
     with av.open(path) as c:
         back = next(c.decode(video=0)).to_ndarray(format="rgb24")
     assert np.array_equal(back, img)
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(64, 20, generator=g), torch.randn(64, 20, generator=g)
-    assert abs(bq.mmd2(a, b)) < 0.05 and bq.mmd2(a, b + 2) > 0.3                 # same law ~ 0, shifted law > 0
+    assert abs(quality.mmd2(a, b)) < 0.05 and quality.mmd2(a, b + 2) > 0.3                 # same law ~ 0, shifted law > 0
     ref = {"p": [4, 4, 0], "q": [0, 0, 8]}
-    assert bq.mode_tv({"p": [2, 2, 0], "q": [0, 0, 4]}, ref) == 0                  # the same weights at half the count
-    assert bq.mode_tv({"p": [0, 0, 8], "q": [8, 0, 0]}, ref) == 1                  # disjoint
-    assert abs(bq.mode_tv({"p": [8, 0, 0], "q": [0, 0, 8]}, ref) - 0.25) < 1e-12    # p's weight on one mode only
+    assert quality.mode_tv({"p": [2, 2, 0], "q": [0, 0, 4]}, ref) == 0                  # the same weights at half the count
+    assert quality.mode_tv({"p": [0, 0, 8], "q": [8, 0, 0]}, ref) == 1                  # disjoint
+    assert abs(quality.mode_tv({"p": [8, 0, 0], "q": [0, 0, 8]}, ref) - 0.25) < 1e-12    # p's weight on one mode only
 
 
 @pytest.mark.slow
@@ -79,14 +80,13 @@ def test_demo_end_to_end(tmp_path):
         assert os.path.exists(os.path.join(out, p)), p
     samples = sorted(os.listdir(os.path.join(out, "samples")))
     assert len(samples) == 2
-    import sample
-    frames, _ = sample.read_mp4(os.path.join(out, "samples", samples[0]))
+    frames, _ = media.read_mp4(os.path.join(out, "samples", samples[0]))
     assert frames.shape == (9, 32, 3 * 32, 3)                                     # three samplers side by side
     with av.open(os.path.join(out, "contact_sheet.png")) as c:
         sheet = next(c.decode(video=0)).to_ndarray(format="rgb24")
     assert sheet.shape == (2 * 3 * 66 + 2, 9 * 66 + 2, 3)                        # 6 rows x 9 frames of 64 px + gaps
     table = json.load(open(os.path.join(out, "quality.json")))
-    assert list(table) == list(bq.SAMPLERS)
+    assert list(table) == list(quality.SAMPLERS)
     for r in table.values():
         assert 0 <= r["precision"] <= 1 and 0 <= r["coverage"] <= 1 and np.isfinite(r["mmd"])
         assert 0 <= r["mode_tv"] <= 1
@@ -104,8 +104,8 @@ def test_train_vae_sets_latent_statistics(tmp_path):
     videos = demo.read_dataset(str(tmp_path / "d"))[0][:8]
     c = dict(seed=0, vae_base_dim=8, vae_lr=1e-3, vae_steps=2, vae_batch_size=2)
     vae = demo.train_vae(videos, c)
-    mw.save_vae(vae, str(tmp_path / "vae"))
-    vae = demo.mw.load_vae(str(tmp_path / "vae"))
+    vae_wan.save_vae(vae, str(tmp_path / "vae"))
+    vae = vae_wan.load_vae(str(tmp_path / "vae"))
     with torch.no_grad():
         z = vae.encode(videos)                                                     # (8,16,3,4,4)
     torch.testing.assert_close(z.mean((0, 2, 3, 4)), torch.zeros(16), atol=1e-4, rtol=0)

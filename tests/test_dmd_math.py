@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train_dmd as td
+import flow
 
 SHAPE = (2, 3, 2, 4, 5)   # (B, C, F, H, W)
 B = SHAPE[0]
@@ -242,7 +243,7 @@ def test_rollout_grad_only_at_exit_and_renoises_with_fresh_noise(k_exit):
     gen = AnalyticNet(0.6, 0.3, 0.1)
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(13))
     torch.manual_seed(14)
-    x_g, t_from, t_to = td.rollout(gen, noise, CTX, STEPS, k_exit)
+    x_g, t_from, t_to = flow.rollout(lambda x, t: gen(x, t, CTX), noise, STEPS, k_exit)
     calls = gen.calls
     assert len(calls) == k_exit + 1
     assert [c["grad"] for c in calls] == [False] * k_exit + [True]
@@ -274,7 +275,7 @@ def test_rollout_grad_only_at_exit_and_renoises_with_fresh_noise(k_exit):
 def test_rollout_under_no_grad_has_no_grad_forward():
     gen = AnalyticNet()
     with torch.no_grad():
-        x_g, _, _ = td.rollout(gen, torch.randn(SHAPE), CTX, STEPS, 2)
+        x_g, _, _ = flow.rollout(lambda x, t: gen(x, t, CTX), torch.randn(SHAPE), STEPS, 2)
     assert [c["grad"] for c in gen.calls] == [False] * 3 and not x_g.requires_grad
 
 
@@ -306,10 +307,10 @@ def test_score_timesteps_window_bounds():
 
 
 def test_score_timestep_shift():
-    assert td.shift_timestep(torch.tensor(500.0), 5.0).item() == pytest.approx(2500 / 3, rel=1e-6)
-    assert td.shift_timestep(torch.tensor(250.0), 3.0).item() == pytest.approx(1000 * 0.75 / 1.5, rel=1e-6)
-    assert td.rollout_steps([1000, 750, 500, 250], True, 5.0) == pytest.approx([1000, 937.5, 2500 / 3, 625], rel=1e-6)
-    assert td.rollout_steps([1000, 757, 522], False, 5.0) == [1000.0, 757.0, 522.0]
+    assert flow.shift_timestep(torch.tensor(500.0), 5.0).item() == pytest.approx(2500 / 3, rel=1e-6)
+    assert flow.shift_timestep(torch.tensor(250.0), 3.0).item() == pytest.approx(1000 * 0.75 / 1.5, rel=1e-6)
+    assert flow.rollout_steps([1000, 750, 500, 250], True, 5.0) == pytest.approx([1000, 937.5, 2500 / 3, 625], rel=1e-6)
+    assert flow.rollout_steps([1000, 757, 522], False, 5.0) == [1000.0, 757.0, 522.0]
     c1 = cfg(ts_schedule=False, min_score_timestep=0)
     c5 = dict(c1, timestep_shift=5.0)
     torch.manual_seed(15)

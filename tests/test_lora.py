@@ -4,6 +4,7 @@ import torch
 from safetensors.torch import save_file
 
 import model_wan as mw
+import lora
 from conftest import randomize_
 from test_model import inputs
 
@@ -16,7 +17,7 @@ def tiny_model(seed=0):
 def randomize_adapter_(model, name, std=0.05, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in mw.adapter_parameters(model, name):
+        for p in lora.adapter_parameters(model, name):
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
@@ -25,36 +26,36 @@ def test_fresh_adapter_is_identity_and_targets():
     x, t, ctx = inputs()
     with torch.no_grad():
         base = m(x, t, ctx)
-    params = mw.add_adapter(m, "gen", rank=4, alpha=8)
+    params = lora.add_adapter(m, "gen", rank=4, alpha=8)
     # 10 target Linears per block by default, an A and a B each
     assert len(params) == 2 * 10 * m.cfg.num_layers
-    with torch.no_grad(), mw.use_adapter(m, "gen"):
+    with torch.no_grad(), lora.use_adapter(m, "gen"):
         assert torch.equal(m(x, t, ctx), base)
-    targeted = {n for n, lin in mw.lora_modules(m) if "gen" in lin.lora_scale}
+    targeted = {n for n, lin in lora.lora_modules(m) if "gen" in lin.lora_scale}
     assert "blocks.0.self_attn.q" in targeted and "blocks.1.ffn.2" in targeted and "text_embedding.0" not in targeted
-    mw.add_adapter(m, "qv", rank=2, targets=("self_attn.q", "self_attn.v"))
-    assert {n for n, lin in mw.lora_modules(m) if "qv" in lin.lora_scale} == {
+    lora.add_adapter(m, "qv", rank=2, targets=("self_attn.q", "self_attn.v"))
+    assert {n for n, lin in lora.lora_modules(m) if "qv" in lin.lora_scale} == {
         f"blocks.{i}.self_attn.{p}" for i in range(2) for p in "qv"}
     with pytest.raises(ValueError, match="already exists"):
-        mw.add_adapter(m, "gen", rank=4)
+        lora.add_adapter(m, "gen", rank=4)
     with pytest.raises(ValueError, match="no Linear matched"):
-        mw.add_adapter(m, "none", targets=("nonexistent",))
+        lora.add_adapter(m, "none", targets=("nonexistent",))
     with pytest.raises(ValueError, match="unknown adapter"):
-        mw.set_adapter(m, "critic")
+        lora.set_adapter(m, "critic")
 
 
 def test_switching_and_merge():
     m = tiny_model()
     x, t, ctx = inputs()
-    mw.add_adapter(m, "gen", rank=4, alpha=8)
-    mw.add_adapter(m, "critic", rank=3, alpha=3)
+    lora.add_adapter(m, "gen", rank=4, alpha=8)
+    lora.add_adapter(m, "critic", rank=3, alpha=3)
     randomize_adapter_(m, "gen", seed=1)
     randomize_adapter_(m, "critic", seed=2)
     with torch.no_grad():
         base = m(x, t, ctx)
-        with mw.use_adapter(m, "gen"):
+        with lora.use_adapter(m, "gen"):
             y_gen = m(x, t, ctx)
-            with mw.use_adapter(m, "critic"):
+            with lora.use_adapter(m, "critic"):
                 y_critic = m(x, t, ctx)
             assert torch.equal(m(x, t, ctx), y_gen)   # context restores the outer choice
         assert torch.equal(m(x, t, ctx), base)       # none = the base model
@@ -63,17 +64,17 @@ def test_switching_and_merge():
     # merged == unmerged, against a hand-built reference W + (alpha/r) B A
     ref = tiny_model()
     with torch.no_grad():
-        for (n, lin), (_, rlin) in zip(mw.lora_modules(m), mw.lora_modules(ref)):
+        for (n, lin), (_, rlin) in zip(lora.lora_modules(m), lora.lora_modules(ref)):
             if "gen" in lin.lora_scale:
                 rlin.weight += 2.0 * lin.lora_B["gen"] @ lin.lora_A["gen"]
         y_ref = ref(x, t, ctx)
     torch.testing.assert_close(y_gen, y_ref, rtol=1e-5, atol=1e-5)
-    mw.merge_adapter(m, "gen")
-    assert mw.adapter_names(m) == ["critic"]
+    lora.merge_adapter(m, "gen")
+    assert lora.adapter_names(m) == ["critic"]
     with torch.no_grad():
         torch.testing.assert_close(m(x, t, ctx), y_gen, rtol=1e-5, atol=1e-5)
-    mw.delete_adapter(m, "critic")
-    assert mw.adapter_names(m) == []
+    lora.delete_adapter(m, "critic")
+    assert lora.adapter_names(m) == []
 
 
 def test_gradients_reach_only_the_active_adapter():
@@ -81,10 +82,10 @@ def test_gradients_reach_only_the_active_adapter():
     x, t, ctx = inputs()
     for p in m.parameters():
         p.requires_grad_(False)
-    gen = mw.add_adapter(m, "gen", rank=4)
-    critic = mw.add_adapter(m, "critic", rank=4)
+    gen = lora.add_adapter(m, "gen", rank=4)
+    critic = lora.add_adapter(m, "critic", rank=4)
     randomize_adapter_(m, "gen")
-    with mw.use_adapter(m, "gen"):
+    with lora.use_adapter(m, "gen"):
         m(x, t, ctx).square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gen), "every generator LoRA param gets a gradient"
     assert all(p.grad is None for p in critic)
@@ -94,7 +95,7 @@ def test_gradients_reach_only_the_active_adapter():
     m.zero_grad(set_to_none=True)
     m.gradient_checkpointing = True
     m.train()
-    with mw.use_adapter(m, "gen"):
+    with lora.use_adapter(m, "gen"):
         m(x, t, ctx).square().mean().backward()
     for a, p in zip(g0, gen):
         torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-7)
@@ -105,7 +106,7 @@ def test_export_loads_into_diffusers_pipeline(tiny_pipeline, tmp_path):
     from diffusers import WanPipeline
     tiny_pipeline.save_pretrained(tmp_path / "pipe")
     ours = mw.load_dit(tmp_path / "pipe")          # pipeline root -> transformer/
-    mw.add_adapter(ours, "student", rank=4, alpha=16)   # scale 4, folded into lora_B on export
+    lora.add_adapter(ours, "student", rank=4, alpha=16)   # scale 4, folded into lora_B on export
     randomize_adapter_(ours, "student", std=0.05, seed=3)
     sd = mw.adapter_state_dict(ours, "student")
     assert "transformer.blocks.0.attn1.to_q.lora_A.weight" in sd
@@ -118,7 +119,7 @@ def test_export_loads_into_diffusers_pipeline(tiny_pipeline, tmp_path):
         before = pipe.transformer(x, t, ctx).sample
         pipe.load_lora_weights(str(tmp_path / "student_lora.safetensors"), adapter_name="student")
         after = pipe.transformer(x, t, ctx).sample
-        with mw.use_adapter(ours, "student"):
+        with lora.use_adapter(ours, "student"):
             mine = ours(x, t, ctx)
         base = ours(x, t, ctx)
     torch.testing.assert_close(base, before, rtol=1e-5, atol=1e-5)
@@ -133,18 +134,18 @@ def test_checkpointing_replays_the_adapter_of_the_forward():
     x, t, ctx = inputs()
     for p in m.parameters():
         p.requires_grad_(False)
-    gen = mw.add_adapter(m, "gen", rank=4)
-    mw.add_adapter(m, "critic", rank=4)
+    gen = lora.add_adapter(m, "gen", rank=4)
+    lora.add_adapter(m, "critic", rank=4)
     randomize_adapter_(m, "gen", seed=5)
     randomize_adapter_(m, "critic", seed=6)
-    with mw.use_adapter(m, "gen"):
+    with lora.use_adapter(m, "gen"):
         m(x, t, ctx).square().mean().backward()
     ref = [p.grad.clone() for p in gen]
     m.zero_grad(set_to_none=True)
     m.gradient_checkpointing = True
-    with mw.use_adapter(m, "gen"):
+    with lora.use_adapter(m, "gen"):
         loss = m(x, t, ctx).square().mean()
-    with torch.no_grad(), mw.use_adapter(m, "critic"):
+    with torch.no_grad(), lora.use_adapter(m, "critic"):
         m(x, t, ctx)
     loss.backward()
     for a, p in zip(ref, gen):

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model_wan as mw
+import lora
 from conftest import run_offline_hub, TINY_D, randomize_
 
 # the original -> diffusers rename of diffusers' convert script (wan21.md §5), restated independently of
@@ -228,12 +229,12 @@ def test_hub_id_offline_cache(ref_dit, tmp_path):
 def test_compile_matches_eager():
     torch.manual_seed(0)
     m = randomize_(mw.WanDiT(mw.PRESETS["tiny"]), std=0.1).eval()
-    mw.add_adapter(m, "g", rank=4)
-    for _, lin in mw.lora_modules(m):
+    lora.add_adapter(m, "g", rank=4)
+    for _, lin in lora.lora_modules(m):
         if "g" in lin.lora_B:
             torch.nn.init.normal_(lin.lora_B["g"], std=0.1)
     x, t, ctx = inputs()
-    with torch.no_grad(), mw.use_adapter(m, "g"):
+    with torch.no_grad(), lora.use_adapter(m, "g"):
         eager = m(x, t, ctx)
         for b in m.blocks:
             b.compile(fullgraph=True)   # a block must trace without graph breaks

@@ -14,11 +14,15 @@ import time
 from types import SimpleNamespace
 
 import numpy as np
+
+import media
 import pytest
 import torch
 
 import publish
 import sample
+import configurator
+import flow
 import train_dmd
 from configurator import configure
 
@@ -122,14 +126,14 @@ def test_png_gif_and_loss_curve(tmp_path):
     Image = pytest.importorskip("PIL.Image")
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (7, 11, 3), dtype=np.uint8)
-    assert np.array_equal(np.array(Image.open(publish.write_png(tmp_path / "a.png", img))), img)
+    assert np.array_equal(np.array(Image.open(media.write_png(tmp_path / "a.png", img))), img)
     # random pixels fill the 4096-code LZW table several times: every frame must decode exactly
     frames = rng.integers(0, 256, (3, 40, 90, 3), dtype=np.uint8)
     frames[1, :20] = 7
-    gif = Image.open(publish.write_gif(tmp_path / "a.gif", frames, fps=8))
+    gif = Image.open(media.write_gif(tmp_path / "a.gif", frames, fps=8))
     pal = np.array([(round(r * 51), round(g * 42.5), round(b * 51)) for r in range(6) for g in range(7) for b in range(6)], np.uint8)
     assert gif.n_frames == 3 and gif.info["loop"] == 0 and gif.info["duration"] == 120
-    for i, q in enumerate(publish.gif_quantize(frames)):
+    for i, q in enumerate(media.gif_quantize(frames)):
         gif.seek(i)
         assert np.array_equal(np.array(gif.convert("RGB")), pal[q])
         assert np.abs(pal[q].astype(int) - frames[i]).max() <= 26   # the cube's half step
@@ -138,11 +142,11 @@ def test_png_gif_and_loss_curve(tmp_path):
     curve = publish.loss_curve(recs)
     assert curve.shape == (400, 720, 3)
     for panel in (curve[:200, :360], curve[:200, 360:], curve[200:, :360], curve[200:, 360:]):
-        assert (np.all(panel == publish.COLORS[0], axis=-1)).sum() > 50   # a drawn line in every panel
-    assert (np.all(curve[200:, 360:] == publish.COLORS[1], axis=-1)).sum() > 50   # F's grad norm
+        assert (np.all(panel == media.COLORS[0], axis=-1)).sum() > 50   # a drawn line in every panel
+    assert (np.all(curve[200:, 360:] == media.COLORS[1], axis=-1)).sum() > 50   # F's grad norm
     ode = publish.loss_curve([{"step": s, "ode_loss": 1 / s, "g_grad_norm": 2.0} for s in range(1, 30)])   # ode_init run
-    assert (np.all(ode[:200, :360] == publish.COLORS[1], axis=-1)).sum() > 50   # the ODE loss, beside an empty dmd series
-    sheet = publish.contact_sheet([frames[:, :8, :8]] * 2, scale=2)
+    assert (np.all(ode[:200, :360] == media.COLORS[1], axis=-1)).sum() > 50   # the ODE loss, beside an empty dmd series
+    sheet = media.contact_sheet([frames[:, :8, :8]] * 2, scale=2)
     assert sheet.shape == (2 * 18 + 2, 3 * 18 + 2, 3)
 
 
@@ -185,7 +189,7 @@ def test_model_card_renders_all_fields():
 
 
 def test_card_sampler_is_the_student_sampler(tiny_pipeline):
-    """The card's scheduler lines, exec'd on a stand-in pipe, step exactly like sample.student_sample, and
+    """The card's scheduler lines, exec'd on a stand-in pipe, step exactly like flow.rollout (the student sampler), and
     drive WanPipeline with the student's timesteps."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     card = publish.model_card(card_cfg(), [1000.0, 757.0, 522.0], [], {}, ["student_ema.safetensors"], ["a red circle"])
@@ -197,7 +201,7 @@ def test_card_sampler_is_the_student_sampler(tiny_pipeline):
     A = torch.randn(16, 16) * 0.1
     velocity = lambda x, t: torch.einsum("ij,bj...->bi...", A, x) * (1 + t.view(-1, 1, 1, 1, 1) / 1000)
     x = torch.randn(1, 16, 2, 4, 4)
-    want = sample.student_sample(velocity, x, [1000.0, 757.0, 522.0], torch.Generator().manual_seed(3))
+    want = flow.rollout(velocity, x, [1000.0, 757.0, 522.0], generator=torch.Generator().manual_seed(3))[0]
     sched.set_timesteps(3, device="cpu")   # as WanPipeline calls it
     assert sched.timesteps.tolist() == pytest.approx([1000.0, 757.0, 522.0])
     g, lat = torch.Generator().manual_seed(3), x
@@ -216,7 +220,7 @@ def test_card_sampler_is_the_student_sampler(tiny_pipeline):
 
 def test_webhooks_payloads_order_and_isolation(tmp_path, capsys):
     srv = Server()
-    png = publish.png_bytes(np.zeros((4, 4, 3), np.uint8))
+    png = media.png_bytes(np.zeros((4, 4, 3), np.uint8))
     cfg = tmp_path / "hook.json"
     cfg.write_text(json.dumps({"webhook_type": "discord", "webhook_url": srv.url + "/api/webhooks/1/SECRET",
                                "message_prefix": "run7", "log_level": "info"}))
@@ -391,9 +395,9 @@ def test_failure_and_config_errors(tmp_path):
     assert not (tmp_path / "b").exists()   # before anything was written
     # the seed's SimpleTuner keys map by name (strings from JSON converted)
     hook_cfg = {"webhook_type": "raw", "callback_url": "http://127.0.0.1:1/x"}
-    assert train_dmd.map_simpletuner({"push_to_hub": "true", "push_checkpoints_to_hub": False, "hub_model_id": "me/x",
-                                      "model_card_private": "false", "webhook_config": hook_cfg, "report_to": "none",
-                                      "tracker_project_name": "p", "tracker_run_name": "r"}) == {
+    assert configurator.map_simpletuner({"push_to_hub": "true", "push_checkpoints_to_hub": False, "hub_model_id": "me/x",
+                                         "model_card_private": "false", "webhook_config": hook_cfg, "report_to": "none",
+                                         "tracker_project_name": "p", "tracker_run_name": "r"}, train_dmd.DEFAULTS) == {
         "push_to_hub": True, "push_checkpoints_to_hub": False, "hub_model_id": "me/x", "model_card_private": False,
         "webhook_config": hook_cfg, "report_to": "none", "tracker_project_name": "p", "tracker_run_name": "r"}
     hook.close()

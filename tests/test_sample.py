@@ -5,7 +5,12 @@ import torch
 from safetensors.torch import save_file
 
 import model_wan as mw
+import media
+import vae_wan
+import text_encoders
+import lora
 import sample
+import flow
 from configurator import configure
 
 
@@ -18,7 +23,7 @@ def pipe_dir(tiny_pipeline, tmp_path):
 def test_text_encoder_matches_diffusers(tiny_pipeline, pipe_dir):
     prompts = ["a red circle moving left", "  a   blue &amp;amp; green square moving up the video  "]
     ref, _ = tiny_pipeline.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=512)
-    te = mw.load_text_encoder(pipe_dir)
+    te = text_encoders.load_text_encoder(pipe_dir)
     ours = te.encode(prompts)
     assert ours.shape == (2, 512, 32)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
@@ -50,11 +55,11 @@ def test_text_encoder_original_layout(tiny_pipeline, tmp_path):
     te_ref = tiny_pipeline.text_encoder
     sd = {hf_to_original_t5(k): v for k, v in te_ref.state_dict().items() if k != "encoder.embed_tokens.weight"}
     assert len(sd) == 2 + 10 * te_ref.config.num_layers
-    torch.save(sd, tmp_path / sample.mw.T5_PTH)
+    torch.save(sd, tmp_path / sample.text_encoders.T5_PTH)
     tiny_pipeline.tokenizer.save_pretrained(tmp_path / "google" / "umt5-xxl")
     prompts = ["a cat moving right", "the dog"]
     ref, _ = tiny_pipeline.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=512)
-    torch.testing.assert_close(mw.load_text_encoder(tmp_path).encode(prompts), ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(text_encoders.load_text_encoder(tmp_path).encode(prompts), ref, rtol=0, atol=1e-6)
 
 
 def run_sample(pipe_dir, tmp_path, **kw):
@@ -73,13 +78,13 @@ def test_teacher_sampling_matches_diffusers(tiny_pipeline, pipe_dir, tmp_path, n
     from diffusers import WanPipeline
     paths, (ours,) = run_sample(pipe_dir, tmp_path, negative_prompt=neg, num_inference_steps=steps, guidance_scale=guidance)
     pipe = WanPipeline.from_pretrained(pipe_dir)
-    ref = pipe(prompt="a red circle moving left", negative_prompt=mw.WAN_NEGATIVE_PROMPT if neg is None else neg,
+    ref = pipe(prompt="a red circle moving left", negative_prompt=text_encoders.WAN_NEGATIVE_PROMPT if neg is None else neg,
                height=32, width=48, num_frames=5, num_inference_steps=steps, guidance_scale=guidance,
                generator=torch.Generator("cpu").manual_seed(7), output_type="latent").frames
     assert ours.shape == ref.shape == (1, 16, 2, 4, 6)
     err = (ours - ref).abs().max().item()
     assert err <= 1e-4, err
-    frames, fps = sample.read_mp4(paths[0])
+    frames, fps = media.read_mp4(paths[0])
     assert frames.shape == (5, 32, 48, 3) and fps == 16
 
 
@@ -104,13 +109,13 @@ def test_unipc_matches_diffusers_scheduler(n, shift, layout):
         sched.set_timesteps(n)
     else:   # the original Wan schedule through diffusers' class (wan21.md §7.2)
         sched.set_timesteps(sigmas=np.linspace(0.999, 0, n + 1)[:-1])
-    sigmas, timesteps = sample.flow_schedule(n, shift, layout)
+    sigmas, timesteps = flow.flow_schedule(n, shift, layout)
     assert torch.equal(timesteps, sched.timesteps)
     torch.testing.assert_close(sigmas, sched.sigmas, rtol=0, atol=1e-7)
     ref = x.clone()
     for t in sched.timesteps:
         ref = sched.step(velocity(ref, t.float().expand(2)), t, ref).prev_sample
-    ours = sample.unipc_sample(velocity, x.clone(), sigmas, timesteps)
+    ours = flow.unipc_sample(velocity, x.clone(), sigmas, timesteps)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
@@ -118,10 +123,10 @@ def test_samplers_exact_on_a_straight_flow():
     """With the exact velocity toward x0, every sampler lands on x0 (closed form)."""
     g = torch.Generator().manual_seed(1)
     x0, noise = torch.randn(2, 16, 1, 4, 4, generator=g), torch.randn(2, 16, 1, 4, 4, generator=g)
-    sigmas, timesteps = sample.flow_schedule(5, 3.0)
+    sigmas, timesteps = flow.flow_schedule(5, 3.0)
     v = velocity_to(x0)
-    torch.testing.assert_close(sample.euler_sample(v, noise.clone(), sigmas), x0, rtol=0, atol=1e-5)
-    torch.testing.assert_close(sample.unipc_sample(lambda x, t: v(x, sigmas[(timesteps == t[0]).nonzero()[0]].expand(2) * 1000),
+    torch.testing.assert_close(flow.euler_sample(v, noise.clone(), sigmas), x0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(flow.unipc_sample(lambda x, t: v(x, sigmas[(timesteps == t[0]).nonzero()[0]].expand(2) * 1000),
                                                    noise.clone(), sigmas, timesteps), x0, rtol=0, atol=1e-5)
 
 
@@ -131,7 +136,7 @@ def test_student_sampler_two_steps_by_hand():
     A = torch.randn(16, 16, generator=g) * 0.2
     v = lambda x, t: torch.einsum("oc,bcfhw->bofhw", A, x) + t.view(-1, 1, 1, 1, 1) / 1000   # noqa: E731
     gen = torch.Generator().manual_seed(11)
-    out = sample.student_sample(v, x.clone(), [1000.0, 400.0], gen)
+    out = flow.rollout(v, x.clone(), [1000.0, 400.0], generator=gen)[0]
     # by hand: x0 = x − 1.0·v(x, 1000); x1 = 0.6·x0 + 0.4·ε (ε the generator's next draw); x0' = x1 − 0.4·v(x1, 400)
     eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(11))
     x0 = x - (torch.einsum("oc,bcfhw->bofhw", A, x) + 1.0)
@@ -142,19 +147,19 @@ def test_student_sampler_two_steps_by_hand():
 
 def test_student_mode_with_exported_adapter(pipe_dir, tmp_path):
     dit = mw.load_dit(pipe_dir)
-    mw.add_adapter(dit, "g", rank=4, alpha=8)
-    for p in mw.adapter_parameters(dit, "g"):
+    lora.add_adapter(dit, "g", rank=4, alpha=8)
+    for p in lora.adapter_parameters(dit, "g"):
         torch.nn.init.normal_(p, std=0.05)
     save_file(mw.adapter_state_dict(dit, "g"), tmp_path / "student.safetensors")
     paths, (lat,) = run_sample(pipe_dir, tmp_path, ckpt=str(tmp_path), num_frames=9)   # folder -> student.safetensors
     assert lat.shape == (1, 16, 3, 4, 6)
     # same as the sampler run by hand on our DiT with the adapter active, same noise convention
-    x, gen = sample.initial_noise(1, 9, 32, 48, 7, "cpu")
-    ctx = mw.load_text_encoder(pipe_dir).encode(["a red circle moving left"])
-    with torch.no_grad(), mw.use_adapter(dit, "g"):
-        ref = sample.student_sample(lambda x_, t_: dit(x_, t_, ctx), x, [1000.0, 757.0, 522.0], gen)
+    x, gen = flow.initial_noise(1, 9, 32, 48, 7, "cpu")
+    ctx = text_encoders.load_text_encoder(pipe_dir).encode(["a red circle moving left"])
+    with torch.no_grad(), lora.use_adapter(dit, "g"):
+        ref = sample.sample_student(dit, ctx, x, [1000.0, 757.0, 522.0], None, gen)
     torch.testing.assert_close(lat, ref, rtol=0, atol=1e-5)
-    frames, fps = sample.read_mp4(paths[0])
+    frames, fps = media.read_mp4(paths[0])
     assert frames.shape == (9, 32, 48, 3)
 
 
@@ -162,7 +167,7 @@ def test_mp4_round_trip(tmp_path):
     t = torch.linspace(-1, 1, 9)
     video = t.view(1, 9, 1, 1).expand(3, 9, 32, 48).clone()
     video[0] = -video[0]
-    frames, fps = sample.read_mp4(sample.write_mp4(str(tmp_path / "v.mp4"), video, fps=16))
+    frames, fps = media.read_mp4(media.write_mp4(str(tmp_path / "v.mp4"), video, fps=16))
     assert frames.shape == (9, 32, 48, 3) and fps == 16
     expect = ((video.permute(1, 2, 3, 0) + 1) * 127.5).numpy()
     assert np.abs(frames.astype(np.float32) - expect).mean() < 3.0   # H.264 yuv420p, crf 17
@@ -184,7 +189,7 @@ def test_bad_inputs(pipe_dir, tmp_path):
     import shutil
     shutil.rmtree(pipe_dir / "text_encoder")
     with pytest.raises(FileNotFoundError, match="text_encoder"):
-        mw.load_text_encoder(pipe_dir)
+        text_encoders.load_text_encoder(pipe_dir)
     with pytest.raises(ValueError, match="denoising_steps"):
         run_sample(pipe_dir, tmp_path, denoising_steps="500,900")
 
@@ -223,22 +228,22 @@ def test_student_steps_as_trained(tmp_path):
 
 def test_demo_teacher_folder(tmp_path):
     """A demo.py teacher folder (DiT + VAE + the tiny_text_encoder marker, no UMT5) samples with
-    train_dmd.TinyTextEncoder's embeddings: the same latents as the sampler run by hand on them."""
+    text_encoders.TinyTextEncoder's embeddings: the same latents as the sampler run by hand on them."""
     import train_dmd
     torch.manual_seed(0)
     dit = mw.WanDiT(mw.PRESETS["tiny"]).eval()
     mw.save_dit(dit, tmp_path / "teacher" / "transformer")
-    mw.save_vae(mw.WanVAE(mw.WanVAEConfig(base_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1)), str(tmp_path / "teacher" / "vae"))
+    vae_wan.save_vae(vae_wan.WanVAE(vae_wan.WanVAEConfig(base_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1)), str(tmp_path / "teacher" / "vae"))
     (tmp_path / "teacher" / "model_index.json").write_text("{}")
-    (tmp_path / "teacher" / train_dmd.TINY_TEXT_MARKER).write_text("")
+    (tmp_path / "teacher" / text_encoders.TINY_TEXT_MARKER).write_text("")
     paths, (lat,) = run_sample(tmp_path / "teacher", tmp_path, denoising_steps="1000,500", num_frames=9)
-    x, gen = sample.initial_noise(1, 9, 32, 48, 7, "cpu")
-    ctx = train_dmd.TinyTextEncoder(32).encode(["a red circle moving left"])
+    x, gen = flow.initial_noise(1, 9, 32, 48, 7, "cpu")
+    ctx = text_encoders.TinyTextEncoder(32).encode(["a red circle moving left"])
     with torch.no_grad():
-        ref = sample.student_sample(lambda x_, t_: dit(x_, t_, ctx), x, [1000.0, 500.0], gen)
+        ref = sample.sample_student(dit, ctx, x, [1000.0, 500.0], None, gen)
     torch.testing.assert_close(lat, ref, rtol=0, atol=1e-5)
-    assert sample.read_mp4(paths[0])[0].shape == (9, 32, 48, 3)
+    assert media.read_mp4(paths[0])[0].shape == (9, 32, 48, 3)
     import data   # data.py loads the same folder for teacher data: frozen weights, the tiny text encoder
-    base, _, te, _ = data.load_models(dict(train_dmd.DEFAULTS, pretrained_model_name_or_path=str(tmp_path / "teacher"),
-                                           device="cpu"), dit=True)
-    assert not any(p.requires_grad for p in base.parameters()) and isinstance(te, train_dmd.TinyTextEncoder)
+    base, _, te = data.load_teacher(dict(train_dmd.DEFAULTS, pretrained_model_name_or_path=str(tmp_path / "teacher"),
+                                         device="cpu"), torch.device("cpu"), torch.float32)
+    assert not any(p.requires_grad for p in base.parameters()) and isinstance(te, text_encoders.TinyTextEncoder)

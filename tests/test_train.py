@@ -11,8 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 import model_wan as mw
+import media
+import text_encoders
+import lora
 import sample
+import flow
 import train_dmd
+import configurator
 from configurator import configure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,16 +62,16 @@ def test_tiny_run_end_to_end(tmp_path, tiny_pipeline):
     assert json.load(open(out / "config.json"))["max_train_steps"] == 6
     for step in (3, 6):
         mp4s = [n for n in os.listdir(out / "validation" / f"step_{step}") if n.endswith(".mp4")]   # + contact_sheet.png
-        assert len(mp4s) == 1 and sample.read_mp4(str(out / "validation" / f"step_{step}" / mp4s[0]))[0].shape == (9, 64, 64, 3)
+        assert len(mp4s) == 1 and media.read_mp4(str(out / "validation" / f"step_{step}" / mp4s[0]))[0].shape == (9, 64, 64, 3)
     # the exported student: adapter file (EMA weights) on the teacher == merged transformer/ folder
     x, t = torch.randn(1, 16, 3, 8, 8), torch.tensor([757.0])
-    ctx = train_dmd.pad_context([train_dmd.TinyTextEncoder(32).encode(["a red circle moving left"])[0, :6]], "cpu", torch.float32)
+    ctx = text_encoders.pad_context([text_encoders.TinyTextEncoder(32).encode(["a red circle moving left"])[0, :6]]).to("cpu", torch.float32)
     teacher = tiny_teacher()
     assert sample.load_student(teacher, str(out)) == "adapter"   # folder -> student_ema.safetensors
     merged = mw.load_dit(out / "transformer")
     with torch.no_grad():
         a, b = teacher(x, t, ctx), merged(x, t, ctx)
-        with mw.use_adapter(teacher, None):
+        with lora.use_adapter(teacher, None):
             base = teacher(x, t, ctx)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert (a - base).abs().max() > 0   # the student differs from the teacher
@@ -137,12 +142,12 @@ def test_teacher_frozen_and_networks_separate(tmp_path):
     assert all(not p.requires_grad for n, p in res["base"].named_parameters() if ".lora_" not in n)
     # a critic loss reaches only critic parameters, a generator (DMD) loss only generator parameters
     base_m = res["base"]
-    G = train_dmd.velocity_fn(base_m, "generator", lambda: torch.autocast("cpu", enabled=False))
-    Fk = train_dmd.velocity_fn(base_m, "critic", lambda: torch.autocast("cpu", enabled=False))
-    R = train_dmd.velocity_fn(base_m, None, lambda: torch.autocast("cpu", enabled=False))
+    G = lora.velocity_fn(base_m, "generator", lambda: torch.autocast("cpu", enabled=False))
+    Fk = lora.velocity_fn(base_m, "critic", lambda: torch.autocast("cpu", enabled=False))
+    R = lora.velocity_fn(base_m, None, lambda: torch.autocast("cpu", enabled=False))
     ctx = torch.randn(1, 512, 32)
     base_m.zero_grad(set_to_none=True)
-    x_g, t_from, t_to = train_dmd.rollout(G, torch.randn(1, 16, 3, 8, 8), ctx, [1000.0, 757.0, 522.0], 2)
+    x_g, t_from, t_to = flow.rollout(lambda x, t: G(x, t, ctx), torch.randn(1, 16, 3, 8, 8), [1000.0, 757.0, 522.0], 2)
     loss, _, _ = train_dmd.dmd_loss(x_g, torch.tensor([500.0]), R, Fk, ctx, torch.zeros_like(ctx), 3.0, 0.0)
     loss.backward()
     assert all(p.grad is not None for p in res["g_params"]) and all(p.grad is None for p in res["f_params"])
@@ -155,7 +160,7 @@ def test_full_finetune_mode(tmp_path):
     res = train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=2", "--lora_rank=0", "--fake_score_lora_rank=0",
                                    "--validation_step_interval=1000", "--checkpoint_step_interval=1000"))
     assert res["generator"] is not res["base"] and res["critic"] is not res["base"]
-    assert mw.adapter_names(res["critic"]) == [] and mw.adapter_names(res["base"]) == []
+    assert lora.adapter_names(res["critic"]) == [] and lora.adapter_names(res["base"]) == []
     student = mw.load_dit(tmp_path / "transformer")
     assert sample.load_student(tiny_teacher(), str(tmp_path)) == "full"
     assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), tiny_teacher().state_dict().values()))
@@ -241,7 +246,7 @@ def test_train_on_a_diffusers_pipeline_folder(tiny_pipeline, tmp_path):
                                  guidance_scale=1.0, flow_shift=None, sampler="unipc", denoising_steps="", seed=0,
                                  batch_size=1, out=str(tmp_path / "s"), save_latents=False, fps=16, device="cpu",
                                  dtype="float32"))
-    assert sample.read_mp4(paths[0])[0].shape == (5, 32, 48, 3)
+    assert media.read_mp4(paths[0])[0].shape == (5, 32, 48, 3)
 
 
 def test_resume_with_a_different_network_is_a_clear_error(tmp_path):

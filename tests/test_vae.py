@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model_wan as mw
+import vae_wan
 from conftest import run_offline_hub, randomize_
 
 TINY = dict(base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
@@ -23,7 +24,7 @@ def make_ref(kw, seed=0):
 
 
 def ours_like(ref):
-    m = mw.WanVAE(mw.vae_config_from_state_dict(ref.state_dict(), dict(ref.config))).eval()
+    m = vae_wan.WanVAE(vae_wan.vae_config_from_state_dict(ref.state_dict(), dict(ref.config))).eval()
     m.load_state_dict(ref.state_dict(), strict=True)
     return m
 
@@ -75,7 +76,7 @@ def test_parity_wide_channels():
 
 def test_real_config_on_meta():
     with torch.device("meta"):
-        m = mw.WanVAE()
+        m = vae_wan.WanVAE()
     assert mw.num_params(m) == 126_892_531
     sd = m.state_dict()
     assert len(sd) == 194   # wan21.md §8.5: 194 tensors each side
@@ -121,7 +122,7 @@ def test_diffusers_folder_and_pipeline_root(tiny_ref, tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline",
                                                            "vae": ["diffusers", "AutoencoderKLWan"]}))
     for src in (tmp_path / "vae", tmp_path, tmp_path / "vae" / "diffusion_pytorch_model.safetensors"):
-        m = mw.load_vae(src)
+        m = vae_wan.load_vae(src)
         assert m.cfg.dim_mult == (1, 1, 1, 1) and m.cfg.latents_std == tuple(tiny_ref.config.latents_std)
         e, d = parity(m, tiny_ref, 5)
         assert e <= 1e-5 and d <= 1e-5, (src, e, d)
@@ -131,10 +132,10 @@ def test_original_layout_folder_and_file():
     import tempfile
     ref = make_ref(WIDE, seed=4)
     with tempfile.TemporaryDirectory() as d:
-        save_original(ref, os.path.join(d, mw.VAE_PTH), R=2)
-        for src in (d, os.path.join(d, mw.VAE_PTH)):
-            m = mw.load_vae(src)
-            assert m.cfg == mw.WanVAEConfig(base_dim=8)   # inferred from shapes; Wan 2.1 latent constants
+        save_original(ref, os.path.join(d, vae_wan.VAE_PTH), R=2)
+        for src in (d, os.path.join(d, vae_wan.VAE_PTH)):
+            m = vae_wan.load_vae(src)
+            assert m.cfg == vae_wan.WanVAEConfig(base_dim=8)   # inferred from shapes; Wan 2.1 latent constants
             e, dd = parity(m, ref, 9)
             assert e <= 1e-5 and dd <= 1e-5, (src, e, dd)
 
@@ -151,17 +152,17 @@ def test_hub_id_offline_cache(tiny_ref, tmp_path):
             tiny_ref.save_pretrained(snap / "vae")
             (snap / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
         else:
-            save_original(tiny_ref, snap / mw.VAE_PTH, R=1)
+            save_original(tiny_ref, snap / vae_wan.VAE_PTH, R=1)
     tiny_ref.save_pretrained(tmp_path / "local")
     code = ("import model_wan as mw, torch\n"
-            f"ref = mw.load_vae({str(tmp_path / 'local')!r}).state_dict()\n"
+            f"ref = vae_wan.load_vae({str(tmp_path / 'local')!r}).state_dict()\n"
             "for repo in ('someone/tiny-wan', 'someone/tiny-wan-orig'):\n"
-            "    sd = mw.load_vae(repo).state_dict()\n"
+            "    sd = vae_wan.load_vae(repo).state_dict()\n"
             "    print('OK' if sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in sd) else 'BAD', repo)\n"
-            "try:\n    mw.load_vae('someone/absent-wan')\nexcept FileNotFoundError as e:\n    print('ERR', e)\n")
+            "try:\n    vae_wan.load_vae('someone/absent-wan')\nexcept FileNotFoundError as e:\n    print('ERR', e)\n")
     stdout = run_offline_hub(code, cache, tmp_path)
     assert "OK someone/tiny-wan\n" in stdout and "OK someone/tiny-wan-orig" in stdout, stdout
-    assert "ERR 'someone/absent-wan'" in stdout and mw.VAE_PTH in stdout
+    assert "ERR 'someone/absent-wan'" in stdout and vae_wan.VAE_PTH in stdout
 
 
 def test_bad_inputs(tiny_ref):
@@ -179,10 +180,10 @@ def test_bad_inputs(tiny_ref):
 
 def test_loader_errors(tiny_ref, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file or folder.*nowhere"):
-        mw.load_vae(str(tmp_path / "nowhere"))
+        vae_wan.load_vae(str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=f"diffusion_pytorch_model.*{mw.VAE_PTH}"):
-        mw.load_vae(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=f"diffusion_pytorch_model.*{vae_wan.VAE_PTH}"):
+        vae_wan.load_vae(tmp_path / "empty")
     tiny_ref.save_pretrained(tmp_path / "vae")
     path = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
     sd = load_file(path)
@@ -191,23 +192,23 @@ def test_loader_errors(tiny_ref, tmp_path):
     save_file(sd, path)
     with pytest.raises(ValueError, match=r"(?s)missing keys \(1\).*decoder.conv_out.bias.*"
                                          r"unexpected keys \(1\).*decoder.extra.weight"):
-        mw.load_vae(tmp_path / "vae")
+        vae_wan.load_vae(tmp_path / "vae")
     tiny_ref.save_pretrained(tmp_path / "vae2")
     cfg = json.loads((tmp_path / "vae2" / "config.json").read_text())
     (tmp_path / "vae2" / "config.json").write_text(json.dumps({**cfg, "base_dim": 32}))
     with pytest.raises(ValueError, match="base_dim=32"):
-        mw.load_vae(tmp_path / "vae2")
+        vae_wan.load_vae(tmp_path / "vae2")
     (tmp_path / "vae2" / "config.json").write_text(json.dumps({**cfg, "is_residual": True}))
     with pytest.raises(ValueError, match="is_residual"):
-        mw.load_vae(tmp_path / "vae2")
+        vae_wan.load_vae(tmp_path / "vae2")
 
 
 def test_dtype_and_meta_load(tiny_ref, tmp_path):
     """Latent constants are plain floats: they survive the meta build + assign and a cast."""
     tiny_ref.save_pretrained(tmp_path)
-    m32, mb = mw.load_vae(tmp_path), mw.load_vae(tmp_path, dtype=torch.bfloat16)
+    m32, mb = vae_wan.load_vae(tmp_path), vae_wan.load_vae(tmp_path, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in mb.parameters())
-    assert mb.cfg.latents_mean == mw.WAN21_LATENTS_MEAN
+    assert mb.cfg.latents_mean == vae_wan.WAN21_LATENTS_MEAN
     z = torch.randn(1, 16, 2, 4, 6, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         a, b = m32.decode(z), mb.decode(z)
@@ -229,7 +230,7 @@ def test_decode_cache_keeps_two_frames(tiny_ref):
     tensors = [v for v in cache.values() if isinstance(v, torch.Tensor)]
     assert len(tensors) >= 20
     for v in tensors:
-        assert v.shape[2] <= mw.CACHE_T
+        assert v.shape[2] <= vae_wan.CACHE_T
         assert v.untyped_storage().nbytes() == v.numel() * v.element_size()
 
 

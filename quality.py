@@ -1,0 +1,234 @@
+"""
+Sample quality against a world with known modes: demo.py's synthetic captioned videos and a detector on decoded
+pixels, and the metrics of a teacher/student pair over many seeds (bench/bench_quality.py is its command line).
+
+The world: "a <colour> <shape> moving <direction>" (3 colours x 2 shapes x 4 directions = 24 captions). Each
+caption has 3 modes: the band (of 3) across the motion axis the shape travels in. Clips jitter within the band,
+so a detector on decoded pixels (`detect`) tells colour, shape, direction and mode, and coverage is measurable.
+
+The samplers (SAMPLERS): teacher 50 steps (flow UniPC + CFG), teacher with the student's step count (the same
+UniPC + CFG), the DMD student (its steps, sample.sample_student). The table (`evaluate`):
+  precision  share of samples that show a valid mode of their caption (detector on decoded pixels: colour,
+             direction, start band; the shape is reported apart, see `detect`),
+  coverage   share of each caption's modes produced over the seeds (mean over captions),
+  mode TV    total variation between the sampler's caption x mode weights and a second teacher-50 set's (other
+             seeds): does the student keep the teacher's balance of modes; teacher-50's own row is the noise floor,
+  MMD        squared MMD (RBF kernel, median bandwidth) of the latents to that second teacher-50 set (its floor too).
+Precision and coverage need captions the detector knows; for any other prompt file only MMD is reported.
+"""
+import copy
+import os
+import time
+
+import numpy as np
+import torch
+
+import flow
+import media
+import model_wan as mw
+import sample
+import text_encoders
+import vae_wan
+
+# -----------------------------------------------------------------------------
+# the world: captions, clips, and a detector that reads them back
+
+COLOURS = {"red": (220, 50, 50), "green": (50, 200, 60), "blue": (60, 90, 235)}
+SHAPES = ("circle", "square")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}   # (dx, dy), y down
+BACKGROUND = (30, 30, 30)
+NUM_BANDS = 3
+
+
+def captions():
+    return [f"a {c} {s} moving {d}" for s in SHAPES for c in COLOURS for d in DIRECTIONS]
+
+
+def parse_caption(caption):
+    """"a red circle moving left" -> ("red", "circle", "left"), or None for any other prompt."""
+    w = caption.lower().split()
+    if len(w) == 5 and w[0] == "a" and w[1] in COLOURS and w[2] in SHAPES and w[3] == "moving" and w[4] in DIRECTIONS:
+        return w[1], w[2], w[4]
+    return None
+
+
+def geometry(size, num_frames):
+    """Radius, speed (px/frame) and band centres, all scaled with the frame size."""
+    r = size * 5 / 32
+    speed = size * 12 / 32 / (num_frames - 1)          # 12 px over the clip at 32 px
+    bands = [size * (i + 1) / (NUM_BANDS + 1) for i in range(NUM_BANDS)]
+    return r, speed, bands
+
+
+def render(caption, band, size, num_frames, jitter=(0.0, 0.0)):
+    """One clip -> uint8 (F, size, size, 3): the shape crosses the frame centre along its direction, in `band`
+    across it; jitter (along, across) in pixels."""
+    colour, shape, direction = parse_caption(caption)
+    r, speed, bands = geometry(size, num_frames)
+    dx, dy = DIRECTIONS[direction]
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    out = np.empty((num_frames, size, size, 3), np.uint8)
+    out[:] = BACKGROUND
+    half = speed * (num_frames - 1) / 2
+    for f in range(num_frames):
+        along = size / 2 - half + speed * f + jitter[0]
+        across = bands[band] + jitter[1]
+        cx, cy = (along if dx > 0 else size - along, across) if dx else (across, along if dy > 0 else size - along)
+        if shape == "circle":
+            mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+        else:
+            mask = np.maximum(abs(xx - cx), abs(yy - cy)) <= 0.9 * r
+        out[f][mask] = COLOURS[colour]
+    return out
+
+
+def detect(video, caption):
+    """video uint8 (F,H,W,3) -> dict(valid, mode, colour, shape, direction, shape_ok): what the decoded pixels show.
+    valid: one object of the caption's colour and direction, centred in one of its bands (a mode). The shape is
+    judged apart (shape_ok): the demo's 4x4-latent VAE renders colour, place and motion but rounds the squares'
+    corners (circle/square is at chance on its own reconstructions), so it cannot be part of a sampler's score."""
+    want = parse_caption(caption)
+    size, Fn = video.shape[1], video.shape[0]
+    r, speed, bands = geometry(size, Fn)
+    v = video.astype(np.float32)
+    diff = np.abs(v - np.array(BACKGROUND, np.float32)).sum(-1)                # (F,H,W) L1 distance to the background
+    res = dict(valid=False, mode=None, colour=None, shape=None, direction=None, shape_ok=False)
+    loose = diff > 100
+    if loose.sum() == 0:
+        return res
+    cols = v[loose].mean(0)
+    res["colour"] = min(COLOURS, key=lambda k: np.abs(cols - np.array(COLOURS[k])).sum())
+    contrast = np.abs(np.array(COLOURS[res["colour"]]) - np.array(BACKGROUND)).sum()
+    fg = diff > 0.5 * contrast                                                 # the object's edge at half contrast
+    areas = fg.sum((1, 2))
+    expect = np.pi * r * r
+    if (areas < 0.4 * expect).any() or (areas > 2.0 * expect).any():
+        return res                                                             # missing in a frame, or a smear
+    fills, cent = [], []
+    for m in fg:
+        ys, xs = np.nonzero(m)
+        fills.append(len(xs) / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)))
+        cent.append((xs.mean() + 0.5, ys.mean() + 0.5))
+    res["shape"] = "square" if np.median(fills) > 0.9 else "circle"
+    cent = np.array(cent)
+    d = cent[-1] - cent[0]
+    axis = int(abs(d[1]) > abs(d[0]))                                          # 0: x, 1: y
+    if abs(d[axis]) < 0.5 * speed * (Fn - 1) or abs(d[1 - axis]) > 0.5 * abs(d[axis]):
+        return res                                                             # not moving straight
+    res["direction"] = {(0, 1): "right", (0, -1): "left", (1, 1): "down", (1, -1): "up"}[(axis, int(np.sign(d[axis])))]
+    across = cent[:, 1 - axis].mean()
+    band = int(np.argmin([abs(across - b) for b in bands]))
+    if abs(across - bands[band]) <= 0.3 * size / (NUM_BANDS + 1):          # within the band, not between two
+        res["mode"] = band
+    res["valid"] = res["mode"] is not None and (res["colour"], res["direction"]) == (want[0], want[2])
+    res["shape_ok"] = res["shape"] == want[1]
+    return res
+
+# -----------------------------------------------------------------------------
+# a teacher/student pair and its samples
+
+SAMPLERS = ("teacher-50", "teacher-3", "student-3")
+
+
+def load_pair(teacher, student, negative_prompt="", device="cpu"):
+    """teacher: a pipeline folder / hub id; student: a train_dmd output folder (its merged transformer/) or an adapter
+    / full-weights file; negative_prompt None: Wan's default -> dict(teacher, student DiTs, vae, text encoder,
+    negative context, the student's causal settings or None)."""
+    base = mw.load_dit(teacher).eval()
+    vae = vae_wan.load_vae(teacher).eval()
+    te = text_encoders.text_encoder(teacher, torch.float32, "cpu", base)
+    if os.path.isdir(os.path.join(student, "transformer")):
+        stud = mw.load_dit(os.path.join(student, "transformer")).eval()
+    else:
+        stud = copy.deepcopy(base)
+        sample.load_student(stud, student)
+    neg = text_encoders.negative_prompt(negative_prompt)
+    return dict(teacher=base.to(device), student=stud.to(device), vae=vae.to(device), te=te,
+                neg=te.encode([neg]).to(device), device=device, causal=sample.read_causal_config(student))
+
+
+@torch.no_grad()
+def sample_videos(pair, name, prompts, seeds, shape, steps, guidance, shift, batch=48):
+    """Every prompt x seed through sampler `name` -> (latents (N,16,T,h,w), videos (N,3,F,H,W) in [-1,1]),
+    prompt-major. Sample (prompt i, seed s) starts from flow.initial_noise(seed s): the same noise for every sampler."""
+    Fn, H, W = shape
+    jobs = [(p, s) for p in prompts for s in seeds]
+    lats, vids = [], []
+    for i in range(0, len(jobs), batch):
+        part = jobs[i:i + batch]
+        ctx = pair["te"].encode([p for p, _ in part]).to(pair["device"])
+        x = torch.cat([flow.initial_noise(1, Fn, H, W, s, pair["device"])[0] for _, s in part])
+        if name == "student-3":   # a causal student runs block by block with the KV cache, as sample.py does
+            gen = torch.Generator().manual_seed(part[0][1] + 7919 * i)
+            lat = sample.sample_student(pair["student"], ctx, x, steps, pair.get("causal"), gen)
+        else:
+            n = 50 if name == "teacher-50" else len(steps)
+            sig, ts = flow.flow_schedule(n, shift)
+            ts = ts.to(x.device)
+            lat = flow.unipc_sample(flow.guided(pair["teacher"], ctx, pair["neg"].expand(len(part), -1, -1), guidance), x, sig, ts)
+        lats.append(lat.cpu())
+        vids.append(pair["vae"].decode(lat).cpu())
+    return torch.cat(lats), torch.cat(vids)
+
+# -----------------------------------------------------------------------------
+# the metrics and the table
+
+def mmd2(a, b):
+    """Unbiased squared MMD between sample sets a (n,d) and b (m,d), RBF kernel with the median pairwise distance."""
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    z = torch.cat([a, b])
+    d2 = torch.cdist(z, z).square()
+    k = torch.exp(-d2 / d2[d2 > 0].median())
+    n, m = len(a), len(b)
+    kaa, kbb, kab = k[:n, :n], k[n:, n:], k[:n, n:]
+    return float((kaa.sum() - kaa.trace()) / (n * (n - 1)) + (kbb.sum() - kbb.trace()) / (m * (m - 1)) - 2 * kab.mean())
+
+
+def precision_coverage(videos, prompts, seeds):
+    """Detector on every decoded sample -> (precision, coverage, per-caption mode counts, shape accuracy) or Nones
+    when a prompt is not one of the world's captions (`detect` says why the shape is kept apart)."""
+    if not all(parse_caption(p) for p in prompts):
+        return None, None, None, None
+    found = {p: [0] * NUM_BANDS for p in prompts}
+    valid = shape = 0
+    for v, (p, _) in zip(videos, [(p, s) for p in prompts for s in seeds]):
+        r = detect(media.to_uint8(v), p)
+        shape += r["shape_ok"]
+        if r["valid"]:
+            valid += 1
+            found[p][r["mode"]] += 1
+    cov = np.mean([sum(n > 0 for n in modes) / NUM_BANDS for modes in found.values()])
+    return valid / len(videos), float(cov), found, shape / len(videos)
+
+
+def mode_tv(found, ref):
+    """Total variation between two {caption: [count per mode]} tables, each normalised over all its valid samples:
+    0 = the same caption x mode weights, 1 = disjoint. Sensitive to mode balance, which precision and coverage are not."""
+    a, b = (np.array([f[p] for p in ref], np.float64) for f in (found, ref))
+    return float(0.5 * np.abs(a / max(a.sum(), 1) - b / max(b.sum(), 1)).sum())
+
+
+def evaluate(pair, prompts, seeds, shape, steps, guidance, shift):
+    """-> {sampler: {precision, coverage, mmd, mode_tv, seconds}} (+ the mode counts per caption). The reference
+    is a second teacher-50 set (other seeds): teacher-50's own row is the noise floor of MMD and mode TV."""
+    ref_seeds = [s + 100000 for s in seeds]
+    ref, ref_vids = sample_videos(pair, "teacher-50", prompts, ref_seeds, shape, steps, guidance, shift)
+    ref_found = precision_coverage(ref_vids, prompts, ref_seeds)[2]
+    table = {}
+    for name in SAMPLERS:
+        t0 = time.perf_counter()
+        lat, vids = sample_videos(pair, name, prompts, seeds, shape, steps, guidance, shift)
+        prec, cov, found, shape_acc = precision_coverage(vids, prompts, seeds)
+        table[name] = dict(precision=prec, coverage=cov, mmd=mmd2(lat, ref), shape=shape_acc,
+                           mode_tv=None if found is None else mode_tv(found, ref_found),
+                           seconds=time.perf_counter() - t0, modes=found)
+    return table
+
+
+def format_table(table):
+    f = lambda v: "n/a" if v is None else f"{v:.3f}"   # noqa: E731
+    lines = ["| sampler | precision | coverage | mode TV to teacher-50 | MMD² to teacher-50 | shape right | sampling + decode s |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {f(r['precision'])} | {f(r['coverage'])} | {f(r.get('mode_tv'))} | {r['mmd']:.4f} | {f(r['shape'])} "
+              f"| {r['seconds']:.1f} |" for k, r in table.items()]
+    return "\n".join(lines)
