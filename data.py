@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import flow
 import media
-from cache import CachedDataset, digest, entry_meta, entry_ok, identity, trim, write_entry  # noqa: F401 (data.X API)
+from cache import CachedDataset, digest, entry_meta, entry_ok, identity, trim, write_entry
 from media import BadFile, frame_indices, load_frames, probe
 import model_wan as mw
 import text_encoders

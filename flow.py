@@ -31,11 +31,15 @@ def shift_timestep(t, s):
     return 1000 * shift_sigmas(t / 1000, s)
 
 
-def parse_steps(text):
-    """"1000,757,522" (or a list) -> [1000.0, 757.0, 522.0]; an error unless they decrease within (0, 1000]."""
-    steps = [float(s) for s in (text if isinstance(text, (list, tuple)) else str(text).split(","))]
+def parse_steps(text, name="denoising steps"):
+    """"1000,757,522" (or a list) -> [1000.0, 757.0, 522.0]; an error naming `name` unless they decrease within
+    (0, 1000]."""
+    try:
+        steps = [float(s) for s in (text if isinstance(text, (list, tuple)) else str(text).split(","))]
+    except ValueError:
+        steps = []
     if not steps or steps != sorted(steps, reverse=True) or not all(0 < s <= 1000 for s in steps):
-        raise ValueError(f"denoising steps must decrease within (0, 1000], got {text!r}")
+        raise ValueError(f"{name} must decrease within (0, 1000], got {text!r}")
     return steps
 
 

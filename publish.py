@@ -1,8 +1,9 @@
 """
-Publishing a train_dmd.py run: the hub upload (the final student, and each checkpoint as it is written, from a
-background thread, resumable), the model card, webhooks (Discord-style or raw JSON, background thread, bounded
-queue) and the run's artefacts (env.json, loss_curve.png, a contact sheet per validation step, preview.gif),
-drawn with a tiny pure-Python PNG / GIF writer and line-plot rasteriser (no PIL or matplotlib at run time).
+Everything a train_dmd.py run writes for people and other programs: its log (log.jsonl, wandb, the terminal line),
+its validation samples and exported student (validate, export), the hub upload (the final student, and each
+checkpoint as it is written, from a background thread, resumable), the model card, webhooks (Discord-style or raw
+JSON, background thread, bounded queue) and the run's artefacts (env.json, loss_curve.png, a contact sheet per
+validation step, preview.gif, drawn by media.py: no PIL or matplotlib at run time).
 
   python publish.py OUTPUT_DIR --dry_run     # build OUTPUT_DIR/.hub_staging/final (the exact upload) and list it
   python publish.py OUTPUT_DIR               # push a finished run (e.g. one trained offline) to its hub_model_id
@@ -464,12 +465,7 @@ def model_card(c, steps, records, env, files, prompts):
     base = base_model_id(src)
     pipe_id = DIFFUSERS_BASES.get(base, base) or "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     repo = c["hub_model_id"] or "OUTPUT_DIR"
-    lora = c["lora_rank"] > 0
-    adapter = "student_ema.safetensors" if "student_ema.safetensors" in files else "student.safetensors"
-    merged = "transformer/config.json" in files
-    sigmas = ", ".join(f"{s / 1000:g}" for s in steps)
-    W, H = (int(v) for v in c["validation_resolution"].lower().split("x"))
-    Fn = c["validation_num_video_frames"]
+    is_lora = c["lora_rank"] > 0
     last = records[-max(1, len(records) // 10):] if records else []
 
     def mean(k):
@@ -479,12 +475,12 @@ def model_card(c, steps, records, env, files, prompts):
     took = duration(secs)
     world = env.get("world_size", 1)
     gpus = ", ".join(sorted(set(env.get("gpus") or []))) or "CPU"
-    tags = ["text-to-video", "diffusers", "wan2.1", "dmd", "distillation", "few-step", "wan-dmd"] + (["lora"] if lora else [])
-    meta = ["---"] + ([f"base_model: {base}", f"base_model_relation: {'adapter' if lora else 'finetune'}"] if base else [])
+    tags = ["text-to-video", "diffusers", "wan2.1", "dmd", "distillation", "few-step", "wan-dmd"] + (["lora"] if is_lora else [])
+    meta = ["---"] + ([f"base_model: {base}", f"base_model_relation: {'adapter' if is_lora else 'finetune'}"] if base else [])
     meta += [f"license: {base_license(src, base)}", "library_name: diffusers", "pipeline_tag: text-to-video", "tags:"]
     meta += [f"- {t}" for t in tags] + ["---", ""]
     prompt = prompts[0] if prompts else c["validation_prompt"]
-    gen = f"LoRA rank {c['lora_rank']}, alpha {c['lora_alpha']:g}" if lora else "full fine-tune"
+    gen = f"LoRA rank {c['lora_rank']}, alpha {c['lora_alpha']:g}" if is_lora else "full fine-tune"
     critic = f"LoRA rank {c['fake_score_lora_rank']}" if c["fake_score_lora_rank"] > 0 else "full fine-tune"
     L = meta + [f"# {repo.split('/')[-1]}: a {len(steps)}-step DMD student of {base or src}", ""]
     L += [f"A {len(steps)}-step text-to-video student distilled from `{base or src}` with DMD (Distribution Matching "
@@ -510,13 +506,24 @@ def model_card(c, steps, records, env, files, prompts):
           f"| final losses (mean of the last {len(last)} logged steps) | dmd_loss {mean('dmd_loss')}, "
           f"fake_score_loss {mean('fake_score_loss')}, abs(g) {mean('g_abs')} |",
           f"| code | wan-dmd commit `{env.get('git_commit', 'unknown')}`, torch {env.get('torch', '?')} |", ""]
+    return "\n".join(L + card_usage(c, steps, files, repo, pipe_id, prompt) + card_files(files)) + "\n"
+
+
+def card_usage(c, steps, files, repo, pipe_id, prompt):
+    """The model card's loading snippets (diffusers, then wan-dmd's sample.py) -> lines."""
+    adapter = "student_ema.safetensors" if "student_ema.safetensors" in files else "student.safetensors"
+    merged = "transformer/config.json" in files
+    sigmas = ", ".join(f"{s / 1000:g}" for s in steps)
+    W, H = (int(v) for v in c["validation_resolution"].lower().split("x"))
+    Fn = c["validation_num_video_frames"]
+    L = []
     L += ["## Use it with diffusers", "",
           f"The student samples in {len(steps)} steps: x0 = x − σ·v(x, t), then x0 is re-noised to the next σ with fresh "
           "noise (`FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)` on the sigmas below), guidance_scale 1.", "",
           "```python", "import torch", "from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline",
           "from diffusers.utils import export_to_video", "",
           f'pipe = WanPipeline.from_pretrained("{pipe_id}", torch_dtype=torch.bfloat16)']
-    if lora and adapter in files:
+    if c["lora_rank"] > 0 and adapter in files:
         L += [f'pipe.load_lora_weights("{repo}", weight_name="{adapter}")   # the LoRA student (EMA weights)']
         if merged:
             L += ["# or the merged student:", "# from diffusers import WanTransformer3DModel",
@@ -537,7 +544,12 @@ def model_card(c, steps, records, env, files, prompts):
     L += ["## Use it with wan-dmd", "", "```bash", f"hf download {repo} --local-dir student",
           f'python sample.py --model={pipe_id} --ckpt=student --denoising_steps={fmt_steps(steps)} \\',
           f'    --height={H} --width={W} --num_frames={Fn} --prompt={shlex.quote(prompt)}', "```", ""]
-    L += ["## Files", "", "| file | what |", "|---|---|"]
+    return L
+
+
+def card_files(files):
+    """The model card's table of the uploaded files -> lines."""
+    L = ["## Files", "", "| file | what |", "|---|---|"]
     what = {"student_ema.safetensors": "the student, EMA weights: LoRA adapter (diffusers/PEFT keys) or full weights",
             "student.safetensors": "the student: LoRA adapter (diffusers/PEFT keys) or full weights",
             "transformer/": "merged student in diffusers `WanTransformer3DModel` layout",
@@ -547,7 +559,7 @@ def model_card(c, steps, records, env, files, prompts):
             "preview.gif": "validation samples (downscaled)", "samples/": "validation videos of the last step"}
     shown = {f.split("/")[0] + "/" if "/" in f else f for f in files}
     L += [f"| `{k}` | {v} |" for k, v in what.items() if k in shown]
-    return "\n".join(L) + "\n"
+    return L
 
 # -----------------------------------------------------------------------------
 # the run's side effects, called by train_dmd.train
@@ -561,9 +573,7 @@ def write_card(c, steps=None):
     push_to_hub uploads: student file(s), config, env, log, loss curve, preview, the last validation step's mp4s."""
     out = c["output_dir"]
     if steps is None:   # as train_dmd.train computes them (after the optional warp)
-        from train_dmd import rollout_steps
-        steps = rollout_steps([float(s) for s in str(c["dmd_denoising_steps"]).split(",")], c["warp_denoising_step"],
-                              c["timestep_shift"])
+        steps = flow.rollout_steps(flow.parse_steps(c["dmd_denoising_steps"]), c["warp_denoising_step"], c["timestep_shift"])
     steps_dirs = sorted(glob.glob(os.path.join(out, "validation", "step_*")), key=lambda p: int(p.rsplit("_", 1)[1]))
     prompts, files = [c["validation_prompt"]], {}
     if c.get("validation_prompt_library") and os.path.exists(c["validation_prompt_library"]):

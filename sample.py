@@ -198,7 +198,7 @@ def settings(c):
     s["steps"] = None
     if c["ckpt"] or c["denoising_steps"]:   # the student, on the steps it was trained on unless given
         default_steps = student_steps(c["ckpt"]) if c["ckpt"] else STUDENT_STEPS
-        s["steps"] = flow.parse_steps(c["denoising_steps"] or default_steps)
+        s["steps"] = flow.parse_steps(c["denoising_steps"] or default_steps, "denoising_steps")
     s["src"], s["layout"] = flow.resolve_model_dir(c["model"])
     s["shift"] = c["flow_shift"] if c["flow_shift"] is not None else flow.reference_shift(s["src"], s["layout"])
     s["neg"] = text_encoders.negative_prompt(c["negative_prompt"])

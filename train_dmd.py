@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cache
 import data
 import flow
 import lora
@@ -273,10 +274,7 @@ def config(argv=None):
 
 def check_config(c):
     """Errors for values we cannot honour, never a silent ignore -> the parsed dmd_denoising_steps."""
-    try:
-        steps = flow.parse_steps(c["dmd_denoising_steps"])
-    except ValueError:
-        raise ValueError(f"dmd_denoising_steps must decrease within (0, 1000], got {c['dmd_denoising_steps']!r}") from None
+    steps = flow.parse_steps(c["dmd_denoising_steps"], "dmd_denoising_steps")
     if c["objective"] not in ("dmd", "ode_init"):
         raise ValueError(f"objective must be 'dmd' or 'ode_init', got {c['objective']!r}")
     check_causal(c)
@@ -477,7 +475,7 @@ def setup(c, steps):
     neg = text_encoders.negative_prompt(c["negative_prompt"])
     if c["datasets"]:   # cached latents + caption embeddings (built here on first use), read in bucket batches
         te = te or text_encoders.load_text_encoder(c["pretrained_model_name_or_path"], dtype=dtype, device=dev)
-        cached = data.CachedDataset(data.MediaDataset(c["datasets"], seed=c["seed"]), r.vae, te,
+        cached = cache.CachedDataset(data.MediaDataset(c["datasets"], seed=c["seed"]), r.vae, te,
                                     rank=env.rank, world_size=env.world, device=dev)
         # shards per data-parallel group: the ranks of a sequence-parallel group read the same batches
         r.loader = data.Loader(cached, c["train_batch_size"], seed=c["seed"], rank=env.dp_rank, world_size=env.dp_size)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cache  # noqa: E402
 import data  # noqa: E402
 
 
@@ -55,12 +56,12 @@ def main():
               f"({a.frames / s:.0f} frames/s, {torch.get_num_threads()} threads)")
         T = 1 + (a.frames - 1) // 4
         path = os.path.join(d, "entry.safetensors")
-        data.write_entry(path, {"latents": torch.randn(16, T, 60, 104), "context": torch.randn(40, 4096)},
-                         kind="sample", caption="a moving gradient")
+        cache.write_entry(path, {"latents": torch.randn(16, T, 60, 104), "context": torch.randn(40, 4096)},
+                          kind="sample", caption="a moving gradient")
         n, t0 = 20, time.perf_counter()
         for _ in range(n):
-            t = data.CachedDataset.read(path)
-            item = {"latents": t["latents"].clone(), "context": data.pad(t["context"])}
+            t = cache.CachedDataset.read(path)
+            item = {"latents": t["latents"].clone(), "context": cache.pad(t["context"])}
         s = (time.perf_counter() - t0) / n
         mb = os.path.getsize(path) / 2**20
         print(f"cache read {tuple(item['latents'].shape)} + context {tuple(item['context'].shape)} ({mb:.1f} MiB): "

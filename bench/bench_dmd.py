@@ -10,10 +10,11 @@ weights: seconds per phase and peak memory of (a) LoRA generator and critic on O
 
 Each mode runs in a fresh process: build (teacher on the meta device, to_empty + normal init, bf16 on CUDA),
 one untimed warm-up step, --repeats timed steps (mean per phase; perf_counter, torch.cuda.synchronize around
-each phase). The pieces are the trainer's (flow.rollout; train_dmd's score_timesteps, dmd_loss, critic_loss,
-velocity_fn with bf16 autocast on CUDA, trainable; text_encoders.pad_context), with AdamW on fp32 masters,
-grad-norm clipping and the generator's EMA (updated every step here: an upper bound). Both rollouts exit at --exit-step (default the last,
-the most expensive); the critic's rollout runs all its steps without grad, as in train_dmd.
+each phase). The pieces are the trainer's: flow.rollout, train_dmd's score_timesteps, dmd_loss and critic_loss,
+lora.trainable and lora.velocity_fn (bf16 autocast on CUDA), text_encoders.pad_context; with AdamW on fp32
+masters, grad-norm clipping and the generator's EMA (updated every step here: an upper bound). Both rollouts exit
+at --exit-step (default the last, the most expensive); the critic's rollout runs all its steps without grad, as in
+train_dmd.
 Memory: CUDA max_memory_allocated (and _reserved) over warm-up + timed steps, weights and optimiser states
 included; CPU: peak RSS above the RSS after imports (build included) of a second fresh process per mode
 (common.peak_rss_above_now, glibc mmap threshold 64 KiB; separate because it slows the steps ~1.5x).
@@ -124,7 +125,7 @@ def setup(mode, a, dev, out):
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (lambda: torch.autocast("cpu", enabled=False))
     base, gen, critic, ga, fa = build(mode, cfg, dev, dtype, a)
     n = SimpleNamespace(c=c, base=base, ga=ga, fa=fa, stage="G", clock=Clock(cuda))
-    n.g_params, n.f_params = td.trainable(gen, ga), td.trainable(critic, fa)
+    n.g_params, n.f_params = lora.trainable(gen, ga), lora.trainable(critic, fa)
     out.update(g_train=sum(p.numel() for p in n.g_params), f_train=sum(p.numel() for p in n.f_params))
     n.g_opt = torch.optim.AdamW(n.g_params, lr=c["learning_rate"], betas=(c["adam_beta1"], c["adam_beta2"]),
                                 weight_decay=c["adam_weight_decay"], eps=c["adam_epsilon"])
@@ -139,11 +140,11 @@ def setup(mode, a, dev, out):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         out["resident"] = torch.cuda.memory_allocated()
-    n.G = n.clock.wrap(td.velocity_fn(gen, ga, autocast),
+    n.G = n.clock.wrap(lora.velocity_fn(gen, ga, autocast),
                        lambda: "f_roll" if n.stage == "F" else ("g_fwd" if torch.is_grad_enabled() else "g_roll"))
-    n.R = n.clock.wrap(td.velocity_fn(base, None, autocast), "teacher")
-    n.F_dmd = n.clock.wrap(td.velocity_fn(critic, fa, autocast), "f_dmd")
-    n.F_fm = n.clock.wrap(td.velocity_fn(critic, fa, autocast), "f_fwd")
+    n.R = n.clock.wrap(lora.velocity_fn(base, None, autocast), "teacher")
+    n.F_dmd = n.clock.wrap(lora.velocity_fn(critic, fa, autocast), "f_dmd")
+    n.F_fm = n.clock.wrap(lora.velocity_fn(critic, fa, autocast), "f_fwd")
     return n
 
 

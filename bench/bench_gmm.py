@@ -1,8 +1,9 @@
 """
 DMD against a closed form (issue 7 §3). A class-conditional Gaussian mixture whose exact flow-matching
 velocity is known is the real score R; the trainer's own pure functions (flow.rollout, train_dmd's
-score_timesteps, dmd_loss, critic_loss) distil a small MLP generator into a 3-step sampler (steps 1000,757,522). Its samples are scored
-against exact samples of the target beside the exact 50-step sampler and plain 3-step sampling.
+score_timesteps, dmd_loss, critic_loss) distil a small MLP generator into a 3-step sampler (steps 1000,757,522).
+Its samples are scored against exact samples of the target beside the exact 50-step sampler and plain 3-step
+sampling.
 
   python bench/bench_gmm.py                        # w = 0 and w = 2 at interval 5, and the seed's w = 3, interval 1
   python bench/bench_gmm.py --guidance 0 1 --interval 1 --steps 6000 --log

@@ -11,6 +11,7 @@ import torch
 from conftest import randomize_
 from safetensors.torch import load_file
 
+import cache
 import data
 import model_wan as mw
 import vae_wan
@@ -211,7 +212,7 @@ def test_ode_init_then_dmd_end_to_end(tmp_path):
     run("data.py", *TINY, f"--make_ode_pairs={prompts}", f"--teacher_out={ode_dir}", "--teacher_steps=8")
     files = sorted(os.listdir(ode_dir))
     assert len(files) == 2 and all(f.startswith("ode_") for f in files)
-    _, t = data.read_entry(str(ode_dir / files[0]))
+    _, t = cache.read_entry(str(ode_dir / files[0]))
     assert t["trajectory"].shape == (3, 16, 4, 8, 8) and t["latents"].shape == (16, 4, 8, 8)
     assert t["trajectory_t"].tolist() == STEPS
     c = cfg()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 av = pytest.importorskip("av")
+import cache  # noqa: E402
 import data  # noqa: E402
 import train_dmd  # noqa: E402
 from configurator import configure  # noqa: E402
@@ -38,14 +39,14 @@ def ds(root, **kw):   # 5 frames at interval 2 = the whole 9-frame clip: no rand
 
 def cached(d, enc, **kw):
     _, vae, te = enc
-    return data.CachedDataset(data.MediaDataset(d, seed=0, verbose=False), vae, te, **kw)
+    return cache.CachedDataset(data.MediaDataset(d, seed=0, verbose=False), vae, te, **kw)
 
 
 def test_cache_reuse_invalidation_and_content(tmp_path, encoders):
     root = clips(tmp_path / "v")
     a = cached(ds(root), encoders)
-    cache = os.path.join(root, ".cache")
-    assert a.built == 2 and len([n for n in os.listdir(cache) if n.endswith(".safetensors")]) == 3   # + the empty prompt
+    cache_dir = os.path.join(root, ".cache")
+    assert a.built == 2 and len([n for n in os.listdir(cache_dir) if n.endswith(".safetensors")]) == 3   # + the empty prompt
     # the entry == the VAE's latents of the clip (exactly as long as asked) + TinyTextEncoder's embedding
     media = data.MediaDataset(ds(root), seed=0, verbose=False)
     _, vae, te = encoders
@@ -58,7 +59,7 @@ def test_cache_reuse_invalidation_and_content(tmp_path, encoders):
     assert item["context"].shape == (512, 32) and torch.equal(item["context"], emb)
     n = len(item["caption"].split()) + 1                                       # words + EOS
     assert item["context"][:n].abs().sum(-1).min() > 0 and item["context"][n:].abs().sum() == 0
-    assert data.CachedDataset.read(a.entries[0])["context"].shape == (n, 32)   # stored trimmed
+    assert cache.CachedDataset.read(a.entries[0])["context"].shape == (n, 32)   # stored trimmed
     # unchanged -> reused; a changed setting -> rebuilt
     assert cached(ds(root), encoders).built == 0
     assert cached(ds(root, num_frames=9, frame_interval=1), encoders).built == 2
@@ -67,10 +68,10 @@ def test_cache_reuse_invalidation_and_content(tmp_path, encoders):
     write_video(os.path.join(root, "c1.mp4"), 255 - moving_square(9, 32, 32), caption="a red circle moving left 1")
     assert cached(ds(root), encoders).built == 1                               # new content -> that file only
     # digests.json: an unchanged file (size, mtime) is not re-read; the recorded digest is used as is
-    index = json.load(open(os.path.join(cache, "digests.json")))
+    index = json.load(open(os.path.join(cache_dir, "digests.json")))
     assert len(index) == 2
     index[os.path.abspath(os.path.join(root, "c0.mp4"))][2] = "0" * 64
-    json.dump(index, open(os.path.join(cache, "digests.json"), "w"))
+    json.dump(index, open(os.path.join(cache_dir, "digests.json"), "w"))
     assert cached(ds(root), encoders).built == 1                               # the fake digest -> a new key
 
 
@@ -97,7 +98,7 @@ def test_corrupt_entry_rebuilt_and_rank_split(tmp_path, encoders, capsys):
     assert cached(ds(root), encoders, rank=1, world_size=2, check=False).built == 1
     a = cached(ds(root), encoders)
     assert a.built == 0
-    good = data.CachedDataset.read(a.entries[1])["latents"].clone()
+    good = cache.CachedDataset.read(a.entries[1])["latents"].clone()
     with open(a.entries[1], "r+b") as f:                                       # a partial write
         f.truncate(os.path.getsize(a.entries[1]) // 2)
     b = cached(ds(root), encoders)

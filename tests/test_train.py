@@ -25,8 +25,7 @@ TINY = os.path.join(ROOT, "config", "tiny.py")
 
 
 def tiny_cfg(tmp_path, *overrides):
-    return configure(dict(vars(train_dmd)), train_dmd.__file__,
-                     [TINY, f"--output_dir={tmp_path}", *overrides], json_map=train_dmd.map_simpletuner)
+    return train_dmd.config([TINY, f"--output_dir={tmp_path}", *overrides])
 
 
 def run(out, *args, wait=True):

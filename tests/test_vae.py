@@ -154,7 +154,7 @@ def test_hub_id_offline_cache(tiny_ref, tmp_path):
         else:
             save_original(tiny_ref, snap / vae_wan.VAE_PTH, R=1)
     tiny_ref.save_pretrained(tmp_path / "local")
-    code = ("import model_wan as mw, torch\n"
+    code = ("import vae_wan, torch\n"
             f"ref = vae_wan.load_vae({str(tmp_path / 'local')!r}).state_dict()\n"
             "for repo in ('someone/tiny-wan', 'someone/tiny-wan-orig'):\n"
             "    sd = vae_wan.load_vae(repo).state_dict()\n"
