@@ -191,6 +191,7 @@ def test_defaults_are_bidirectional():
                                "--validation_num_video_frames=25"))
 
 
+@pytest.mark.slow
 def test_exit_steps_identical_on_two_gloo_ranks():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            os.path.join("tests", "dist_checks.py"), "causal_exits"]
@@ -204,6 +205,7 @@ def run(*args):
     return p.stdout
 
 
+@pytest.mark.slow
 def test_ode_init_then_dmd_end_to_end(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle moving left\na blue square moving up\n")
@@ -248,6 +250,7 @@ def test_ode_init_then_dmd_end_to_end(tmp_path):
                                                                  "dmd_denoising_steps": "1000.0,757.0,522.0"}
 
 
+@pytest.mark.slow
 def test_causal_resume_is_exact(tmp_path):
     common = ["--checkpoint_step_interval=2", "--validation_step_interval=1000", "--context_noise=100",
               "--num_training_frames=6", "--dmd_loss_frames=4"]

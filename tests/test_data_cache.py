@@ -155,6 +155,7 @@ def final_state(out):
     return torch.load(os.path.join(out, ck, "state.pt"), weights_only=True)
 
 
+@pytest.mark.slow
 def test_train_from_video_folder(tmp_path):
     root = clips(tmp_path / "v", n=3, frames=9, hw=(48, 48))
     cfg = tmp_path / "data_cfg.py"
@@ -176,6 +177,7 @@ def test_train_from_video_folder(tmp_path):
                         f"--output_dir={tmp_path / 'x'}"], cwd=ROOT, capture_output=True, check=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_exact_resume_with_dataset(tmp_path):
     root = clips(tmp_path / "v", n=3, frames=9, hw=(48, 48))
     cfg = tmp_path / "data_cfg.py"

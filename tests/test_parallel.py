@@ -48,11 +48,13 @@ def assert_same(a, b, atol=0.0):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("check", ["ddp_grads", "sp_attention"])
 def test_dist_checks(check):
     assert f"{check} ok" in torchrun(os.path.join("tests", "dist_checks.py"), check)
 
 
+@pytest.mark.slow
 def test_ddp_run_checkpoint_resume_and_fsdp(tmp_path):
     """2 processes: a 4-step DDP run; the same run stopped at step 2 and resumed (bit-exact); FSDP2 (sharded
     checkpoints, resumed at step 2, export gathered on rank 0) equal to DDP."""
@@ -86,6 +88,7 @@ def test_ddp_run_checkpoint_resume_and_fsdp(tmp_path):
         train(fs, "--max_train_steps=6")
 
 
+@pytest.mark.slow
 def test_fsdp_full_finetune_with_accumulation(tmp_path):
     """FSDP2 with full fine-tuning (separate generator and critic copies sharded too) and gradient accumulation
     equals DDP on the same run."""
@@ -97,6 +100,7 @@ def test_fsdp_full_finetune_with_accumulation(tmp_path):
     assert_same(student(tmp_path / "fsdp"), student(tmp_path / "ddp"), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sequence_parallel_run_equals_one_process(tmp_path):
     """sp_size=2 on 2 processes (one data-parallel group) trains exactly what one process trains."""
     stdout = train(tmp_path / "sp", "--max_train_steps=3", "--sp_size=2")
@@ -107,6 +111,7 @@ def test_sequence_parallel_run_equals_one_process(tmp_path):
         assert a["dmd_loss"] == pytest.approx(b["dmd_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_sequence_parallel_composes_with_fsdp_and_ddp(tmp_path):
     """sp_size=2 with FSDP2 (parameters sharded over the two ranks of the group) equals one process; 4 processes as
     2 data-parallel groups x sp 2 equal 2 processes of plain DDP (the groups see the same samples as its ranks)."""
@@ -119,6 +124,7 @@ def test_sequence_parallel_composes_with_fsdp_and_ddp(tmp_path):
     assert_same(student(tmp_path / "ddp_sp"), student(tmp_path / "ddp"), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ddp_with_dataset_real_data_loss_and_resume(tmp_path):
     """2 processes on a video folder: the cache is built by both ranks (half each), each rank reads its own shard,
     rollout_mode='data' + real_data_loss_weight (two generator forwards before one backward under DDP), and a

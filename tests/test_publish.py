@@ -328,6 +328,7 @@ def test_hub_upload_resume_and_offline(tmp_path, capsys, monkeypatch):
     hub.close()
 
 
+@pytest.mark.slow
 def test_tiny_run_publishes(tmp_path, capsys, monkeypatch):
     """config/tiny.py with push_to_hub, push_checkpoints_to_hub and a raw webhook against local servers: the
     artefacts, the webhook transcript, the hub's files == the dry-run staged folder, file by file."""

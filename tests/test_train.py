@@ -88,6 +88,7 @@ def test_tiny_run_end_to_end(tmp_path, tiny_pipeline):
         torch.testing.assert_close(pipe.transformer(x, t, ctx).sample, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_exact_resume_and_sigkill(tmp_path):
     common = ["--max_train_steps=6", "--checkpoint_step_interval=1", "--validation_step_interval=1000",
               "--checkpoints_total_limit=2", "--generator_update_interval=2", "--lr_warmup_steps=4"]
@@ -202,6 +203,7 @@ def test_data_rollout_and_flow_matching_loss():
                                         x0[:1].expand(3, -1, -1, -1, -1), None, 5.0) < 1e-8
 
 
+@pytest.mark.slow
 def test_log_keeps_one_line_per_step_after_resume(tmp_path):
     run(tmp_path, "--max_train_steps=4", "--checkpoint_step_interval=2", "--validation_step_interval=1000")
     with open(tmp_path / "log.jsonl", "a") as f:   # as if steps 5-6 ran and were lost to a kill after checkpoint 4
