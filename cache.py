@@ -3,7 +3,7 @@ The data cache (data.py section 4): VAE latents and text embeddings computed onc
 through the same buckets, sampler and resume as the media they come from; the entry format shared with the
 teacher-made data (data.make_teacher_data).
 
-    cached = CachedDataset(media_dataset, vae, text_encoder, rank=rank, world_size=world_size)   # builds what is missing
+    cached = CachedDataset(media_dataset, vae, text_encoder, rank=rank, world_size=world_size)   # builds the missing
     loader = data.Loader(cached, batch_size=2, seed=1337)  # {"latents": (B,16,T,h,w), "context": (B,512,D), "caption"}
 """
 import hashlib

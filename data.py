@@ -394,7 +394,8 @@ def load_teacher(c, dev, dtype, dit=True, text=True):
 
 
 def read_prompts(c):
-    """A train_dmd config's prompts -> (training prompts (none with `datasets`: the cached captions are the contexts), validation prompts)."""
+    """A train_dmd config's prompts -> (training prompts, validation prompts); no training prompts with `datasets`
+    (the cached captions are the contexts)."""
     val = [c["validation_prompt"]]
     if c["validation_prompt_library"]:
         with open(c["validation_prompt_library"]) as f:

@@ -245,10 +245,9 @@ def make_student(c, out, latents, times):
     t0 = time.perf_counter()
     dmd_dir = os.path.join(out, "dmd")
     if not os.path.exists(os.path.join(dmd_dir, "transformer")):
-        from configurator import configure
         T = latents.shape[2]
         here = os.path.dirname(os.path.abspath(__file__))
-        dc = configure(dict(vars(train_dmd)), train_dmd.__file__, [os.path.join(here, f) for f in c["dmd_config"].split(",")] + [
+        dc = train_dmd.config([os.path.join(here, f) for f in c["dmd_config"].split(",")] + [
             f"--{k}={v}" for k, v in dict(pretrained_model_name_or_path=os.path.join(out, "teacher"), output_dir=dmd_dir,
                                           prompts_file=os.path.join(out, "prompts.txt"), height=c["size"], width=c["size"],
                                           num_training_frames=T, max_train_steps=c["dmd_steps"], seed=c["seed"], device=c["device"],

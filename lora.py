@@ -5,6 +5,7 @@ One frozen Wan base serves DMD's three networks (train_dmd.py): the teacher is t
 generator and the critic are the base with adapters "generator" and "critic". `use_adapter` selects one for a
 forward; `adapters_as` replays a selection (gradient checkpointing recomputes after the selection is restored).
 The adapter file format (PEFT keys of diffusers' Wan names) is model_wan.adapter_state_dict / load_adapter.
+A network of DMD is then (model, adapter): `trainable` lists its parameters, `velocity_fn` runs it.
 """
 import math
 from contextlib import contextmanager
@@ -129,6 +130,8 @@ def delete_adapter(model, name):
         if name in m.lora_scale:
             delete_adapter_on(m, name)
 
+# -----------------------------------------------------------------------------
+# a network = a model with one adapter selected (None: the base weights), or a full copy (adapter None)
 
 def trainable(model, adapter):
     """The trainable parameters of a network: its adapter's, or every base parameter of a full copy."""

@@ -48,9 +48,9 @@ def parse_args():
 
 def setup(args):
     """Random-weight DiT (and VAE with --vae), context, noise and the block layout -> SimpleNamespace."""
-    dev = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = mw.pick_device(args.device)
     cuda = dev.type == "cuda"
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype, torch.bfloat16 if cuda else torch.float32)
+    dt = mw.pick_dtype({"fp32": "float32", "bf16": "bfloat16"}.get(args.dtype, "auto"), dev)
     r = SimpleNamespace(dev=dev, cuda=cuda, dt=dt, sync=torch.cuda.synchronize if cuda else (lambda: None))
     torch.manual_seed(0)
     cfg = mw.PRESETS[args.preset]

@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model_wan import PRESETS, WanConfig, WanDiT, diffusers_config, diffusers_to_original_key  # noqa: E402
+from model_wan import PRESETS, WanConfig, WanDiT, diffusers_config, diffusers_to_original_key, pick_device, pick_dtype  # noqa: E402
 from common import card, collect_children, gb, peak_rss_above_now, start_children  # noqa: E402
 
 TEXT_LEN, TEXT_REAL = 512, 100   # context rows (UMT5 pads to 512 with zeros) and how many are a "prompt"
@@ -253,9 +253,9 @@ def report(cfg, L, card_name, cuda, models, times, mem, mem_how, backward):
 
 def main():
     args = parse_args()
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = pick_device(args.device or "auto")
     cuda = dev.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = pick_dtype("auto", dev)
     ckpt = cuda if args.ckpt is None else args.ckpt
     backward = not args.no_backward
     repeats = args.repeats or (5 if cuda else 20)

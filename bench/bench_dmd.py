@@ -121,8 +121,8 @@ def setup(mode, a, dev, out):
     torch.manual_seed(0)
     c = dict(td.DEFAULTS)
     cfg = BENCH[a.preset][0]
-    dtype = torch.bfloat16 if cuda else torch.float32
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else (lambda: torch.autocast("cpu", enabled=False))
+    dtype = mw.pick_dtype("auto", dev)
+    autocast = mw.autocast_fn(dtype, dev)
     base, gen, critic, ga, fa = build(mode, cfg, dev, dtype, a)
     n = SimpleNamespace(c=c, base=base, ga=ga, fa=fa, stage="G", clock=Clock(cuda))
     n.g_params, n.f_params = lora.trainable(gen, ga), lora.trainable(critic, fa)
@@ -259,7 +259,7 @@ def parse_args():
                    "(train_dmd keeps them until the next zero_grad)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps after a warm-up step (default: CPU 3, CUDA 2, 14B 1)")
     a = p.parse_args()
-    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    a.device = str(mw.pick_device(a.device or "auto"))
     cuda = a.device.startswith("cuda")
     a.preset = a.preset or ("t2v-1.3B" if cuda else "cpu-small")
     a.repeats = a.repeats or (3 if not cuda else 1 if a.preset == "t2v-14B" else 2)

@@ -47,9 +47,9 @@ def main():
     p.add_argument("--compile", action="store_true")
     p.add_argument("--vae-base-dim", type=int, default=96, help="96 = the real Wan 2.1 VAE")
     args = p.parse_args()
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = mw.pick_device("auto")
     cuda = dev.type == "cuda"
-    dt = torch.bfloat16 if cuda else torch.float32
+    dt = mw.pick_dtype("auto", dev)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.manual_seed(0)
     cfg = mw.PRESETS[args.preset]

@@ -27,6 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model_wan import pick_device  # noqa: E402
 from vae_wan import WanVAE, WanVAEConfig  # noqa: E402
 from common import card, collect_children, gb, peak_rss_above_now, start_children  # noqa: E402
 
@@ -99,7 +100,7 @@ def main():
     p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: CUDA 832, CPU 128)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up round")
     args = p.parse_args()
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = pick_device(args.device or "auto")
     cuda = dev.type == "cuda"
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
     F0, H0, W0 = (81, 480, 832) if cuda else (9, 128, 128)

@@ -10,10 +10,9 @@ import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import flow  # noqa: E402
+import lora  # noqa: E402
 import model_wan as mw  # noqa: E402
-import parallel
-import lora
-import flow
 
 
 def tiny(seed=0):
@@ -72,9 +71,7 @@ def check_ddp_grads(out):
     micro-step does not synchronise; the frozen base gets no gradient."""
     import parallel
     import train_dmd
-    from configurator import configure
-    c = configure(dict(vars(train_dmd)), train_dmd.__file__, [os.path.join(ROOT, "config", "tiny.py")],
-                  )
+    c = train_dmd.config([os.path.join(ROOT, "config", "tiny.py")])
     env, dev = parallel.setup(1, torch.device("cpu"))
     cpu = torch.float32
 
@@ -129,7 +126,6 @@ def check_causal_exits(out):
     forward per block, one backward) and ends with the same averaged gradients on every rank."""
     import parallel
     import train_dmd
-    from configurator import configure
     env, dev = parallel.setup(1, torch.device("cpu"))
     r, P = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(1000 + r)   # the ranks' global streams differ (noise and prompts are per rank)
@@ -139,9 +135,7 @@ def check_causal_exits(out):
     dist.all_gather(gathered, draws)
     assert all(torch.equal(g, gathered[0]) for g in gathered), "exit steps differ across ranks"
     assert len(set(draws.flatten().tolist())) == 3
-    c = configure(dict(vars(train_dmd)), train_dmd.__file__,
-                  [os.path.join(ROOT, "config", "tiny.py"), os.path.join(ROOT, "config", "tiny_causal.py")],
-                  )
+    c = train_dmd.config([os.path.join(ROOT, "config", "tiny.py"), os.path.join(ROOT, "config", "tiny_causal.py")])
     parallel.seed_all(0)
     base, gen, _, _, _ = train_dmd.build_networks(c, dev, torch.float32)
     with torch.no_grad():   # non-zero LoRA B so that every adapter weight gets a gradient

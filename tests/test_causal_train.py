@@ -19,7 +19,6 @@ import lora
 import sample
 import train_dmd
 import flow
-from configurator import configure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [os.path.join(ROOT, "config", "tiny.py"), os.path.join(ROOT, "config", "tiny_causal.py")]

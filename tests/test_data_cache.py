@@ -12,7 +12,6 @@ av = pytest.importorskip("av")
 import cache  # noqa: E402
 import data  # noqa: E402
 import train_dmd  # noqa: E402
-from configurator import configure  # noqa: E402
 from test_data import moving_square, write_video  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +20,7 @@ TINY = os.path.join(ROOT, "config", "tiny.py")
 
 @pytest.fixture(scope="module")
 def encoders():
-    c = configure(dict(vars(train_dmd)), train_dmd.__file__, [TINY])
+    c = train_dmd.config([TINY])
     _, vae, te = data.load_teacher(c, torch.device("cpu"), torch.float32, dit=False)
     return c, vae, te
 

@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 
 import train_dmd
-import parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}   # two processes on a small machine

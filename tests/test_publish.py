@@ -20,11 +20,9 @@ import pytest
 import torch
 
 import publish
-import sample
 import configurator
 import flow
 import train_dmd
-from configurator import configure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "config", "tiny.py")
@@ -117,7 +115,7 @@ def tree(folder):
 
 
 def tiny_cfg(out, *overrides):
-    return configure(dict(vars(train_dmd)), train_dmd.__file__, [TINY, f"--output_dir={out}", *overrides])
+    return train_dmd.config([TINY, f"--output_dir={out}", *overrides])
 
 # -----------------------------------------------------------------------------
 

@@ -17,8 +17,6 @@ import lora
 import sample
 import flow
 import train_dmd
-import configurator
-from configurator import configure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "config", "tiny.py")
@@ -214,7 +212,7 @@ def test_log_keeps_one_line_per_step_after_resume(tmp_path):
 
 @pytest.mark.parametrize("name", ["tiny.py", "wan_dmd_3step.py", "wan_dmd_3step_14b.py"])
 def test_shipped_configs_resolve(name):
-    c = configure(dict(vars(train_dmd)), train_dmd.__file__, [os.path.join(ROOT, "config", name)])
+    c = train_dmd.config([os.path.join(ROOT, "config", name)])
     assert train_dmd.check_config(c) == [1000.0, 757.0, 522.0]
     if name == "wan_dmd_3step_14b.py":
         assert c["pretrained_model_name_or_path"].endswith("14B-Diffusers") and c["real_score_guidance_scale"] == 3.0
