@@ -466,8 +466,8 @@ def make_teacher_data(c, prompts_file, out_dir, steps=50, guidance=5.0, shift=No
     height x width x num_training_frames, seed c["seed"] + i. Resumable: entries already written are skipped.
     Load the result with dict(dataset_type="latents", cache_dir=out_dir).
     ode_pairs: also the trajectory (the causal student's ODE init, CausVid/Self-Forcing): "trajectory" (K, 16, T,
-    h, w), the sampler's state at each of the K student timesteps (train_dmd's rollout steps, warp included;
-    the schedule of ode_schedule passes through them: the state is the one the teacher is evaluated at),
+    h, w), the sampler's state at each of the K student timesteps (flow.rollout_steps, as train_dmd rolls out: warp
+    included; the schedule of ode_schedule passes through them: the state is the one the teacher is evaluated at),
     and "trajectory_t" (K,) those timesteps; "latents" stays the final x0."""
     with open(prompts_file, encoding="utf-8") as f:
         prompts = [line.strip() for line in f if line.strip()]

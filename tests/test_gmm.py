@@ -111,7 +111,7 @@ def test_exact_50_step_sampler_reaches_the_mixture():
 
 @pytest.mark.slow
 def test_dmd_generator_reaches_the_mixture_in_3_steps():
-    """train_dmd's rollout/score_timesteps/dmd_loss/critic_loss at the defaults of bench_gmm (3000 steps, interval 5,
+    """flow.rollout and train_dmd's score_timesteps/dmd_loss/critic_loss at the defaults of bench_gmm (3000 steps, interval 5,
     batch 128). Measured at seed 0 (seeds 1-3 in brackets): w = 0: MMD 2.9x (3.1-3.5x) the exact 50-step sampler's,
     0.51x (0.45-0.57x) the 3-step UniPC's, precision 0.79 (0.79-0.81), min weight ratio 0.86 (0.72-0.90), never
     below 0.84 (0.62) in the second half; w = 2: MMD 6.8x (5.0-7.6x), 0.58x (0.53-0.57x) the 3-step's, precision
