@@ -425,6 +425,24 @@ def encode_prompts(c, te, prompts, dev, dtype):
     return out
 
 
+def training_inputs(c, prompts, te, vae, env, dev, dtype):
+    """The trainer's inputs: with `datasets`, cached latents + caption embeddings (built here on first use) read in
+    bucket batches, one shard per data-parallel group (the ranks of a sequence-parallel group read the same batches);
+    the prompts (read_prompts) and the negative prompt embedded once (te None: UMT5, loaded and freed here)
+    -> (loader or None, training embeddings, validation prompts, their embeddings, [the negative prompt's])."""
+    train_prompts, val_prompts = prompts
+    loader = None
+    if c["datasets"]:
+        te = te or text_encoders.load_text_encoder(c["pretrained_model_name_or_path"], dtype=dtype, device=dev)
+        cached = CachedDataset(MediaDataset(c["datasets"], seed=c["seed"]), vae, te, rank=env.rank,
+                               world_size=env.world, device=dev)
+        loader = Loader(cached, c["train_batch_size"], seed=c["seed"], rank=env.dp_rank, world_size=env.dp_size)
+    neg = text_encoders.negative_prompt(c["negative_prompt"])
+    embeds = encode_prompts(c, te, train_prompts + val_prompts + [neg], dev, dtype)
+    n = len(train_prompts)
+    return loader, embeds[:n], val_prompts, embeds[n:-1], embeds[-1:]
+
+
 def cache_datasets(c, rank=0, world_size=1):
     """`python data.py CONFIG.py`: build this rank's share of the cache of every dataset in c["datasets"]."""
     if not c["datasets"]:

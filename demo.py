@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+import flow
 import media
 import model_wan as mw
 import quality
@@ -131,7 +132,7 @@ def train_vae(videos, c, progress_png=None):
 
 
 def train_teacher(latents, caps, c):
-    """Flow matching (train_dmd.flow_matching_loss) of a Wan DiT on the clips' latents, TinyTextEncoder contexts,
+    """Flow matching (flow.flow_matching_loss) of a Wan DiT on the clips' latents, TinyTextEncoder contexts,
     caption dropout to the empty prompt (the unconditional branch of CFG); AdamW, warmup + cosine."""
     torch.manual_seed(c["seed"])
     dev = c["device"]
@@ -147,7 +148,7 @@ def train_teacher(latents, caps, c):
         idx = torch.randint(len(latents), (c["teacher_batch_size"],)).to(dev)
         drop = (torch.rand(len(idx)) < c["caption_dropout"]).view(-1, 1, 1).to(dev)
         cb = torch.where(drop, empty, ctx[idx])
-        loss = train_dmd.flow_matching_loss(dit, latents[idx], cb, c["flow_shift"])
+        loss = flow.flow_matching_loss(dit, latents[idx], cb, c["flow_shift"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)

@@ -91,6 +91,14 @@ def initial_noise(batch, num_frames, height, width, seed, device):
     shape = (batch, 16, 1 + (num_frames - 1) // 4, height // 8, width // 8)
     return torch.randn(shape, generator=g, dtype=torch.float32).to(device), g
 
+def flow_matching_loss(net, x0, ctx, shift):
+    """Plain flow-matching loss on data latents (the demo's teacher; DMD's optional real-data term, dmd.md §6):
+    σ = shift(u), u ~ U(0,1), mean (net(x_σ, 1000σ, ctx) − (ε − x0))²."""
+    sig = shift_sigmas(torch.rand(x0.shape[0], device=x0.device), shift)
+    eps = torch.randn_like(x0)
+    s = sig.view(-1, 1, 1, 1, 1)
+    return (net((1 - s) * x0 + s * eps, 1000 * sig, ctx).float() - (eps - x0)).square().mean()
+
 # -----------------------------------------------------------------------------
 # the teacher's samplers
 

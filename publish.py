@@ -1,6 +1,6 @@
 """
 Everything a train_dmd.py run writes for people and other programs: its log (log.jsonl, wandb, the terminal line),
-its validation samples and exported student (validate, export), the hub upload (the final student, and each
+its exported student (export), the hub upload (the final student, and each
 checkpoint as it is written, from a background thread, resumable), the model card, webhooks (Discord-style or raw
 JSON, background thread, bounded queue) and the run's artefacts (env.json, loss_curve.png, a contact sheet per
 validation step, preview.gif, drawn by media.py: no PIL or matplotlib at run time).
@@ -28,15 +28,12 @@ import urllib.request
 import uuid
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 import flow
 import lora
 import media
 import model_wan as mw
-import sample
-import text_encoders
 
 def read_log(out_dir):
     path = os.path.join(out_dir, "log.jsonl")
@@ -79,49 +76,7 @@ def preview(videos, max_width=640, max_frames=48):
     return np.concatenate([v[:n, :h] for v in vs], axis=2)
 
 # -----------------------------------------------------------------------------
-# the run's student: validation samples during training, the exported files at its end
-
-@torch.no_grad()
-def swap_in(params, values):
-    """Copy `values` into `params`, returning the previous values (for validating/exporting EMA weights)."""
-    old = [p.detach().clone() for p in params]
-    for p, v in zip(params, values):
-        p.copy_(v)
-    return old
-
-
-def validate(r, step):
-    """Student samples of the validation prompts -> mp4s, with sample.py's sampler (flow.rollout exiting at the
-    last step; block by block with the KV cache for a causal student). Every rank runs the DiT (sharded or
-    sequence-parallel networks need them all); rank 0 alone decodes and writes. r: train_dmd's run (c, env, gen,
-    g_adapter, g_params, ema, causal, vae, val_prompts, val_emb, steps, dev, dtype, autocast)."""
-    c, env = r.c, r.env
-    W, H = (int(v) for v in c["validation_resolution"].lower().split("x"))
-    modes = {"none": ["raw"], "ema_only": ["ema"], "comparison": ["raw", "ema"]}[c["ema_validation"] if r.ema is not None else "none"]
-    G = lora.velocity_fn(r.gen, r.g_adapter, r.autocast, r.causal)
-    causal = dict(num_frame_per_block=r.causal[0], independent_first_frame=r.causal[1],
-                  context_noise=c["context_noise"]) if r.causal else None
-    out = os.path.join(c["output_dir"], "validation", f"step_{step}")
-    for mode in modes:
-        old = swap_in(r.g_params, r.ema) if mode == "ema" else None
-        for i, (p, e) in enumerate(zip(r.val_prompts, r.val_emb)):
-            x, gen_ = flow.initial_noise(1, c["validation_num_video_frames"], H // 16 * 16, W // 16 * 16,
-                                         c["validation_seed"], r.dev)
-            with torch.no_grad():
-                ctx = text_encoders.pad_context([e]).to(r.dev, r.dtype)
-                if causal:   # the student DiT itself under its adapter, as sample.py runs it
-                    with lora.use_adapter(r.gen, r.g_adapter), r.autocast():
-                        lat = sample.sample_student(r.gen, ctx, x, r.steps, causal, gen_).float()
-                else:
-                    lat = sample.sample_student(r.gen, ctx, x, r.steps, None, gen_, velocity=G)
-                if env.main:
-                    video = r.vae.decode(lat.float())[0]
-                    media.write_mp4(os.path.join(out, f"{i:02d}_{mode}_{media.slug(p)}.mp4"), video)
-        if old is not None:
-            swap_in(r.g_params, old)
-    if env.main:
-        print(f"validation: {len(r.val_prompts)} prompt(s) x {modes} -> {out}")
-
+# the run's student: the exported files at its end (validation samples: validation.py)
 
 def export(c, gen, g_adapter, ema):
     """The student (EMA weights when used) as (a) student[_ema].safetensors — the LoRA adapter in diffusers/PEFT
@@ -728,14 +683,16 @@ class Publisher:
                 f.writelines(kept)
         self.log_f = open(path, "a")
 
-    def log(self, rec, step, objective="dmd"):
-        """One JSONL record, one wandb record and one terminal line per log interval."""
+    def log(self, rec, step, objective="dmd", quiet=False):
+        """One JSONL record, one wandb record and (unless quiet) one terminal line per log interval."""
         if not self.main:
             return
         self.log_f.write(json.dumps(rec) + "\n")
         self.log_f.flush()
         if self.wandb is not None:
             self.wandb.log(rec, step=step)
+        if quiet:
+            return
         nan = float("nan")
         tqdm.write(f"step {step:6d} | {objective} {rec.get(objective + '_loss', nan):.3e} "
                    f"| fake {rec.get('fake_score_loss', nan):.4f} | |g| {rec.get('g_abs', nan):.3e} "

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import cache
 import data
 import flow
 import lora
@@ -40,6 +39,7 @@ import parallel
 import publish
 import sample
 import text_encoders
+import validation
 from configurator import configure, default_keys, map_simpletuner
 
 # -----------------------------------------------------------------------------
@@ -59,6 +59,8 @@ num_training_frames = 21               # latent frames of a generated sample (21
 dmd_denoising_steps = "1000,757,522"   # rollout and inference timesteps, σ = t/1000
 warp_denoising_step = False            # Self-Forcing: t_k <- 1000*shift(t_k/1000) with timestep_shift
 generator_update_interval = 1          # generator step every N trainer steps; the critic steps every step
+fake_score_warmup_steps = 0            # critic-only trainer steps first (the critic learns the initial student)
+guidance_warmup_steps = 0              # real_score_guidance_scale ramps linearly from 0 over these trainer steps
 real_score_guidance_scale = 3.0        # w in x_real = x_cond + w(x_cond - x_uncond) (DMD2 form: standard CFG = w+1)
 fake_score_guidance_scale = 0.0        # the same form on the critic; 0 = off
 min_timestep_ratio = 0.02              # final clamp of score timesteps to [1000*min, 1000*max]
@@ -140,6 +142,9 @@ validation_num_inference_steps = 3     # must equal the number of dmd_denoising_
 validation_guidance = 1.0              # the student sampler takes no CFG: must be 1.0
 validation_resolution = "832x480"      # WxH
 validation_num_video_frames = 81
+validation_diversity_seeds = 4         # collapse signal (validation.py): seeds per prompt whose spread is compared
+validation_teacher_steps = 50          # with the teacher's (UniPC steps, CFG w+1, measured once); seeds 0/1 = off
+diversity_warn_ratio = 0.5             # a warning line when a prompt's student diversity < this x the teacher's
 log_interval = 1
 report_to = "none"                     # "none" or "wandb"
 tracker_project_name = "wan-dmd"
@@ -210,13 +215,10 @@ def ode_regression_loss(gen, traj, x0, ctx, steps, starts):
     return F.mse_loss(pred.float(), x0.float()), t
 
 
-def flow_matching_loss(net, x0, ctx, shift):
-    """Plain flow-matching loss on data latents (the optional real-data term of §6): σ = shift(u), u ~ U(0,1),
-    mean (net(x_σ, 1000σ) − (ε − x0))²."""
-    sig = flow.shift_sigmas(torch.rand(x0.shape[0], device=x0.device), shift)
-    eps = torch.randn_like(x0)
-    s = sig.view(-1, 1, 1, 1, 1)
-    return (net((1 - s) * x0 + s * eps, 1000 * sig, ctx).float() - (eps - x0)).square().mean()
+def guidance(c, step):
+    """The teacher's guidance w at a trainer step: real_score_guidance_scale, ramped from 0 over guidance_warmup_steps."""
+    n = c["guidance_warmup_steps"]
+    return c["real_score_guidance_scale"] * (min(1.0, (step + 1) / n) if n > 0 else 1.0)
 
 
 def score_timesteps(batch, t_from, t_to, c, device):
@@ -308,6 +310,10 @@ def check_config(c):
         raise ValueError(f"sp_size must be a positive integer, got {c['sp_size']!r}")
     if (c["push_to_hub"] or c["push_checkpoints_to_hub"]) and not c["hub_model_id"]:
         raise ValueError("push_to_hub / push_checkpoints_to_hub need hub_model_id ('user/name' on the hub)")
+    if not isinstance(c["validation_diversity_seeds"], int) or c["validation_diversity_seeds"] < 0 \
+            or c["validation_teacher_steps"] < 1 or c["diversity_warn_ratio"] < 0:
+        raise ValueError("validation_diversity_seeds >= 0 (0 or 1: no collapse signal), validation_teacher_steps >= 1 "
+                         "and diversity_warn_ratio >= 0")
     if c["height"] % 16 or c["width"] % 16:
         raise ValueError(f"height and width must be multiples of 16, got {c['height']}x{c['width']}")
     return steps
@@ -470,18 +476,10 @@ def setup(c, steps):
         with open(os.path.join(c["output_dir"], "config.json"), "w") as f:
             json.dump(c, f, indent=2, default=str)
     parallel.seed_all(c["seed"])   # the same on every rank: identical networks (tiny teacher, adapter init)
-    train_prompts, r.val_prompts = data.read_prompts(c)
+    prompts = data.read_prompts(c)   # (training, validation): prompt errors before any model is built
     r.base, r.gen, r.critic, r.vae, te = build_networks(c, dev, dtype)
-    neg = text_encoders.negative_prompt(c["negative_prompt"])
-    if c["datasets"]:   # cached latents + caption embeddings (built here on first use), read in bucket batches
-        te = te or text_encoders.load_text_encoder(c["pretrained_model_name_or_path"], dtype=dtype, device=dev)
-        cached = cache.CachedDataset(data.MediaDataset(c["datasets"], seed=c["seed"]), r.vae, te,
-                                    rank=env.rank, world_size=env.world, device=dev)
-        # shards per data-parallel group: the ranks of a sequence-parallel group read the same batches
-        r.loader = data.Loader(cached, c["train_batch_size"], seed=c["seed"], rank=env.dp_rank, world_size=env.dp_size)
-    embeds = data.encode_prompts(c, te, train_prompts + r.val_prompts + [neg], dev, dtype)
-    r.train_emb, r.val_emb, neg_emb = embeds[: len(train_prompts)], embeds[len(train_prompts):-1], embeds[-1:]
-    del te
+    r.loader, r.train_emb, r.val_prompts, r.val_emb, neg_emb = data.training_inputs(c, prompts, te, r.vae, env, dev, dtype)
+    del te   # UMT5 (11 GB in bf16) is not needed again
     setup_training(r)
     B, Fr = c["train_batch_size"], c["num_training_frames"]
     r.shape = (B, 16, Fr, c["height"] // 8, c["width"] // 8)
@@ -489,6 +487,7 @@ def setup(c, steps):
     r.starts = mw.block_starts(Fr, *r.causal) if r.causal else [0]   # latent frame where each block starts
     r.loss_frames = c["dmd_loss_frames"] or Fr                         # the losses see the last frames of the rollout
     r.cache = r.gen.new_kv_cache(B, Fr, (c["height"] // 16) * (c["width"] // 16)) if r.causal else None
+    r.teacher_div = validation.cached_teacher_diversity(c, r.val_prompts)   # the collapse signal's reference
     return r
 
 
@@ -613,9 +612,9 @@ def generator_step(r, rec, log_now):
         else:
             x_g, t_from, t_to = student(r, ctx, x0, k)
             t = score_timesteps(c["train_batch_size"], t_from, t_to, c, r.dev)
-            loss, g, st = dmd_loss(x_g, t, r.R, r.Fk, ctx, r.neg_ctx, c["real_score_guidance_scale"],
+            loss, g, st = dmd_loss(x_g, t, r.R, r.Fk, ctx, r.neg_ctx, guidance(c, r.step),
                                    c["fake_score_guidance_scale"])
-        real = flow_matching_loss(r.G, x0, ctx, c["flow_schedule_shift"]) if c["real_data_loss_weight"] > 0 else None
+        real = flow.flow_matching_loss(r.G, x0, ctx, c["flow_schedule_shift"]) if c["real_data_loss_weight"] > 0 else None
         total = loss if real is None else loss + c["real_data_loss_weight"] * real
         return total, loss, (t, g, st, real)
     r.g_opt.zero_grad(set_to_none=True)
@@ -704,8 +703,8 @@ def log_step(r, pub, rec):
     pub.log(rec, r.step, "ode" if r.ode else "dmd")
 
 
-def end_of_step(r, pub, stop):
-    """Checkpoint and validate on their intervals, at the last step and on a signal (then exit 0)."""
+def end_of_step(r, pub, stop, validated):
+    """Checkpoint on its interval, at the last step and on a signal (then exit 0); the validation artefacts."""
     c, env, step = r.c, r.env, r.step
     last = step >= c["max_train_steps"]
     stopping = stop["signal"] if env.world == 1 else not parallel.all_true(env, not stop["signal"])   # any rank
@@ -715,8 +714,7 @@ def end_of_step(r, pub, stop):
                                parallel.sharded_state(r.named, r.opts, r.ema) if c["fsdp"] else None)
         r.say(f"checkpoint {path}")
         pub.checkpoint(step, path)
-    if step % c["validation_step_interval"] == 0 or last:
-        publish.validate(r, step)
+    if validated:
         pub.validation(step)
     if stopping:
         r.say(f"signal {stop['signal'] or 'on another rank'}: checkpoint written at step {step}, exiting")
@@ -762,19 +760,25 @@ def train_loop(c, pub, steps):
     while r.step < c["max_train_steps"]:
         rec = {"step": r.step + 1}
         log_now = (r.step + 1) % c["log_interval"] == 0   # statistics (and their device syncs) only on log steps
-        if r.step % c["generator_update_interval"] == 0 or r.ode:
+        warm = c["fake_score_warmup_steps"]
+        if r.step >= warm and (r.step - warm) % c["generator_update_interval"] == 0 or r.ode:
             generator_step(r, rec, log_now)
         loss_f = torch.zeros(()) if r.ode else critic_step(r, rec, log_now)   # ODE init trains the generator alone
         check_finite(r, rec, loss_f)
         r.g_sched.step()   # per trainer step: warmup and decay count the steps of max_train_steps, whatever the interval
         r.step += 1
         bar.update(1)
+        val_now = r.step % c["validation_step_interval"] == 0 or r.step >= c["max_train_steps"]
+        if val_now:   # samples, and the collapse signal into this step's record
+            rec.update(validation.validate(r, r.step))
         if log_now:
             log_step(r, pub, rec)
-        end_of_step(r, pub, stop)
+        elif val_now and len(rec) > 1:
+            pub.log(rec, r.step, quiet=True)
+        end_of_step(r, pub, stop, val_now)
     bar.close()
     if r.ema is not None:
-        publish.swap_in(r.g_params, r.ema)
+        validation.swap_in(r.g_params, r.ema)
     gen = parallel.gathered_copy(r.env, r.gen) if c["fsdp"] else r.gen
     if r.env.main:
         publish.export(c, gen, r.g_adapter, r.ema)

@@ -7,6 +7,7 @@ sampling.
 
   python bench/bench_gmm.py                        # w = 0 and w = 2 at interval 5, and the seed's w = 3, interval 1
   python bench/bench_gmm.py --guidance 0 1 --interval 1 --steps 6000 --log
+  python bench/bench_gmm.py --ablate --guidance 0    # issue 15: ours -> plain DMD2 one change at a time, 3 seeds
 
 The mixture: 3 classes x 4 isotropic modes (std 0.2) on a circle of radius 3 in 2 channels, the classes
 interleaved around the circle, weights 4:3:2:1 within a class. Latents are (B, 2, 1, 1, 1), so train_dmd's
@@ -174,13 +175,61 @@ def pretrain(net, mix, iters=1500, batch=256, lr=2e-3, seed=0):
     return loss.item()
 
 
+def score_t(batch, t_from, t_to, window):
+    """Score timesteps (B,) of the DMD loss and the critic for a rollout that exited at t_from (next step t_to).
+    "ours": train_dmd.score_timesteps at its defaults (SCORE_T: U[t_to, 1000), clamped to [20, 980]);
+    "uniform": U[20, 980) whatever the exit step, as DMD2's randint(min_step, max_step) at 2% / 98%."""
+    if window == "ours":
+        return td.score_timesteps(batch, t_from, t_to, SCORE_T, "cpu")
+    lo, hi = 1000 * SCORE_T["min_timestep_ratio"], 1000 * SCORE_T["max_timestep_ratio"]
+    return lo + (hi - lo) * torch.rand(batch)
+
+
+def exit_step(exits):
+    """The rollout's exit step k*: "uniform" over STEPS (dmd.md §3) or "last" (last_step_only)."""
+    return int(torch.randint(len(STEPS), ())) if exits == "uniform" else len(STEPS) - 1
+
+
+def renormalise(x_g, loss, g, stats, normaliser):
+    """dmd_loss's (loss, g) under another normaliser of x̂_fake − x̂_real -> (loss, g). "ours" returns them as they
+    are: per sample / mean|x_g − x̂_real|, which is DMD's weighting (σ²/α · CS/‖μ_real − x‖₁ turns the score
+    difference into this) and DMD2's code (grad = (p_real − p_fake) / |p_real|.mean over C,H,W). "none": g =
+    x̂_fake − x̂_real; "batch": one mean|x_g − x̂_real| over the whole batch (no per-sample reweighting)."""
+    if normaliser == "ours":
+        return loss, g
+    diff = stats["x_fake"] - stats["x_real"]                                   # (B,C,1,1,1)
+    norm = (stats["x_g"] - stats["x_real"]).abs().mean() if normaliser == "batch" else 1.0
+    g = torch.nan_to_num(diff / norm)
+    return 0.5 * torch.nn.functional.mse_loss(x_g.float(), stats["x_g"] - g, reduction="mean"), g
+
+
+def opt_step(net, opt, loss, grad_clip):
+    """zero_grad, backward, grad-norm clip (None: none), step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    opt.step()
+
+
 def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, fake_lr=1e-3, betas=(0.0, 0.999),
-                  weight_decay=0.01, grad_clip=1.0, ema=0.99, seed=0, every=0, callback=None):
+                  weight_decay=0.01, grad_clip=1.0, ema=0.99, seed=0, every=0, callback=None, window="ours",
+                  critic_samples="fresh", normaliser="ours", exits="uniform"):
     """DMD as train_dmd.train's loop runs it, on train_dmd's own functions. G and F start as copies of `teacher`,
     R is the closed form, the negative context is zeros. Every step: a critic step on a fresh no-grad rollout;
     every `interval` steps first a generator step. Exit steps uniform over STEPS, score timesteps as §4 with
     train_dmd's defaults, fake guidance off, AdamW, grad-norm clip. EMA of G after every generator step.
-    -> the EMA generator. Every `every` steps: callback(step, G_ema, {dmd_loss, g_abs, fake_score_loss})."""
+    -> the EMA generator. Every `every` steps: callback(step, G_ema, {dmd_loss, g_abs, fake_score_loss}).
+    Ablation switches (the defaults are the trainer's behaviour): window "ours" | "uniform" (score_t, both
+    networks); grad_clip None = no clipping; critic_samples "fresh" | "generator" (on generator steps the critic
+    trains on that step's x_g, detached, with its own fresh score timesteps, as DMD2's guidance turn reuses the
+    generator turn's images; other steps as "fresh"); normaliser "ours" | "none" | "batch" (renormalise);
+    exits "uniform" | "last" (exit_step)."""
+    for name, val, ok in (("window", window, ("ours", "uniform")), ("critic_samples", critic_samples,
+                          ("fresh", "generator")), ("normaliser", normaliser, ("ours", "none", "batch")),
+                          ("exits", exits, ("uniform", "last"))):
+        if val not in ok:
+            raise ValueError(f"{name} must be one of {ok}, got {val!r}")
     torch.manual_seed(seed)
     G, Fk, R = copy.deepcopy(teacher), copy.deepcopy(teacher), real_score(mix)
     G_ema = copy.deepcopy(G).requires_grad_(False)
@@ -190,29 +239,25 @@ def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, f
     neg = torch.zeros(batch, 1, mix["classes"])
     loss = g = torch.full((), float("nan"))
     for step in range(iters):
+        fresh = True
         if step % interval == 0:   # generator (DMD) step
             ctx = context(mix, torch.randint(mix["classes"], (batch,)))
-            x_g, t_from, t_to = flow.rollout(lambda x, t: G(x, t, ctx), torch.randn(shape), STEPS,
-                                             int(torch.randint(len(STEPS), ())))
-            t = td.score_timesteps(batch, t_from, t_to, SCORE_T, "cpu")
-            loss, g, _ = td.dmd_loss(x_g, t, R, Fk, ctx, neg, w, 0.0)
-            g_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(G.parameters(), grad_clip)
-            g_opt.step()
+            eps = torch.randn(shape)
+            x_g, t_from, t_to = flow.rollout(lambda x, t: G(x, t, ctx), eps, STEPS, exit_step(exits))
+            loss, g, stats = td.dmd_loss(x_g, score_t(batch, t_from, t_to, window), R, Fk, ctx, neg, w, 0.0)
+            loss, g = renormalise(x_g, loss, g, stats, normaliser)
+            opt_step(G, g_opt, loss, grad_clip)
             with torch.no_grad():
                 for e, p in zip(G_ema.parameters(), G.parameters()):
                     e.lerp_(p, 1 - ema)
-        ctx = context(mix, torch.randint(mix["classes"], (batch,)))   # critic step on a fresh no-grad rollout
-        with torch.no_grad():
-            x_g, t_from, t_to = flow.rollout(lambda x, t: G(x, t, ctx), torch.randn(shape), STEPS,
-                                             int(torch.randint(len(STEPS), ())))
-        t = td.score_timesteps(batch, t_from, t_to, SCORE_T, "cpu")
-        loss_f, _ = td.critic_loss(Fk, x_g, t, ctx)
-        f_opt.zero_grad(set_to_none=True)
-        loss_f.backward()
-        torch.nn.utils.clip_grad_norm_(Fk.parameters(), grad_clip)
-        f_opt.step()
+            fresh = critic_samples == "fresh"
+        if fresh:   # critic step on a fresh no-grad rollout
+            ctx = context(mix, torch.randint(mix["classes"], (batch,)))
+            with torch.no_grad():
+                eps = torch.randn(shape)
+                x_g, t_from, t_to = flow.rollout(lambda x, t: G(x, t, ctx), eps, STEPS, exit_step(exits))
+        loss_f, _ = td.critic_loss(Fk, x_g, score_t(batch, t_from, t_to, window), ctx)   # x_g detached inside
+        opt_step(Fk, f_opt, loss_f, grad_clip)
         if every and (step + 1) % every == 0:
             callback(step + 1, G_ema, {"dmd_loss": loss.item(), "g_abs": g.abs().mean().item(),
                                        "fake_score_loss": loss_f.item()})
@@ -284,8 +329,102 @@ def evaluate(mix, x, labels, tgt):
     return {"mmd": m, **mode_metrics(mix, x, labels, tgt["weights"])}
 
 # -----------------------------------------------------------------------------
+# ablation (issue 15): ours -> plain DMD2, one change at a time
 
-def main(argv=None):
+ABLATIONS = [   # (row, train_gmm_dmd overrides, also in the long run); "lr" / "fake_lr": factors on --lr / --fake-lr
+    ("ours (trainer defaults)", {}, True),
+    ("window uniform [20, 980]", dict(window="uniform"), True),
+    ("no grad clip", dict(grad_clip=None), True),
+    ("critic on the generator's x_g", dict(critic_samples="generator"), True),
+    ("normaliser none", dict(normaliser="none"), False),
+    ("normaliser batch mean", dict(normaliser="batch"), False),
+    ("last-step exits", dict(exits="last"), True),
+    ("generator lr x0.1", dict(lr=0.1), False),
+    ("critic lr x2", dict(fake_lr=2.0), False),
+    ("plain without window (no clip + critic on x_g)", dict(grad_clip=None, critic_samples="generator"), True),
+    ("plain without no-clip (window + critic on x_g)", dict(window="uniform", critic_samples="generator"), False),
+    ("plain without critic (window + no clip)", dict(window="uniform", grad_clip=None), False),
+    ("plain (window + no clip + critic on x_g)", dict(window="uniform", grad_clip=None, critic_samples="generator"),
+     True),
+]
+ABLATE_COLUMNS = [("MMD / exact 50", "mmd_ratio"), ("precision", "precision"), ("in-mode spread", "spread"),
+                  ("min weight ratio", "min_weight_ratio"), ("coverage", "coverage"), ("late coverage", "late_coverage"),
+                  ("late min ratio", "late_ratio")]
+
+
+def mode_spread(mix, x):
+    """RMS distance of the in-mode samples (within 3 std of a mode) to the mode's mean, over its exact value
+    (r² = std²·χ²₂ truncated at 3 std: E[r²] = 2·std²·0.949). 1 = the right width (exact samples: 1.00);
+    < 1 = modes drawn too narrow, which precision rewards."""
+    d = torch.cdist(x.reshape(len(x), -1).double(), mix["mu"]).min(1).values
+    d = d[d <= 3 * mix["std"]]
+    r2 = 2 * mix["std"] ** 2 * (1 - 4.5 * math.exp(-4.5) / (1 - math.exp(-4.5)))   # χ²₂/2 ~ Exp(1), cut at 4.5
+    return (d.square().mean() / r2).sqrt().item()
+
+
+def ablation_run(a, mix, teacher, tgt, w, interval, steps, seed, kw):
+    """One DMD run of the ablation at `seed` with train_gmm_dmd overrides kw -> dict of the ABLATE_COLUMNS keys
+    (mmd_ratio still absolute: the caller divides by the exact 50-step sampler's)."""
+    kw = dict(kw)
+    lr, fake_lr = a.lr * kw.pop("lr", 1.0), a.fake_lr * kw.pop("fake_lr", 1.0)
+    labels = torch.arange(a.eval_n) % mix["classes"]
+    late = []
+
+    def check(step, G, rec):
+        if step > steps // 2:
+            late.append(mode_metrics(mix, few_step_sample(G, mix, labels, seed + 1), labels, tgt["weights"]))
+    G = train_gmm_dmd(mix, teacher, w, steps, interval, a.batch, lr, fake_lr, seed=seed,
+                      every=max(1, steps // 20), callback=check, **kw)
+    x = few_step_sample(G, mix, labels, seed + 1)
+    r = evaluate(mix, x, labels, tgt)
+    return {"mmd_ratio": r["mmd"], "precision": r["precision"], "spread": mode_spread(mix, x),
+            "min_weight_ratio": r["min_weight_ratio"], "coverage": r["coverage"],
+            "late_coverage": min(m["coverage"] for m in late), "late_ratio": min(m["min_weight_ratio"] for m in late)}
+
+
+def ablate(a, mix):
+    """--ablate: every ABLATIONS row at each --guidance (at --interval) and the seed setting (w = 3, interval 1),
+    --steps each; then the rows marked long at w = 0, --interval, --ablate-long x --steps (as many generator
+    steps as interval 1). Over --ablate-seeds seeds, the teacher, target and exact sampler per seed as the main
+    table builds them. Prints one markdown table of mean (min-max) over the seeds -> {setting: {row: [dicts]}}."""
+    settings = [(w, a.interval, a.steps, False) for w in a.guidance] + ([(3.0, 1, a.steps, False)] if a.seed_setting
+                                                                         else [])
+    settings += [(0.0, a.interval, a.ablate_long * a.steps, True)] if a.ablate_long > 1 else []
+    labels = torch.arange(a.eval_n) % mix["classes"]
+    res = {s: {name: [] for name, _, long in ABLATIONS if long or not s[3]} for s in settings}
+    for seed in range(a.seed, a.seed + a.ablate_seeds):
+        torch.manual_seed(seed)
+        teacher = MLP(mix["mu"].shape[1], mix["classes"])
+        pretrain(teacher, mix, a.pretrain, seed=seed)
+        for w, interval, steps, long_only in settings:
+            tgt = target(mix, w, 2 * a.eval_n, seed + 1000)
+            base = evaluate(mix, exact_sample(mix, labels, 50, w, seed + 1), labels, tgt)["mmd"]
+            for name, kw, long in ABLATIONS:
+                if long_only and not long:
+                    continue
+                t1 = time.perf_counter()
+                r = ablation_run(a, mix, teacher, tgt, w, interval, steps, seed, kw)
+                r["mmd_ratio"] /= base
+                res[(w, interval, steps, long_only)][name].append(r)
+                print(f"  seed {seed} w {w:g} interval {interval} steps {steps} | {name:48s} | " + " | ".join(
+                    f"{k} {r[k]:.3f}" for _, k in ABLATE_COLUMNS) + f" | {time.perf_counter() - t1:.0f} s", flush=True)
+    print(f"\nbatch {a.batch}, lr {a.lr:g} / fake lr {a.fake_lr:g}, {a.eval_n} samples per row; mean (min-max) over "
+          f"seeds {a.seed}-{a.seed + a.ablate_seeds - 1}; late = worst of the 10 checks in the second half of training\n")
+    print("| w | interval | steps | config | " + " | ".join(c for c, _ in ABLATE_COLUMNS) + " |")
+    print("|---|---|---|---|" + "---|" * len(ABLATE_COLUMNS))
+    for (w, interval, steps, _), rows in res.items():
+        for name, runs in rows.items():
+            cells = []
+            for _, k in ABLATE_COLUMNS:
+                v = [r[k] for r in runs]
+                cells.append(f"{sum(v) / len(v):.2f} ({min(v):.2f}-{max(v):.2f})")
+            print(f"| {w:g} | {interval} | {steps} | {name} | " + " | ".join(cells) + " |")
+    return res
+
+
+# -----------------------------------------------------------------------------
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=3000, help="DMD trainer steps (one critic step each)")
@@ -301,12 +440,25 @@ def main(argv=None):
     p.add_argument("--eval-n", type=int, default=3000, help="samples per row (the classes in turn); the target has 2x")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log", action="store_true", help="print a DMD log line with the mode metrics at every check")
+    p.add_argument("--ablate", action="store_true", help="instead of the table: the ablation of issue 15 (ours -> "
+                   "plain DMD2 one change at a time, ABLATIONS) at each --guidance (at --interval) and the seed setting")
+    p.add_argument("--ablate-seeds", type=int, default=3, help="seeds of --ablate, from --seed on")
+    p.add_argument("--ablate-long", type=int, default=5, help="--ablate's long run at w = 0: this many x --steps "
+                   "(5: as many generator steps at interval 5 as --steps at interval 1); 1 = none")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the tiny MLPs gain nothing from more, and "
                    "2 threads on a busy 2-core machine ran 50x slower here)")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     mix = make_mixture()
+    if a.ablate:
+        res = ablate(a, mix)
+        print(f"\ntotal {time.perf_counter() - t0:.1f} s")
+        return res
     torch.manual_seed(a.seed)
     teacher = MLP(mix["mu"].shape[1], mix["classes"])
     fit = pretrain(teacher, mix, a.pretrain, seed=a.seed)

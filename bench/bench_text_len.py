@@ -12,9 +12,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flow  # noqa: E402
 import model_wan as mw  # noqa: E402
 import text_encoders  # noqa: E402
-import train_dmd as td  # noqa: E402
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
@@ -27,7 +27,7 @@ if __name__ == "__main__":
             m = mw.WanDiT(dataclasses.replace(mw.PRESETS["demo"], text_len=n))
             t0 = time.perf_counter()
             for _ in range(10):
-                td.flow_matching_loss(m, x0, ctx, 3.0).backward()
+                flow.flow_matching_loss(m, x0, ctx, 3.0).backward()
             best[n] = min(best[n], (time.perf_counter() - t0) / 10)
     print(f"demo teacher fwd+bwd, batch 32, 2 threads: text_len 16 {best[16] * 1000:.1f} ms, 512 {best[512] * 1000:.1f} ms, "
           f"ratio {best[512] / best[16]:.2f}x")

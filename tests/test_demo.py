@@ -62,6 +62,9 @@ def test_png_and_mmd(tmp_path):
     assert quality.mode_tv({"p": [2, 2, 0], "q": [0, 0, 4]}, ref) == 0                  # the same weights at half the count
     assert quality.mode_tv({"p": [0, 0, 8], "q": [8, 0, 0]}, ref) == 1                  # disjoint
     assert abs(quality.mode_tv({"p": [8, 0, 0], "q": [0, 0, 8]}, ref) - 0.25) < 1e-12    # p's weight on one mode only
+    assert quality.min_mode_share({"p": [2, 2, 0], "q": [0, 0, 4]}, ref) == 1.0          # every kept mode as the teacher
+    assert quality.min_mode_share({"p": [3, 1, 0], "q": [0, 0, 4]}, ref) == 0.5          # p's 2nd mode at half its share
+    assert quality.min_mode_share({"p": [4, 0, 0], "q": [0, 0, 4]}, ref) == 0.0          # a mode lost
 
 
 @pytest.mark.slow

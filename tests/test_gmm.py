@@ -147,3 +147,70 @@ def test_dmd_generator_reaches_the_mixture_in_3_steps():
             l1_guided = (r["weights"] - tgt["weights"]).abs().sum().item()
             l1_plain = (r["weights"] - mix["weights"]).abs().sum().item()
             assert l1_guided < 0.6 * l1_plain, (l1_guided, l1_plain, msg)
+
+
+def test_ablation_window_uniform_ignores_the_exit_step():
+    """bench_gmm.score_t (issue 15): "ours" draws in [t_to, 1000) clamped to [20, 980], so an exit at step 0 (t_from
+    1000, t_to 757) only ever sees t >= 757; "uniform" draws U[20, 980) whatever the exit step, the same numbers
+    for every (t_from, t_to) at one RNG state. "last" exits always leave at the last step."""
+    n = 20000
+    torch.manual_seed(0)
+    ours = bg.score_t(n, 1000.0, 757.0, "ours")
+    assert ours.min() >= 757 and ours.max() <= 980
+    for t_from, t_to in ((1000.0, 757.0), (757.0, 522.0), (522.0, 0.0)):
+        torch.manual_seed(1)
+        uni = bg.score_t(n, t_from, t_to, "uniform")
+        torch.manual_seed(1)
+        torch.testing.assert_close(uni, bg.score_t(n, 1000.0, 757.0, "uniform"), rtol=0, atol=0)
+        assert uni.min() >= 20 and uni.max() < 980 and uni.min() < 22 and uni.max() > 978
+        assert abs((uni < 757).double().mean().item() - (757 - 20) / 960) < 0.015   # 5 standard errors
+    assert {bg.exit_step("last") for _ in range(20)} == {len(bg.STEPS) - 1}
+    assert {bg.exit_step("uniform") for _ in range(200)} == set(range(len(bg.STEPS)))
+
+
+def test_ablation_critic_on_generator_samples(monkeypatch):
+    """critic_samples="generator": on a generator step the critic trains on that step's x_g (same samples, same
+    contexts) with score timesteps drawn anew; on the other steps, and always with "fresh", it rolls out its own."""
+    mix = bg.make_mixture()
+    torch.manual_seed(0)
+    teacher = bg.MLP(2, 3, hidden=16, depth=1)
+    dmd, critic = bg.td.dmd_loss, bg.td.critic_loss
+    for mode in ("fresh", "generator"):
+        seen = []
+
+        def dmd_spy(x_g, t, real, fake, ctx, *rest):
+            seen.append(("G", x_g.detach().clone(), t, ctx))
+            return dmd(x_g, t, real, fake, ctx, *rest)
+
+        def critic_spy(fake, x_g, t, ctx):
+            seen.append(("F", x_g.detach().clone(), t, ctx))
+            return critic(fake, x_g, t, ctx)
+        monkeypatch.setattr(bg.td, "dmd_loss", dmd_spy)
+        monkeypatch.setattr(bg.td, "critic_loss", critic_spy)
+        bg.train_gmm_dmd(mix, teacher, 0.0, iters=4, interval=2, batch=16, critic_samples=mode)
+        assert [s[0] for s in seen] == ["G", "F", "F", "G", "F", "F"]
+        for gen, crit, other in ((seen[0], seen[1], seen[2]), (seen[3], seen[4], seen[5])):
+            reused = torch.equal(gen[1], crit[1]) and torch.equal(gen[3], crit[3])
+            assert reused == (mode == "generator"), mode
+            assert not torch.equal(gen[2], crit[2])        # the critic's own score timesteps
+            assert not torch.equal(gen[1], other[1])       # a step without a generator update: a fresh rollout
+
+
+def test_ablation_normalisers():
+    """bench_gmm.renormalise: for every normaliser ∂L/∂x_g = g / numel; "ours" is dmd_loss's own (per-sample
+    mean|x_g − x̂_real|, DMD's and DMD2's), "none" is x̂_fake − x̂_real, "batch" divides by one batch mean."""
+    mix = bg.make_mixture()
+    torch.manual_seed(0)
+    fake = bg.MLP(2, 3, hidden=16, depth=1)
+    x_g = torch.randn(8, 2, 1, 1, 1, requires_grad=True)
+    ctx = bg.context(mix, torch.arange(8) % 3)
+    loss, g, st = bg.td.dmd_loss(x_g, torch.full((8,), 500.0), bg.real_score(mix), fake, ctx, torch.zeros_like(ctx),
+                                 0.0, 0.0)
+    diff = st["x_fake"] - st["x_real"]
+    want = {"ours": g, "none": diff, "batch": diff / (st["x_g"] - st["x_real"]).abs().mean()}
+    for name, g_want in want.items():
+        l2, g2 = bg.renormalise(x_g, loss, g, st, name)
+        torch.testing.assert_close(g2, g_want)
+        grad, = torch.autograd.grad(l2, x_g, retain_graph=True)
+        torch.testing.assert_close(grad, g_want / g_want.numel())
+    assert not torch.allclose(want["ours"], want["batch"])   # per-sample weights differ from one batch scale

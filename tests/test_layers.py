@@ -16,7 +16,7 @@ LAYERS = {
     "vae_wan": 2, "text_encoders": 2, "flow": 2,
     "cache": 3,
     "sample": 4, "data": 4,
-    "parallel": 5, "publish": 5, "quality": 5,
+    "parallel": 5, "publish": 5, "quality": 5, "validation": 5,
     "train_dmd": 6,
     "bench/common": 7,
     "demo": 8, "bench/*": 8,

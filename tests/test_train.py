@@ -17,6 +17,7 @@ import lora
 import sample
 import flow
 import train_dmd
+import validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "config", "tiny.py")
@@ -196,8 +197,8 @@ def test_data_rollout_and_flow_matching_loss():
     x_g, t_from, t_to = train_dmd.data_rollout(exact, x0, None, [1000.0, 757.0, 522.0], 1)
     assert (t_from, t_to) == (757.0, 522.0)
     torch.testing.assert_close(x_g, x0, rtol=0, atol=1e-5)
-    assert train_dmd.flow_matching_loss(lambda x, t, ctx: torch.zeros_like(x), torch.zeros(4, 16, 1, 8, 8), None, 5.0) > 0.9
-    assert train_dmd.flow_matching_loss(lambda x, t, ctx: (x - x0[:1]) / (t.view(-1, 1, 1, 1, 1) / 1000),
+    assert flow.flow_matching_loss(lambda x, t, ctx: torch.zeros_like(x), torch.zeros(4, 16, 1, 8, 8), None, 5.0) > 0.9
+    assert flow.flow_matching_loss(lambda x, t, ctx: (x - x0[:1]) / (t.view(-1, 1, 1, 1, 1) / 1000),
                                         x0[:1].expand(3, -1, -1, -1, -1), None, 5.0) < 1e-8
 
 
@@ -269,3 +270,27 @@ def test_tuple_items_widen_like_scalars():
     assert configurator._check("fake_score_betas", (0, 0.999), (0.9, 0.999)) == (0.0, 0.999)   # Self-Forcing's betas
     with pytest.raises(TypeError, match=r"fake_score_betas\[0\]"):
         configurator._check("fake_score_betas", ("a", 0.999), (0.9, 0.999))
+
+
+def test_collapse_signal_logged_cached_and_warned(tmp_path):
+    """validation.py's collapse signal: diversity = mean pairwise RMS latent distance; a run logs the student's beside
+    the teacher's (measured once, cached in teacher_diversity.json and read back on resume) and warns below
+    diversity_warn_ratio."""
+    z = torch.zeros(1, 16, 1, 2, 2)
+    assert validation.diversity(torch.cat([z, z + 1])) == pytest.approx(1.0)
+    assert validation.diversity(torch.cat([z, z + 1, z + 3])) == pytest.approx(2.0)   # pairs 1, 3, 2
+    out = tmp_path / "run"
+    stdout = run(out, "--max_train_steps=2", "--validation_step_interval=1", "--checkpoint_step_interval=1",
+                 "--diversity_warn_ratio=100")
+    recs = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in recs] == [1, 2] and all(r["diversity"] > 0 for r in recs)
+    assert all(r["diversity_ratio"] == pytest.approx(r["diversity"] / r["teacher_diversity"]) for r in recs)
+    assert len({r["teacher_diversity"] for r in recs}) == 1 and "mode collapse" in stdout
+    cached = json.load(open(out / "teacher_diversity.json"))
+    assert cached["mean"] == recs[0]["teacher_diversity"] and cached["settings"]["seeds"] == 4
+    cached["mean"] = 123.0   # resume: the reference comes from the file, not from a new measurement
+    json.dump(cached, open(out / "teacher_diversity.json", "w"))
+    run(out, "--max_train_steps=3", "--validation_step_interval=1", "--checkpoint_step_interval=1")
+    assert json.loads(open(out / "log.jsonl").read().splitlines()[-1])["teacher_diversity"] == 123.0
+    assert "diversity" not in json.loads(run(tmp_path / "off", "--max_train_steps=1", "--validation_diversity_seeds=1")
+                                         and open(tmp_path / "off" / "log.jsonl").readline())
