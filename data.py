@@ -443,6 +443,19 @@ def training_inputs(c, prompts, te, vae, env, dev, dtype):
     return loader, embeds[:n], val_prompts, embeds[n:-1], embeds[-1:]
 
 
+def teacher_anchor(c, rank=0, world_size=1):
+    """train_dmd's teacher_data_samples > 0: the real-data term's latents are the teacher's own samples (DMD1's
+    regression anchor, dmd.md §6), made once: every training prompt x teacher_data_samples seeds, flow UniPC
+    teacher_data_steps steps at the real score's guidance (standard CFG real_score_guidance_scale + 1), written by
+    make_teacher_data into output_dir/teacher_data (this rank's share; resumable, reused by a rerun) -> the
+    `datasets` entry that reads them (every rank must have finished its share before they are read)."""
+    prompts = read_prompts(dict(c, datasets=[]))[0] * c["teacher_data_samples"]   # line i has seed c["seed"] + i
+    out = os.path.join(c["output_dir"], "teacher_data")
+    make_teacher_data(c, prompts, out, c["teacher_data_steps"], c["real_score_guidance_scale"] + 1, rank=rank,
+                      world_size=world_size)
+    return dict(dataset_type="latents", cache_dir=out)
+
+
 def cache_datasets(c, rank=0, world_size=1):
     """`python data.py CONFIG.py`: build this rank's share of the cache of every dataset in c["datasets"]."""
     if not c["datasets"]:
@@ -487,8 +500,11 @@ def make_teacher_data(c, prompts_file, out_dir, steps=50, guidance=5.0, shift=No
     h, w), the sampler's state at each of the K student timesteps (flow.rollout_steps, as train_dmd rolls out: warp
     included; the schedule of ode_schedule passes through them: the state is the one the teacher is evaluated at),
     and "trajectory_t" (K,) those timesteps; "latents" stays the final x0."""
-    with open(prompts_file, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
+    if isinstance(prompts_file, (list, tuple)):   # the prompts themselves (teacher_anchor)
+        prompts = list(prompts_file)
+    else:
+        with open(prompts_file, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
     dev = mw.pick_device(c["device"])
     dtype = mw.pick_dtype(c["mixed_precision"], dev)
     base, vae, te = load_teacher(c, dev, dtype)

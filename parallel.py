@@ -221,6 +221,23 @@ def gathered_copy(env, model):
     plain.load_state_dict(sd, assign=True)
     return plain.requires_grad_(False)
 
+def accumulate(env, accum, net, modules, prepare, loss_fn):
+    """`accum` micro-batches (gradient_accumulation_steps): prepare() -> inputs (outside the no-sync context), then
+    loss_fn(*inputs) -> (total, loss, extra) and its backward, gradients synced on the last micro-batch only; a
+    non-finite total on any rank skips its backward everywhere -> (mean loss, NaN if any was skipped; [extra])."""
+    scale = env.sp_size / accum   # sequence parallelism: a group's partial gradients must sum, not average
+    losses, extras = [], []
+    for i in range(accum):
+        inputs = prepare()
+        with sync_gradients(net, modules, on=i == accum - 1):   # sync on the last micro-step only
+            total, loss, extra = loss_fn(*inputs)
+            ok = all_true(env, torch.isfinite(total))   # every rank takes the same branch
+            if ok:
+                (total * scale).backward()
+        losses.append(loss.detach() if ok else torch.full_like(loss, float("nan")))   # a NaN skips the step
+        extras.append(extra)
+    return torch.stack(losses).mean(), extras
+
 # -----------------------------------------------------------------------------
 # process state: random streams and the checkpoint folder every rank writes into (train_dmd's checkpoint_state
 # and load_checkpoint say what goes in it)

@@ -70,7 +70,10 @@ ts_schedule_max = False                # score t <= the rollout's exit timestep 
 min_score_timestep = 0
 timestep_shift = 1.0                   # shift applied to score timesteps (1 = none)
 last_step_only = False                 # always exit the rollout at the last step
-real_data_loss_weight = 0.0            # flow-matching term of G on dataset latents, added to the DMD loss (needs datasets)
+real_data_loss_weight = 0.0            # flow-matching term of G on dataset latents, added to the DMD loss (needs datasets
+                                       # or teacher_data_samples)
+teacher_data_samples = 0               # > 0: those latents are teacher samples, this many seeds per training prompt,
+teacher_data_steps = 50                # made once (UniPC steps, CFG w+1) into output_dir/teacher_data (dmd.md §6)
 flow_schedule_shift = 5.0              # shift of the real-data flow-matching timesteps
 # causal student (Self-Forcing, dmd.md §9; README "Causal student"): the generator denoises blocks of latent
 # frames one after another with a KV cache; teacher and critic stay bidirectional. causal=False: the keys below must
@@ -289,11 +292,15 @@ def check_config(c):
             raise ValueError("real_data_loss_weight is a DMD term: set it to 0 with objective='ode_init'")
     if c["rollout_mode"] not in ("backward", "data"):
         raise ValueError(f"rollout_mode must be 'backward' or 'data', got {c['rollout_mode']!r}")
+    if c["teacher_data_samples"] > 0 and (c["datasets"] or c["real_data_loss_weight"] <= 0):
+        raise ValueError("teacher_data_samples > 0 makes the real-data term's latents from the training prompts: it "
+                         "needs real_data_loss_weight > 0 and no `datasets`")
     videos = [d for d in c["datasets"] if d.get("dataset_type", "video") in ("video", "latents")]
-    if (c["real_data_loss_weight"] > 0 or c["rollout_mode"] == "data") and not videos:
+    needs = c["real_data_loss_weight"] > 0 or c["rollout_mode"] == "data"
+    if needs and not videos and c["teacher_data_samples"] <= 0:
         raise ValueError("real_data_loss_weight > 0 and rollout_mode='data' need latents: add a video or latents dataset "
-                         "to `datasets`")
-    if videos and len(videos) != len(c["datasets"]) and (c["real_data_loss_weight"] > 0 or c["rollout_mode"] == "data"):
+                         "to `datasets`, or teacher_data_samples > 0 (the teacher's own samples of the prompts)")
+    if videos and len(videos) != len(c["datasets"]) and needs:
         raise ValueError("real_data_loss_weight > 0 / rollout_mode='data' need latents in every batch: drop the "
                          "prompt-only datasets from `datasets`")
     if c["validation_guidance"] != 1.0:
@@ -475,6 +482,9 @@ def setup(c, steps):
         os.makedirs(c["output_dir"], exist_ok=True)
         with open(os.path.join(c["output_dir"], "config.json"), "w") as f:
             json.dump(c, f, indent=2, default=str)
+    if c["teacher_data_samples"] > 0:   # the teacher's samples of the prompts become the real-data latents
+        c = r.c = dict(c, datasets=[data.teacher_anchor(c, env.rank, env.world)])
+        parallel.barrier(env)
     parallel.seed_all(c["seed"])   # the same on every rank: identical networks (tiny teacher, adapter init)
     prompts = data.read_prompts(c)   # (training, validation): prompt errors before any model is built
     r.base, r.gen, r.critic, r.vae, te = build_networks(c, dev, dtype)
@@ -581,25 +591,6 @@ def clip(params, method, value):
     return torch.nn.utils.clip_grad_norm_(params, value)
 
 
-def accumulate(r, net, modules, prepare, loss_fn):
-    """gradient_accumulation_steps micro-batches: prepare() -> inputs (outside the no-sync context), then
-    loss_fn(*inputs) -> (total, loss, extra) and its backward, gradients synced on the last micro-batch only; a
-    non-finite total on any rank skips its backward everywhere -> (mean loss, NaN if any was skipped; [extra])."""
-    accum = r.c["gradient_accumulation_steps"]
-    scale = r.env.sp_size / accum   # sequence parallelism: a group's partial gradients must sum, not average
-    losses, extras = [], []
-    for i in range(accum):
-        inputs = prepare()
-        with parallel.sync_gradients(net, modules, on=i == accum - 1):   # sync on the last micro-step only
-            total, loss, extra = loss_fn(*inputs)
-            ok = parallel.all_true(r.env, torch.isfinite(total))   # every rank takes the same branch
-            if ok:
-                (total * scale).backward()
-        losses.append(loss.detach() if ok else torch.full_like(loss, float("nan")))   # a NaN skips the step
-        extras.append(extra)
-    return torch.stack(losses).mean(), extras
-
-
 def generator_step(r, rec, log_now):
     """One generator update: DMD (§4, + the optional real-data term of §6), or the ODE-init regression (then no
     critic and no teacher forward); EMA after it. Statistics into rec on log steps."""
@@ -618,7 +609,7 @@ def generator_step(r, rec, log_now):
         total = loss if real is None else loss + c["real_data_loss_weight"] * real
         return total, loss, (t, g, st, real)
     r.g_opt.zero_grad(set_to_none=True)
-    loss, extras = accumulate(r, r.G, [r.gen], lambda: next_batch(r), micro)
+    loss, extras = parallel.accumulate(r.env, c["gradient_accumulation_steps"], r.G, [r.gen], lambda: next_batch(r), micro)
     t, g, st, _ = extras[-1]
     reals = [e[3] for e in extras if e[3] is not None]
     if reals and log_now:
@@ -666,7 +657,7 @@ def critic_step(r, rec, log_now):
         loss_f, per = critic_loss(r.Fk, x_g, t, ctx)
         return loss_f, loss_f, (per, t)
     r.f_opt.zero_grad(set_to_none=True)
-    loss_f, extras = accumulate(r, r.Fk, [r.critic], prepare, micro)
+    loss_f, extras = parallel.accumulate(r.env, c["gradient_accumulation_steps"], r.Fk, [r.critic], prepare, micro)
     if torch.isfinite(loss_f):
         f_norm = clip(r.f_params, "norm", c["fake_score_grad_clip"])
         r.f_opt.step()

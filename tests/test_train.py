@@ -16,6 +16,7 @@ import text_encoders
 import lora
 import sample
 import flow
+import cache
 import train_dmd
 import validation
 
@@ -294,3 +295,23 @@ def test_collapse_signal_logged_cached_and_warned(tmp_path):
     assert json.loads(open(out / "log.jsonl").read().splitlines()[-1])["teacher_diversity"] == 123.0
     assert "diversity" not in json.loads(run(tmp_path / "off", "--max_train_steps=1", "--validation_diversity_seeds=1")
                                          and open(tmp_path / "off" / "log.jsonl").readline())
+
+
+def test_teacher_data_anchor_one_key_away(tmp_path):
+    """teacher_data_samples: the teacher's own samples of the training prompts are made once into
+    output_dir/teacher_data and feed the real-data term; a resumed run reuses them; contradictory keys are errors."""
+    out = tmp_path / "run"
+    args = ["--teacher_data_samples=2", "--teacher_data_steps=4", "--real_data_loss_weight=0.5",
+            "--validation_diversity_seeds=0"]
+    run(out, "--max_train_steps=2", *args)
+    entries = sorted(n for n in os.listdir(out / "teacher_data") if n.startswith("teacher_"))
+    assert len(entries) == 2   # 1 prompt (the validation prompt) x 2 seeds
+    t = cache.read_entry(str(out / "teacher_data" / entries[0]))[1]
+    assert t["latents"].shape == (16, 3, 8, 8) and torch.isfinite(t["latents"]).all()
+    recs = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert all(r["real_data_loss"] > 0 for r in recs)
+    stamps = {n: os.stat(out / "teacher_data" / n).st_mtime_ns for n in entries}
+    run(out, "--max_train_steps=3", *args)
+    assert {n: os.stat(out / "teacher_data" / n).st_mtime_ns for n in entries} == stamps   # made once
+    with pytest.raises(ValueError, match="teacher_data_samples"):
+        train_dmd.check_config(tiny_cfg(tmp_path, "--teacher_data_samples=2"))   # without real_data_loss_weight
