@@ -509,9 +509,8 @@ def make_teacher_data(c, prompts_file, out_dir, steps=50, guidance=5.0, shift=No
     dtype = mw.pick_dtype(c["mixed_precision"], dev)
     base, vae, te = load_teacher(c, dev, dtype)
     src = c["pretrained_model_name_or_path"]
-    layout = "diffusers" if src == "tiny" else flow.resolve_model_dir(src)[1]
-    if shift is None:
-        shift = 3.0 if src == "tiny" else flow.reference_shift(*flow.resolve_model_dir(src))
+    layout, ref_shift = flow.teacher_layout_shift(src)
+    shift = ref_shift if shift is None else shift
     H, W, Fn = c["height"], c["width"], 4 * (c["num_training_frames"] - 1) + 1
     text_id, model_id = identity(te), identity(base)
     neg = text_encoders.negative_prompt(c["negative_prompt"])

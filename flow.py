@@ -70,6 +70,15 @@ def resolve_model_dir(source):
     return src, layout
 
 
+def teacher_layout_shift(src):
+    """A train_dmd teacher source -> (schedule layout, its reference shift). The built teachers ("tiny",
+    "random:<preset>") have no folder: diffusers' layout and Wan 2.1's diffusers shift 3.0."""
+    if src == "tiny" or src.startswith("random:"):
+        return "diffusers", 3.0
+    folder, layout = resolve_model_dir(src)
+    return layout, reference_shift(folder, layout)
+
+
 def reference_shift(src, layout):
     """The teacher's own sampling shift: the original repo's 5.0 for t2v, or diffusers' scheduler_config.json."""
     if layout == "original":

@@ -83,11 +83,8 @@ def teacher_diversity(r):
     read back from output_dir/teacher_diversity.json at setup when the settings match) -> (mean, [per prompt])."""
     if r.teacher_div is not None:
         return r.teacher_div
-    c, src = r.c, r.c["pretrained_model_name_or_path"]
-    layout, shift = "diffusers", 3.0                                 # the tiny / random: teachers have no folder
-    if src != "tiny" and not src.startswith("random:"):
-        folder, layout = flow.resolve_model_dir(src)
-        shift = flow.reference_shift(folder, layout)
+    c = r.c
+    layout, shift = flow.teacher_layout_shift(c["pretrained_model_name_or_path"])
     sigmas, timesteps = flow.flow_schedule(c["validation_teacher_steps"], shift, layout)
     scale = c["real_score_guidance_scale"] + 1                       # DMD2's w is standard CFG w + 1
     per = []

@@ -293,8 +293,8 @@ def test_collapse_signal_logged_cached_and_warned(tmp_path):
     json.dump(cached, open(out / "teacher_diversity.json", "w"))
     run(out, "--max_train_steps=3", "--validation_step_interval=1", "--checkpoint_step_interval=1")
     assert json.loads(open(out / "log.jsonl").read().splitlines()[-1])["teacher_diversity"] == 123.0
-    assert "diversity" not in json.loads(run(tmp_path / "off", "--max_train_steps=1", "--validation_diversity_seeds=1")
-                                         and open(tmp_path / "off" / "log.jsonl").readline())
+    run(tmp_path / "off", "--max_train_steps=1", "--validation_diversity_seeds=1")
+    assert "diversity" not in json.loads(open(tmp_path / "off" / "log.jsonl").readline())
 
 
 def test_teacher_data_anchor_one_key_away(tmp_path):
