@@ -13,8 +13,8 @@ G = base + adapter "generator", F = base + adapter "critic". Data-free: the trai
 (text embeddings precomputed once, the text encoder freed before training). With `datasets` (data.py): captions
 and VAE latents cached once, read in bucket batches; they feed rollout_mode="data" and real_data_loss_weight.
 
-The file reads top to bottom: defaults; the DMD math (the student's rollout itself is flow.rollout, the code
-sample.py runs); config checks and the networks; the checkpoint as one symmetric pair (checkpoint_state /
+The file reads top to bottom: defaults (the DMD objective itself is dmd.py, the student's rollout flow.rollout, the
+code sample.py runs); config checks and the networks; the checkpoint as one symmetric pair (checkpoint_state /
 load_checkpoint); the run's setup; the loop, a short body over named phases (generator_step, critic_step,
 ema_update, check_finite, log_step, end_of_step); validation and export.
 """
@@ -28,10 +28,10 @@ import time
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import dmd
 import flow
 import lora
 import model_wan as mw
@@ -162,112 +162,6 @@ push_merged_to_hub = True              # with LoRA: also upload the merged trans
 webhook_config = None                  # JSON file or string: {"webhook_type": "discord"|"raw", "webhook_url"|"callback_url",
                                        # "message_prefix", "log_level"}; notified at start/validation/checkpoint/failure/end
 device = "auto"
-# -----------------------------------------------------------------------------
-
-# -----------------------------------------------------------------------------
-# DMD math: small pure functions over networks passed in as velocity functions f(x, t, ctx) -> v. The student's
-# few-step rollout is flow.rollout (bidirectional) and flow.causal_rollout (block-wise), the same code sample.py runs
-
-def data_rollout(gen, x0, ctx, steps, k_exit):
-    """The "data latent" mode (FastWan): noise a dataset latent x0 to t_k* and run the one student forward
-    with gradient -> (x_g, t_from, t_to) as flow.rollout returns them."""
-    s = steps[k_exit] / 1000
-    x = (1 - s) * x0 + s * torch.randn_like(x0)
-    x_g = x - s * gen(x, torch.full((x.shape[0],), steps[k_exit], device=x.device), ctx)
-    return x_g, steps[k_exit], steps[k_exit + 1] if k_exit + 1 < len(steps) else 0.0
-
-
-def exit_steps(seed, step, salt, n_steps, n_blocks, same=True, last_only=False):
-    """The rollout's exit step per block (dmd.md §3, §9), identical on every rank without a broadcast: drawn from
-    a generator seeded by (seed, trainer step, salt: 0 generator / 1 critic). same: one draw shared by all blocks
-    (the bidirectional student is one block: the same draw as before the causal mode); last_only: the last step."""
-    if last_only:
-        return [n_steps - 1] * n_blocks
-    g = torch.Generator().manual_seed((seed * 100003 + step) * 2 + salt)
-    ks = torch.randint(n_steps, (1 if same else n_blocks,), generator=g).tolist()
-    return ks * n_blocks if same else ks
-
-
-def keep_last_frames(x_g, n, vae=None):
-    """The last n latent frames of a longer rollout (Self-Forcing's num_training_frames > 21). With a VAE the first
-    kept frame is re-encoded as an image latent (decode up to it, encode its last pixel frame alone) so the clip
-    starts as a real clip does; that frame carries no gradient. x_g (B,C,F,H,W) -> (B,C,n,H,W)."""
-    Fr = x_g.shape[2]
-    if n >= Fr:
-        return x_g
-    if vae is None:
-        return x_g[:, :, Fr - n:]
-    with torch.no_grad():
-        pixels = vae.decode(x_g[:, :, :Fr - n + 1].detach().float())         # (B,3,1+4(F-n),8H,8W)
-        first = vae.encode(pixels[:, :, -1:]).to(x_g.dtype)                    # (B,C,1,H,W)
-    return torch.cat([first, x_g[:, :, Fr - n + 1:]], 2)
-
-
-def ode_regression_loss(gen, traj, x0, ctx, steps, starts):
-    """ODE-init regression (CausVid §4.3, Self-Forcing's initialisation): per sample and block a random index i of
-    the student's steps; the block's frames are the teacher trajectory's state at steps[i] and its t is steps[i]
-    (teacher forcing: one whole-clip causal pass with per-frame t); loss mean (x̂0 − x0_teacher)².
-    traj (B,K,C,F,H,W) states at the K student timesteps; x0 (B,C,F,H,W) the teacher's final sample."""
-    B, K, C, Fr, H, W = traj.shape
-    blk = torch.tensor([sum(s <= f for s in starts) - 1 for f in range(Fr)])  # (F,) block of each frame
-    idx = torch.randint(K, (B, len(starts)))[:, blk].to(traj.device)          # (B,F) trajectory index per frame
-    x = traj.gather(1, idx[:, None, None, :, None, None].expand(B, 1, C, Fr, H, W)).squeeze(1)   # (B,C,F,H,W)
-    t = torch.tensor(steps, dtype=torch.float32, device=traj.device)[idx]     # (B,F)
-    v = gen(x, t if len(starts) > 1 else t[:, 0], ctx)
-    pred = x - (t / 1000)[:, None, :, None, None] * v
-    return F.mse_loss(pred.float(), x0.float()), t
-
-
-def guidance(c, step):
-    """The teacher's guidance w at a trainer step: real_score_guidance_scale, ramped from 0 over guidance_warmup_steps."""
-    n = c["guidance_warmup_steps"]
-    return c["real_score_guidance_scale"] * (min(1.0, (step + 1) / n) if n > 0 else 1.0)
-
-
-def score_timesteps(batch, t_from, t_to, c, device):
-    """Score timesteps of §4: uniform in the window, then shift, then the min/max ratio clamp -> (B,) float."""
-    lo = t_to if c["ts_schedule"] else c["min_score_timestep"]
-    hi = t_from if c["ts_schedule_max"] else 1000.0
-    t = lo + (hi - lo) * torch.rand(batch, device=device)
-    if c["timestep_shift"] > 1:
-        t = flow.shift_timestep(t, c["timestep_shift"])
-    return t.clamp(1000 * c["min_timestep_ratio"], 1000 * c["max_timestep_ratio"])
-
-
-def guided_x0(net, x_t, t, ctx, neg_ctx, w):
-    """x0 of a flow net with guidance in the DMD2 form: x̂_c + w(x̂_c − x̂_u); w = 0: conditional only."""
-    sig = (t / 1000).view(-1, 1, 1, 1, 1)
-    x0 = x_t - sig * net(x_t, t, ctx)
-    if w != 0:
-        x0 = x0 + w * (x0 - (x_t - sig * net(x_t, t, neg_ctx)))
-    return x0
-
-
-def dmd_loss(x_g, t, real, fake, ctx, neg_ctx, w_real, w_fake):
-    """Generator loss of §4. Everything but x_g is no-grad; ∂L/∂x_g = g / numel exactly.
-    -> (loss, g, stats) with g = nan_to_num((x̂_fake − x̂_real) / mean|x_g − x̂_real|) per sample."""
-    with torch.no_grad():
-        xg = x_g.detach().float()
-        sig = (t / 1000).view(-1, 1, 1, 1, 1)
-        x_t = (1 - sig) * xg + sig * torch.randn_like(xg)
-        x_fake = guided_x0(fake, x_t, t, ctx, neg_ctx, w_fake).float()
-        x_real = guided_x0(real, x_t, t, ctx, neg_ctx, w_real).float()
-        norm = (xg - x_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
-        g = torch.nan_to_num((x_fake - x_real) / norm)
-    loss = 0.5 * F.mse_loss(x_g.float(), (xg - g), reduction="mean")
-    stats = {"x_g": xg, "x_real": x_real, "x_fake": x_fake}
-    return loss, g, stats
-
-
-def critic_loss(fake, x_g, t, ctx):
-    """Flow matching on the student's samples (§5): mean (F(x_t, t) − (ε − x_g))², x_g detached."""
-    x_g = x_g.detach().float()
-    sig = (t / 1000).view(-1, 1, 1, 1, 1)
-    eps = torch.randn_like(x_g)
-    pred = fake((1 - sig) * x_g + sig * eps, t, ctx)
-    per_sample = (pred.float() - (eps - x_g)).square().mean(dim=(1, 2, 3, 4))
-    return per_sample.mean(), per_sample.detach()
-
 # -----------------------------------------------------------------------------
 # config and networks
 
@@ -566,7 +460,7 @@ def next_batch(r):
 def student(r, ctx, x0, ks):
     """The rollout of rollout_mode -> (x_g, t_from, t_to); noise shaped as the data. ks: the exit step per block."""
     if r.c["rollout_mode"] == "data":
-        return data_rollout(r.G, x0, ctx, r.steps, ks[0])
+        return dmd.data_rollout(r.G, x0, ctx, r.steps, ks[0])
     noise = torch.randn(x0.shape if x0 is not None and not r.causal else r.shape, device=r.dev)
     if not r.causal:
         return flow.rollout(lambda x, t: r.G(x, t, ctx), noise, r.steps, ks[0])
@@ -574,12 +468,12 @@ def student(r, ctx, x0, ks):
     x_g, t_from, t_to = flow.causal_rollout(lambda x, t, s: r.G(x, t, ctx, kv_cache=r.cache, start_frame=s), noise,
                                             r.steps, ks, r.starts, r.c["context_noise"],
                                             grad_from=r.c["num_training_frames"] - r.loss_frames)
-    return keep_last_frames(x_g, r.loss_frames, r.vae), t_from, t_to
+    return dmd.keep_last_frames(x_g, r.loss_frames, r.vae), t_from, t_to
 
 
 def exit_step(r, salt):   # per block; identical on every rank: drawn from a generator seeded by (seed, step, G or F)
     c = r.c
-    return exit_steps(c["seed"], r.step, salt, len(r.steps), len(r.starts), c["same_step_across_blocks"],
+    return dmd.exit_steps(c["seed"], r.step, salt, len(r.steps), len(r.starts), c["same_step_across_blocks"],
                       c["last_step_only"])
 
 
@@ -598,12 +492,12 @@ def generator_step(r, rec, log_now):
 
     def micro(ctx, x0, traj):
         if r.ode:
-            loss, t = ode_regression_loss(r.G, traj.to(r.dev), x0, ctx, r.steps, r.starts)
+            loss, t = dmd.ode_regression_loss(r.G, traj.to(r.dev), x0, ctx, r.steps, r.starts)
             g = st = None
         else:
             x_g, t_from, t_to = student(r, ctx, x0, k)
-            t = score_timesteps(c["train_batch_size"], t_from, t_to, c, r.dev)
-            loss, g, st = dmd_loss(x_g, t, r.R, r.Fk, ctx, r.neg_ctx, guidance(c, r.step),
+            t = dmd.score_timesteps(c["train_batch_size"], t_from, t_to, c, r.dev)
+            loss, g, st = dmd.dmd_loss(x_g, t, r.R, r.Fk, ctx, r.neg_ctx, dmd.guidance(c, r.step),
                                    c["fake_score_guidance_scale"])
         real = flow.flow_matching_loss(r.G, x0, ctx, c["flow_schedule_shift"]) if c["real_data_loss_weight"] > 0 else None
         total = loss if real is None else loss + c["real_data_loss_weight"] * real
@@ -651,10 +545,10 @@ def critic_step(r, rec, log_now):
         ctx, x0, _ = next_batch(r)
         with torch.no_grad():
             x_g, t_from, t_to = student(r, ctx, x0, exit_step(r, 1))
-        return ctx, x_g, score_timesteps(c["train_batch_size"], t_from, t_to, c, r.dev)
+        return ctx, x_g, dmd.score_timesteps(c["train_batch_size"], t_from, t_to, c, r.dev)
 
     def micro(ctx, x_g, t):
-        loss_f, per = critic_loss(r.Fk, x_g, t, ctx)
+        loss_f, per = dmd.critic_loss(r.Fk, x_g, t, ctx)
         return loss_f, loss_f, (per, t)
     r.f_opt.zero_grad(set_to_none=True)
     loss_f, extras = parallel.accumulate(r.env, c["gradient_accumulation_steps"], r.Fk, [r.critic], prepare, micro)

@@ -39,6 +39,7 @@ import flow  # noqa: E402
 import lora  # noqa: E402
 import model_wan as mw  # noqa: E402
 import text_encoders  # noqa: E402
+import dmd  # noqa: E402
 import train_dmd as td  # noqa: E402
 from common import card, gb, peak_rss_above_now  # noqa: E402
 
@@ -156,8 +157,8 @@ def generator_step(n, a, dev):
         lora.set_adapter(n.base, n.ga)       # workaround: the checkpoint recompute in backward replays it
     n.g_opt.zero_grad(set_to_none=True)
     x_g, t_from, t_to = flow.rollout(lambda x, t: n.G(x, t, n.ctx), torch.randn(a.shape, device=dev), a.steps, a.exit_step)
-    t = td.score_timesteps(1, t_from, t_to, c, dev)
-    loss, _, _ = td.dmd_loss(x_g, t, n.R, n.F_dmd, n.ctx, n.neg_ctx, c["real_score_guidance_scale"], c["fake_score_guidance_scale"])
+    t = dmd.score_timesteps(1, t_from, t_to, c, dev)
+    loss, _, _ = dmd.dmd_loss(x_g, t, n.R, n.F_dmd, n.ctx, n.neg_ctx, c["real_score_guidance_scale"], c["fake_score_guidance_scale"])
     with clock("g_bwd"):
         loss.backward()
     with clock("g_opt"):
@@ -181,8 +182,8 @@ def critic_step(n, a, dev):
     with torch.no_grad():
         x_g, t_from, t_to = flow.rollout(lambda x, t: n.G(x, t, n.ctx), torch.randn(a.shape, device=dev), a.steps,
                                          a.exit_step)
-    t = td.score_timesteps(1, t_from, t_to, c, dev)
-    loss_f, _ = td.critic_loss(n.F_fm, x_g, t, n.ctx)
+    t = dmd.score_timesteps(1, t_from, t_to, c, dev)
+    loss_f, _ = dmd.critic_loss(n.F_fm, x_g, t, n.ctx)
     with clock("f_bwd"):
         loss_f.backward()
     with clock("f_opt"):

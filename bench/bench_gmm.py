@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flow  # noqa: E402
-import train_dmd as td  # noqa: E402
+import dmd  # noqa: E402
 
 STEPS = [1000.0, 757.0, 522.0]   # the seed's dmd_denoising_steps
 SCORE_T = dict(ts_schedule=True, ts_schedule_max=False, min_score_timestep=0, timestep_shift=1.0,
@@ -177,10 +177,10 @@ def pretrain(net, mix, iters=1500, batch=256, lr=2e-3, seed=0):
 
 def score_t(batch, t_from, t_to, window):
     """Score timesteps (B,) of the DMD loss and the critic for a rollout that exited at t_from (next step t_to).
-    "ours": train_dmd.score_timesteps at its defaults (SCORE_T: U[t_to, 1000), clamped to [20, 980]);
+    "ours": dmd.score_timesteps at its defaults (SCORE_T: U[t_to, 1000), clamped to [20, 980]);
     "uniform": U[20, 980) whatever the exit step, as DMD2's randint(min_step, max_step) at 2% / 98%."""
     if window == "ours":
-        return td.score_timesteps(batch, t_from, t_to, SCORE_T, "cpu")
+        return dmd.score_timesteps(batch, t_from, t_to, SCORE_T, "cpu")
     lo, hi = 1000 * SCORE_T["min_timestep_ratio"], 1000 * SCORE_T["max_timestep_ratio"]
     return lo + (hi - lo) * torch.rand(batch)
 
@@ -244,7 +244,7 @@ def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, f
             ctx = context(mix, torch.randint(mix["classes"], (batch,)))
             eps = torch.randn(shape)
             x_g, t_from, t_to = flow.rollout(lambda x, t: G(x, t, ctx), eps, STEPS, exit_step(exits))
-            loss, g, stats = td.dmd_loss(x_g, score_t(batch, t_from, t_to, window), R, Fk, ctx, neg, w, 0.0)
+            loss, g, stats = dmd.dmd_loss(x_g, score_t(batch, t_from, t_to, window), R, Fk, ctx, neg, w, 0.0)
             loss, g = renormalise(x_g, loss, g, stats, normaliser)
             opt_step(G, g_opt, loss, grad_clip)
             with torch.no_grad():
@@ -256,7 +256,7 @@ def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, f
             with torch.no_grad():
                 eps = torch.randn(shape)
                 x_g, t_from, t_to = flow.rollout(lambda x, t: G(x, t, ctx), eps, STEPS, exit_step(exits))
-        loss_f, _ = td.critic_loss(Fk, x_g, score_t(batch, t_from, t_to, window), ctx)   # x_g detached inside
+        loss_f, _ = dmd.critic_loss(Fk, x_g, score_t(batch, t_from, t_to, window), ctx)   # x_g detached inside
         opt_step(Fk, f_opt, loss_f, grad_clip)
         if every and (step + 1) % every == 0:
             callback(step + 1, G_ema, {"dmd_loss": loss.item(), "g_abs": g.abs().mean().item(),

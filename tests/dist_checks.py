@@ -14,6 +14,7 @@ sys.path.insert(0, ROOT)
 import flow  # noqa: E402
 import lora  # noqa: E402
 import model_wan as mw  # noqa: E402
+import dmd  # noqa: E402
 
 
 def tiny(seed=0):
@@ -122,7 +123,7 @@ def check_ddp_grads(out):
 
 
 def check_causal_exits(out):
-    """The causal student's per-block exit steps (train_dmd.exit_steps) are identical on every rank although each
+    """The causal student's per-block exit steps (dmd.exit_steps) are identical on every rank although each
     rank's own random streams differ; a DDP-wrapped causal LoRA generator runs the block-wise rollout (a gradient
     forward per block, one backward) and ends with the same averaged gradients on every rank."""
     import parallel
@@ -130,7 +131,7 @@ def check_causal_exits(out):
     env, dev = parallel.setup(1, torch.device("cpu"))
     r, P = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(1000 + r)   # the ranks' global streams differ (noise and prompts are per rank)
-    draws = torch.tensor([train_dmd.exit_steps(42, step, salt, 3, 7, same=False, last_only=False)
+    draws = torch.tensor([dmd.exit_steps(42, step, salt, 3, 7, same=False, last_only=False)
                           for step in range(50) for salt in (0, 1)])
     gathered = [torch.empty_like(draws) for _ in range(P)]
     dist.all_gather(gathered, draws)
@@ -147,7 +148,7 @@ def check_causal_exits(out):
     G = parallel.data_parallel(env, lora.velocity_fn(base, "generator", autocast, (2, False)), params, False)
     assert isinstance(G, torch.nn.parallel.DistributedDataParallel)
     torch.manual_seed(r)   # per-rank noise
-    exits = train_dmd.exit_steps(42, 3, 0, 3, 2, same=False)
+    exits = dmd.exit_steps(42, 3, 0, 3, 2, same=False)
     cache = base.new_kv_cache(1, 4, 16)
     ctx = torch.randn(1, 5, 32)
     x_g, _, _ = flow.causal_rollout(lambda x, t, s: G(x, t, ctx, kv_cache=cache, start_frame=s), torch.randn(1, 16, 4, 8, 8),

@@ -17,6 +17,7 @@ import model_wan as mw
 import vae_wan
 import lora
 import sample
+import dmd
 import train_dmd
 import flow
 
@@ -102,17 +103,17 @@ def test_exit_steps_keys():
     n = 3
     # same_step_across_blocks: one draw for all blocks; bidirectional (1 block): the seed trainer's draw
     for step in range(20):
-        ks = train_dmd.exit_steps(42, step, 0, n, 7, same=True)
+        ks = dmd.exit_steps(42, step, 0, n, 7, same=True)
         assert len(set(ks)) == 1
         g = torch.Generator().manual_seed((42 * 100003 + step) * 2 + 0)
-        assert train_dmd.exit_steps(42, step, 0, n, 1) == [int(torch.randint(n, (1,), generator=g))]
-    per_block = [train_dmd.exit_steps(42, step, 0, n, 7, same=False) for step in range(20)]
+        assert dmd.exit_steps(42, step, 0, n, 1) == [int(torch.randint(n, (1,), generator=g))]
+    per_block = [dmd.exit_steps(42, step, 0, n, 7, same=False) for step in range(20)]
     assert any(len(set(ks)) > 1 for ks in per_block) and all(len(ks) == 7 for ks in per_block)
-    assert per_block == [train_dmd.exit_steps(42, step, 0, n, 7, same=False) for step in range(20)]   # deterministic
-    assert train_dmd.exit_steps(42, 0, 0, n, 7, same=False) != train_dmd.exit_steps(42, 0, 1, n, 7, same=False) or \
-        train_dmd.exit_steps(42, 1, 0, n, 7, same=False) != train_dmd.exit_steps(42, 1, 1, n, 7, same=False)
+    assert per_block == [dmd.exit_steps(42, step, 0, n, 7, same=False) for step in range(20)]   # deterministic
+    assert dmd.exit_steps(42, 0, 0, n, 7, same=False) != dmd.exit_steps(42, 0, 1, n, 7, same=False) or \
+        dmd.exit_steps(42, 1, 0, n, 7, same=False) != dmd.exit_steps(42, 1, 1, n, 7, same=False)
     # last_step_only: always the last
-    assert train_dmd.exit_steps(42, 5, 0, n, 4, same=False, last_only=True) == [n - 1] * 4
+    assert dmd.exit_steps(42, 5, 0, n, 4, same=False, last_only=True) == [n - 1] * 4
 
 
 def test_context_noise_and_block_layout_change_the_rollout():
@@ -133,15 +134,15 @@ def test_longer_rollout_keeps_the_last_frames():
     model = tiny_student()
     x_g, _, _, calls, starts = rollout(model, Fn=6, grad_from=2)            # 3 blocks, the loss sees the last 4 frames
     assert [s for s, _, g in calls if g] == [2, 4]                          # no gradient forward before the window
-    assert torch.equal(train_dmd.keep_last_frames(x_g, 4), x_g[:, :, 2:])
+    assert torch.equal(dmd.keep_last_frames(x_g, 4), x_g[:, :, 2:])
     torch.manual_seed(0)
     vae = vae_wan.WanVAE(vae_wan.WanVAEConfig(base_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1)).eval()
-    kept = train_dmd.keep_last_frames(x_g, 4, vae)
+    kept = dmd.keep_last_frames(x_g, 4, vae)
     assert kept.shape[2] == 4 and torch.equal(kept[:, :, 1:], x_g[:, :, 3:])
     with torch.no_grad():   # the first kept frame: decoded up to it, its last pixel frame encoded as an image latent
         ref = vae.encode(vae.decode(x_g[:, :, :3])[:, :, -1:])
     torch.testing.assert_close(kept[:, :, :1], ref)
-    assert train_dmd.keep_last_frames(x_g, 6, vae) is x_g
+    assert dmd.keep_last_frames(x_g, 6, vae) is x_g
 
 
 def test_training_rollout_exiting_last_equals_sample_student():

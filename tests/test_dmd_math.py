@@ -7,7 +7,7 @@ tests reproduce it by re-seeding.
 import pytest
 import torch
 
-import train_dmd as td
+import dmd
 import flow
 
 SHAPE = (2, 3, 2, 4, 5)   # (B, C, F, H, W)
@@ -61,7 +61,7 @@ def test_dmd_loss_gradient_is_g_over_numel_and_matches_section4():
     x_g = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     t = torch.tensor([300.0, 800.0])
     torch.manual_seed(11)
-    loss, g, st = td.dmd_loss(x_g, t, real, fake, CTX, NEG, 3.0, 0.5)
+    loss, g, st = dmd.dmd_loss(x_g, t, real, fake, CTX, NEG, 3.0, 0.5)
     loss.backward()
     n = x_g.numel()
     assert g.shape == SHAPE and torch.isfinite(g).all() and g.abs().max() > 0
@@ -92,7 +92,7 @@ def test_zero_update_when_fake_equals_real():
     net = AnalyticNet()
     x_g = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
     t = torch.tensor([250.0, 900.0])
-    loss, g, _ = td.dmd_loss(x_g, t, net, net, CTX, NEG, 0.0, 0.0)
+    loss, g, _ = dmd.dmd_loss(x_g, t, net, net, CTX, NEG, 0.0, 0.0)
     loss.backward()
     assert torch.equal(g, torch.zeros(SHAPE))
     assert torch.equal(x_g.grad, torch.zeros(SHAPE))
@@ -118,7 +118,7 @@ def test_normaliser_is_per_sample():
     for scale1 in (1.0, 10.0):                       # scale sample 1's x_fake - x_real gap
         real, fake = _gap_nets(scale1)
         torch.manual_seed(5)
-        gs.append(td.dmd_loss(x_g.clone(), t, real, fake, CTX, NEG, 0.0, 0.0)[1])
+        gs.append(dmd.dmd_loss(x_g.clone(), t, real, fake, CTX, NEG, 0.0, 0.0)[1])
     assert torch.equal(gs[0][0], gs[1][0])
     torch.testing.assert_close(gs[1][1], 10 * gs[0][1], rtol=1e-4, atol=1e-6)
 
@@ -126,7 +126,7 @@ def test_normaliser_is_per_sample():
     x_g2 = x_g.clone()
     x_g2[1] = 5 * x_g2[1] + 3                         # scale sample 1's x_g - x_real gap
     torch.manual_seed(5)
-    _, g2, st = td.dmd_loss(x_g2, t, real, fake, CTX, NEG, 0.0, 0.0)
+    _, g2, st = dmd.dmd_loss(x_g2, t, real, fake, CTX, NEG, 0.0, 0.0)
     assert torch.equal(g2[0], gs[0][0])
     assert not torch.allclose(g2[1], gs[0][1])
     # g_b = (x_fake - x_real)_b / mean_{C,F,H,W}|x_g - x_real|_b  (a batch-wide mean would fail this)
@@ -144,7 +144,7 @@ def test_nan_to_num_when_normaliser_is_zero():
     t = torch.tensor([500.0, 500.0])
     # 0/0: fake = real
     torch.manual_seed(6)
-    loss, g, st = td.dmd_loss(x_g, t, real, real, CTX, NEG, 0.0, 0.0)
+    loss, g, st = dmd.dmd_loss(x_g, t, real, real, CTX, NEG, 0.0, 0.0)
     assert torch.equal(st["x_real"][0], torch.zeros(SHAPE[1:]))     # the setup really gives a zero normaliser
     assert torch.isfinite(g).all() and torch.equal(g, torch.zeros(SHAPE))
     assert loss.item() == 0.0
@@ -152,7 +152,7 @@ def test_nan_to_num_when_normaliser_is_zero():
     def fake(x, t, ctx):
         return real(x, t, ctx) + 0.25
     torch.manual_seed(6)
-    _, g, st = td.dmd_loss(x_g, t, real, fake, CTX, NEG, 0.0, 0.0)
+    _, g, st = dmd.dmd_loss(x_g, t, real, fake, CTX, NEG, 0.0, 0.0)
     assert torch.isfinite(g).all() and not torch.isnan(g).any()
     assert (g[0] != 0).all()
     norm1 = (x_g[1] - st["x_real"][1]).abs().mean()
@@ -170,12 +170,12 @@ def test_guided_x0_dmd2_form_and_single_call_without_guidance():
     assert (xc - xu).abs().min() > 1e-3                 # the net really depends on ctx
     for w in (3.0, -0.5, 1.0):
         net.calls.clear()
-        out = td.guided_x0(net, x_t, t, ctx, neg, w)
+        out = dmd.guided_x0(net, x_t, t, ctx, neg, w)
         torch.testing.assert_close(out, xc + w * (xc - xu), rtol=1e-12, atol=1e-12)
         assert not torch.allclose(out, xu + w * (xc - xu))  # not standard CFG with scale w
         assert len(net.calls) == 2 and net.calls[0]["ctx"] is ctx and net.calls[1]["ctx"] is neg
     net.calls.clear()
-    out = td.guided_x0(net, x_t, t, ctx, neg, 0.0)
+    out = dmd.guided_x0(net, x_t, t, ctx, neg, 0.0)
     assert len(net.calls) == 1 and net.calls[0]["ctx"] is ctx
     torch.testing.assert_close(out, xc, rtol=1e-12, atol=1e-12)
 
@@ -215,7 +215,7 @@ def test_dmd_step_moves_gaussian_generator_toward_data(t_val, mu_d, theta0):
     real, fake = gaussian_velocity(mu_d), gaussian_velocity(theta.item())
     t = torch.full((B,), t_val)
     torch.manual_seed(12)
-    loss, g, st = td.dmd_loss(x_g, t, real, fake, CTX, NEG, 0.0, 0.0)
+    loss, g, st = dmd.dmd_loss(x_g, t, real, fake, CTX, NEG, 0.0, 0.0)
     loss.backward()
     # closed form: x̂_fake - x̂_real = (mu_g - mu_d)·σ²/((1-σ)² + σ²), constant over elements
     sig = t_val / 1000
@@ -292,17 +292,17 @@ N = 20000
 
 
 def test_score_timesteps_window_bounds():
-    t = td.score_timesteps(N, 757.0, 522.0, cfg(), "cpu")
+    t = dmd.score_timesteps(N, 757.0, 522.0, cfg(), "cpu")
     assert t.shape == (N,) and t.dtype == torch.float32
     assert t.min() >= 522.0 and t.max() <= 1000.0 and abs(t.mean().item() - 761.0) < 5
-    t = td.score_timesteps(N, 757.0, 522.0, cfg(ts_schedule_max=True), "cpu")
+    t = dmd.score_timesteps(N, 757.0, 522.0, cfg(ts_schedule_max=True), "cpu")
     assert t.min() >= 522.0 and t.max() <= 757.0 and abs(t.mean().item() - 639.5) < 3
-    t = td.score_timesteps(N, 757.0, 522.0, cfg(ts_schedule=False, ts_schedule_max=True, min_score_timestep=100), "cpu")
+    t = dmd.score_timesteps(N, 757.0, 522.0, cfg(ts_schedule=False, ts_schedule_max=True, min_score_timestep=100), "cpu")
     assert t.min() >= 100.0 and t.max() <= 757.0
-    t = td.score_timesteps(N, 757.0, 522.0, cfg(ts_schedule=False, min_score_timestep=100), "cpu")
+    t = dmd.score_timesteps(N, 757.0, 522.0, cfg(ts_schedule=False, min_score_timestep=100), "cpu")
     assert t.min() >= 100.0 and t.max() <= 1000.0 and abs(t.mean().item() - 550.0) < 8
     assert t.min() < 110 and t.max() > 990             # the whole window is used
-    t = td.score_timesteps(N, 522.0, 0.0, cfg(), "cpu")  # after the last step t_to = 0
+    t = dmd.score_timesteps(N, 522.0, 0.0, cfg(), "cpu")  # after the last step t_to = 0
     assert t.min() >= 0.0 and t.min() < 5
 
 
@@ -314,16 +314,16 @@ def test_score_timestep_shift():
     c1 = cfg(ts_schedule=False, min_score_timestep=0)
     c5 = dict(c1, timestep_shift=5.0)
     torch.manual_seed(15)
-    t1 = td.score_timesteps(N, 757.0, 522.0, c1, "cpu")
+    t1 = dmd.score_timesteps(N, 757.0, 522.0, c1, "cpu")
     torch.manual_seed(15)
-    t5 = td.score_timesteps(N, 757.0, 522.0, c5, "cpu")
+    t5 = dmd.score_timesteps(N, 757.0, 522.0, c5, "cpu")
     # same uniform draws u: t5 = 1000·s·u/(1+(s-1)u) with u = t1/1000
     u = t1.double() / 1000
     torch.testing.assert_close(t5.double(), 1000 * 5 * u / (1 + 4 * u), rtol=1e-5, atol=1e-3)
     assert (t5 >= t1).all() and t5.mean() > t1.mean() + 100
     # shift 1 (and below) means none
     torch.manual_seed(15)
-    assert torch.equal(td.score_timesteps(N, 757.0, 522.0, dict(c1, timestep_shift=1.0), "cpu"), t1)
+    assert torch.equal(dmd.score_timesteps(N, 757.0, 522.0, dict(c1, timestep_shift=1.0), "cpu"), t1)
 
 
 @pytest.mark.parametrize("shift", [1.0, 5.0])
@@ -332,10 +332,10 @@ def test_score_timesteps_final_clamp(shift, sched, sched_max):
     c = cfg(ts_schedule=sched, ts_schedule_max=sched_max, min_score_timestep=0, timestep_shift=shift,
             min_timestep_ratio=0.02, max_timestep_ratio=0.98)
     for t_from, t_to in ((1000.0, 757.0), (757.0, 522.0), (522.0, 0.0)):
-        t = td.score_timesteps(N, t_from, t_to, c, "cpu")
+        t = dmd.score_timesteps(N, t_from, t_to, c, "cpu")
         assert t.min() >= 20.0 and t.max() <= 980.0
     c = cfg(ts_schedule=False, timestep_shift=shift, min_timestep_ratio=0.02, max_timestep_ratio=0.98)
-    t = td.score_timesteps(N, 1000.0, 0.0, c, "cpu")
+    t = dmd.score_timesteps(N, 1000.0, 0.0, c, "cpu")
     assert (t == 980.0).any() and (shift > 1 or (t == 20.0).any())
 
 
@@ -346,7 +346,7 @@ def test_critic_loss_closed_form_and_no_grad_to_x_g():
     x_g = torch.randn(SHAPE, generator=torch.Generator().manual_seed(16)).requires_grad_(True)
     t = torch.tensor([150.0, 650.0])
     torch.manual_seed(17)
-    loss, per = td.critic_loss(fake, x_g, t, CTX)
+    loss, per = dmd.critic_loss(fake, x_g, t, CTX)
     torch.manual_seed(17)
     eps = torch.randn(SHAPE).double()
     sig = bview(t.double() / 1000)

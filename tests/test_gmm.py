@@ -1,5 +1,5 @@
 """DMD against a closed form (issue 7 §3; bench/bench_gmm.py): a class-conditional Gaussian mixture with an exact
-flow-matching velocity is the real score, and train_dmd's own functions distil a 3-step MLP generator from it.
+flow-matching velocity is the real score, and dmd.py's functions distil a 3-step MLP generator from it.
 
 1. the closed-form velocity against Monte Carlo and against the known marginal density (autograd of log p_t);
 2. the exact 50-step sampler reaches the mixture;
@@ -111,7 +111,7 @@ def test_exact_50_step_sampler_reaches_the_mixture():
 
 @pytest.mark.slow
 def test_dmd_generator_reaches_the_mixture_in_3_steps():
-    """flow.rollout and train_dmd's score_timesteps/dmd_loss/critic_loss at the defaults of bench_gmm (3000 steps, interval 5,
+    """flow.rollout and dmd.py's score_timesteps/dmd_loss/critic_loss at the defaults of bench_gmm (3000 steps, interval 5,
     batch 128). Measured at seed 0 (seeds 1-3 in brackets): w = 0: MMD 2.9x (3.1-3.5x) the exact 50-step sampler's,
     0.51x (0.45-0.57x) the 3-step UniPC's, precision 0.79 (0.79-0.81), min weight ratio 0.86 (0.72-0.90), never
     below 0.84 (0.62) in the second half; w = 2: MMD 6.8x (5.0-7.6x), 0.58x (0.53-0.57x) the 3-step's, precision
@@ -174,7 +174,7 @@ def test_ablation_critic_on_generator_samples(monkeypatch):
     mix = bg.make_mixture()
     torch.manual_seed(0)
     teacher = bg.MLP(2, 3, hidden=16, depth=1)
-    dmd, critic = bg.td.dmd_loss, bg.td.critic_loss
+    dmd, critic = bg.dmd.dmd_loss, bg.dmd.critic_loss
     for mode in ("fresh", "generator"):
         seen = []
 
@@ -185,8 +185,8 @@ def test_ablation_critic_on_generator_samples(monkeypatch):
         def critic_spy(fake, x_g, t, ctx):
             seen.append(("F", x_g.detach().clone(), t, ctx))
             return critic(fake, x_g, t, ctx)
-        monkeypatch.setattr(bg.td, "dmd_loss", dmd_spy)
-        monkeypatch.setattr(bg.td, "critic_loss", critic_spy)
+        monkeypatch.setattr(bg.dmd, "dmd_loss", dmd_spy)
+        monkeypatch.setattr(bg.dmd, "critic_loss", critic_spy)
         bg.train_gmm_dmd(mix, teacher, 0.0, iters=4, interval=2, batch=16, critic_samples=mode)
         assert [s[0] for s in seen] == ["G", "F", "F", "G", "F", "F"]
         for gen, crit, other in ((seen[0], seen[1], seen[2]), (seen[3], seen[4], seen[5])):
@@ -204,7 +204,7 @@ def test_ablation_normalisers():
     fake = bg.MLP(2, 3, hidden=16, depth=1)
     x_g = torch.randn(8, 2, 1, 1, 1, requires_grad=True)
     ctx = bg.context(mix, torch.arange(8) % 3)
-    loss, g, st = bg.td.dmd_loss(x_g, torch.full((8,), 500.0), bg.real_score(mix), fake, ctx, torch.zeros_like(ctx),
+    loss, g, st = bg.dmd.dmd_loss(x_g, torch.full((8,), 500.0), bg.real_score(mix), fake, ctx, torch.zeros_like(ctx),
                                  0.0, 0.0)
     diff = st["x_fake"] - st["x_real"]
     want = {"ours": g, "none": diff, "batch": diff / (st["x_g"] - st["x_real"]).abs().mean()}

@@ -17,6 +17,7 @@ import lora
 import sample
 import flow
 import cache
+import dmd
 import train_dmd
 import validation
 
@@ -148,11 +149,11 @@ def test_teacher_frozen_and_networks_separate(tmp_path):
     ctx = torch.randn(1, 512, 32)
     base_m.zero_grad(set_to_none=True)
     x_g, t_from, t_to = flow.rollout(lambda x, t: G(x, t, ctx), torch.randn(1, 16, 3, 8, 8), [1000.0, 757.0, 522.0], 2)
-    loss, _, _ = train_dmd.dmd_loss(x_g, torch.tensor([500.0]), R, Fk, ctx, torch.zeros_like(ctx), 3.0, 0.0)
+    loss, _, _ = dmd.dmd_loss(x_g, torch.tensor([500.0]), R, Fk, ctx, torch.zeros_like(ctx), 3.0, 0.0)
     loss.backward()
     assert all(p.grad is not None for p in res["g_params"]) and all(p.grad is None for p in res["f_params"])
     base_m.zero_grad(set_to_none=True)
-    train_dmd.critic_loss(Fk, x_g, torch.tensor([500.0]), ctx)[0].backward()
+    dmd.critic_loss(Fk, x_g, torch.tensor([500.0]), ctx)[0].backward()
     assert all(p.grad is None for p in res["g_params"]) and all(p.grad is not None for p in res["f_params"])
 
 
@@ -195,7 +196,7 @@ def test_data_rollout_and_flow_matching_loss():
     """Data-latent mode: one forward with gradient at t_k* on the noised data latent; FM loss closed form."""
     x0 = torch.randn(2, 16, 1, 4, 4)
     exact = lambda x, t, ctx: (x - x0) / (t.view(-1, 1, 1, 1, 1) / 1000)   # noqa: E731  the exact velocity to x0
-    x_g, t_from, t_to = train_dmd.data_rollout(exact, x0, None, [1000.0, 757.0, 522.0], 1)
+    x_g, t_from, t_to = dmd.data_rollout(exact, x0, None, [1000.0, 757.0, 522.0], 1)
     assert (t_from, t_to) == (757.0, 522.0)
     torch.testing.assert_close(x_g, x0, rtol=0, atol=1e-5)
     assert flow.flow_matching_loss(lambda x, t, ctx: torch.zeros_like(x), torch.zeros(4, 16, 1, 8, 8), None, 5.0) > 0.9
@@ -221,13 +222,13 @@ def test_shipped_configs_resolve(name):
 
 
 def test_nonfinite_losses_skip_then_abort(tmp_path, monkeypatch, capsys):
-    real = train_dmd.dmd_loss
+    real = dmd.dmd_loss
 
     def nan_loss(*a, **k):
         loss, g, st = real(*a, **k)
         return loss * float("nan"), g, st
 
-    monkeypatch.setattr(train_dmd, "dmd_loss", nan_loss)
+    monkeypatch.setattr(dmd, "dmd_loss", nan_loss)
     c = tiny_cfg(tmp_path, "--max_train_steps=10", "--max_nonfinite_steps=3", "--validation_step_interval=1000")
     with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
         train_dmd.train(c)
