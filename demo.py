@@ -58,6 +58,10 @@ flow_shift = 3.0               # shift of the training timesteps and of the teac
 # regression, then DMD from there
 dmd_config = "config/demo_dmd.py"
 dmd_steps = 600
+# more students, each a config file on top of dmd_config, trained into out/dmd_<name> (name: the file's stem without
+# "demo_") and scored in the table beside the teachers at its own guidance (standard CFG = its
+# real_score_guidance_scale + 1): the student at the seed's guidance and the causal student. "" = the headline only
+more_students = "config/demo_w3.py,config/demo_causal.py"
 ode_seeds = 16
 ode_teacher_steps = 48
 ode_steps = 600
@@ -240,15 +244,16 @@ def make_teacher(c, out, latents, caps, times):
     print(f"(3) teacher: {teacher_dir} [{times['teacher']:.0f}s]")
 
 
-def make_student(c, out, latents, times):
-    """(4) DMD: train_dmd.train on dmd_config with the demo's teacher, prompts and sizes -> out/dmd; a causal
-    student first gets its ODE init (ode_init)."""
+def make_student(c, out, latents, times, extra="", name="dmd"):
+    """(4) DMD: train_dmd.train on dmd_config (+ the `extra` config file) with the demo's teacher, prompts and sizes
+    -> out/<name>; a causal student first gets its ODE init (ode_init)."""
     t0 = time.perf_counter()
-    dmd_dir = os.path.join(out, "dmd")
+    dmd_dir = os.path.join(out, name)
     if not os.path.exists(os.path.join(dmd_dir, "transformer")):
         T = latents.shape[2]
         here = os.path.dirname(os.path.abspath(__file__))
-        dc = train_dmd.config([os.path.join(here, f) for f in c["dmd_config"].split(",")] + [
+        files = c["dmd_config"].split(",") + ([extra] if extra else [])
+        dc = train_dmd.config([os.path.join(here, f) for f in files] + [
             f"--{k}={v}" for k, v in dict(pretrained_model_name_or_path=os.path.join(out, "teacher"), output_dir=dmd_dir,
                                           prompts_file=os.path.join(out, "prompts.txt"), height=c["size"], width=c["size"],
                                           num_training_frames=T, max_train_steps=c["dmd_steps"], seed=c["seed"], device=c["device"],
@@ -258,8 +263,14 @@ def make_student(c, out, latents, times):
         if dc["causal"]:
             dc["generator_init"] = ode_init(dc, c, out)
         train_dmd.train(dc)
-    times["dmd"] = time.perf_counter() - t0
-    print(f"(4) DMD student: {dmd_dir}/transformer [{times['dmd']:.0f}s]")
+    times[name] = time.perf_counter() - t0
+    print(f"(4) DMD student: {dmd_dir}/transformer [{times[name]:.0f}s]")
+
+
+def extra_students(c):
+    """more_students -> [(name, config file)]: out/dmd_<name>, the row "student-3 <name>"."""
+    files = [f for f in c["more_students"].split(",") if f]
+    return [(os.path.splitext(os.path.basename(f))[0].removeprefix("demo_"), f) for f in files]
 
 
 def make_samples(c, out, times):
@@ -286,11 +297,22 @@ def make_samples(c, out, times):
 
 
 def make_table(c, out, pair, steps, times):
-    """(6) quality.evaluate over every caption and bench_seeds seeds, printed and written to out/quality.json."""
+    """(6) quality.evaluate over every caption and bench_seeds seeds, printed and written to out/quality.json: the
+    headline pair at guidance_scale, then every more_students student at its own guidance, beside teacher rows at
+    that guidance (their names end in "CFG <g>" where it differs from guidance_scale)."""
     t0 = time.perf_counter()
     shape = (c["num_frames"], c["size"], c["size"])
-    table = quality.evaluate(pair, quality.captions(), list(range(c["bench_seeds"])), shape, steps, c["guidance_scale"],
-                             c["flow_shift"])
+    groups = {c["guidance_scale"]: ["student-3"]}
+    for name, _ in extra_students(c):
+        quality.add_student(pair, f"student-3 {name}", os.path.join(out, f"dmd_{name}"))
+        with open(os.path.join(out, f"dmd_{name}", "config.json")) as f:
+            groups.setdefault(json.load(f)["real_score_guidance_scale"] + 1.0, []).append(f"student-3 {name}")
+    table = {}
+    for cfg, students in groups.items():
+        rows = quality.evaluate(pair, quality.captions(), list(range(c["bench_seeds"])), shape, steps, cfg,
+                                c["flow_shift"], samplers=("teacher-50", "teacher-3", *students))
+        tag = "" if cfg == c["guidance_scale"] else f" CFG {cfg:g}"
+        table.update({k + (tag if k.startswith("teacher") else ""): v for k, v in rows.items()})
     print(quality.format_table(table))
     with open(os.path.join(out, "quality.json"), "w") as f:
         json.dump(table, f, indent=1)
@@ -307,6 +329,8 @@ def main(c):
     latents = make_vae(c, out, videos, caps, bands, times)
     make_teacher(c, out, latents, caps, times)
     make_student(c, out, latents, times)
+    for name, extra in extra_students(c):
+        make_student(c, out, latents, times, extra, f"dmd_{name}")
     pair, steps = make_samples(c, out, times)
     return make_table(c, out, pair, steps, times)
 

@@ -130,21 +130,37 @@ def detect(video, caption):
 SAMPLERS = ("teacher-50", "teacher-3", "student-3")
 
 
+def load_student(student, base=None):
+    """A train_dmd output folder (its merged transformer/) or an adapter / full-weights file on a copy of `base` ->
+    dict(dit, causal settings or None, steps as trained or None for a bare file)."""
+    if os.path.isdir(os.path.join(student, "transformer")):
+        dit = mw.load_dit(os.path.join(student, "transformer")).eval()
+    else:
+        dit = copy.deepcopy(base)
+        sample.load_student(dit, student)
+    steps = sample.student_steps(student) if os.path.isdir(student) else None
+    return dict(dit=dit, causal=sample.read_causal_config(student),
+                steps=[float(s) for s in steps.split(",")] if steps else None)
+
+
 def load_pair(teacher, student, negative_prompt="", device="cpu"):
-    """teacher: a pipeline folder / hub id; student: a train_dmd output folder (its merged transformer/) or an adapter
-    / full-weights file; negative_prompt None: Wan's default -> dict(teacher, student DiTs, vae, text encoder,
-    negative context, the student's causal settings or None)."""
+    """teacher: a pipeline folder / hub id; student: see load_student; negative_prompt None: Wan's default -> dict(
+    teacher DiT, vae, text encoder, negative context, students {"student-3": load_student(student)}). More students
+    join under other names (add_student) and become rows of the same table."""
     base = mw.load_dit(teacher).eval()
     vae = vae_wan.load_vae(teacher).eval()
     te = text_encoders.text_encoder(teacher, torch.float32, "cpu", base)
-    if os.path.isdir(os.path.join(student, "transformer")):
-        stud = mw.load_dit(os.path.join(student, "transformer")).eval()
-    else:
-        stud = copy.deepcopy(base)
-        sample.load_student(stud, student)
     neg = text_encoders.negative_prompt(negative_prompt)
-    return dict(teacher=base.to(device), student=stud.to(device), vae=vae.to(device), te=te,
-                neg=te.encode([neg]).to(device), device=device, causal=sample.read_causal_config(student))
+    pair = dict(teacher=base.to(device), vae=vae.to(device), te=te, neg=te.encode([neg]).to(device), device=device,
+                students={})
+    add_student(pair, "student-3", student)
+    return pair
+
+
+def add_student(pair, name, student):
+    """One more student (see load_student) in the pair, sampled as row `name` of evaluate's table."""
+    s = load_student(student, pair["teacher"])
+    pair["students"][name] = {**s, "dit": s["dit"].to(pair["device"])}
 
 
 @torch.no_grad()
@@ -158,9 +174,9 @@ def sample_videos(pair, name, prompts, seeds, shape, steps, guidance, shift, bat
         part = jobs[i:i + batch]
         ctx = pair["te"].encode([p for p, _ in part]).to(pair["device"])
         x = torch.cat([flow.initial_noise(1, Fn, H, W, s, pair["device"])[0] for _, s in part])
-        if name == "student-3":   # a causal student runs block by block with the KV cache, as sample.py does
-            gen = torch.Generator().manual_seed(part[0][1] + 7919 * i)
-            lat = sample.sample_student(pair["student"], ctx, x, steps, pair.get("causal"), gen)
+        if name in pair["students"]:   # a causal student runs block by block with the KV cache, as sample.py does
+            s, gen = pair["students"][name], torch.Generator().manual_seed(part[0][1] + 7919 * i)
+            lat = sample.sample_student(s["dit"], ctx, x, s["steps"] or steps, s["causal"], gen)
         else:
             n = 50 if name == "teacher-50" else len(steps)
             sig, ts = flow.flow_schedule(n, shift)
@@ -219,15 +235,16 @@ def min_mode_share(found, ref):
     return float(min(ratios)) if ratios else None
 
 
-def evaluate(pair, prompts, seeds, shape, steps, guidance, shift):
+def evaluate(pair, prompts, seeds, shape, steps, guidance, shift, samplers=SAMPLERS):
     """-> {sampler: {precision, coverage, mmd, mode_tv, min_mode_share, seconds}} (+ the mode counts per caption).
     The reference is a second teacher-50 set (other seeds): teacher-50's own row is the noise floor of MMD, mode TV
-    and the smallest mode share."""
+    and the smallest mode share. samplers: the rows, teacher-50 / teacher-3 (at `steps`) and names of pair's
+    students (each at its own steps as trained, else `steps`)."""
     ref_seeds = [s + 100000 for s in seeds]
     ref, ref_vids = sample_videos(pair, "teacher-50", prompts, ref_seeds, shape, steps, guidance, shift)
     ref_found = precision_coverage(ref_vids, prompts, ref_seeds)[2]
     table = {}
-    for name in SAMPLERS:
+    for name in samplers:
         t0 = time.perf_counter()
         lat, vids = sample_videos(pair, name, prompts, seeds, shape, steps, guidance, shift)
         prec, cov, found, shape_acc = precision_coverage(vids, prompts, seeds)

@@ -394,7 +394,7 @@ def ablate(a, mix):
     res = {s: {name: [] for name, _, long in ABLATIONS if long or not s[3]} for s in settings}
     for seed in range(a.seed, a.seed + a.ablate_seeds):
         torch.manual_seed(seed)
-        teacher = MLP(mix["mu"].shape[1], mix["classes"])
+        teacher = MLP(mix["mu"].shape[1], mix["classes"], a.hidden, a.depth)
         pretrain(teacher, mix, a.pretrain, seed=seed)
         for w, interval, steps, long_only in settings:
             tgt = target(mix, w, 2 * a.eval_n, seed + 1000)
@@ -434,6 +434,8 @@ def parse_args(argv=None):
     p.add_argument("--seed-setting", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the seed's w = 3 at interval 1 (dmd.md §11: collapse-prone)")
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=128, help="width of the MLP of G and F (and of the init)")
+    p.add_argument("--depth", type=int, default=3, help="hidden layers of the MLP")
     p.add_argument("--lr", type=float, default=1e-3, help="generator lr")
     p.add_argument("--fake-lr", type=float, default=1e-3, help="fake score lr")
     p.add_argument("--pretrain", type=int, default=1500, help="steps of velocity regression for the shared G/F init")
@@ -460,7 +462,7 @@ def main(argv=None):
         print(f"\ntotal {time.perf_counter() - t0:.1f} s")
         return res
     torch.manual_seed(a.seed)
-    teacher = MLP(mix["mu"].shape[1], mix["classes"])
+    teacher = MLP(mix["mu"].shape[1], mix["classes"], a.hidden, a.depth)
     fit = pretrain(teacher, mix, a.pretrain, seed=a.seed)
     print(f"{torch.get_num_threads()} threads | init of G and F: MLP regressed on the exact velocity, {a.pretrain} steps, "
           f"mse {fit:.4f} ({time.perf_counter() - t0:.1f} s)")

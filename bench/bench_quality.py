@@ -48,6 +48,7 @@ def main(argv=None):
     with open(a.prompts_file) as fh:
         prompts = [line.strip() for line in fh if line.strip()]
     pair = quality.load_pair(a.teacher, a.student, None if a.negative_prompt == "None" else a.negative_prompt, a.device)
+    pair["students"]["student-3"]["steps"] = steps                   # --steps wins over the folder's
     table = quality.evaluate(pair, prompts, list(range(a.seeds)), (a.num_frames, a.height, a.width), steps, a.guidance,
                              a.shift)
     print(quality.format_table(table))

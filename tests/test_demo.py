@@ -73,7 +73,8 @@ def test_demo_end_to_end(tmp_path):
     skips the trained stages (their files untouched)."""
     out = str(tmp_path / "demo")
     args = [sys.executable, os.path.join(ROOT, "demo.py"), f"--out_dir={out}", "--clips_per_mode=1", "--vae_steps=2",
-            "--teacher_steps=3", "--dmd_steps=2", "--bench_seeds=1", "--sample_prompts=2"]
+            "--teacher_steps=3", "--dmd_steps=2", "--bench_seeds=1", "--sample_prompts=2", "--ode_seeds=1",
+            "--ode_teacher_steps=8", "--ode_steps=2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -89,11 +90,12 @@ def test_demo_end_to_end(tmp_path):
         sheet = next(c.decode(video=0)).to_ndarray(format="rgb24")
     assert sheet.shape == (2 * 3 * 66 + 2, 9 * 66 + 2, 3)                        # 6 rows x 9 frames of 64 px + gaps
     table = json.load(open(os.path.join(out, "quality.json")))
-    assert list(table) == list(quality.SAMPLERS)
+    assert list(table) == [*quality.SAMPLERS, "student-3 causal", "teacher-50 CFG 4", "teacher-3 CFG 4", "student-3 w3"]
     for r in table.values():
         assert 0 <= r["precision"] <= 1 and 0 <= r["coverage"] <= 1 and np.isfinite(r["mmd"])
         assert 0 <= r["mode_tv"] <= 1
-    assert "| student-3 |" in run.stdout
+    assert "| student-3 |" in run.stdout and "| student-3 w3 |" in run.stdout
+    assert json.load(open(os.path.join(out, "dmd_causal", "config.json")))["causal"]
     stamp = os.path.getmtime(os.path.join(out, "dmd", "transformer", "config.json"))
     again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "vae step" not in again.stdout and "teacher step" not in again.stdout
@@ -122,7 +124,8 @@ def test_demo_causal_student(tmp_path):
     out = str(tmp_path / "demo")
     args = [sys.executable, os.path.join(ROOT, "demo.py"), f"--out_dir={out}", "--clips_per_mode=1", "--vae_steps=2",
             "--teacher_steps=3", "--dmd_steps=2", "--bench_seeds=1", "--sample_prompts=1", "--ode_seeds=1",
-            "--ode_teacher_steps=8", "--ode_steps=2", "--dmd_config=config/demo_dmd.py,config/demo_causal.py"]
+            "--ode_teacher_steps=8", "--ode_steps=2", "--dmd_config=config/demo_dmd.py,config/demo_causal.py",
+            "--more_students="]
     run = subprocess.run(args, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
