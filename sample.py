@@ -244,6 +244,7 @@ def generate(cfg):
             f"teacher {c['sampler']} {c['num_inference_steps']} steps, guidance {c['guidance_scale']}, shift {s['shift']}")
     print(f"{len(prompts)} prompt(s), {s['Fn']}x{s['H']}x{s['W']}, {mode}, {dev} {dt}")
     paths, latents, t_dit, t_vae, t_first = [], [], 0.0, 0.0, None
+    os.makedirs(c["out"], exist_ok=True)
     bar = tqdm(total=(len(s["steps"]) if student else c["num_inference_steps"]) * len(ctxs), desc="denoising")
     for bi, ctx in enumerate(ctxs):
         B = ctx.shape[0]
