@@ -193,6 +193,11 @@ def test_model_card_renders_all_fields():
     # the tiny random teacher has no hub id: no base_model line, our own license
     card = publish.model_card(card_cfg(pretrained_model_name_or_path="tiny"), [1000.0], [], {}, [], [])
     assert "base_model" not in card.split("---")[1] and "license: apache-2.0" in card
+    assert "| exported at | unknown step" in card
+    # the exported step, and that step's validation (the collapse signal) when there was one
+    recs[49].update(diversity_ratio=0.81, diversity_ratio_min=0.62)
+    card = publish.model_card(card_cfg(), [1000.0], recs, env, files, [], at=50)
+    assert "| exported at | step 50 of 4000 (EMA weights;" in card and "diversity 0.81x the teacher's (worst prompt 0.62x)" in card
 
 
 def test_card_sampler_is_the_student_sampler(tiny_pipeline):
@@ -353,7 +358,7 @@ def test_tiny_run_publishes(tmp_path, capsys, monkeypatch):
     # run artefacts
     env = json.load(open(out / "env.json"))
     assert {"python", "platform", "torch", "cuda", "gpus", "git_commit", "packages"} <= set(env)
-    git = os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(publish.__file__)), ".git"))
+    git = os.path.exists(os.path.join(os.path.dirname(os.path.abspath(publish.__file__)), ".git"))   # a worktree: a file
     assert (re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", env["git_commit"]) if git else env["git_commit"] == "unknown")
     assert "numpy" in env["packages"]
     assert json.load(open(out / "config.json"))["hub_model_id"] == "me/tiny-dmd"
