@@ -702,7 +702,10 @@ def export_student(r):
 def export_checkpoint(c, steps):
     """--export_from=CHECKPOINT: that checkpoint's student exported into output_dir as the end of a run exports it
     (the same files; the model card names its step), without training: the networks, then the checkpoint loaded."""
-    ckpt = parallel.find_checkpoint(c["output_dir"], c["export_from"])
+    try:
+        ckpt = parallel.find_checkpoint(c["output_dir"], c["export_from"])
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"export_from={c['export_from']!r}: {str(e).split(': ', 1)[-1]}") from None
     if ckpt is None:
         raise FileNotFoundError(f"export_from={c['export_from']!r}: no checkpoint in {c['output_dir']}")
     r = new_run(c, steps)

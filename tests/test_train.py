@@ -405,5 +405,5 @@ def test_export_from_a_checkpoint(tmp_path, capsys):
     assert "| exported at | step 2 of 4 (EMA weights" in (out / "README.md").read_text()
     assert open(out / "log.jsonl").read() == log   # nothing trained, nothing logged, no checkpoint written
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-0000002", "checkpoint-0000004"]
-    with pytest.raises(FileNotFoundError, match="no state.pt"):
+    with pytest.raises(FileNotFoundError, match="export_from='checkpoint-7': no state.pt there"):
         train_dmd.train(tiny_cfg(out, *common, "--export_from=checkpoint-7"))
