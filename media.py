@@ -283,6 +283,7 @@ FONT = {   # 3x5 glyphs, rows top to bottom; letters are drawn upper case, anyth
     "L": "#.. #.. #.. #.. ###", "M": "#.# ### ### #.# #.#", "N": "##. #.# #.# #.# #.#", "O": "### #.# #.# #.# ###",
     "P": "### #.# ### #.. #..", "R": "##. #.# ##. #.# #.#", "S": "### #.. ### ..# ###", "T": "### .#. .#. .#. .#.",
     "U": "#.# #.# #.# #.# ###", "W": "#.# #.# ### ### #.#", "X": "#.# #.# .#. #.# #.#",
+    "H": "#.# #.# ### #.# #.#", "V": "#.# #.# #.# #.# .#.", "Y": "#.# #.# .#. .#. .#.",
 }
 
 
@@ -308,10 +309,10 @@ def draw_line(img, x0, y0, x1, y1, color):
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
 
 
-def line_plot(title, series, size=(200, 360)):
+def line_plot(title, series, size=(200, 360), markers=False):
     """One panel: title, frame, y max/min at the top/bottom left, x range under the frame, one line per
     series (label, xs, ys) in COLORS order; non-finite points are skipped; a log10 y axis when every value is
-    positive (losses and norms span decades). -> uint8 (H,W,3)."""
+    positive (losses and norms span decades); markers: a 5x5 square on every point (sparse series). -> uint8 (H,W,3)."""
     H, W = size
     img = np.full((H, W, 3), 255, np.uint8)
     draw_text(img, 4, 4, title, (0, 0, 0))
@@ -344,4 +345,6 @@ def line_plot(title, series, size=(200, 360)):
         for j in range(max(1, len(px) - 1)):
             k = min(j + 1, len(px) - 1)
             draw_line(img, px[j], py[j], px[k], py[k], COLORS[i % len(COLORS)])
+        for x, y in zip(px, py) if markers else ():
+            img[max(0, int(y) - 2):int(y) + 3, max(0, int(x) - 2):int(x) + 3] = COLORS[i % len(COLORS)]
     return img

@@ -293,8 +293,12 @@ def save_checkpoint(out_dir, state, limit, env=Dist(), rank_state=None, sharded=
 
 
 def find_checkpoint(out_dir, spec):
+    """spec: "latest" (None when there is none), "" (None), "checkpoint-N" (N unpadded too: out_dir's) or a folder."""
     if not spec:
         return None
+    name = os.path.basename(os.path.normpath(spec))
+    if spec != "latest" and not os.path.exists(spec) and name.startswith("checkpoint-") and name[11:].isdigit():
+        spec = os.path.join(out_dir, f"checkpoint-{int(name[11:]):07d}")
     if spec != "latest":
         if not os.path.exists(os.path.join(spec, "state.pt")):
             raise FileNotFoundError(f"resume_from_checkpoint={spec!r}: no state.pt there")

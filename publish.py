@@ -43,22 +43,30 @@ def read_log(out_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-# panels of loss_curve.png, left to right then top to bottom: (title, [(label, log.jsonl key), ...])
+# panels of loss_curve.png, left to right then top to bottom: (title, [(label, log.jsonl key), ...]); the last two
+# are the validations' collapse signal (validation.py), one marked point per validation
 PANELS = [("dmd loss", [("dmd", "dmd_loss"), ("ode", "ode_loss")]), ("fake score loss", [("critic", "fake_score_loss")]),
-          ("|g|", [("|g|", "g_abs")]), ("grad norm G F", [("G", "g_grad_norm"), ("F", "f_grad_norm")])]
+          ("|g|", [("|g|", "g_abs")]), ("grad norm G F", [("G", "g_grad_norm"), ("F", "f_grad_norm")]),
+          ("val diversity / teacher", [("mean", "diversity_ratio"), ("worst", "diversity_ratio_min")]),
+          ("val diversity student teacher", [("student", "diversity"), ("teacher", "teacher_diversity")])]
 
 
 def loss_curve(records):
-    """log.jsonl records -> uint8 image of the PANELS in a 2x2 grid (grad norms: G blue, F red; the first panel
-    holds the DMD loss, or the ODE-init regression loss of objective="ode_init")."""
+    """log.jsonl records -> uint8 image of the PANELS in a 2x3 grid (grad norms: G blue, F red; the first panel
+    holds the DMD loss, or the ODE-init regression loss of objective="ode_init"). A record's generator statistics
+    are placed at the step they come from (gen_step), drawn once each."""
     panels = []
-    for title, keys in PANELS:
+    for i, (title, keys) in enumerate(PANELS):
         series = []
         for label, k in keys:
-            rs = [r for r in records if k in r and r[k] is not None]
-            series.append((label, [r["step"] for r in rs], [float(r[k]) for r in rs]))
-        panels.append(media.line_plot(title, series))
-    return np.concatenate([np.concatenate(panels[:2], 1), np.concatenate(panels[2:], 1)], 0)
+            at = {r.get("gen_step", r["step"]) if k in GENERATOR_KEYS else r["step"]: float(r[k])
+                  for r in records if r.get(k) is not None}
+            series.append((label, sorted(at), [at[x] for x in sorted(at)]))
+        panels.append(media.line_plot(title, series, markers=i >= 4))
+    return np.concatenate([np.concatenate(panels[:3], 1), np.concatenate(panels[3:], 1)], 0)
+
+
+GENERATOR_KEYS = ("dmd_loss", "ode_loss", "g_abs", "g_grad_norm")   # drawn at gen_step
 
 
 def videos_of(folder):
@@ -78,21 +86,34 @@ def preview(videos, max_width=640, max_frames=48):
 # -----------------------------------------------------------------------------
 # the run's student: the exported files at its end (validation samples: validation.py)
 
-def export(c, gen, g_adapter, ema):
+def export(c, gen, g_adapter, ema, step):
     """The student (EMA weights when used) as (a) student[_ema].safetensors — the LoRA adapter in diffusers/PEFT
-    keys, or full weights — and (b) merged full weights in diffusers transformer/ layout with config.json.
-    Rank 0 writes (train_dmd gathers FSDP's sharded weights into a CPU copy there first, every rank taking part)."""
+    keys, or full weights; its metadata names the trainer `step` (the model card reads it) — and (b) merged full
+    weights in diffusers transformer/ layout with config.json. Rank 0 writes (train_dmd gathers FSDP's sharded
+    weights into a CPU copy there first, every rank taking part)."""
     from safetensors.torch import save_file
     name = "student_ema.safetensors" if ema is not None else "student.safetensors"
-    path = os.path.join(c["output_dir"], name)
+    path, meta = os.path.join(c["output_dir"], name), {"format": "pt", "step": str(step)}
     if g_adapter is not None:   # the teacher base stays untouched: the merge is computed into a copy
-        save_file(mw.adapter_state_dict(gen, g_adapter), path)
+        save_file(mw.adapter_state_dict(gen, g_adapter), path, metadata=meta)
         merged = lora.merged_state_dict(gen, g_adapter)
     else:
-        save_file({k: v.contiguous() for k, v in mw.to_diffusers_state_dict(gen).items()}, path)
+        save_file({k: v.contiguous() for k, v in mw.to_diffusers_state_dict(gen).items()}, path, metadata=meta)
         merged = None
     mw.save_dit(gen, os.path.join(c["output_dir"], "transformer"), layout="diffusers", state_dict=merged)
-    print(f"exported {path} and {os.path.join(c['output_dir'], 'transformer')}/")
+    print(f"exported {path} and {os.path.join(c['output_dir'], 'transformer')}/ (step {step})")
+
+
+def exported_step(out):
+    """The trainer step of the student file in `out` (sample.py's choice: EMA first), from its metadata -> int, or
+    None (no student, or one exported before the step was recorded)."""
+    from safetensors import safe_open
+    for name in ("student_ema.safetensors", "student.safetensors"):
+        if os.path.exists(os.path.join(out, name)):
+            with safe_open(os.path.join(out, name), "pt") as f:
+                step = (f.metadata() or {}).get("step")
+            return int(step) if step else None
+    return None
 
 # -----------------------------------------------------------------------------
 # environment
@@ -413,9 +434,10 @@ def data_summary(c):
     return "data-free DMD: the validation prompt(s) as training prompts, no videos"
 
 
-def model_card(c, steps, records, env, files, prompts):
+def model_card(c, steps, records, env, files, prompts, at=None):
     """The README.md of the published student. steps: the rollout timesteps (after any warp); records: log.jsonl;
-    env: environment(); files: the names in the upload (decides which loading snippets apply); prompts: validation."""
+    env: environment(); files: the names in the upload (decides which loading snippets apply); prompts: validation;
+    at: the trainer step the student was exported at (None: unknown)."""
     src = c["pretrained_model_name_or_path"]
     base = base_model_id(src)
     pipe_id = DIFFUSERS_BASES.get(base, base) or "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
@@ -458,10 +480,21 @@ def model_card(c, steps, records, env, files, prompts):
           f"| data | {data_summary(c)} |",
           f"| training | {c['max_train_steps']} steps at {c['num_training_frames']} latent frames {c['height']}x{c['width']}, "
           f"batch {c['train_batch_size']} x accum {c['gradient_accumulation_steps']} x {world} process(es); {took} on {gpus} |",
+          f"| exported at | {exported_at(c, records, at)} |",
           f"| final losses (mean of the last {len(last)} logged steps) | dmd_loss {mean('dmd_loss')}, "
           f"fake_score_loss {mean('fake_score_loss')}, abs(g) {mean('g_abs')} |",
           f"| code | wan-dmd commit `{env.get('git_commit', 'unknown')}`, torch {env.get('torch', '?')} |", ""]
     return "\n".join(L + card_usage(c, steps, files, repo, pipe_id, prompt) + card_files(files)) + "\n"
+
+
+def exported_at(c, records, at):
+    """The model card's line on the exported step: which step of the run, the weights, that step's collapse signal."""
+    if at is None:
+        return "unknown step (the student file predates step metadata)"
+    val = [r for r in records if r["step"] == at and "diversity_ratio" in r]
+    return (f"step {at} of {c['max_train_steps']} ({'EMA' if c['use_ema'] else 'raw'} weights; `train_dmd.py CONFIG "
+            f"--export_from=checkpoint-N` exports another checkpoint)" + (f"; validation diversity "
+            f"{val[-1]['diversity_ratio']:.2f}x the teacher's (worst prompt {val[-1]['diversity_ratio_min']:.2f}x)" if val else ""))
 
 
 def card_usage(c, steps, files, repo, pipe_id, prompt):
@@ -510,7 +543,7 @@ def card_files(files):
             "transformer/": "merged student in diffusers `WanTransformer3DModel` layout",
             "config.json": "the resolved training config (train_dmd.py keys)",
             "env.json": "versions of python, torch, CUDA, the GPUs and the wan-dmd commit",
-            "log.jsonl": "training metrics, one record per logged step", "loss_curve.png": "dmd_loss, fake_score_loss, mean abs(g), grad norms of G and F",
+            "log.jsonl": "training metrics, one record per logged step", "loss_curve.png": "dmd_loss, fake_score_loss, mean abs(g), grad norms of G and F, validation diversity",
             "preview.gif": "validation samples (downscaled)", "samples/": "validation videos of the last step"}
     shown = {f.split("/")[0] + "/" if "/" in f else f for f in files}
     L += [f"| `{k}` | {v} |" for k, v in what.items() if k in shown]
@@ -529,7 +562,9 @@ def write_card(c, steps=None):
     out = c["output_dir"]
     if steps is None:   # as train_dmd.train computes them (after the optional warp)
         steps = flow.rollout_steps(flow.parse_steps(c["dmd_denoising_steps"]), c["warp_denoising_step"], c["timestep_shift"])
+    at = exported_step(out)   # the card, the preview and the final losses describe the exported student's step
     steps_dirs = sorted(glob.glob(os.path.join(out, "validation", "step_*")), key=lambda p: int(p.rsplit("_", 1)[1]))
+    steps_dirs = [d for d in steps_dirs if at is None or int(d.rsplit("_", 1)[1]) <= at]
     prompts, files = [c["validation_prompt"]], {}
     if c.get("validation_prompt_library") and os.path.exists(c["validation_prompt_library"]):
         with open(c["validation_prompt_library"]) as f:
@@ -548,7 +583,8 @@ def write_card(c, steps=None):
         for p in glob.glob(os.path.join(out, "transformer", "*")):
             files[f"transformer/{os.path.basename(p)}"] = p
     env = json.load(open(os.path.join(out, "env.json"))) if os.path.exists(os.path.join(out, "env.json")) else environment()
-    card = model_card(c, steps, read_log(out), env, sorted(files) + ["README.md"], prompts)
+    records = [r for r in read_log(out) if at is None or r["step"] <= at]
+    card = model_card(c, steps, records, env, sorted(files) + ["README.md"], prompts, at)
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(card)
     files["README.md"] = os.path.join(out, "README.md")
@@ -694,7 +730,7 @@ class Publisher:
         if quiet:
             return
         nan = float("nan")
-        tqdm.write(f"step {step:6d} | {objective} {rec.get(objective + '_loss', nan):.3e} "
+        tqdm.write(f"step {step:6d} | {objective} {rec.get(objective + '_loss', nan):.3e} G@{rec.get('gen_step', '-')} "
                    f"| fake {rec.get('fake_score_loss', nan):.4f} | |g| {rec.get('g_abs', nan):.3e} "
                    f"| gnorm G {rec.get('g_grad_norm', nan):.2e} F {rec.get('f_grad_norm', nan):.2e} | lr {rec['lr']:.2e} "
                    f"| t {rec.get('score_t', nan):5.1f} | {rec['s_per_step']:.2f} s/step | mem {rec['peak_mem_gb']:.1f} GB")

@@ -49,6 +49,7 @@ seed = 0                     # batch i uses seed + i
 batch_size = 1               # prompts per DiT batch
 out = "out/samples"          # folder for the mp4s (and latents)
 save_latents = False         # also write the final normalised latents as safetensors
+decode = True                # False: latents only (needs save_latents=True): no VAE decode, no mp4 (benchmark sweeps)
 stream = False               # causal student: decode and write each block's frames as soon as it is generated
 fps = 16
 device = "auto"              # auto: cuda if available, else cpu
@@ -187,6 +188,9 @@ def settings(c):
     causal = s["causal"] = read_causal_config(c["ckpt"]) if c["ckpt"] else None
     if causal is None and s["stream"]:
         raise ValueError("stream=True needs a causal student (ckpt folder whose config.json has \"causal\": true)")
+    s["decode"] = bool(c.get("decode", True))
+    if not s["decode"] and (not c["save_latents"] or s["stream"]):
+        raise ValueError("decode=False writes latents only: it needs save_latents=True and stream=False")
     if causal is not None:
         T = 1 + (s["Fn"] - 1) // 4
         try:
@@ -217,7 +221,7 @@ def denoise(c, s, dit, ctx, neg_ctx, x, gen, bar, on_block=None):
 
 
 def generate(cfg):
-    """Run sampling for a resolved config dict -> list of written mp4 paths (latents too when asked)."""
+    """Run sampling for a resolved config dict -> list of written mp4 paths (decode=False: the latents files)."""
     c = dict(cfg)
     s = settings(c)
     dev, dt, student, stream = s["dev"], s["dtype"], s["steps"] is not None, s["stream"]
@@ -235,11 +239,12 @@ def generate(cfg):
     dit = mw.load_dit(s["src"], dtype=dt, device=dev)
     if c["ckpt"]:
         print(f"student: {load_student(dit, c['ckpt'])} weights from {c['ckpt']}")
-    vae = vae_wan.load_vae(s["src"], dtype=torch.float32, device=dev)
+    vae = vae_wan.load_vae(s["src"], dtype=torch.float32, device=dev) if s["decode"] else None
     mode = (f"student {len(s['steps'])} steps {','.join(f'{t:g}' for t in s['steps'])}" if student else
             f"teacher {c['sampler']} {c['num_inference_steps']} steps, guidance {c['guidance_scale']}, shift {s['shift']}")
     print(f"{len(prompts)} prompt(s), {s['Fn']}x{s['H']}x{s['W']}, {mode}, {dev} {dt}")
-    paths, t_dit, t_vae, t_first = [], 0.0, 0.0, None
+    paths, latents, t_dit, t_vae, t_first = [], [], 0.0, 0.0, None
+    os.makedirs(c["out"], exist_ok=True)
     bar = tqdm(total=(len(s["steps"]) if student else c["num_inference_steps"]) * len(ctxs), desc="denoising")
     for bi, ctx in enumerate(ctxs):
         B = ctx.shape[0]
@@ -263,21 +268,23 @@ def generate(cfg):
             sync()
             t_dit += time.perf_counter() - t0   # streaming: DiT and VAE together
             t0 = time.perf_counter()
-            video = None if stream else vae.decode(lat.float())   # (B,3,F,H,W) in [-1,1]
+            video = vae.decode(lat.float()) if s["decode"] and not stream else None   # (B,3,F,H,W) in [-1,1]
             sync()
             t_vae += time.perf_counter() - t0
         for j, stem in enumerate(stems):
-            paths.append(writers[j].close() if stream else media.write_mp4(stem + ".mp4", video[j], c["fps"]))
+            if s["decode"]:
+                paths.append(writers[j].close() if stream else media.write_mp4(stem + ".mp4", video[j], c["fps"]))
             if c["save_latents"]:
                 from safetensors.torch import save_file
                 save_file({"latents": lat[j:j + 1].float().contiguous().cpu()}, stem + ".latents.safetensors")
+                latents.append(stem + ".latents.safetensors")
     bar.close()
-    report(dev, stream, t_text, t_dit, t_vae, t_first, paths)
-    return paths
+    report(dev, stream, t_text, t_dit, t_vae, t_first, paths, latents, c["out"])
+    return paths if s["decode"] else latents
 
 
-def report(dev, stream, t_text, t_dit, t_vae, t_first, paths):
-    """The closing line: stage times, peak memory, the files written."""
+def report(dev, stream, t_text, t_dit, t_vae, t_first, paths, latents, out):
+    """The closing line: stage times, peak memory, how many files were written where (a sweep writes thousands)."""
     if dev.type == "cuda":
         peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU"
     else:
@@ -285,8 +292,9 @@ def report(dev, stream, t_text, t_dit, t_vae, t_first, paths):
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
     first = f" | first frames after {t_first:.2f}s" if t_first is not None else ""
     dit_vae = "DiT+VAE (streamed)" if stream else "DiT"
+    files = [f"{len(paths)} mp4"] * bool(paths) + [f"{len(latents)} latents"] * bool(latents)
     print(f"done: text {t_text:.1f}s | {dit_vae} {t_dit:.1f}s | VAE decode {t_vae:.1f}s{first} | peak {peak} | "
-          + ", ".join(paths))
+          f"{' + '.join(files) or 'no files'} in {out}")
 
 
 if __name__ == "__main__":

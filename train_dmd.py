@@ -136,6 +136,8 @@ ema_validation = "ema_only"            # none | ema_only | comparison
 checkpoint_step_interval = 200
 checkpoints_total_limit = 3
 resume_from_checkpoint = "latest"      # "latest", a checkpoint folder, or "" for a fresh start
+export_from = ""                       # "checkpoint-N", a checkpoint folder or "latest": export that checkpoint's student
+                                       # (EMA when kept) into output_dir as a run's end does, no training
 # validation and logging
 validation_step_interval = 200
 validation_prompt = "A cat walks on the grass, realistic style."
@@ -315,6 +317,7 @@ def checkpoint_state(r):
     """Rank 0's checkpoint dict: counters, scheduler, config, its rank state, and the weights, EMA and optimiser
     states unless FSDP shards them (then parallel.sharded_state, written by every rank)."""
     st = {"step": r.step, "gen_steps": r.gen_steps, "bad_in_row": r.bad_in_row, "g_sched": r.g_sched.state_dict(),
+          "gen_stats": generator_record(r),
           "config": json.dumps(r.c, default=str), "world": r.env.world, "fsdp": r.c["fsdp"], **rank_state(r)}
     if not r.c["fsdp"]:
         st.update(generator=[p.detach().cpu().clone() for p in r.g_params],
@@ -350,6 +353,7 @@ def load_checkpoint(r, ckpt):
         r.f_opt.load_state_dict(st["f_opt"])
     r.g_sched.load_state_dict(st["g_sched"])
     r.step, r.gen_steps, r.bad_in_row = st["step"], st["gen_steps"], st["bad_in_row"]
+    r.gen_stats = st.get("gen_stats", {})
     if st.get("world", 1) == r.env.world:   # this rank's random streams and data position
         rs = torch.load(os.path.join(ckpt, f"rank{r.env.rank}.pt"), map_location="cpu", weights_only=True) \
             if r.env.rank > 0 else st
@@ -362,14 +366,20 @@ def load_checkpoint(r, ckpt):
 # -----------------------------------------------------------------------------
 # setting up a run: r, one namespace of everything the loop's phases read and write (no trainer class)
 
-def setup(c, steps):
-    """Devices, prompts and their embeddings, networks, data, optimisers, EMA; resumed when a checkpoint exists."""
+def new_run(c, steps):
+    """The run's namespace before any network: devices (torchrun: process groups), dtype, counters."""
     dev = mw.pick_device(c["device"])
     env, dev = parallel.setup(c["sp_size"], dev, c["fsdp"])   # torchrun: process groups; one process: nothing
     dtype = mw.pick_dtype(c["mixed_precision"], dev)
-    r = SimpleNamespace(c=c, env=env, dev=dev, dtype=dtype, autocast=mw.autocast_fn(dtype, dev), steps=steps,
-                        say=print if env.main else (lambda *a, **k: None), step=0, gen_steps=0, bad_in_row=0,
-                        ode=c["objective"] == "ode_init", loader=None, batches=None)
+    return SimpleNamespace(c=c, env=env, dev=dev, dtype=dtype, autocast=mw.autocast_fn(dtype, dev), steps=steps,
+                           say=print if env.main else (lambda *a, **k: None), step=0, gen_steps=0, bad_in_row=0,
+                           gen_stats={}, ode=c["objective"] == "ode_init", loader=None, batches=None)
+
+
+def setup(c, steps):
+    """Devices, prompts and their embeddings, networks, data, optimisers, EMA; resumed when a checkpoint exists."""
+    r = new_run(c, steps)
+    env, dev, dtype = r.env, r.dev, r.dtype
     if c["optimizer"] == "adamw_bf16":
         r.say("notice: optimizer adamw_bf16 -> AdamW with fp32 master weights (the same updates, more exact)")
     if env.main:
@@ -485,9 +495,9 @@ def clip(params, method, value):
     return torch.nn.utils.clip_grad_norm_(params, value)
 
 
-def generator_step(r, rec, log_now):
+def generator_step(r, rec):
     """One generator update: DMD (§4, + the optional real-data term of §6), or the ODE-init regression (then no
-    critic and no teacher forward); EMA after it. Statistics into rec on log steps."""
+    critic and no teacher forward); EMA after it. Its statistics into r.gen_stats, kept for the next log line."""
     c, k = r.c, exit_step(r, 0)
 
     def micro(ctx, x0, traj):
@@ -506,23 +516,30 @@ def generator_step(r, rec, log_now):
     loss, extras = parallel.accumulate(r.env, c["gradient_accumulation_steps"], r.G, [r.gen], lambda: next_batch(r), micro)
     t, g, st, _ = extras[-1]
     reals = [e[3] for e in extras if e[3] is not None]
-    if reals and log_now:
-        rec["real_data_loss"] = torch.stack(reals).mean().item()
+    # the statistics stay device tensors (no sync) until a log line reads them (log_step), which may come steps later
+    r.gen_stats = {"gen_step": r.step + 1, **({"real_data_loss": torch.stack(reals).detach().mean()} if reals else {})}
     if not torch.isfinite(loss):
         rec["ode_loss" if r.ode else "dmd_loss"] = float("nan")
+        r.gen_stats["ode_loss" if r.ode else "dmd_loss"] = float("nan")
         return
     g_norm = clip(r.g_params, c["grad_clip_method"], c["max_grad_norm"])
     r.g_opt.step()
     r.gen_steps += 1
     ema_update(r)
     r.g_opt.zero_grad(set_to_none=True)   # free the gradients before the critic step
-    if log_now and r.ode:
-        rec.update(ode_loss=parallel.mean(r.env, loss).item(), ode_t=t.mean().item(),
-                   g_grad_norm=parallel.local(g_norm).item())
-    elif log_now:   # losses averaged over ranks, the other statistics are rank 0's
-        rec.update(dmd_loss=parallel.mean(r.env, loss).item(), g_abs=g.abs().mean().item(), score_t=t.mean().item(),
-                   exit_step=k if r.causal else k[0], g_grad_norm=parallel.local(g_norm).item(),
-                   **{f"{n}_{s}": getattr(v, s)().item() for n, v in st.items() for s in ("mean", "std")})
+    if r.ode:
+        r.gen_stats.update(ode_loss=parallel.mean(r.env, loss), ode_t=t.mean(), g_grad_norm=parallel.local(g_norm))
+    else:   # losses averaged over ranks, the other statistics are rank 0's
+        r.gen_stats.update(dmd_loss=parallel.mean(r.env, loss), g_abs=g.abs().mean(), score_t=t.mean(),
+                           exit_step=k if r.causal else k[0], g_grad_norm=parallel.local(g_norm),
+                           **{f"{n}_{s}": getattr(v, s)() for n, v in st.items() for s in ("mean", "std")})
+
+
+def generator_record(r):
+    """The latest generator step's statistics as numbers, with gen_step, the trainer step they come from: with
+    generator_update_interval > 1 a log line can fall between generator steps (interval 5, log_interval 5: always)."""
+    r.gen_stats = {k: v.item() if torch.is_tensor(v) else v for k, v in r.gen_stats.items()}
+    return dict(r.gen_stats)
 
 
 def ema_update(r):
@@ -585,6 +602,7 @@ def log_step(r, pub, rec):
                peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
                peak_reserved_gb=torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0)
     r.t_last = now
+    rec.update(generator_record(r))
     pub.log(rec, r.step, "ode" if r.ode else "dmd")
 
 
@@ -614,6 +632,8 @@ def train(c):
     """train_loop with publishing around it (publish.py, rank 0 only): env.json, webhook messages at start,
     validation, checkpoint, failure (then re-raised) and finish; loss curve, contact sheets, model card, hub."""
     steps = flow.rollout_steps(check_config(c), c["warp_denoising_step"], c["timestep_shift"])   # config errors first
+    if c["export_from"]:
+        return export_checkpoint(c, steps)
     pub = publish.Publisher(c, main=int(os.environ.get("RANK", "0")) == 0)
     try:
         out = train_loop(c, pub, steps)
@@ -647,7 +667,7 @@ def train_loop(c, pub, steps):
         log_now = (r.step + 1) % c["log_interval"] == 0   # statistics (and their device syncs) only on log steps
         warm = c["fake_score_warmup_steps"]
         if r.step >= warm and (r.step - warm) % c["generator_update_interval"] == 0 or r.ode:
-            generator_step(r, rec, log_now)
+            generator_step(r, rec)
         loss_f = torch.zeros(()) if r.ode else critic_step(r, rec, log_now)   # ODE init trains the generator alone
         check_finite(r, rec, loss_f)
         r.g_sched.step()   # per trainer step: warmup and decay count the steps of max_train_steps, whatever the interval
@@ -662,15 +682,43 @@ def train_loop(c, pub, steps):
             pub.log(rec, r.step, quiet=True)
         end_of_step(r, pub, stop, val_now)
     bar.close()
-    if r.ema is not None:
-        validation.swap_in(r.g_params, r.ema)
-    gen = parallel.gathered_copy(r.env, r.gen) if c["fsdp"] else r.gen
-    if r.env.main:
-        publish.export(c, gen, r.g_adapter, r.ema)
+    export_student(r)
     pub.close_log()
     parallel.cleanup(r.env)
     return {"base": r.base, "generator": r.gen, "critic": r.critic, "g_params": r.g_params, "f_params": r.f_params,
             "ema": r.ema}
+
+
+def export_student(r):
+    """The student at r.step (EMA weights swapped in when kept) -> output_dir's student files (publish.export);
+    every rank takes part in gathering FSDP's shards."""
+    if r.ema is not None:
+        validation.swap_in(r.g_params, r.ema)
+    gen = parallel.gathered_copy(r.env, r.gen) if r.c["fsdp"] else r.gen
+    if r.env.main:
+        publish.export(r.c, gen, r.g_adapter, r.ema, r.step)
+
+
+def export_checkpoint(c, steps):
+    """--export_from=CHECKPOINT: that checkpoint's student exported into output_dir as the end of a run exports it
+    (the same files; the model card names its step), without training: the networks, then the checkpoint loaded."""
+    try:
+        ckpt = parallel.find_checkpoint(c["output_dir"], c["export_from"])
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"export_from={c['export_from']!r}: {str(e).split(': ', 1)[-1]}") from None
+    if ckpt is None:
+        raise FileNotFoundError(f"export_from={c['export_from']!r}: no checkpoint in {c['output_dir']}")
+    r = new_run(c, steps)
+    parallel.seed_all(c["seed"])   # as setup: the same tiny/random teacher and adapter init
+    r.base, r.gen, r.critic, r.vae, _ = build_networks(c, r.dev, r.dtype)
+    r.c = dict(c, resume_from_checkpoint=ckpt)
+    setup_training(r)
+    export_student(r)
+    if r.env.main:
+        val = [x for x in publish.read_log(c["output_dir"]) if x["step"] == r.step and "diversity_ratio" in x]
+        print(f"exported the student of {ckpt} (step {r.step})" + (f": diversity {val[-1]['diversity_ratio']:.2f}x the "
+              "teacher's at that step" if val else "") + f"; model card {publish.write_card(c, steps)['README.md']}")
+    parallel.cleanup(r.env)
 
 
 DEFAULTS = {k: v for k, v in dict(globals()).items() if k in set(default_keys(__file__))}

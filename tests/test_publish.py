@@ -137,13 +137,22 @@ def test_png_gif_and_loss_curve(tmp_path):
         assert np.abs(pal[q].astype(int) - frames[i]).max() <= 26   # the cube's half step
     recs = [{"step": s, "dmd_loss": 1 / s, "fake_score_loss": 0.5 + 0.1 * np.sin(s), "g_abs": float("nan") if s == 3 else s,
              "g_grad_norm": 2.0, "f_grad_norm": 1.0 + s} for s in range(1, 30)]
+    for s in (10, 20, 29):   # validations: the collapse signal
+        recs[s - 1].update(diversity=0.1 * s, teacher_diversity=4.0, diversity_ratio=s / 40, diversity_ratio_min=s / 80)
     curve = publish.loss_curve(recs)
-    assert curve.shape == (400, 720, 3)
-    for panel in (curve[:200, :360], curve[:200, 360:], curve[200:, :360], curve[200:, 360:]):
+    assert curve.shape == (400, 1080, 3)
+    panels = [curve[i:i + 200, j:j + 360] for i in (0, 200) for j in (0, 360, 720)]
+    for panel in panels:
         assert (np.all(panel == media.COLORS[0], axis=-1)).sum() > 50   # a drawn line in every panel
-    assert (np.all(curve[200:, 360:] == media.COLORS[1], axis=-1)).sum() > 50   # F's grad norm
+    assert (np.all(panels[3] == media.COLORS[1], axis=-1)).sum() > 50   # F's grad norm
+    blue = np.all(panels[4] == media.COLORS[0], axis=-1)
+    assert blue[:, 70:80].sum() >= 15   # the first validation's 5x5 marker at the panel's left edge
     ode = publish.loss_curve([{"step": s, "ode_loss": 1 / s, "g_grad_norm": 2.0} for s in range(1, 30)])   # ode_init run
     assert (np.all(ode[:200, :360] == media.COLORS[1], axis=-1)).sum() > 50   # the ODE loss, beside an empty dmd series
+    # generator statistics repeated on log lines between generator steps are drawn once, at their gen_step
+    gen = [{"step": s, "gen_step": 1 + (s - 1) // 5 * 5, "dmd_loss": float(1 + (s - 1) // 5)} for s in range(1, 21)]
+    assert np.array_equal(publish.loss_curve(gen)[:200, :360], publish.loss_curve(
+        [{"step": s, "dmd_loss": float(1 + (s - 1) // 5)} for s in (1, 6, 11, 16)])[:200, :360])
     sheet = media.contact_sheet([frames[:, :8, :8]] * 2, scale=2)
     assert sheet.shape == (2 * 18 + 2, 3 * 18 + 2, 3)
 
@@ -184,6 +193,11 @@ def test_model_card_renders_all_fields():
     # the tiny random teacher has no hub id: no base_model line, our own license
     card = publish.model_card(card_cfg(pretrained_model_name_or_path="tiny"), [1000.0], [], {}, [], [])
     assert "base_model" not in card.split("---")[1] and "license: apache-2.0" in card
+    assert "| exported at | unknown step" in card
+    # the exported step, and that step's validation (the collapse signal) when there was one
+    recs[49].update(diversity_ratio=0.81, diversity_ratio_min=0.62)
+    card = publish.model_card(card_cfg(), [1000.0], recs, env, files, [], at=50)
+    assert "| exported at | step 50 of 4000 (EMA weights;" in card and "diversity 0.81x the teacher's (worst prompt 0.62x)" in card
 
 
 def test_card_sampler_is_the_student_sampler(tiny_pipeline):
@@ -344,7 +358,7 @@ def test_tiny_run_publishes(tmp_path, capsys, monkeypatch):
     # run artefacts
     env = json.load(open(out / "env.json"))
     assert {"python", "platform", "torch", "cuda", "gpus", "git_commit", "packages"} <= set(env)
-    git = os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(publish.__file__)), ".git"))
+    git = os.path.exists(os.path.join(os.path.dirname(os.path.abspath(publish.__file__)), ".git"))   # a worktree: a file
     assert (re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", env["git_commit"]) if git else env["git_commit"] == "unknown")
     assert "numpy" in env["packages"]
     assert json.load(open(out / "config.json"))["hub_model_id"] == "me/tiny-dmd"

@@ -1,4 +1,6 @@
 """Text encoder, samplers and sample.py against diffusers (tiny pipeline, fp32) and closed forms."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -247,3 +249,23 @@ def test_demo_teacher_folder(tmp_path):
     base, _, te = data.load_teacher(dict(train_dmd.DEFAULTS, pretrained_model_name_or_path=str(tmp_path / "teacher"),
                                          device="cpu"), torch.device("cpu"), torch.float32)
     assert not any(p.requires_grad for p in base.parameters()) and isinstance(te, text_encoders.TinyTextEncoder)
+
+
+def test_latents_only_mode(pipe_dir, tmp_path, capsys):
+    """decode=False (with save_latents=True): the same latents as a decoding run, no VAE decode, no mp4, and a
+    one-line summary (counts and folder) instead of every path."""
+    paths, (ref,) = run_sample(pipe_dir, tmp_path / "a", prompts_file="", num_inference_steps=3)
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"1 mp4 + 1 latents in {tmp_path / 'a' / 'out'}")
+    from safetensors.torch import load_file
+    cfg = dict(model=str(pipe_dir), ckpt="", prompt="a red circle moving left", prompts_file="", negative_prompt=None,
+               height=32, width=48, num_frames=5, num_inference_steps=3, guidance_scale=4.0, flow_shift=None,
+               sampler="unipc", denoising_steps="", seed=7, batch_size=1, out=str(tmp_path / "b"),
+               save_latents=True, decode=False, fps=16, device="cpu", dtype="float32")
+    lats = sample.generate(cfg)
+    assert [p.endswith(".latents.safetensors") for p in lats] == [True]
+    assert sorted(os.listdir(tmp_path / "b")) == [os.path.basename(lats[0])]   # no mp4
+    torch.testing.assert_close(load_file(lats[0])["latents"], ref, rtol=0, atol=0)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.endswith(f"| 1 latents in {tmp_path / 'b'}") and "VAE decode 0.0s" in line
+    with pytest.raises(ValueError, match="decode=False writes latents only"):
+        sample.generate(dict(cfg, save_latents=False))

@@ -1,5 +1,6 @@
 """train_dmd.py end to end on config/tiny.py: a run, exports, exact resume (also after SIGKILL), frozen teacher."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import cache
 import dmd
 import train_dmd
 import validation
+import publish
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "config", "tiny.py")
@@ -316,3 +318,92 @@ def test_teacher_data_anchor_one_key_away(tmp_path):
     assert {n: os.stat(out / "teacher_data" / n).st_mtime_ns for n in entries} == stamps   # made once
     with pytest.raises(ValueError, match="teacher_data_samples"):
         train_dmd.check_config(tiny_cfg(tmp_path, "--teacher_data_samples=2"))   # without real_data_loss_weight
+
+
+class FakeWandb:   # stands in for the wandb module: records what the run logs
+    def __init__(self):
+        self.logged = []
+
+    def init(self, **kw):
+        return self
+
+    def log(self, rec, step):
+        self.logged.append((step, dict(rec)))
+
+    def finish(self):
+        pass
+
+
+@pytest.mark.parametrize("interval,log_interval", [(5, 5), (2, 4), (1, 1), (3, 2)])
+def test_generator_statistics_on_every_log_line(tmp_path, capsys, monkeypatch, interval, log_interval):
+    """Generator steps fall on 0-based steps divisible by generator_update_interval, log lines on 1-based multiples
+    of log_interval: (5, 5) and (2, 4) never meet. Every log line carries the latest generator step's statistics
+    and gen_step, the 1-based step they come from, in log.jsonl, wandb and the terminal line."""
+    wandb = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=10", f"--generator_update_interval={interval}",
+                             f"--log_interval={log_interval}", "--validation_step_interval=1000",
+                             "--validation_diversity_seeds=0", "--checkpoint_step_interval=1000", "--report_to=wandb"))
+    recs = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    steps = list(range(log_interval, 11, log_interval))
+    assert [r["step"] for r in recs] == steps and [s for s, _ in wandb.logged] == steps
+    for r, (_, w) in zip(recs, wandb.logged):
+        assert r["gen_step"] == 1 + (r["step"] - 1) // interval * interval and w == r
+        assert all(math.isfinite(r[k]) for k in ("dmd_loss", "g_abs", "g_grad_norm", "x_g_std", "fake_score_loss"))
+    by_gen = {}
+    for r in recs:   # lines of one generator step repeat its statistics; different steps differ
+        by_gen.setdefault(r["gen_step"], []).append(tuple(r[k] for k in ("dmd_loss", "g_abs", "g_grad_norm")))
+    assert all(len(set(v)) == 1 for v in by_gen.values()) and len({v[0] for v in by_gen.values()}) == len(by_gen)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.lstrip().startswith("step ")]
+    assert [f"G@{r['gen_step']} " in ln and "dmd nan" not in ln for r, ln in zip(recs, lines)] == [True] * len(recs)
+
+
+@pytest.mark.slow
+def test_generator_statistics_survive_a_resume(tmp_path):
+    """A log line after a resume and before the next generator step shows the statistics the checkpoint kept, as the
+    uninterrupted run does (interval 3: generator steps 1, 4, 7; the resumed steps 5-6 have none)."""
+    common = ["--generator_update_interval=3", "--log_interval=2", "--validation_step_interval=1000",
+              "--validation_diversity_seeds=0"]
+    run(tmp_path / "straight", *common, "--max_train_steps=6")
+    run(tmp_path / "split", *common, "--max_train_steps=4", "--checkpoint_step_interval=4")
+    run(tmp_path / "split", *common, "--max_train_steps=6")
+    a, b = (json.loads(open(tmp_path / d / "log.jsonl").read().splitlines()[-1]) for d in ("straight", "split"))
+    assert b["gen_step"] == 4 and {k: v for k, v in a.items() if k != "s_per_step"} == \
+        {k: v for k, v in b.items() if k != "s_per_step"}
+
+
+def test_export_from_a_checkpoint(tmp_path, capsys):
+    """--export_from=checkpoint-2 after a 4-step run: the exported adapter is checkpoint 2's EMA weights (not the
+    final ones), the merged transformer/ matches it, the file and the model card name step 2; no training."""
+    out = tmp_path / "run"
+    common = ["--max_train_steps=4", "--checkpoint_step_interval=2", "--validation_step_interval=2",
+              "--validation_diversity_seeds=2", "--validation_teacher_steps=2"]
+    train_dmd.train(tiny_cfg(out, *common))
+    final = load_file(out / "student_ema.safetensors")
+    log = open(out / "log.jsonl").read()
+
+    def expected(ckpt):   # the checkpoint's EMA weights as an adapter file, built as train_dmd builds the generator
+        teacher = tiny_teacher()
+        lora.add_adapter(teacher, "generator", 8, 8, tuple(train_dmd.DEFAULTS["lora_targets"]))
+        st = torch.load(out / ckpt / "state.pt", weights_only=True)
+        validation.swap_in(lora.trainable(teacher, "generator"), st["ema"])
+        return teacher, mw.adapter_state_dict(teacher, "generator")
+    _, at4 = expected("checkpoint-0000004")
+    assert final.keys() == at4.keys() and all(torch.equal(final[k], at4[k]) for k in final)
+    capsys.readouterr()
+    train_dmd.train(tiny_cfg(out, *common, "--export_from=checkpoint-2"))
+    stdout = capsys.readouterr().out
+    teacher, at2 = expected("checkpoint-0000002")
+    exported = load_file(out / "student_ema.safetensors")
+    assert exported.keys() == at2.keys() and all(torch.equal(exported[k], at2[k]) for k in exported)
+    assert any(not torch.equal(exported[k], final[k]) for k in exported)
+    x, t = torch.randn(1, 16, 3, 8, 8), torch.tensor([757.0])
+    ctx = torch.randn(1, 512, teacher.cfg.text_dim)
+    with torch.no_grad(), lora.use_adapter(teacher, "generator"):
+        torch.testing.assert_close(mw.load_dit(out / "transformer")(x, t, ctx), teacher(x, t, ctx), rtol=1e-5, atol=1e-5)
+    assert publish.exported_step(out) == 2 and "(step 2)" in stdout and "diversity" in stdout
+    assert "| exported at | step 2 of 4 (EMA weights" in (out / "README.md").read_text()
+    assert open(out / "log.jsonl").read() == log   # nothing trained, nothing logged, no checkpoint written
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-0000002", "checkpoint-0000004"]
+    with pytest.raises(FileNotFoundError, match="export_from='checkpoint-7': no state.pt there"):
+        train_dmd.train(tiny_cfg(out, *common, "--export_from=checkpoint-7"))
