@@ -60,10 +60,14 @@ def ode_regression_loss(gen, traj, x0, ctx, steps, starts):
     return F.mse_loss(pred.float(), x0.float()), t
 
 
-def guidance(c, step):
-    """The teacher's guidance w at a trainer step: real_score_guidance_scale, ramped from 0 over guidance_warmup_steps."""
+def guidance(c, step, t=None):
+    """The teacher's guidance w at a trainer step: real_score_guidance_scale, ramped from 0 over guidance_warmup_steps.
+    With the score timesteps t (B,): 0 where t > real_score_guidance_max_timestep (guidance in a limited interval,
+    Kynkäänniemi et al. 2024: no guidance at the high noise levels where the modes are chosen) -> float or (B,1,1,1,1)."""
     n = c["guidance_warmup_steps"]
-    return c["real_score_guidance_scale"] * (min(1.0, (step + 1) / n) if n > 0 else 1.0)
+    w = c["real_score_guidance_scale"] * (min(1.0, (step + 1) / n) if n > 0 else 1.0)
+    hi = c["real_score_guidance_max_timestep"]
+    return w if t is None or hi >= 1000 or w == 0 else w * (t <= hi).float().view(-1, 1, 1, 1, 1)
 
 
 def score_timesteps(batch, t_from, t_to, c, device):
@@ -77,10 +81,11 @@ def score_timesteps(batch, t_from, t_to, c, device):
 
 
 def guided_x0(net, x_t, t, ctx, neg_ctx, w):
-    """x0 of a flow net with guidance in the DMD2 form: x̂_c + w(x̂_c − x̂_u); w = 0: conditional only."""
+    """x0 of a flow net with guidance in the DMD2 form: x̂_c + w(x̂_c − x̂_u); w = 0: conditional only; w a float or
+    per sample (B,1,1,1,1)."""
     sig = (t / 1000).view(-1, 1, 1, 1, 1)
     x0 = x_t - sig * net(x_t, t, ctx)
-    if w != 0:
+    if torch.is_tensor(w) or w != 0:
         x0 = x0 + w * (x0 - (x_t - sig * net(x_t, t, neg_ctx)))
     return x0
 

@@ -62,6 +62,7 @@ generator_update_interval = 1          # generator step every N trainer steps; t
 fake_score_warmup_steps = 0            # critic-only trainer steps first (the critic learns the initial student)
 guidance_warmup_steps = 0              # real_score_guidance_scale ramps linearly from 0 over these trainer steps
 real_score_guidance_scale = 3.0        # w in x_real = x_cond + w(x_cond - x_uncond) (DMD2 form: standard CFG = w+1)
+real_score_guidance_max_timestep = 1000.0  # guidance only at score timesteps t <= this (0-1000); 1000: everywhere
 fake_score_guidance_scale = 0.0        # the same form on the critic; 0 = off
 min_timestep_ratio = 0.02              # final clamp of score timesteps to [1000*min, 1000*max]
 max_timestep_ratio = 0.98
@@ -217,6 +218,8 @@ def check_config(c):
             or c["validation_teacher_steps"] < 1 or c["diversity_warn_ratio"] < 0:
         raise ValueError("validation_diversity_seeds >= 0 (0 or 1: no collapse signal), validation_teacher_steps >= 1 "
                          "and diversity_warn_ratio >= 0")
+    if not 0 < c["real_score_guidance_max_timestep"] <= 1000:
+        raise ValueError(f"real_score_guidance_max_timestep must be in (0, 1000], got {c['real_score_guidance_max_timestep']}")
     if c["height"] % 16 or c["width"] % 16:
         raise ValueError(f"height and width must be multiples of 16, got {c['height']}x{c['width']}")
     return steps
@@ -507,7 +510,7 @@ def generator_step(r, rec):
         else:
             x_g, t_from, t_to = student(r, ctx, x0, k)
             t = dmd.score_timesteps(c["train_batch_size"], t_from, t_to, c, r.dev)
-            loss, g, st = dmd.dmd_loss(x_g, t, r.R, r.Fk, ctx, r.neg_ctx, dmd.guidance(c, r.step),
+            loss, g, st = dmd.dmd_loss(x_g, t, r.R, r.Fk, ctx, r.neg_ctx, dmd.guidance(c, r.step, t),
                                    c["fake_score_guidance_scale"])
         real = flow.flow_matching_loss(r.G, x0, ctx, c["flow_schedule_shift"]) if c["real_data_loss_weight"] > 0 else None
         total = loss if real is None else loss + c["real_data_loss_weight"] * real

@@ -180,6 +180,23 @@ def test_guided_x0_dmd2_form_and_single_call_without_guidance():
     torch.testing.assert_close(out, xc, rtol=1e-12, atol=1e-12)
 
 
+
+def test_guidance_interval_and_warmup():
+    """real_score_guidance_max_timestep: per-sample w, 0 above the bound (guidance in a limited interval), each sample
+    guided as with its own scalar w; 1000 (the default) keeps the scalar; the warm-up ramp multiplies both."""
+    c = dict(real_score_guidance_scale=3.0, guidance_warmup_steps=4, real_score_guidance_max_timestep=600.0)
+    t = torch.tensor([200.0, 700.0], dtype=torch.float64)
+    assert dmd.guidance(c, 1) == 1.5                                        # ramp: (1 + 1) / 4 of 3
+    w = dmd.guidance(c, 10, t)
+    assert w.shape == (2, 1, 1, 1, 1) and w.flatten().tolist() == [3.0, 0.0]
+    assert dmd.guidance(dict(c, real_score_guidance_max_timestep=1000.0), 10, t) == 3.0
+    net = AnalyticNet()
+    x_t = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    ctx, neg = CTX.double(), torch.tensor([-0.5, 2.0], dtype=torch.float64)
+    out = dmd.guided_x0(net, x_t, t, ctx, neg, w.double())
+    torch.testing.assert_close(out[:1], dmd.guided_x0(net, x_t, t, ctx, neg, 3.0)[:1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out[1:], x0_of(net, x_t, t, ctx)[1:], rtol=1e-12, atol=1e-12)
+
 # 5. Gaussian analytic scores: one DMD step moves the generator's mean toward the data mean
 
 def gaussian_velocity(m, s2=1.0):
