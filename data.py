@@ -465,8 +465,8 @@ def cache_datasets(c, rank=0, world_size=1):
     _, vae, te = load_teacher(c, dev, mw.pick_dtype(c["mixed_precision"], dev), dit=False)
     neg = text_encoders.negative_prompt(c["negative_prompt"])
     cached = CachedDataset(media_ds, vae, te, rank, world_size, dev, negative_prompt=neg, check=False)
-    print(f"data: rank {rank}/{world_size}: {cached.built} entries built, "
-          f"{len(set(cached.entries)) - cached.built} already cached or another rank's")
+    print(f"data: rank {rank}/{world_size}: {cached.built} entries built, {len(cached.skipped)} skipped (broken), "
+          f"{len(set(cached.entries)) - cached.built - len(cached.skipped)} already cached or another rank's")
     return cached
 
 
