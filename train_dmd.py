@@ -50,6 +50,7 @@ pretrained_model_name_or_path = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"  # teacher: p
 output_dir = "out/wan_dmd"
 prompts_file = ""                      # training prompts, one per line (data-free DMD); empty: validation prompts
 datasets = []                          # data.py dataset dicts; given: cached latents + captions replace prompts_file
+dataloader_num_workers = 0             # worker processes reading the cached dataset entries (0: in the training process)
 rollout_mode = "backward"              # "backward": data-free rollout from noise; "data": noise dataset latents (dmd.md)
 negative_prompt = None                 # None: Wan's default negative prompt; "": the empty prompt
 height = 480                           # training resolution (pixels) of the generated samples

@@ -231,3 +231,25 @@ def test_exact_resume_with_dataset(tmp_path):
     for key in ("generator", "critic", "ema"):
         for x, y in zip(a[key], b[key]):
             assert torch.equal(x, y), key
+
+
+def test_exact_resume_mid_epoch_with_workers(tmp_path):
+    """A resume in the middle of an epoch, with loader workers: bit-identical to the uninterrupted run (the loader's
+    iterators draw their seeds from its own generator, never from the global RNG the noise comes from)."""
+    root = clips(tmp_path / "v", n=3, frames=9, hw=(48, 48))   # one bucket, 3 batches of 1 per epoch
+    d = [dict(instance_data_dir=root, resolution=32, num_frames=9)]
+
+    def run(out, steps):
+        c = train_dmd.config([TINY, f"--output_dir={out}", f"--max_train_steps={steps}", "--checkpoint_step_interval=1",
+                              "--validation_step_interval=1000", "--validation_diversity_seeds=0",
+                              "--real_data_loss_weight=0.5", "--rollout_mode=data", "--dataloader_num_workers=2"])
+        return train_dmd.train(dict(c, datasets=d))
+    run(tmp_path / "straight", 3)             # 2 batches per step (G, F): 6 = 2 epochs
+    run(tmp_path / "split", 1)                # stopped at batch 2 of epoch 0
+    assert final_state(tmp_path / "split")["data"] == {"epoch": 0, "index": 2}
+    run(tmp_path / "split", 3)
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "split")
+    assert a["data"] == b["data"] == {"epoch": 2, "index": 0}
+    for key in ("generator", "critic", "ema"):
+        for x, y in zip(a[key], b[key]):
+            assert torch.equal(x, y), key
