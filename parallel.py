@@ -107,6 +107,12 @@ def all_true(env, flag):
     return bool(t.item())
 
 
+def all_finite(env, tensors):
+    """True on every rank when every tensor is finite on every rank (a DTensor: this rank's shard, no gather)."""
+    ok = all(bool(torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all()) for t in tensors)
+    return all_true(env, ok)
+
+
 def mean(env, x):
     """The mean over ranks of a tensor (for logging)."""
     if env.world == 1:

@@ -357,6 +357,7 @@ def load_checkpoint(r, ckpt):
         if r.loader is not None:
             r.loader.load_state_dict(rs["data"])
         parallel.set_rng_state(rs["rng"])
+    r.last_good = ckpt
     r.say(f"resumed from {ckpt} at step {r.step}")
 
 
@@ -370,7 +371,7 @@ def setup(c, steps):
     dtype = mw.pick_dtype(c["mixed_precision"], dev)
     r = SimpleNamespace(c=c, env=env, dev=dev, dtype=dtype, autocast=mw.autocast_fn(dtype, dev), steps=steps,
                         say=print if env.main else (lambda *a, **k: None), step=0, gen_steps=0, bad_in_row=0,
-                        ode=c["objective"] == "ode_init", loader=None, batches=None)
+                        ode=c["objective"] == "ode_init", loader=None, batches=None, last_good=None)
     if c["optimizer"] == "adamw_bf16":
         r.say("notice: optimizer adamw_bf16 -> AdamW with fp32 master weights (the same updates, more exact)")
     if env.main:
@@ -567,16 +568,28 @@ def critic_step(r, rec, log_now):
 
 
 def check_finite(r, rec, loss_f):
-    """Count non-finite steps in a row (their updates were skipped); abort after max_nonfinite_steps."""
+    """Count non-finite steps in a row (their updates were skipped, each named); abort after max_nonfinite_steps,
+    naming the last good checkpoint."""
     key = "ode_loss" if r.ode else "dmd_loss"
-    finite = torch.isfinite(loss_f) and math.isfinite(rec.get(key, 0.0))
-    r.bad_in_row = 0 if finite else r.bad_in_row + 1
-    if not finite:
-        r.say(f"step {r.step + 1}: non-finite loss ({'ode' if r.ode else 'dmd'} {rec.get(key)}, "
-              f"critic {loss_f.item()}), update skipped")
+    bad = {"generator": f"{key[:-5]} {rec.get(key)}"} if not math.isfinite(rec.get(key, 0.0)) else {}
+    if not torch.isfinite(loss_f):
+        bad["critic"] = f"critic {loss_f.item()}"
+    r.bad_in_row = r.bad_in_row + 1 if bad else 0
+    if bad:
+        r.say(f"step {r.step + 1}: non-finite loss ({', '.join(bad.values())}): {' and '.join(bad)} update skipped")
         if r.bad_in_row >= r.c["max_nonfinite_steps"]:
             raise RuntimeError(f"{r.bad_in_row} non-finite losses in a row: aborting (lower the learning rates, "
-                               "check the teacher and the guidance scale)")
+                               "check the teacher and the guidance scale); the last good checkpoint: "
+                               f"{r.last_good or 'none written'}")
+
+
+def nonfinite_state(r):
+    """-> the parts of the checkpoint that hold a non-finite value (a checkpoint is never written with them: it would
+    rotate out the last good one). Every rank calls it (FSDP: each checks its shards)."""
+    opt = lambda o: [v for st in o.state.values() for v in st.values() if torch.is_tensor(v)]   # noqa: E731
+    parts = {"generator weights": r.g_params, "critic weights": r.f_params, "EMA": r.ema or [],
+             "generator optimiser state": opt(r.g_opt), "critic optimiser state": opt(r.f_opt)}
+    return [k for k, ts in parts.items() if not parallel.all_finite(r.env, ts)]
 
 
 def log_step(r, pub, rec):
@@ -594,16 +607,25 @@ def end_of_step(r, pub, stop, validated):
     c, env, step = r.c, r.env, r.step
     last = step >= c["max_train_steps"]
     stopping = stop["signal"] if env.world == 1 else not parallel.all_true(env, not stop["signal"])   # any rank
-    if step % c["checkpoint_step_interval"] == 0 or last or stopping:
+    bad = nonfinite_state(r) if step % c["checkpoint_step_interval"] == 0 or last or stopping else None
+    if bad:
+        r.say(f"step {step}: checkpoint skipped: non-finite {', '.join(bad)}; the last good checkpoint stays: "
+              f"{r.last_good or 'none written'}")
+        if last:
+            raise RuntimeError(f"non-finite {', '.join(bad)} at the last step: nothing exported; the last good "
+                               f"checkpoint: {r.last_good or 'none written'}")
+    elif bad is not None:
         path = parallel.save_checkpoint(c["output_dir"], checkpoint_state(r) if env.main else {"step": step},
                                c["checkpoints_total_limit"], env, None if env.main else rank_state(r),
                                parallel.sharded_state(r.named, r.opts, r.ema) if c["fsdp"] else None)
         r.say(f"checkpoint {path}")
+        r.last_good = path
         pub.checkpoint(step, path)
     if validated:
         pub.validation(step)
     if stopping:
-        r.say(f"signal {stop['signal'] or 'on another rank'}: checkpoint written at step {step}, exiting")
+        r.say(f"signal {stop['signal'] or 'on another rank'}: exiting at step {step}; the last checkpoint: "
+              f"{r.last_good or 'none written'}")
         pub.close_log()
         parallel.cleanup(env)
         sys.exit(0)

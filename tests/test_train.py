@@ -232,8 +232,35 @@ def test_nonfinite_losses_skip_then_abort(tmp_path, monkeypatch, capsys):
     c = tiny_cfg(tmp_path, "--max_train_steps=10", "--max_nonfinite_steps=3", "--validation_step_interval=1000")
     with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
         train_dmd.train(c)
-    assert capsys.readouterr().out.count("non-finite loss") == 3
+    out = capsys.readouterr().out
+    assert out.count("non-finite loss") == 3 and out.count("generator update skipped") == 3   # the critic still steps
+    assert "critic update skipped" not in out and "generator and critic" not in out
     assert all(r.get("g_grad_norm") is None for r in map(json.loads, open(tmp_path / "log.jsonl")))   # no G update
+
+
+def test_blown_up_weights_never_checkpointed(tmp_path, monkeypatch, capsys):
+    """NaN gradients at the 3rd generator step blow the weights up (its loss was finite): that checkpoint and the
+    later ones are skipped, so rotation keeps the last good one, and the abort names it."""
+    real, calls = train_dmd.clip, []
+
+    def nan_grads(params, method, value):   # the generator clips first in each step: calls 1, 3, 5, ...
+        calls.append(1)
+        if len(calls) == 5:
+            for p in params:
+                p.grad.fill_(float("nan"))
+        return real(params, method, value)
+    monkeypatch.setattr(train_dmd, "clip", nan_grads)
+    c = tiny_cfg(tmp_path, "--max_train_steps=10", "--max_nonfinite_steps=2", "--checkpoint_step_interval=1",
+                 "--checkpoints_total_limit=1", "--validation_step_interval=1000")
+    with pytest.raises(RuntimeError, match="2 non-finite losses in a row.*last good checkpoint: .*checkpoint-0000002"):
+        train_dmd.train(c)
+    out = capsys.readouterr().out
+    assert "step 3: non-finite loss (critic nan): critic update skipped" in out   # G stepped (into NaN), F did not
+    assert "step 3: checkpoint skipped: non-finite generator weights, EMA, generator optimiser state;" in out
+    assert "step 4: non-finite loss (dmd nan, critic nan): generator and critic update skipped" in out
+    assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint-")) == ["checkpoint-0000002"]
+    st = final_state(tmp_path)
+    assert all(torch.isfinite(v).all() for k in ("generator", "critic", "ema") for v in st[k])
 
 
 def test_train_on_a_diffusers_pipeline_folder(tiny_pipeline, tmp_path):
