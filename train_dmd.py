@@ -40,7 +40,7 @@ import publish
 import sample
 import text_encoders
 import validation
-from configurator import configure, default_keys, map_simpletuner
+from configurator import configure, default_keys, map_simpletuner, redact
 
 # -----------------------------------------------------------------------------
 # defaults; override with config files (python train_dmd.py CONFIG.py) and --key=value
@@ -316,7 +316,7 @@ def checkpoint_state(r):
     """Rank 0's checkpoint dict: counters, scheduler, config, its rank state, and the weights, EMA and optimiser
     states unless FSDP shards them (then parallel.sharded_state, written by every rank)."""
     st = {"step": r.step, "gen_steps": r.gen_steps, "bad_in_row": r.bad_in_row, "g_sched": r.g_sched.state_dict(),
-          "config": json.dumps(r.c, default=str), "world": r.env.world, "fsdp": r.c["fsdp"], **rank_state(r)}
+          "config": json.dumps(redact(r.c), default=str), "world": r.env.world, "fsdp": r.c["fsdp"], **rank_state(r)}
     if not r.c["fsdp"]:
         st.update(generator=[p.detach().cpu().clone() for p in r.g_params],
                   critic=[p.detach().cpu().clone() for p in r.f_params],
@@ -377,7 +377,7 @@ def setup(c, steps):
     if env.main:
         os.makedirs(c["output_dir"], exist_ok=True)
         with open(os.path.join(c["output_dir"], "config.json"), "w") as f:
-            json.dump(c, f, indent=2, default=str)
+            json.dump(redact(c), f, indent=2, default=str)
     if c["teacher_data_samples"] > 0:   # the teacher's samples of the prompts become the real-data latents
         c = r.c = dict(c, datasets=[data.teacher_anchor(c, env.rank, env.world)])
         parallel.barrier(env)
