@@ -668,15 +668,16 @@ class Publisher:
         self._safe("failure notification", run)
         self.close()
 
-    def open_log(self, step):
-        """log.jsonl in append mode, its lines of steps lost since the resumed checkpoint (at `step`) dropped; wandb."""
+    def open_log(self, step, run_id=None):
+        """log.jsonl in append mode, its lines of steps lost since the resumed checkpoint (at `step`) dropped; wandb
+        (run_id: the run's id, kept in its checkpoints, so that a resumed run continues the same wandb run)."""
         self.log_f = self.wandb = None
         if not self.main:
             return
         if self.c["report_to"] == "wandb":
             import wandb
             self.wandb = wandb.init(project=self.c["tracker_project_name"], name=self.c["tracker_run_name"] or None,
-                                    config=redact(self.c))
+                                    config=redact(self.c), id=run_id, resume="allow")
         path = os.path.join(self.c["output_dir"], "log.jsonl")
         if os.path.exists(path):
             with open(path) as f:

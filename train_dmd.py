@@ -316,6 +316,7 @@ def checkpoint_state(r):
     """Rank 0's checkpoint dict: counters, scheduler, config, its rank state, and the weights, EMA and optimiser
     states unless FSDP shards them (then parallel.sharded_state, written by every rank)."""
     st = {"step": r.step, "gen_steps": r.gen_steps, "bad_in_row": r.bad_in_row, "g_sched": r.g_sched.state_dict(),
+          "run_id": r.run_id,
           "config": json.dumps(redact(r.c), default=str), "world": r.env.world, "fsdp": r.c["fsdp"], **rank_state(r)}
     if not r.c["fsdp"]:
         st.update(generator=[p.detach().cpu().clone() for p in r.g_params],
@@ -328,8 +329,7 @@ def checkpoint_state(r):
 def load_checkpoint(r, ckpt):
     """The inverse of checkpoint_state (+ the sharded part and this rank's file): restores exactly what it wrote."""
     st = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=True)
-    if st.get("fsdp", False) != r.c["fsdp"]:
-        raise ValueError(f"{ckpt} was written with fsdp={st.get('fsdp', False)}: resume with the same setting")
+    changed = parallel.resume_changes(json.loads(st["config"]), json.loads(json.dumps(redact(r.c), default=str)), ckpt)
     if st.get("world", 1) != r.env.world:
         r.say(f"warning: {ckpt} was written by {st.get('world', 1)} process(es), this run has {r.env.world}: weights "
               "and optimiser states resume, the random streams and data order restart (not an exact resume)")
@@ -350,7 +350,8 @@ def load_checkpoint(r, ckpt):
         r.g_opt.load_state_dict(st["g_opt"])
         r.f_opt.load_state_dict(st["f_opt"])
     r.g_sched.load_state_dict(st["g_sched"])
-    r.step, r.gen_steps, r.bad_in_row = st["step"], st["gen_steps"], st["bad_in_row"]
+    r.step, r.gen_steps, r.bad_in_row, r.run_id = st["step"], st["gen_steps"], st["bad_in_row"], st.get("run_id", r.run_id)
+    apply_optimizer_settings(r)
     if st.get("world", 1) == r.env.world:   # this rank's random streams and data position
         rs = torch.load(os.path.join(ckpt, f"rank{r.env.rank}.pt"), map_location="cpu", weights_only=True) \
             if r.env.rank > 0 else st
@@ -359,6 +360,33 @@ def load_checkpoint(r, ckpt):
         parallel.set_rng_state(rs["rng"])
     r.last_good = ckpt
     r.say(f"resumed from {ckpt} at step {r.step}")
+    for k, (old, new) in changed.items():
+        r.say(f"resume: {k} {old!r} -> {new!r} (applied)")
+    if r.step >= r.c["max_train_steps"]:
+        r.say(f"resume: {ckpt} is at step {r.step}, max_train_steps={r.c['max_train_steps']}: nothing to train; the "
+              "student is exported again from it (raise max_train_steps to train on)")
+
+
+def adamw_settings(c):
+    """-> the generator's and the critic's AdamW settings from the config."""
+    return (dict(lr=c["learning_rate"], betas=(c["adam_beta1"], c["adam_beta2"]), weight_decay=c["adam_weight_decay"],
+                 eps=c["adam_epsilon"]),
+            dict(lr=c["fake_score_lr"], betas=tuple(c["fake_score_betas"]), weight_decay=c["fake_score_weight_decay"],
+                 eps=c["fake_score_eps"]))
+
+
+def apply_optimizer_settings(r):
+    """After a resume, the config's AdamW settings over the checkpoint's (load_state_dict restores the saved ones),
+    the scheduler's base lr included: lr = base lr x lr_lambda(step), as LambdaLR computes it (unchanged settings:
+    the same numbers)."""
+    g_set, f_set = adamw_settings(r.c)
+    for opt, settings in ((r.g_opt, g_set), (r.f_opt, f_set)):
+        for group in opt.param_groups:
+            group.update(settings)
+    r.g_sched.base_lrs = [g_set["lr"]] * len(r.g_opt.param_groups)
+    for group in r.g_opt.param_groups:
+        group.update(initial_lr=g_set["lr"], lr=g_set["lr"] * lr_lambda(r.c)(r.g_sched.last_epoch))
+    r.g_sched._last_lr = [group["lr"] for group in r.g_opt.param_groups]   # what get_last_lr() (the log) reads
 
 
 # -----------------------------------------------------------------------------
@@ -371,7 +399,8 @@ def setup(c, steps):
     dtype = mw.pick_dtype(c["mixed_precision"], dev)
     r = SimpleNamespace(c=c, env=env, dev=dev, dtype=dtype, autocast=mw.autocast_fn(dtype, dev), steps=steps,
                         say=print if env.main else (lambda *a, **k: None), step=0, gen_steps=0, bad_in_row=0,
-                        ode=c["objective"] == "ode_init", loader=None, batches=None, last_good=None)
+                        ode=c["objective"] == "ode_init", loader=None, batches=None, last_good=None,
+                        run_id=os.urandom(6).hex())   # the tracker's run id (wandb), kept by the checkpoints
     if c["optimizer"] == "adamw_bf16":
         r.say("notice: optimizer adamw_bf16 -> AdamW with fp32 master weights (the same updates, more exact)")
     if env.main:
@@ -417,10 +446,8 @@ def setup_training(r):
     r.G = parallel.data_parallel(env, lora.velocity_fn(r.gen, r.g_adapter, r.autocast, r.causal), r.g_params, c["fsdp"])
     r.Fk = parallel.data_parallel(env, lora.velocity_fn(r.critic, r.f_adapter, r.autocast), r.f_params, c["fsdp"])
     r.R = lora.velocity_fn(r.base, None, r.autocast)
-    r.g_opt = torch.optim.AdamW(r.g_params, lr=c["learning_rate"], betas=(c["adam_beta1"], c["adam_beta2"]),
-                                weight_decay=c["adam_weight_decay"], eps=c["adam_epsilon"])
-    r.f_opt = torch.optim.AdamW(r.f_params, lr=c["fake_score_lr"], betas=tuple(c["fake_score_betas"]),
-                                weight_decay=c["fake_score_weight_decay"], eps=c["fake_score_eps"])
+    g_set, f_set = adamw_settings(c)
+    r.g_opt, r.f_opt = torch.optim.AdamW(r.g_params, **g_set), torch.optim.AdamW(r.f_params, **f_set)
     r.g_sched = torch.optim.lr_scheduler.LambdaLR(r.g_opt, lr_lambda(c))
     r.ema = [p.detach().float().clone() for p in r.g_params] if c["use_ema"] else None
     r.say(f"teacher {c['pretrained_model_name_or_path']} | generator "
@@ -659,7 +686,7 @@ def train_loop(c, pub, steps):
     stop = {"signal": None}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, _: stop.update(signal=s))
-    pub.open_log(r.step)
+    pub.open_log(r.step, r.run_id)
     r.batches = iter(r.loader) if r.loader is not None else None
     if r.dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

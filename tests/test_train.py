@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -280,7 +281,7 @@ def test_train_on_a_diffusers_pipeline_folder(tiny_pipeline, tmp_path):
 
 def test_resume_with_a_different_network_is_a_clear_error(tmp_path):
     train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=1", "--validation_step_interval=1000"))
-    with pytest.raises(ValueError, match="does not match this config"):
+    with pytest.raises(ValueError, match="lora_rank 8 -> 4: cannot change when a run resumes"):
         train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=2", "--lora_rank=4", "--validation_step_interval=1000"))
 
 
@@ -343,3 +344,38 @@ def test_teacher_data_anchor_one_key_away(tmp_path):
     assert {n: os.stat(out / "teacher_data" / n).st_mtime_ns for n in entries} == stamps   # made once
     with pytest.raises(ValueError, match="teacher_data_samples"):
         train_dmd.check_config(tiny_cfg(tmp_path, "--teacher_data_samples=2"))   # without real_data_loss_weight
+
+
+def test_resume_with_changed_settings(tmp_path, monkeypatch, capsys):
+    """On resume the new config is compared with the checkpoint's: keys a run cannot change are one error naming
+    them; the others are applied (the optimisers' lr and AdamW settings, the scheduler's base lr) and announced; a
+    run already at max_train_steps says so; wandb continues the same run (its id kept in the checkpoint)."""
+    inits = []
+
+    class Run:
+        def log(self, *a, **k):
+            pass
+
+        def finish(self):
+            pass
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=lambda **k: inits.append(k) or Run()))
+    common = ["--validation_step_interval=1000", "--validation_diversity_seeds=0", "--report_to=wandb"]
+    train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=2", "--use_ema=False", *common))
+    with pytest.raises(ValueError, match=r"lora_rank 8 -> 4, use_ema False -> True: cannot change when a run resumes"):
+        train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=3", "--lora_rank=4", "--use_ema=True", *common))
+    capsys.readouterr()
+    new = ["--max_train_steps=3", "--use_ema=False", "--learning_rate=5e-5", "--fake_score_lr=2e-5",
+           "--adam_weight_decay=0.0", *common]
+    train_dmd.train(tiny_cfg(tmp_path, *new))
+    out = capsys.readouterr().out
+    for line in ("resume: learning_rate 0.0001 -> 5e-05 (applied)", "resume: fake_score_lr 0.0001 -> 2e-05 (applied)",
+                 "resume: adam_weight_decay 0.01 -> 0.0 (applied)", "resume: max_train_steps 2 -> 3 (applied)"):
+        assert out.count(line) == 1, line
+    st = final_state(tmp_path)
+    assert [(g["lr"], g["weight_decay"]) for g in st["g_opt"]["param_groups"]] == [(5e-5, 0.0)]
+    assert [g["lr"] for g in st["f_opt"]["param_groups"]] == [2e-5] and st["g_sched"]["base_lrs"] == [5e-5]
+    assert json.loads(open(tmp_path / "log.jsonl").read().splitlines()[-1])["lr"] == 5e-5
+    train_dmd.train(tiny_cfg(tmp_path, *new))   # already at max_train_steps
+    out = capsys.readouterr().out
+    assert "is at step 3, max_train_steps=3: nothing to train" in out and "(applied)" not in out and "step      " not in out
+    assert len(inits) == 3 and {k["id"] for k in inits} == {st["run_id"]} and all(k["resume"] == "allow" for k in inits)
