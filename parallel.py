@@ -317,9 +317,10 @@ def resume_changes(saved, new, ckpt):
     changed = {k: (saved[k], v) for k, v in new.items() if k in saved and saved[k] != v and k != "resume_from_checkpoint"}
     fixed = [k for k, (_, v) in changed.items() if k in RESUME_FIXED or (k == "use_ema" and v)]
     if fixed:
-        raise ValueError(f"{ckpt}: " + ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in fixed) +
-                         ": cannot change when a run resumes; keep the checkpoint's values, or start a new run "
-                         "(another output_dir, or resume_from_checkpoint='')")
+        raise ValueError(f"{ckpt} was written with {', '.join(f'{k}={changed[k][0]!r}' for k in fixed)}, this config "
+                         f"has {', '.join(f'{k}={changed[k][1]!r}' for k in fixed)}: these cannot change when a run "
+                         "resumes; keep the checkpoint's values, or start a new run (another output_dir, or "
+                         "resume_from_checkpoint='')")
     return changed
 
 

@@ -668,7 +668,7 @@ def train(c):
     try:
         out = train_loop(c, pub, steps)
     except SystemExit:   # SIGINT/SIGTERM: a checkpoint was written
-        pub.notify("stopped", "training stopped by a signal; a checkpoint was written, the same command resumes",
+        pub.notify("stopped", "training stopped by a signal; the same command resumes from its last checkpoint",
                    level="warning")
         pub.close()
         raise

@@ -281,7 +281,7 @@ def test_train_on_a_diffusers_pipeline_folder(tiny_pipeline, tmp_path):
 
 def test_resume_with_a_different_network_is_a_clear_error(tmp_path):
     train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=1", "--validation_step_interval=1000"))
-    with pytest.raises(ValueError, match="lora_rank 8 -> 4: cannot change when a run resumes"):
+    with pytest.raises(ValueError, match="with lora_rank=8, this config has lora_rank=4: these cannot change"):
         train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=2", "--lora_rank=4", "--validation_step_interval=1000"))
 
 
@@ -361,7 +361,7 @@ def test_resume_with_changed_settings(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=lambda **k: inits.append(k) or Run()))
     common = ["--validation_step_interval=1000", "--validation_diversity_seeds=0", "--report_to=wandb"]
     train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=2", "--use_ema=False", *common))
-    with pytest.raises(ValueError, match=r"lora_rank 8 -> 4, use_ema False -> True: cannot change when a run resumes"):
+    with pytest.raises(ValueError, match=r"written with lora_rank=8, use_ema=False, this config has lora_rank=4, use_ema=True: these cannot change"):
         train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=3", "--lora_rank=4", "--use_ema=True", *common))
     capsys.readouterr()
     new = ["--max_train_steps=3", "--use_ema=False", "--learning_rate=5e-5", "--fake_score_lr=2e-5",
