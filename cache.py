@@ -143,6 +143,12 @@ def entry_ok(path):
     return False
 
 
+def broken_path(entry):
+    """The marker beside an entry whose clip broke after the probe (its text: the reason). The entry's name hashes the
+    file's bytes: a repaired file gets another name and is tried again."""
+    return entry[: -len(".safetensors")] + ".broken"
+
+
 def encode_text(te, prompts):
     return [trim(e) for e in te.encode(prompts)]
 
@@ -155,7 +161,7 @@ class CachedDataset(torch.utils.data.Dataset):
     def __init__(self, media, vae, text_encoder, rank=0, world_size=1, device="cpu", negative_prompt=None, check=True):
         self.media, self.buckets, self.seed = media, media.buckets, media.seed
         self.vae_id, self.text_id = identity(vae), identity(text_encoder)
-        self.broken, self.built, hashes = set(), 0, {}
+        self.built, self.skipped, hashes = 0, {}, {}   # skipped: entry -> why its clip could not be cached
         self.entries = []
         indexes = {c["cache_dir"]: digest_index(c["cache_dir"]) for c in media.configs if c["dataset_type"] == "video"}
         for s in media.samples:
@@ -189,16 +195,34 @@ class CachedDataset(torch.utils.data.Dataset):
         if check:
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.barrier()
-            missing = [p for p in set(self.entries) if not os.path.exists(p)]
+            missing = [p for p in set(self.entries) if not os.path.exists(p) and not os.path.exists(broken_path(p))]
             if missing:
                 raise RuntimeError(f"data: {len(missing)} cache entries missing (e.g. {missing[0]}); run every rank")
+        self.skip_broken()
+
+    def skip_broken(self):
+        """Samples whose clip broke after the probe (a marker written by the rank that tried to cache it) leave the
+        buckets, so the sampler never draws them: one line per file with its reason."""
+        bad = set()
+        for i, p in enumerate(self.entries):
+            if p not in self.skipped and os.path.exists(broken_path(p)):
+                with open(broken_path(p)) as f:
+                    self.skipped[p] = f.read().strip()
+                print(f"data: warning: {self.media.samples[i]['file']}: {self.skipped[p]}; skipped (not cached)")
+            if p in self.skipped:
+                bad.add(i)
+        self.buckets = {k: [i for i in v if i not in bad] for k, v in self.media.buckets.items()}
+        self.buckets = {k: v for k, v in self.buckets.items() if v}
+        if not self.buckets:
+            raise ValueError("data: no sample could be cached (every file is broken)")
 
     def build(self, vae, te, rank, world_size, device):
         first = {}   # entry -> its first sample (repeats share an entry); split over all entries: stable across ranks
         for i, p in enumerate(self.entries):
             if self.media.configs[self.media.samples[i]["dataset"]]["dataset_type"] != "latents":
                 first.setdefault(p, i)
-        todo = [i for i in list(first.values())[rank::world_size] if not entry_ok(self.entries[i])]
+        todo = [i for i in list(first.values())[rank::world_size]
+                if not os.path.exists(broken_path(self.entries[i])) and not entry_ok(self.entries[i])]
         if not todo:
             return
         groups = defaultdict(list)   # bucket -> sample indices: one VAE batch has one shape
@@ -227,9 +251,13 @@ class CachedDataset(torch.utils.data.Dataset):
                 frames = frame_indices(s["n_src"], s["bucket"][2], c["frame_interval"], rng)
                 videos.append(load_frames(s["file"], frames, s["bucket"][:2], c["crop"], rng))   # (3, F, H, W)
                 ok.append(i)
-            except Exception as e:   # damaged after the probe: left out, its bucket's next sample stands in
-                print(f"data: warning: {s['file']}: {e}; not cached")
-                self.broken.add(i)
+            except Exception as e:   # damaged after the probe (cut off mid-stream): recorded, never decoded again
+                tmp = f"{broken_path(self.entries[i])}.{os.getpid()}.tmp"   # skip_broken reads it (every rank and start)
+                with open(tmp, "w") as f:
+                    f.write(str(e))
+                os.replace(tmp, broken_path(self.entries[i]))
+        if not ok:
+            return
         lat = vae.encode(torch.stack(videos).to(device)).cpu() if videos else None   # (B, 16, T, h, w)
         ctx = encode_text(te, [self.media.samples[i]["caption"] for i in ok])
         k = 0
@@ -252,12 +280,6 @@ class CachedDataset(torch.utils.data.Dataset):
         """key = (index, epoch) -> {"latents": (16, T, h, w) (absent for prompts), "context": (512, D), "caption",
         "file"}. Caption dropout (drawn as MediaDataset draws it) -> the empty prompt's embedding."""
         i, epoch = key
-        if i in self.broken:
-            b = self.buckets[self.media.samples[i]["bucket"]]
-            ok = [j for j in b[b.index(i):] + b[:b.index(i)] if j not in self.broken]
-            if not ok:
-                raise ValueError(f"data: no sample of bucket {self.media.samples[i]['bucket']} could be cached")
-            i = ok[0]
         s, rng = self.media.samples[i], random.Random(f"{self.seed}-{epoch}-{i}")
         drop = rng.random() < self.media.configs[s["dataset"]]["caption_dropout_probability"]
         t = self.read(self.entries[i])

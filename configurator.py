@@ -10,11 +10,14 @@ that names the closest known key) and every value against the default's type, pr
 returns the resolved {key: value} dict (also written back into the script's globals).
 
 `script_defaults(path)` reads another script's defaults without importing it (data.py's commands take
-train_dmd.py's config), and `map_simpletuner` turns the seed's SimpleTuner config.json into our keys.
+train_dmd.py's config), `map_simpletuner` turns the seed's SimpleTuner config.json into our keys, and `redact`
+is what every file a run writes holds of its config and command line (no secret).
 """
 import ast
 import difflib
+import json
 import os
+import re
 import sys
 
 FENCE = "# " + "-" * 77
@@ -142,3 +145,37 @@ def map_simpletuner(d, defaults):
     if skipped:
         print(f"warning: SimpleTuner keys not implemented here, ignored: {', '.join(sorted(skipped))}")
     return out
+
+# -----------------------------------------------------------------------------
+# secrets: a webhook URL or a token given inline (config file or --key=value) is used by the run, never written
+
+SECRET_KEY = re.compile(r"token|secret|passw|api_?key|credential|auth|webhook_url|callback_url", re.I)
+URL = re.compile(r"([a-z][a-z0-9+.-]*://)([^/?#\s@'\"]*@)?([^/?#\s'\"]*)([^\s'\"]*)", re.I)
+HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{8,}")
+REDACTED = "<redacted>"
+
+
+def redact(value, key=""):
+    """A copy of a config value (dict, list, tuple, inline JSON, an argv item "--key=value", text) without secrets:
+    the value of a secret-named key (a URL keeps its scheme and host), any URL's user:password@, hf_ tokens. Every
+    written copy of the config and argv goes through it (config.json, checkpoints, env.json, wandb, printed URLs)."""
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v, key) for v in value)
+    if not isinstance(value, str):
+        return value
+    if value.startswith("--") and "=" in value:
+        k, _, v = value.partition("=")
+        return f"{k}={redact(v, k[2:])}"
+    if value.lstrip()[:1] in ("{", "["):   # inline JSON, e.g. webhook_config='{"webhook_url": ...}'
+        try:
+            return json.dumps(redact(json.loads(value), key))
+        except ValueError:
+            pass
+    secret = bool(SECRET_KEY.search(key))
+    if secret and value and not URL.match(value):
+        return REDACTED
+    value = URL.sub(lambda m: m[1] + (REDACTED + "@" if m[2] else "") + m[3]
+                    + ("/" + REDACTED if secret and m[4] else m[4]), value)
+    return HF_TOKEN.sub("hf_" + REDACTED, value)

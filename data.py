@@ -333,17 +333,24 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
 class Loader:
     """DataLoader over a BucketBatchSampler, iterated forever (train by steps). The position counts batches
-    *consumed*, not batches handed to prefetching workers, so state_dict() is exact for a resume."""
+    *consumed*, not batches handed to prefetching workers, so state_dict() is exact for a resume. The DataLoader
+    draws its workers' base seed from its own generator, seeded by (seed, epoch): a DataLoader without one draws
+    from the global torch RNG whenever an epoch's iterator starts, and a resumed run starts one where the
+    uninterrupted run did not (its noise then differs)."""
 
     def __init__(self, dataset, batch_size, seed=0, rank=0, world_size=1, num_workers=0, drop_last=True):
         self.sampler = BucketBatchSampler(dataset, batch_size, seed, rank, world_size, drop_last)
+        self.seed, self.generator = seed, torch.Generator()
         self.dl = torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, num_workers=num_workers,
-                                              collate_fn=collate, persistent_workers=num_workers > 0)
+                                              collate_fn=collate, persistent_workers=num_workers > 0,
+                                              generator=self.generator)
         self.epoch, self.index = 0, 0
 
     def __iter__(self):
         while True:
             self.sampler.epoch, self.sampler.index = self.epoch, self.index
+            self.generator.manual_seed(int(digest(self.seed, self.epoch)[:15], 16))   # the workers' seeds (unused by
+            # the data, whose draws come from (seed, epoch, index)), never the global RNG
             n = len(self.sampler.batches(self.epoch))
             for batch in self.dl:
                 self.index += 1
@@ -436,7 +443,8 @@ def training_inputs(c, prompts, te, vae, env, dev, dtype):
         te = te or text_encoders.load_text_encoder(c["pretrained_model_name_or_path"], dtype=dtype, device=dev)
         cached = CachedDataset(MediaDataset(c["datasets"], seed=c["seed"]), vae, te, rank=env.rank,
                                world_size=env.world, device=dev)
-        loader = Loader(cached, c["train_batch_size"], seed=c["seed"], rank=env.dp_rank, world_size=env.dp_size)
+        loader = Loader(cached, c["train_batch_size"], seed=c["seed"], rank=env.dp_rank, world_size=env.dp_size,
+                        num_workers=c["dataloader_num_workers"])
     neg = text_encoders.negative_prompt(c["negative_prompt"])
     embeds = encode_prompts(c, te, train_prompts + val_prompts + [neg], dev, dtype)
     n = len(train_prompts)
@@ -465,8 +473,8 @@ def cache_datasets(c, rank=0, world_size=1):
     _, vae, te = load_teacher(c, dev, mw.pick_dtype(c["mixed_precision"], dev), dit=False)
     neg = text_encoders.negative_prompt(c["negative_prompt"])
     cached = CachedDataset(media_ds, vae, te, rank, world_size, dev, negative_prompt=neg, check=False)
-    print(f"data: rank {rank}/{world_size}: {cached.built} entries built, "
-          f"{len(set(cached.entries)) - cached.built} already cached or another rank's")
+    print(f"data: rank {rank}/{world_size}: {cached.built} entries built, {len(cached.skipped)} skipped (broken), "
+          f"{len(set(cached.entries)) - cached.built - len(cached.skipped)} already cached or another rank's")
     return cached
 
 

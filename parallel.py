@@ -107,6 +107,12 @@ def all_true(env, flag):
     return bool(t.item())
 
 
+def all_finite(env, tensors):
+    """True on every rank when every tensor is finite on every rank (a DTensor: this rank's shard, no gather)."""
+    ok = all(bool(torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all()) for t in tensors)
+    return all_true(env, ok)
+
+
 def mean(env, x):
     """The mean over ranks of a tensor (for logging)."""
     if env.world == 1:
@@ -290,6 +296,32 @@ def save_checkpoint(out_dir, state, limit, env=Dist(), rank_state=None, sharded=
             shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
     barrier(env)
     return final
+
+
+# train_dmd keys a run cannot change when it resumes (its checkpoint holds state made with the old value): the
+# networks' shapes and starting weights, the student's definition (its steps; the causal student's blocks and
+# frames), what the data position and the drawn exit steps count in (datasets, batch size, seed), the FSDP layout.
+# use_ema may be turned off, never on (the EMA would start empty and the export would call raw weights EMA). Every
+# other key (learning rates, AdamW settings, max_train_steps, the intervals, guidance, validation, ...) takes its
+# new value, announced.
+RESUME_FIXED = ("pretrained_model_name_or_path", "generator_init", "lora_rank", "lora_alpha", "lora_targets",
+                "fake_score_lora_rank", "fake_score_lora_alpha", "objective", "dmd_denoising_steps",
+                "warp_denoising_step", "causal", "num_frame_per_block", "independent_first_frame",
+                "same_step_across_blocks", "context_noise", "dmd_loss_frames", "num_training_frames", "datasets",
+                "teacher_data_samples", "teacher_data_steps", "train_batch_size", "seed", "fsdp")
+
+
+def resume_changes(saved, new, ckpt):
+    """The config a checkpoint was written with vs this run's (both as JSON values) -> {key: (old, new)} of the
+    changed keys; a ValueError naming every one that cannot change (RESUME_FIXED, use_ema turned on)."""
+    changed = {k: (saved[k], v) for k, v in new.items() if k in saved and saved[k] != v and k != "resume_from_checkpoint"}
+    fixed = [k for k, (_, v) in changed.items() if k in RESUME_FIXED or (k == "use_ema" and v)]
+    if fixed:
+        raise ValueError(f"{ckpt} was written with {', '.join(f'{k}={changed[k][0]!r}' for k in fixed)}, this config "
+                         f"has {', '.join(f'{k}={changed[k][1]!r}' for k in fixed)}: these cannot change when a run "
+                         "resumes; keep the checkpoint's values, or start a new run (another output_dir, or "
+                         "resume_from_checkpoint='')")
+    return changed
 
 
 def find_checkpoint(out_dir, spec):

@@ -34,6 +34,7 @@ import flow
 import lora
 import media
 import model_wan as mw
+from configurator import redact
 
 def read_log(out_dir):
     path = os.path.join(out_dir, "log.jsonl")
@@ -145,7 +146,7 @@ def environment():
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
             "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
             "world_size": int(os.environ.get("WORLD_SIZE", 1)), "git_commit": git_commit(), "packages": versions,
-            "argv": sys.argv, "hostname": platform.node(), "time": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+            "argv": redact(sys.argv), "hostname": platform.node(), "time": time.strftime("%Y-%m-%d %H:%M:%S %z")}
 
 # -----------------------------------------------------------------------------
 # webhooks (SimpleTuner's webhook_config: {"webhook_type": "discord", "webhook_url": ...} or
@@ -190,7 +191,8 @@ class Webhook:
     def __init__(self, cfg, project, maxsize=64, timeout=10.0):
         self.kind = cfg["webhook_type"]
         self.url = cfg.get("webhook_url") or cfg.get("callback_url")
-        self.host = urllib.parse.urlsplit(self.url).netloc   # the only part of the URL we print (Discord's holds a secret)
+        # the only part of the URL we print: Discord's path holds a secret, a user:password@ is dropped
+        self.host = urllib.parse.urlsplit(self.url).netloc.rpartition("@")[2]
         self.prefix = f"`({cfg.get('message_prefix') or project})` "
         self.job = project
         self.level = LEVELS[cfg.get("log_level", "info")]
@@ -246,7 +248,7 @@ class Webhook:
             except Exception as e:   # noqa: BLE001 -- a notification must never reach training
                 self.failed += 1
                 if self.failed == 1:
-                    print(f"warning: webhook {self.host}: {type(e).__name__}: {str(e)[:200]} (training goes on; "
+                    print(f"warning: webhook {self.host}: {type(e).__name__}: {redact(str(e))[:200]} (training goes on; "
                           "later failures are only counted)")
 
     def close(self, deadline=10.0):
@@ -360,7 +362,7 @@ class HubUploader:
                     self.failures += 1
                     if self.failures == 1:
                         print(f"warning: hub upload to {self.repo_id} failed ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); training goes on, the upload "
+                              f"{redact(str(e).splitlines()[0])[:200] if str(e) else ''}); training goes on, the upload "
                               f"stays staged in {self.staging} and is retried at the next checkpoint and the next "
                               "start (python publish.py OUTPUT_DIR pushes a finished run)")
                     break   # the hub is probably unreachable: wait for the next kick
@@ -631,7 +633,7 @@ class Publisher:
         try:
             return fn(*a)
         except Exception as e:   # noqa: BLE001 -- publishing never stops training
-            print(f"warning: {what} failed: {type(e).__name__}: {e}")
+            print(f"warning: {what} failed: {type(e).__name__}: {redact(str(e))}")
             return None
 
     def validation(self, step):
@@ -681,7 +683,7 @@ class Publisher:
             if self.hub is not None:
                 self.hub.close()
                 if "final" in self.hub.uploaded:
-                    url = f"{self.hub.api.endpoint.rstrip('/')}/{self.c['hub_model_id']}"
+                    url = redact(f"{self.hub.api.endpoint.rstrip('/')}/{self.c['hub_model_id']}")
                 left = self.hub.pending()
                 if left:
                     print(f"hub: {len(left)} upload(s) not done ({', '.join(left)}): they stay in "
@@ -702,15 +704,16 @@ class Publisher:
         self._safe("failure notification", run)
         self.close()
 
-    def open_log(self, step):
-        """log.jsonl in append mode, its lines of steps lost since the resumed checkpoint (at `step`) dropped; wandb."""
+    def open_log(self, step, run_id=None):
+        """log.jsonl in append mode, its lines of steps lost since the resumed checkpoint (at `step`) dropped; wandb
+        (run_id: the run's id, kept in its checkpoints, so that a resumed run continues the same wandb run)."""
         self.log_f = self.wandb = None
         if not self.main:
             return
         if self.c["report_to"] == "wandb":
             import wandb
             self.wandb = wandb.init(project=self.c["tracker_project_name"], name=self.c["tracker_run_name"] or None,
-                                    config=self.c)
+                                    config=redact(self.c), id=run_id, resume="allow")
         path = os.path.join(self.c["output_dir"], "log.jsonl")
         if os.path.exists(path):
             with open(path) as f:

@@ -40,7 +40,7 @@ import publish
 import sample
 import text_encoders
 import validation
-from configurator import configure, default_keys, map_simpletuner
+from configurator import configure, default_keys, map_simpletuner, redact
 
 # -----------------------------------------------------------------------------
 # defaults; override with config files (python train_dmd.py CONFIG.py) and --key=value
@@ -50,6 +50,7 @@ pretrained_model_name_or_path = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"  # teacher: p
 output_dir = "out/wan_dmd"
 prompts_file = ""                      # training prompts, one per line (data-free DMD); empty: validation prompts
 datasets = []                          # data.py dataset dicts; given: cached latents + captions replace prompts_file
+dataloader_num_workers = 0             # worker processes reading the cached dataset entries (0: in the training process)
 rollout_mode = "backward"              # "backward": data-free rollout from noise; "data": noise dataset latents (dmd.md)
 negative_prompt = None                 # None: Wan's default negative prompt; "": the empty prompt
 height = 480                           # training resolution (pixels) of the generated samples
@@ -320,8 +321,8 @@ def checkpoint_state(r):
     """Rank 0's checkpoint dict: counters, scheduler, config, its rank state, and the weights, EMA and optimiser
     states unless FSDP shards them (then parallel.sharded_state, written by every rank)."""
     st = {"step": r.step, "gen_steps": r.gen_steps, "bad_in_row": r.bad_in_row, "g_sched": r.g_sched.state_dict(),
-          "gen_stats": generator_record(r),
-          "config": json.dumps(r.c, default=str), "world": r.env.world, "fsdp": r.c["fsdp"], **rank_state(r)}
+          "gen_stats": generator_record(r), "run_id": r.run_id,
+          "config": json.dumps(redact(r.c), default=str), "world": r.env.world, "fsdp": r.c["fsdp"], **rank_state(r)}
     if not r.c["fsdp"]:
         st.update(generator=[p.detach().cpu().clone() for p in r.g_params],
                   critic=[p.detach().cpu().clone() for p in r.f_params],
@@ -333,8 +334,7 @@ def checkpoint_state(r):
 def load_checkpoint(r, ckpt):
     """The inverse of checkpoint_state (+ the sharded part and this rank's file): restores exactly what it wrote."""
     st = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=True)
-    if st.get("fsdp", False) != r.c["fsdp"]:
-        raise ValueError(f"{ckpt} was written with fsdp={st.get('fsdp', False)}: resume with the same setting")
+    changed = parallel.resume_changes(json.loads(st["config"]), json.loads(json.dumps(redact(r.c), default=str)), ckpt)
     if st.get("world", 1) != r.env.world:
         r.say(f"warning: {ckpt} was written by {st.get('world', 1)} process(es), this run has {r.env.world}: weights "
               "and optimiser states resume, the random streams and data order restart (not an exact resume)")
@@ -355,15 +355,44 @@ def load_checkpoint(r, ckpt):
         r.g_opt.load_state_dict(st["g_opt"])
         r.f_opt.load_state_dict(st["f_opt"])
     r.g_sched.load_state_dict(st["g_sched"])
-    r.step, r.gen_steps, r.bad_in_row = st["step"], st["gen_steps"], st["bad_in_row"]
+    r.step, r.gen_steps, r.bad_in_row, r.run_id = st["step"], st["gen_steps"], st["bad_in_row"], st.get("run_id", r.run_id)
     r.gen_stats = st.get("gen_stats", {})
+    apply_optimizer_settings(r)
     if st.get("world", 1) == r.env.world:   # this rank's random streams and data position
         rs = torch.load(os.path.join(ckpt, f"rank{r.env.rank}.pt"), map_location="cpu", weights_only=True) \
             if r.env.rank > 0 else st
         if r.loader is not None:
             r.loader.load_state_dict(rs["data"])
         parallel.set_rng_state(rs["rng"])
+    r.last_good = ckpt
     r.say(f"resumed from {ckpt} at step {r.step}")
+    for k, (old, new) in changed.items():
+        r.say(f"resume: {k} {old!r} -> {new!r} (applied)")
+    if r.step >= r.c["max_train_steps"]:
+        r.say(f"resume: {ckpt} is at step {r.step}, max_train_steps={r.c['max_train_steps']}: nothing to train; the "
+              "student is exported again from it (raise max_train_steps to train on)")
+
+
+def adamw_settings(c):
+    """-> the generator's and the critic's AdamW settings from the config."""
+    return (dict(lr=c["learning_rate"], betas=(c["adam_beta1"], c["adam_beta2"]), weight_decay=c["adam_weight_decay"],
+                 eps=c["adam_epsilon"]),
+            dict(lr=c["fake_score_lr"], betas=tuple(c["fake_score_betas"]), weight_decay=c["fake_score_weight_decay"],
+                 eps=c["fake_score_eps"]))
+
+
+def apply_optimizer_settings(r):
+    """After a resume, the config's AdamW settings over the checkpoint's (load_state_dict restores the saved ones),
+    the scheduler's base lr included: lr = base lr x lr_lambda(step), as LambdaLR computes it (unchanged settings:
+    the same numbers)."""
+    g_set, f_set = adamw_settings(r.c)
+    for opt, settings in ((r.g_opt, g_set), (r.f_opt, f_set)):
+        for group in opt.param_groups:
+            group.update(settings)
+    r.g_sched.base_lrs = [g_set["lr"]] * len(r.g_opt.param_groups)
+    for group in r.g_opt.param_groups:
+        group.update(initial_lr=g_set["lr"], lr=g_set["lr"] * lr_lambda(r.c)(r.g_sched.last_epoch))
+    r.g_sched._last_lr = [group["lr"] for group in r.g_opt.param_groups]   # what get_last_lr() (the log) reads
 
 
 # -----------------------------------------------------------------------------
@@ -376,7 +405,8 @@ def new_run(c, steps):
     dtype = mw.pick_dtype(c["mixed_precision"], dev)
     return SimpleNamespace(c=c, env=env, dev=dev, dtype=dtype, autocast=mw.autocast_fn(dtype, dev), steps=steps,
                            say=print if env.main else (lambda *a, **k: None), step=0, gen_steps=0, bad_in_row=0,
-                           gen_stats={}, ode=c["objective"] == "ode_init", loader=None, batches=None)
+                           gen_stats={}, ode=c["objective"] == "ode_init", loader=None, batches=None, last_good=None,
+                           run_id=os.urandom(6).hex())   # the tracker's run id (wandb), kept by the checkpoints
 
 
 def setup(c, steps):
@@ -388,7 +418,7 @@ def setup(c, steps):
     if env.main:
         os.makedirs(c["output_dir"], exist_ok=True)
         with open(os.path.join(c["output_dir"], "config.json"), "w") as f:
-            json.dump(c, f, indent=2, default=str)
+            json.dump(redact(c), f, indent=2, default=str)
     if c["teacher_data_samples"] > 0:   # the teacher's samples of the prompts become the real-data latents
         c = r.c = dict(c, datasets=[data.teacher_anchor(c, env.rank, env.world)])
         parallel.barrier(env)
@@ -428,10 +458,8 @@ def setup_training(r):
     r.G = parallel.data_parallel(env, lora.velocity_fn(r.gen, r.g_adapter, r.autocast, r.causal), r.g_params, c["fsdp"])
     r.Fk = parallel.data_parallel(env, lora.velocity_fn(r.critic, r.f_adapter, r.autocast), r.f_params, c["fsdp"])
     r.R = lora.velocity_fn(r.base, None, r.autocast)
-    r.g_opt = torch.optim.AdamW(r.g_params, lr=c["learning_rate"], betas=(c["adam_beta1"], c["adam_beta2"]),
-                                weight_decay=c["adam_weight_decay"], eps=c["adam_epsilon"])
-    r.f_opt = torch.optim.AdamW(r.f_params, lr=c["fake_score_lr"], betas=tuple(c["fake_score_betas"]),
-                                weight_decay=c["fake_score_weight_decay"], eps=c["fake_score_eps"])
+    g_set, f_set = adamw_settings(c)
+    r.g_opt, r.f_opt = torch.optim.AdamW(r.g_params, **g_set), torch.optim.AdamW(r.f_params, **f_set)
     r.g_sched = torch.optim.lr_scheduler.LambdaLR(r.g_opt, lr_lambda(c))
     r.ema = [p.detach().float().clone() for p in r.g_params] if c["use_ema"] else None
     r.say(f"teacher {c['pretrained_model_name_or_path']} | generator "
@@ -586,16 +614,28 @@ def critic_step(r, rec, log_now):
 
 
 def check_finite(r, rec, loss_f):
-    """Count non-finite steps in a row (their updates were skipped); abort after max_nonfinite_steps."""
+    """Count non-finite steps in a row (their updates were skipped, each named); abort after max_nonfinite_steps,
+    naming the last good checkpoint."""
     key = "ode_loss" if r.ode else "dmd_loss"
-    finite = torch.isfinite(loss_f) and math.isfinite(rec.get(key, 0.0))
-    r.bad_in_row = 0 if finite else r.bad_in_row + 1
-    if not finite:
-        r.say(f"step {r.step + 1}: non-finite loss ({'ode' if r.ode else 'dmd'} {rec.get(key)}, "
-              f"critic {loss_f.item()}), update skipped")
+    bad = {"generator": f"{key[:-5]} {rec.get(key)}"} if not math.isfinite(rec.get(key, 0.0)) else {}
+    if not torch.isfinite(loss_f):
+        bad["critic"] = f"critic {loss_f.item()}"
+    r.bad_in_row = r.bad_in_row + 1 if bad else 0
+    if bad:
+        r.say(f"step {r.step + 1}: non-finite loss ({', '.join(bad.values())}): {' and '.join(bad)} update skipped")
         if r.bad_in_row >= r.c["max_nonfinite_steps"]:
             raise RuntimeError(f"{r.bad_in_row} non-finite losses in a row: aborting (lower the learning rates, "
-                               "check the teacher and the guidance scale)")
+                               "check the teacher and the guidance scale); the last good checkpoint: "
+                               f"{r.last_good or 'none written'}")
+
+
+def nonfinite_state(r):
+    """-> the parts of the checkpoint that hold a non-finite value (a checkpoint is never written with them: it would
+    rotate out the last good one). Every rank calls it (FSDP: each checks its shards)."""
+    opt = lambda o: [v for st in o.state.values() for v in st.values() if torch.is_tensor(v)]   # noqa: E731
+    parts = {"generator weights": r.g_params, "critic weights": r.f_params, "EMA": r.ema or [],
+             "generator optimiser state": opt(r.g_opt), "critic optimiser state": opt(r.f_opt)}
+    return [k for k, ts in parts.items() if not parallel.all_finite(r.env, ts)]
 
 
 def log_step(r, pub, rec):
@@ -614,16 +654,25 @@ def end_of_step(r, pub, stop, validated):
     c, env, step = r.c, r.env, r.step
     last = step >= c["max_train_steps"]
     stopping = stop["signal"] if env.world == 1 else not parallel.all_true(env, not stop["signal"])   # any rank
-    if step % c["checkpoint_step_interval"] == 0 or last or stopping:
+    bad = nonfinite_state(r) if step % c["checkpoint_step_interval"] == 0 or last or stopping else None
+    if bad:
+        r.say(f"step {step}: checkpoint skipped: non-finite {', '.join(bad)}; the last good checkpoint stays: "
+              f"{r.last_good or 'none written'}")
+        if last:
+            raise RuntimeError(f"non-finite {', '.join(bad)} at the last step: nothing exported; the last good "
+                               f"checkpoint: {r.last_good or 'none written'}")
+    elif bad is not None:
         path = parallel.save_checkpoint(c["output_dir"], checkpoint_state(r) if env.main else {"step": step},
                                c["checkpoints_total_limit"], env, None if env.main else rank_state(r),
                                parallel.sharded_state(r.named, r.opts, r.ema) if c["fsdp"] else None)
         r.say(f"checkpoint {path}")
+        r.last_good = path
         pub.checkpoint(step, path)
     if validated:
         pub.validation(step)
     if stopping:
-        r.say(f"signal {stop['signal'] or 'on another rank'}: checkpoint written at step {step}, exiting")
+        r.say(f"signal {stop['signal'] or 'on another rank'}: exiting at step {step}; the last checkpoint: "
+              f"{r.last_good or 'none written'}")
         pub.close_log()
         parallel.cleanup(env)
         sys.exit(0)
@@ -641,7 +690,7 @@ def train(c):
     try:
         out = train_loop(c, pub, steps)
     except SystemExit:   # SIGINT/SIGTERM: a checkpoint was written
-        pub.notify("stopped", "training stopped by a signal; a checkpoint was written, the same command resumes",
+        pub.notify("stopped", "training stopped by a signal; the same command resumes from its last checkpoint",
                    level="warning")
         pub.close()
         raise
@@ -659,7 +708,7 @@ def train_loop(c, pub, steps):
     stop = {"signal": None}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, _: stop.update(signal=s))
-    pub.open_log(r.step)
+    pub.open_log(r.step, r.run_id)
     r.batches = iter(r.loader) if r.loader is not None else None
     if r.dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -105,6 +105,45 @@ def test_corrupt_entry_rebuilt_and_rank_split(tmp_path, encoders, capsys):
     assert torch.equal(b[(1, 0)]["latents"], good)
 
 
+def cut_off_clip(path, frames=9, hw=(32, 32), keep=5):
+    """media.py's mp4 remuxed with the header first (faststart), then cut at the start of packet `keep`: the probe
+    passes (the header counts every frame), decoding stops early."""
+    import media
+    tmp = str(path) + ".tmp.mp4"
+    media.write_mp4(tmp, torch.from_numpy(moving_square(frames, *hw)).permute(3, 0, 1, 2) / 127.5 - 1)
+    with av.open(tmp) as src, av.open(str(path), "w", options={"movflags": "faststart"}) as dst:
+        s = dst.add_stream_from_template(src.streams.video[0])
+        for p in src.demux(src.streams.video[0]):
+            if p.dts is not None:
+                p.stream = s
+                dst.mux(p)
+    os.remove(tmp)
+    with av.open(str(path)) as f:
+        cut = [p.pos for p in f.demux(f.streams.video[0]) if p.dts is not None][keep]
+    os.truncate(path, cut)
+    open(os.path.splitext(str(path))[0] + ".txt", "w").write("a cut off clip")
+    assert media.probe(str(path), False)[2] == frames
+
+
+def test_clip_cut_off_mid_stream_is_skipped_once(tmp_path, encoders, capsys, monkeypatch):
+    """A clip broken after the probe: decoded once, recorded with its reason, left out of the sampler's buckets on
+    every later start (never counted as cached, never a 'cache entries missing' error); the rest trains."""
+    root = clips(tmp_path / "v", n=2)
+    cut_off_clip(tmp_path / "v" / "c2.mp4")
+    a = cached(ds(root), encoders)
+    out = capsys.readouterr().out
+    assert a.built == 2 and len(a.skipped) == 1 and out.count("c2.mp4: decoded") == 1 and "(truncated)" in out
+    assert sorted(i for b in a.buckets.values() for i in b) == [0, 1]   # the sampler's index: the 2 good clips
+    batches = [b["file"] for _, b in zip(range(4), data.Loader(a, batch_size=1, seed=0))]
+    assert not any(f[0].endswith("c2.mp4") for f in batches)
+    reads = []
+    monkeypatch.setattr(cache, "load_frames", lambda *x: reads.append(x))
+    b = cached(ds(root), encoders)   # a second start: nothing decoded, the same one line
+    assert reads == [] and b.built == 0 and a.skipped == b.skipped and b.buckets == a.buckets
+    again = capsys.readouterr().out
+    assert again.count("c2.mp4: decoded 3 of 5 frames (truncated); skipped (not cached)") == 1 and again.count("\n") == 1
+
+
 def test_caption_dropout_gives_empty_prompt(tmp_path, encoders):
     root = clips(tmp_path / "v")
     _, _, te = encoders
@@ -157,15 +196,16 @@ def final_state(out):
 @pytest.mark.slow
 def test_train_from_video_folder(tmp_path):
     root = clips(tmp_path / "v", n=3, frames=9, hw=(48, 48))
+    cut_off_clip(tmp_path / "v" / "c3.mp4", hw=(48, 48))                           # skipped: the others train
     cfg = tmp_path / "data_cfg.py"
     cfg.write_text(f"datasets = [dict(instance_data_dir={root!r}, resolution=32, num_frames=9)]\n")
     p = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), TINY, str(cfg)], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)                  # the caching command
-    assert p.returncode == 0 and "3 entries built" in p.stdout, p.stdout + p.stderr
+    assert p.returncode == 0 and "3 entries built, 1 skipped (broken), 0 already" in p.stdout, p.stdout + p.stderr
     for mode in ("backward", "data"):
         out = tmp_path / mode
         log = train(out, cfg, "--max_train_steps=3", "--real_data_loss_weight=0.5", f"--rollout_mode={mode}")
-        assert "cache latents" not in log                                            # reused, nothing computed
+        assert "cache latents" not in log and log.count("c3.mp4: decoded") == 1       # reused, nothing computed
         recs = [json.loads(line) for line in open(out / "log.jsonl")]
         assert [r["step"] for r in recs] == [1, 2, 3]
         for r in recs:
@@ -188,6 +228,28 @@ def test_exact_resume_with_dataset(tmp_path):
     assert "resumed from" in train(tmp_path / "split", cfg, *common)
     a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "split")
     assert a["data"] == b["data"] == {"epoch": 2, "index": 0}                        # 2 G + 4 F batches, 3 per epoch
+    for key in ("generator", "critic", "ema"):
+        for x, y in zip(a[key], b[key]):
+            assert torch.equal(x, y), key
+
+
+def test_exact_resume_mid_epoch_with_workers(tmp_path):
+    """A resume in the middle of an epoch, with loader workers: bit-identical to the uninterrupted run (the loader's
+    iterators draw their seeds from its own generator, never from the global RNG the noise comes from)."""
+    root = clips(tmp_path / "v", n=3, frames=9, hw=(48, 48))   # one bucket, 3 batches of 1 per epoch
+    d = [dict(instance_data_dir=root, resolution=32, num_frames=9)]
+
+    def run(out, steps):
+        c = train_dmd.config([TINY, f"--output_dir={out}", f"--max_train_steps={steps}", "--checkpoint_step_interval=1",
+                              "--validation_step_interval=1000", "--validation_diversity_seeds=0",
+                              "--real_data_loss_weight=0.5", "--rollout_mode=data", "--dataloader_num_workers=2"])
+        return train_dmd.train(dict(c, datasets=d))
+    run(tmp_path / "straight", 3)             # 2 batches per step (G, F): 6 = 2 epochs
+    run(tmp_path / "split", 1)                # stopped at batch 2 of epoch 0
+    assert final_state(tmp_path / "split")["data"] == {"epoch": 0, "index": 2}
+    run(tmp_path / "split", 3)
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "split")
+    assert a["data"] == b["data"] == {"epoch": 2, "index": 0}
     for key in ("generator", "critic", "ema"):
         for x, y in zip(a[key], b[key]):
             assert torch.equal(x, y), key

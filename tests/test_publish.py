@@ -9,6 +9,7 @@ import re
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -414,3 +415,51 @@ def test_failure_and_config_errors(tmp_path):
         "push_to_hub": True, "push_checkpoints_to_hub": False, "hub_model_id": "me/x", "model_card_private": False,
         "webhook_config": hook_cfg, "report_to": "none", "tracker_project_name": "p", "tracker_run_name": "r"}
     hook.close()
+
+
+def test_secrets_never_written_nor_printed(tmp_path, capsys, monkeypatch):
+    """A webhook URL given inline (its path is the secret) and a URL's user:password@: used by the run, absent from
+    every file written to output_dir (config.json, env.json's argv, each checkpoint's state.pt), from what is staged
+    and uploaded to the hub, and from what publish.py prints."""
+    hub, hook = FakeHub(), Server()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", "hf_TESTSECRET")
+    out = tmp_path / "run"
+    inline = json.dumps({"webhook_type": "raw", "callback_url": hook.url + "/hook/SECRETPATH"})
+    argv = [os.path.join(ROOT, "train_dmd.py"), TINY, f"--output_dir={out}", "--max_train_steps=2",
+            "--checkpoint_step_interval=1", "--validation_step_interval=1000", "--validation_diversity_seeds=0",
+            "--push_to_hub=True", "--push_checkpoints_to_hub=True", "--hub_model_id=me/tiny",
+            f"--webhook_config={inline}"]
+    monkeypatch.setattr(sys, "argv", argv)   # env.json records the command line
+    c = train_dmd.config(argv[1:])
+    train_dmd.train(c)
+    assert hook.requests and all(r["path"] == "/hook/SECRETPATH" for r in hook.requests)   # the run used it
+    staged = tree(publish.stage_final(dict(c, output_dir=str(out))))                   # python publish.py --dry_run
+    files = {**tree(out), **{f"hub:{k}": v for k, v in hub.files.items()}, **{f"staged:{k}": v for k, v in staged.items()}}
+    assert {"config.json", "env.json", "checkpoint-0000001/state.pt", "hub:checkpoints/checkpoint-0000002/state.pt",
+            "hub:config.json", "hub:env.json"} <= set(files)
+    for name, blob in files.items():
+        assert b"SECRETPATH" not in blob and b"TESTSECRET" not in blob, name
+    assert "/<redacted>" in json.dumps(json.load(open(out / "config.json"))["webhook_config"])
+    assert any("/<redacted>" in a for a in json.load(open(out / "env.json"))["argv"])
+    # a webhook whose URL holds user:password@ fails here: its warning names the host only
+    w = publish.Webhook({"webhook_type": "raw", "callback_url": f"http://me:pa55word@127.0.0.1:{free_port()}/x"}, "p")
+    w.send("start", "s")
+    w.close()
+    printed = capsys.readouterr().out
+    assert w.failed == 1 and "warning: webhook 127.0.0.1" in printed
+    assert "SECRETPATH" not in printed and "pa55word" not in printed and "TESTSECRET" not in printed
+    hub.close()
+    hook.close()
+
+
+def test_redact():
+    hook = {"webhook_type": "discord", "webhook_url": "https://discord.com/api/webhooks/1/TOKEN"}
+    assert configurator.redact({"webhook_config": hook, "lora_targets": ("a", "b"), "seed": 3}) == {
+        "webhook_config": {"webhook_type": "discord", "webhook_url": "https://discord.com/<redacted>"},
+        "lora_targets": ("a", "b"), "seed": 3}
+    assert configurator.redact(["x.py", "--webhook_config=" + json.dumps(hook), "--hub_token=hf_abcdefghijk"]) == [
+        "x.py", "--webhook_config=" + json.dumps(dict(hook, webhook_url="https://discord.com/<redacted>")),
+        "--hub_token=<redacted>"]
+    assert configurator.redact("failed: http://me:pw@host:8/p?q=1") == "failed: http://<redacted>@host:8/p?q=1"
+    assert configurator.redact("http://127.0.0.1:8080/me/x") == "http://127.0.0.1:8080/me/x"

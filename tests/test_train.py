@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -234,8 +235,35 @@ def test_nonfinite_losses_skip_then_abort(tmp_path, monkeypatch, capsys):
     c = tiny_cfg(tmp_path, "--max_train_steps=10", "--max_nonfinite_steps=3", "--validation_step_interval=1000")
     with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
         train_dmd.train(c)
-    assert capsys.readouterr().out.count("non-finite loss") == 3
+    out = capsys.readouterr().out
+    assert out.count("non-finite loss") == 3 and out.count("generator update skipped") == 3   # the critic still steps
+    assert "critic update skipped" not in out and "generator and critic" not in out
     assert all(r.get("g_grad_norm") is None for r in map(json.loads, open(tmp_path / "log.jsonl")))   # no G update
+
+
+def test_blown_up_weights_never_checkpointed(tmp_path, monkeypatch, capsys):
+    """NaN gradients at the 3rd generator step blow the weights up (its loss was finite): that checkpoint and the
+    later ones are skipped, so rotation keeps the last good one, and the abort names it."""
+    real, calls = train_dmd.clip, []
+
+    def nan_grads(params, method, value):   # the generator clips first in each step: calls 1, 3, 5, ...
+        calls.append(1)
+        if len(calls) == 5:
+            for p in params:
+                p.grad.fill_(float("nan"))
+        return real(params, method, value)
+    monkeypatch.setattr(train_dmd, "clip", nan_grads)
+    c = tiny_cfg(tmp_path, "--max_train_steps=10", "--max_nonfinite_steps=2", "--checkpoint_step_interval=1",
+                 "--checkpoints_total_limit=1", "--validation_step_interval=1000")
+    with pytest.raises(RuntimeError, match="2 non-finite losses in a row.*last good checkpoint: .*checkpoint-0000002"):
+        train_dmd.train(c)
+    out = capsys.readouterr().out
+    assert "step 3: non-finite loss (critic nan): critic update skipped" in out   # G stepped (into NaN), F did not
+    assert "step 3: checkpoint skipped: non-finite generator weights, EMA, generator optimiser state;" in out
+    assert "step 4: non-finite loss (dmd nan, critic nan): generator and critic update skipped" in out
+    assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint-")) == ["checkpoint-0000002"]
+    st = final_state(tmp_path)
+    assert all(torch.isfinite(v).all() for k in ("generator", "critic", "ema") for v in st[k])
 
 
 def test_train_on_a_diffusers_pipeline_folder(tiny_pipeline, tmp_path):
@@ -255,7 +283,7 @@ def test_train_on_a_diffusers_pipeline_folder(tiny_pipeline, tmp_path):
 
 def test_resume_with_a_different_network_is_a_clear_error(tmp_path):
     train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=1", "--validation_step_interval=1000"))
-    with pytest.raises(ValueError, match="does not match this config"):
+    with pytest.raises(ValueError, match="with lora_rank=8, this config has lora_rank=4: these cannot change"):
         train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=2", "--lora_rank=4", "--validation_step_interval=1000"))
 
 
@@ -407,3 +435,38 @@ def test_export_from_a_checkpoint(tmp_path, capsys):
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-0000002", "checkpoint-0000004"]
     with pytest.raises(FileNotFoundError, match="export_from='checkpoint-7': no state.pt there"):
         train_dmd.train(tiny_cfg(out, *common, "--export_from=checkpoint-7"))
+
+
+def test_resume_with_changed_settings(tmp_path, monkeypatch, capsys):
+    """On resume the new config is compared with the checkpoint's: keys a run cannot change are one error naming
+    them; the others are applied (the optimisers' lr and AdamW settings, the scheduler's base lr) and announced; a
+    run already at max_train_steps says so; wandb continues the same run (its id kept in the checkpoint)."""
+    inits = []
+
+    class Run:
+        def log(self, *a, **k):
+            pass
+
+        def finish(self):
+            pass
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=lambda **k: inits.append(k) or Run()))
+    common = ["--validation_step_interval=1000", "--validation_diversity_seeds=0", "--report_to=wandb"]
+    train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=2", "--use_ema=False", *common))
+    with pytest.raises(ValueError, match=r"written with lora_rank=8, use_ema=False, this config has lora_rank=4, use_ema=True: these cannot change"):
+        train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=3", "--lora_rank=4", "--use_ema=True", *common))
+    capsys.readouterr()
+    new = ["--max_train_steps=3", "--use_ema=False", "--learning_rate=5e-5", "--fake_score_lr=2e-5",
+           "--adam_weight_decay=0.0", *common]
+    train_dmd.train(tiny_cfg(tmp_path, *new))
+    out = capsys.readouterr().out
+    for line in ("resume: learning_rate 0.0001 -> 5e-05 (applied)", "resume: fake_score_lr 0.0001 -> 2e-05 (applied)",
+                 "resume: adam_weight_decay 0.01 -> 0.0 (applied)", "resume: max_train_steps 2 -> 3 (applied)"):
+        assert out.count(line) == 1, line
+    st = final_state(tmp_path)
+    assert [(g["lr"], g["weight_decay"]) for g in st["g_opt"]["param_groups"]] == [(5e-5, 0.0)]
+    assert [g["lr"] for g in st["f_opt"]["param_groups"]] == [2e-5] and st["g_sched"]["base_lrs"] == [5e-5]
+    assert json.loads(open(tmp_path / "log.jsonl").read().splitlines()[-1])["lr"] == 5e-5
+    train_dmd.train(tiny_cfg(tmp_path, *new))   # already at max_train_steps
+    out = capsys.readouterr().out
+    assert "is at step 3, max_train_steps=3: nothing to train" in out and "(applied)" not in out and "step      " not in out
+    assert len(inits) == 3 and {k["id"] for k in inits} == {st["run_id"]} and all(k["resume"] == "allow" for k in inits)
