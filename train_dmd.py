@@ -38,9 +38,10 @@ import model_wan as mw
 import parallel
 import publish
 import sample
+import simpletuner
 import text_encoders
 import validation
-from configurator import configure, default_keys, map_simpletuner
+from configurator import configure, default_keys, pick_threads
 
 # -----------------------------------------------------------------------------
 # defaults; override with config files (python train_dmd.py CONFIG.py) and --key=value
@@ -113,7 +114,8 @@ adam_weight_decay = 0.01
 adam_epsilon = 1e-8
 lr_scheduler = "constant"              # constant | cosine | cosine_with_min_lr (all with linear warmup), over trainer steps
 lr_warmup_steps = 0
-lr_min_ratio = 0.1                     # cosine_with_min_lr: final lr = learning_rate * lr_min_ratio
+lr_min_ratio = 0.1                     # cosine_with_min_lr: final lr = learning_rate * lr_min_ratio (both networks)
+fake_score_lr_scheduler = "constant"   # the critic's fake_score_lr schedule: the same choices and warmup as lr_scheduler
 max_grad_norm = 1.0
 grad_clip_method = "norm"              # "norm" or "value"
 fake_score_lr = 1e-5
@@ -161,14 +163,16 @@ model_card_note = ""                   # a paragraph added to the model card
 push_merged_to_hub = True              # with LoRA: also upload the merged transformer/ (full weights) beside the adapter
 webhook_config = None                  # JSON file or string: {"webhook_type": "discord"|"raw", "webhook_url"|"callback_url",
                                        # "message_prefix", "log_level"}; notified at start/validation/checkpoint/failure/end
-device = "auto"
+device = "auto"                        # "auto": cuda when available, else cpu; or e.g. "cuda:1", "cpu"
+threads = 0                            # torch CPU threads; 0: OMP_NUM_THREADS, else the free cores (cores - load)
 # -----------------------------------------------------------------------------
 # config and networks
 
 def config(argv=None):
     """Defaults, then config files (plain Python, or the seed's SimpleTuner .json, mapped) and --key=value, in the
     order given -> the resolved config dict (sys.argv[1:] when argv is None)."""
-    return configure(dict(DEFAULTS), __file__, argv, json_map=lambda d: map_simpletuner(d, DEFAULTS))
+    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a: None)
+    return configure(dict(DEFAULTS), __file__, argv, json_map=lambda p: simpletuner.read_config(p, DEFAULTS, say))
 
 
 def check_config(c):
@@ -202,7 +206,8 @@ def check_config(c):
     if c["validation_num_inference_steps"] != len(steps):
         raise ValueError(f"validation_num_inference_steps={c['validation_num_inference_steps']} must equal the "
                          f"number of dmd_denoising_steps ({len(steps)}): validation runs the training rollout's sampler")
-    for k, allowed in (("lr_scheduler", ("constant", "cosine", "cosine_with_min_lr")), ("grad_clip_method", ("norm", "value")),
+    schedulers = ("constant", "cosine", "cosine_with_min_lr")
+    for k, allowed in (("lr_scheduler", schedulers), ("fake_score_lr_scheduler", schedulers), ("grad_clip_method", ("norm", "value")),
                        ("ema_validation", ("none", "ema_only", "comparison")), ("mixed_precision", ("bf16", "no")),
                        ("optimizer", ("adamw", "adamw_bf16")), ("report_to", ("none", "wandb"))):
         if c[k] not in allowed:
@@ -291,14 +296,15 @@ def build_networks(c, dev, dtype):
     return base, gen, critic, vae, te
 
 
-def lr_lambda(c):
+def lr_lambda(c, kind):
+    """The lr multiplier per trainer step of scheduler `kind` (lr_scheduler or fake_score_lr_scheduler's value)."""
     def f(step):
         if step < c["lr_warmup_steps"]:
             return (step + 1) / (c["lr_warmup_steps"] + 1)
-        if c["lr_scheduler"] == "constant":
+        if kind == "constant":
             return 1.0
         progress = min(1.0, (step - c["lr_warmup_steps"]) / max(1, c["max_train_steps"] - c["lr_warmup_steps"]))
-        lo = c["lr_min_ratio"] if c["lr_scheduler"] == "cosine_with_min_lr" else 0.0
+        lo = c["lr_min_ratio"] if kind == "cosine_with_min_lr" else 0.0
         return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
 
@@ -315,6 +321,7 @@ def checkpoint_state(r):
     """Rank 0's checkpoint dict: counters, scheduler, config, its rank state, and the weights, EMA and optimiser
     states unless FSDP shards them (then parallel.sharded_state, written by every rank)."""
     st = {"step": r.step, "gen_steps": r.gen_steps, "bad_in_row": r.bad_in_row, "g_sched": r.g_sched.state_dict(),
+          "f_sched": r.f_sched.state_dict(),
           "config": json.dumps(r.c, default=str), "world": r.env.world, "fsdp": r.c["fsdp"], **rank_state(r)}
     if not r.c["fsdp"]:
         st.update(generator=[p.detach().cpu().clone() for p in r.g_params],
@@ -349,6 +356,8 @@ def load_checkpoint(r, ckpt):
         r.g_opt.load_state_dict(st["g_opt"])
         r.f_opt.load_state_dict(st["f_opt"])
     r.g_sched.load_state_dict(st["g_sched"])
+    if "f_sched" in st:   # checkpoints before fake_score_lr_scheduler had a constant critic lr
+        r.f_sched.load_state_dict(st["f_sched"])
     r.step, r.gen_steps, r.bad_in_row = st["step"], st["gen_steps"], st["bad_in_row"]
     if st.get("world", 1) == r.env.world:   # this rank's random streams and data position
         rs = torch.load(os.path.join(ckpt, f"rank{r.env.rank}.pt"), map_location="cpu", weights_only=True) \
@@ -368,8 +377,11 @@ def setup(c, steps):
     env, dev = parallel.setup(c["sp_size"], dev, c["fsdp"])   # torchrun: process groups; one process: nothing
     dtype = mw.pick_dtype(c["mixed_precision"], dev)
     r = SimpleNamespace(c=c, env=env, dev=dev, dtype=dtype, autocast=mw.autocast_fn(dtype, dev), steps=steps,
-                        say=print if env.main else (lambda *a, **k: None), step=0, gen_steps=0, bad_in_row=0,
+                        say=tqdm.write if env.main else (lambda *a, **k: None), step=0, gen_steps=0, bad_in_row=0,
                         ode=c["objective"] == "ode_init", loader=None, batches=None)
+    n, why = pick_threads(c["threads"])
+    torch.set_num_threads(n)
+    r.say(f"torch threads: {n} ({why})")
     if c["optimizer"] == "adamw_bf16":
         r.say("notice: optimizer adamw_bf16 -> AdamW with fp32 master weights (the same updates, more exact)")
     if env.main:
@@ -419,7 +431,8 @@ def setup_training(r):
                                 weight_decay=c["adam_weight_decay"], eps=c["adam_epsilon"])
     r.f_opt = torch.optim.AdamW(r.f_params, lr=c["fake_score_lr"], betas=tuple(c["fake_score_betas"]),
                                 weight_decay=c["fake_score_weight_decay"], eps=c["fake_score_eps"])
-    r.g_sched = torch.optim.lr_scheduler.LambdaLR(r.g_opt, lr_lambda(c))
+    r.g_sched = torch.optim.lr_scheduler.LambdaLR(r.g_opt, lr_lambda(c, c["lr_scheduler"]))
+    r.f_sched = torch.optim.lr_scheduler.LambdaLR(r.f_opt, lr_lambda(c, c["fake_score_lr_scheduler"]))
     r.ema = [p.detach().float().clone() for p in r.g_params] if c["use_ema"] else None
     r.say(f"teacher {c['pretrained_model_name_or_path']} | generator "
           f"{'LoRA r%d' % c['lora_rank'] if r.g_adapter else 'full'} ({sum(p.numel() for p in r.g_params):,} trainable) | "
@@ -651,6 +664,7 @@ def train_loop(c, pub, steps):
         loss_f = torch.zeros(()) if r.ode else critic_step(r, rec, log_now)   # ODE init trains the generator alone
         check_finite(r, rec, loss_f)
         r.g_sched.step()   # per trainer step: warmup and decay count the steps of max_train_steps, whatever the interval
+        r.f_sched.step()
         r.step += 1
         bar.update(1)
         val_now = r.step % c["validation_step_interval"] == 0 or r.step >= c["max_train_steps"]
