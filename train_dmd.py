@@ -29,6 +29,7 @@ from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
+from tqdm.contrib import DummyTqdmFile
 
 import data
 import dmd
@@ -377,7 +378,7 @@ def setup(c, steps):
     env, dev = parallel.setup(c["sp_size"], dev, c["fsdp"])   # torchrun: process groups; one process: nothing
     dtype = mw.pick_dtype(c["mixed_precision"], dev)
     r = SimpleNamespace(c=c, env=env, dev=dev, dtype=dtype, autocast=mw.autocast_fn(dtype, dev), steps=steps,
-                        say=tqdm.write if env.main else (lambda *a, **k: None), step=0, gen_steps=0, bad_in_row=0,
+                        say=print if env.main else (lambda *a, **k: None), step=0, gen_steps=0, bad_in_row=0,
                         ode=c["objective"] == "ode_init", loader=None, batches=None)
     n, why = pick_threads(c["threads"])
     torch.set_num_threads(n)
@@ -628,6 +629,7 @@ def train(c):
     validation, checkpoint, failure (then re-raised) and finish; loss curve, contact sheets, model card, hub."""
     steps = flow.rollout_steps(check_config(c), c["warp_denoising_step"], c["timestep_shift"])   # config errors first
     pub = publish.Publisher(c, main=int(os.environ.get("RANK", "0")) == 0)
+    stdout = sys.stdout   # train_loop routes prints above its bar; restored here whatever happens
     try:
         out = train_loop(c, pub, steps)
     except SystemExit:   # SIGINT/SIGTERM: a checkpoint was written
@@ -638,6 +640,8 @@ def train(c):
     except BaseException as e:
         pub.failed(e)
         raise
+    finally:
+        sys.stdout = stdout
     pub.finish(steps)
     return out
 
@@ -654,7 +658,9 @@ def train_loop(c, pub, steps):
     if r.dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     r.t_last = time.perf_counter()
-    bar = tqdm(total=c["max_train_steps"], initial=r.step, desc="dmd", dynamic_ncols=True, disable=not r.env.main)
+    stdout = sys.stdout   # every print of the loop (log lines, validation, hub, webhooks) goes above the bar, not into it
+    bar = tqdm(total=c["max_train_steps"], initial=r.step, desc="dmd", dynamic_ncols=True, disable=not r.env.main, file=stdout)
+    sys.stdout = DummyTqdmFile(stdout)
     while r.step < c["max_train_steps"]:
         rec = {"step": r.step + 1}
         log_now = (r.step + 1) % c["log_interval"] == 0   # statistics (and their device syncs) only on log steps
@@ -675,6 +681,7 @@ def train_loop(c, pub, steps):
         elif val_now and len(rec) > 1:
             pub.log(rec, r.step, quiet=True)
         end_of_step(r, pub, stop, val_now)
+    sys.stdout = stdout
     bar.close()
     if r.ema is not None:
         validation.swap_in(r.g_params, r.ema)
