@@ -87,7 +87,7 @@ def configure(g, script_path, argv=None, json_map=None):
     keys = default_keys(script_path)
     defaults = {k: g[k] for k in keys}
     if "-h" in argv or "--help" in argv:
-        print(f"usage: python {script_path.rsplit('/', 1)[-1]} [CONFIG.py ...] [--key=value ...]\n")
+        print(f"usage: python {script_path.rsplit('/', 1)[-1]} [CONFIG.py ...] [--key=value ...] [--print_config]\n")
         print("\n".join(line for line in _defaults_source(script_path) if line.strip()))
         sys.exit(0)
     cfg = dict(defaults)

@@ -259,12 +259,14 @@ def test_resume_with_a_different_network_is_a_clear_error(tmp_path):
 
 def test_lr_schedule_counts_trainer_steps_whatever_the_update_interval(tmp_path):
     """Cosine decay reaches its end at max_train_steps also when the generator updates every 2nd step
-    (the scheduler steps per trainer step, not per generator update)."""
+    (the scheduler steps per trainer step, not per generator update); the critic's fake_score_lr_scheduler likewise."""
     train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=4", "--lr_scheduler=cosine_with_min_lr", "--lr_min_ratio=0.1",
-                             "--generator_update_interval=2", "--validation_step_interval=1000"))
+                             "--generator_update_interval=2", "--validation_step_interval=1000",
+                             "--fake_score_lr_scheduler=cosine_with_min_lr"))
     lrs = [json.loads(line)["lr"] for line in open(tmp_path / "log.jsonl")]
-    lam = train_dmd.lr_lambda(dict(train_dmd.DEFAULTS, lr_scheduler="cosine_with_min_lr", lr_min_ratio=0.1, max_train_steps=4))
+    lam = train_dmd.lr_lambda(dict(train_dmd.DEFAULTS, lr_min_ratio=0.1, max_train_steps=4), "cosine_with_min_lr")
     assert lrs == pytest.approx([1e-4 * lam(s) for s in (1, 2, 3, 4)]) and lrs[-1] == pytest.approx(1e-5)
+    assert final_state(tmp_path)["f_opt"]["param_groups"][0]["lr"] == pytest.approx(1e-5)   # fake_score_lr 1e-4 -> 10%
 
 
 def test_tuple_items_widen_like_scalars():
