@@ -124,9 +124,9 @@ def convert(key, v, default):
 def meaning(d, out, defaults, say):
     """Where SimpleTuner means something else by a value: guidance form, blocks, model_type, 8-bit, data loss."""
     for k in ("real_score_guidance_scale", "fake_score_guidance_scale"):
-        if float(d.get(k, 0)) != 0:
+        if float(d.get(k, 0)) != 0:   # 0 is "off" in both forms
             s = float(d[k])
-            out[k] = s - 1 if s != 0 else 0.0
+            out[k] = s - 1
             say(f"notice: SimpleTuner {k}={s:g} is standard CFG (uncond + {s:g}(cond - uncond)) -> {k}={out[k]:g} "
                 f"here (DMD2 form x_c + {out[k]:g}(x_c - x_u)): the same score")
     if not d.get("causal"):
@@ -148,7 +148,7 @@ def meaning(d, out, defaults, say):
     elif mt == "lora":
         out["fake_score_lora_rank"] = out.get("lora_rank", defaults["lora_rank"])
         out["fake_score_lora_alpha"] = out.get("lora_alpha", defaults["lora_alpha"])
-        say(f"notice: model_type=lora -> generator LoRA r{out['fake_score_lora_rank']} and critic LoRA "
+        say(f"notice: model_type=lora -> generator LoRA r{out.get('lora_rank', defaults['lora_rank'])} and critic LoRA "
             f"r{out['fake_score_lora_rank']} on one frozen base (SimpleTuner clones the whole model for the critic)")
     else:
         raise ValueError(f"model_type={mt!r}: 'lora' or 'full'")
@@ -187,7 +187,6 @@ def read_backends(path, d, ignored):
                 ignored.setdefault("a SimpleTuner data-loader detail", []).append(k)
         if ds.get("crop") is True:
             ds["crop"] = "random" if b.get("crop_style") == "random" else "center"
-        ds.pop("disable_bucket_pruning", None)   # buckets are never pruned here
         out.append(ds)
     if not out:
         raise ValueError(f"{path}: no enabled image or video backend")
