@@ -257,7 +257,8 @@ def make_student(c, out, latents, times):
         dc = train_dmd.config([os.path.join(here, f) for f in c["dmd_config"].split(",")] + [
             f"--{k}={v}" for k, v in dict(pretrained_model_name_or_path=os.path.join(out, "teacher"), output_dir=dmd_dir,
                                           prompts_file=os.path.join(out, "prompts.txt"), height=c["size"], width=c["size"],
-                                          num_training_frames=T, max_train_steps=c["dmd_steps"], seed=c["seed"], device=c["device"], threads=c["threads"],
+                                          num_training_frames=T, max_train_steps=c["dmd_steps"], seed=c["seed"], device=c["device"],
+                                          threads=c["threads"],
                                           validation_resolution=f"{c['size']}x{c['size']}",
                                           validation_num_video_frames=c["num_frames"], validation_prompt=quality.captions()[0],
                                           checkpoint_step_interval=c["dmd_steps"], validation_step_interval=c["dmd_steps"]).items()])

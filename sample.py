@@ -240,7 +240,8 @@ def settings(c):
                          (" (HF_HUB_OFFLINE is set)" if offline else ", and the hub could not be reached") +
                          ": point --model at a local copy (a Wan 2.1 diffusers or original-layout folder), "
                          "e.g. --model=/data/Wan2.1-T2V-1.3B-Diffusers") from None
-    s["shift"] = c["flow_shift"] if c["flow_shift"] is not None else flow.reference_shift(s["src"], s["layout"])
+    s["shift"] = c["flow_shift"] if c["flow_shift"] is not None or s["steps"] is not None else \
+        flow.reference_shift(s["src"], s["layout"])   # the teacher's; a student runs its own steps
     s["neg"] = text_encoders.negative_prompt(c["negative_prompt"])
     return s
 

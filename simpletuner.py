@@ -41,7 +41,7 @@ BACKEND_KEYS = {"id": "id", "instance_data_dir": "instance_data_dir", "cache_dir
 IGNORED = {   # key -> why it has no effect here
     "attention_mechanism": "attention is PyTorch SDPA", "disable_benchmark": "no start-up benchmark here",
     "num_train_epochs": "max_train_steps alone sets the length", "strict_epoch_limit": "no epochs here",
-    "ignore_final_epochs": "no epochs here", "quantize_via": "no quantisation yet (the base stays bf16)",
+    "ignore_final_epochs": "no epochs here", "quantize_via": "no quantisation yet",
     "pretrained_t5_model_name_or_path": "UMT5 is read from the teacher folder",
     "simulate_generator_forward": "the rollout always simulates the few-step sampler (backward simulation)",
     "lora_type": "'standard' is the only LoRA here", "model_family": "checked: Wan 2.1 only",
