@@ -31,7 +31,6 @@ def demo_teacher(folder):
     return folder
 
 
-@pytest.mark.slow
 def test_sample_uses_the_student_folders_config(tmp_path, capsys):
     teacher = demo_teacher(str(tmp_path / "teacher"))
     out = str(tmp_path / "student")

@@ -80,7 +80,6 @@ def test_print_config_exits_before_output_dir(tmp_path, capsys):
     assert resolved["output_dir"] == str(tmp_path / "never") and resolved["real_score_guidance_scale"] == 2.0
 
 
-@pytest.mark.slow
 def test_seed_config_tiny_run(tmp_path, monkeypatch):
     """The seed's file unchanged, then config/tiny.py's model sizes and the outputs' switches on the command line;
     the data backend points at tiny clips (its sizes are the data's)."""
