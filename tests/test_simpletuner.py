@@ -1,6 +1,9 @@
-"""The seed's SimpleTuner config.json (tests/fixtures/simpletuner/config/: SimpleTuner's DMD quickstart for Wan 2.1,
-with its multidatabackend, validation prompt library and webhook files) read by simpletuner.py: every key mapped or
-named in the one ignored-keys line, SimpleTuner's meanings converted, and a 2-step tiny run of the file unchanged."""
+"""The seed's SimpleTuner config.json (tests/fixtures/simpletuner/config/: the JSON of SimpleTuner's DMD quickstart
+for Wan 2.1, documentation/distillation/FASTWAN_DMD.md at bghira/SimpleTuner bc8e6ab, with the
+fake_score_lr_scheduler / min_lr_ratio its October 2025 version had and a shorter validation prompt; its
+multidatabackend in the format of SimpleTuner's Wan quickstart, a prompt library and a webhook file) read by
+simpletuner.py: every key mapped or named in the one ignored-keys line, SimpleTuner's meanings converted, and a 2-step
+tiny run of the file unchanged."""
 import json
 import os
 import shutil
