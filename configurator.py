@@ -9,9 +9,10 @@ exec'd) and `--key=value` overrides, checks every key against the defaults (an u
 that names the closest known key) and every value against the default's type, prints `--help`, and
 returns the resolved {key: value} dict (also written back into the script's globals).
 
-`script_defaults(path)` reads another script's defaults without importing it (data.py's commands take
-train_dmd.py's config), `map_simpletuner` turns the seed's SimpleTuner config.json into our keys, and `redact`
-is what every file a run writes holds of its config and command line (no secret).
+`--print_config` prints the resolved config as JSON and exits (nothing else runs). `script_defaults(path)` reads
+another script's defaults without importing it (data.py's commands take train_dmd.py's config); `pick_threads`
+chooses torch's CPU threads for every entry script; `redact` is what every file a run writes holds of its
+config and command line (no secret).
 """
 import ast
 import difflib
@@ -81,22 +82,25 @@ def _parse_value(text):
 
 
 def configure(g, script_path, argv=None, json_map=None):
-    """json_map: dict -> dict of our keys, applied to `.json` config files (e.g. a SimpleTuner config)."""
+    """json_map: path -> dict of our keys, how `.json` config files are read (e.g. a SimpleTuner config)."""
     argv = sys.argv[1:] if argv is None else argv
+    show = "--print_config" in argv
+    argv = [a for a in argv if a != "--print_config"]
     keys = default_keys(script_path)
     defaults = {k: g[k] for k in keys}
     if "-h" in argv or "--help" in argv:
-        print(f"usage: python {script_path.rsplit('/', 1)[-1]} [CONFIG.py ...] [--key=value ...]\n")
+        print(f"usage: python {script_path.rsplit('/', 1)[-1]} [CONFIG.py ...] [--key=value ...] [--print_config]\n")
         print("\n".join(line for line in _defaults_source(script_path) if line.strip()))
         sys.exit(0)
     cfg = dict(defaults)
     for arg in argv:
         if not arg.startswith("--"):
             scope = {}
-            if arg.endswith(".json"):
-                import json
+            if arg.endswith(".json") and json_map:
+                scope = json_map(arg)
+            elif arg.endswith(".json"):
                 with open(arg) as f:
-                    scope = json_map(json.load(f)) if json_map else json.load(f)
+                    scope = json.load(f)
             else:
                 with open(arg) as f:   # __file__ lets a config build on another one beside it
                     exec(compile(f.read(), arg, "exec"), {"__file__": os.path.abspath(arg)}, scope)
@@ -115,36 +119,23 @@ def configure(g, script_path, argv=None, json_map=None):
         value = text if isinstance(defaults[k], str) and not text.startswith(("'", '"')) else _parse_value(text)
         cfg[k] = _check(k, value, defaults[k])
     g.update(cfg)
+    if show:
+        print(json.dumps(cfg, indent=2, default=str, ensure_ascii=False))
+        sys.exit(0)
     return cfg
 
 
-# the seed's SimpleTuner config.json keys that differ from ours (all other implemented keys match by name)
-SIMPLETUNER_RENAMES = {"train_batch_size": "train_batch_size", "validation_steps": "validation_step_interval",
-                       "checkpointing_steps": "checkpoint_step_interval", "lr_warmup_steps": "lr_warmup_steps",
-                       "adam_weight_decay": "adam_weight_decay", "model_path": "pretrained_model_name_or_path"}
-SIMPLETUNER_VALUES = {"optimizer": {"adamw_bf16": "adamw"}, "mixed_precision": {"bf16": "bf16", "no": "no"}}
-
-
-def map_simpletuner(d, defaults):
-    """SimpleTuner config.json -> our keys (those of `defaults` we implement); the rest listed in one warning."""
-    out, skipped = {}, []
-    for k, v in d.items():
-        k = k.lstrip("-")
-        ours = SIMPLETUNER_RENAMES.get(k, k)
-        if ours in defaults:
-            v = SIMPLETUNER_VALUES.get(ours, {}).get(v, v) if isinstance(v, str) else v
-            if isinstance(defaults[ours], tuple) and isinstance(v, str):
-                v = tuple(float(x) for x in v.strip("[]()").split(","))
-            if isinstance(defaults[ours], (int, float)) and not isinstance(defaults[ours], bool) and isinstance(v, str):
-                v = type(defaults[ours])(float(v))
-            if isinstance(defaults[ours], bool) and isinstance(v, str):
-                v = v.lower() == "true"
-            out[ours] = v
-        else:
-            skipped.append(k)
-    if skipped:
-        print(f"warning: SimpleTuner keys not implemented here, ignored: {', '.join(sorted(skipped))}")
-    return out
+def pick_threads(n=0):
+    """torch's CPU threads -> (count, why). n > 0: n. 0: OMP_NUM_THREADS when set, else the cores this process may
+    run on (sched_getaffinity) less the load already on them (1-minute load average): on a busy 2-core machine a
+    2-thread torch job ran 30x slower than a 1-thread one (threads waiting on each other behind other work)."""
+    if n > 0:
+        return n, "as set"
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"])), "OMP_NUM_THREADS"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - load))), f"{cores} core(s) available, load {load:.1f}"
 
 # -----------------------------------------------------------------------------
 # secrets: a webhook URL or a token given inline (config file or --key=value) is used by the run, never written

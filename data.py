@@ -569,7 +569,8 @@ if __name__ == "__main__":
     # its share. The flags below are data.py's own.
     import ast
     import sys
-    from configurator import configure, map_simpletuner, script_defaults
+    from configurator import configure, script_defaults
+    import simpletuner
     own = dict(make_teacher_data="",   # a prompts file: write teacher samples instead of caching `datasets`
                make_ode_pairs="",      # the same, with the trajectories at the student's steps (causal ODE init)
                teacher_out="",         # their cache_dir (default: <prompts file>.teacher)
@@ -586,7 +587,7 @@ if __name__ == "__main__":
             rest.append(a)
     trainer = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_dmd.py")
     defaults = script_defaults(trainer)
-    c = configure(dict(defaults), trainer, rest, json_map=lambda d: map_simpletuner(d, defaults))
+    c = configure(dict(defaults), trainer, rest, json_map=lambda p: simpletuner.read_config(p, defaults))
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     prompts = own["make_teacher_data"] or own["make_ode_pairs"]
     if prompts:

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import flow
 import media
@@ -27,12 +28,14 @@ import sample
 import text_encoders
 import train_dmd
 import vae_wan
+from configurator import pick_threads
 
 # -----------------------------------------------------------------------------
 # defaults; override with a config file (python demo.py CONFIG.py) and --key=value
 out_dir = "out/demo"
 seed = 0
-threads = 2                    # torch threads (the demo targets 2 CPU cores)
+threads = 0                    # torch CPU threads; 0: OMP_NUM_THREADS, else the free cores (cores - load): on a busy
+                               # 2-core machine 2 threads ran 30x slower than 1
 device = "cpu"                 # teacher training, DMD and sampling ("cuda": the same flow in seconds)
 # (1) synthetic dataset
 size = 32                      # frame height = width (pixels)
@@ -148,7 +151,8 @@ def train_teacher(latents, caps, c):
     n, warm = c["teacher_steps"], 100
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * s / n)))
     t0 = time.perf_counter()
-    for step in range(n):
+    bar = tqdm(range(n), desc="teacher (flow matching)", unit="step")
+    for step in bar:
         idx = torch.randint(len(latents), (c["teacher_batch_size"],)).to(dev)
         drop = (torch.rand(len(idx)) < c["caption_dropout"]).view(-1, 1, 1).to(dev)
         cb = torch.where(drop, empty, ctx[idx])
@@ -158,8 +162,10 @@ def train_teacher(latents, caps, c):
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
         opt.step()
         sched.step()
-        if step % 200 == 0 or step == n - 1:
-            print(f"teacher step {step:5d} | flow loss {loss.item():.4f} | {time.perf_counter() - t0:.0f}s")
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if step % 500 == 0 or step == n - 1:
+            tqdm.write(f"teacher step {step:5d} | flow loss {loss.item():.4f} | {time.perf_counter() - t0:.0f}s")
     return dit.cpu().eval()
 
 
@@ -257,6 +263,7 @@ def make_student(c, out, latents, times, extra="", name="dmd"):
             f"--{k}={v}" for k, v in dict(pretrained_model_name_or_path=os.path.join(out, "teacher"), output_dir=dmd_dir,
                                           prompts_file=os.path.join(out, "prompts.txt"), height=c["size"], width=c["size"],
                                           num_training_frames=T, max_train_steps=c["dmd_steps"], seed=c["seed"], device=c["device"],
+                                          threads=c["threads"],
                                           validation_resolution=f"{c['size']}x{c['size']}",
                                           validation_num_video_frames=c["num_frames"], validation_prompt=quality.captions()[0],
                                           checkpoint_step_interval=c["dmd_steps"], validation_step_interval=c["dmd_steps"]).items()])
@@ -323,7 +330,10 @@ def make_table(c, out, pair, steps, times):
 
 
 def main(c):
-    torch.set_num_threads(c["threads"])
+    n, why = pick_threads(c["threads"])
+    torch.set_num_threads(n)
+    print(f"torch threads: {n} ({why})")
+    c = dict(c, threads=n)   # train_dmd gets the same count
     out, times = c["out_dir"], {}
     videos, caps, bands = make_dataset(c, out, times)
     latents = make_vae(c, out, videos, caps, bands, times)

@@ -732,11 +732,15 @@ class Publisher:
             self.wandb.log(rec, step=step)
         if quiet:
             return
-        nan = float("nan")
-        tqdm.write(f"step {step:6d} | {objective} {rec.get(objective + '_loss', nan):.3e} G@{rec.get('gen_step', '-')} "
-                   f"| fake {rec.get('fake_score_loss', nan):.4f} | |g| {rec.get('g_abs', nan):.3e} "
-                   f"| gnorm G {rec.get('g_grad_norm', nan):.2e} F {rec.get('f_grad_norm', nan):.2e} | lr {rec['lr']:.2e} "
-                   f"| t {rec.get('score_t', nan):5.1f} | {rec['s_per_step']:.2f} s/step | mem {rec['peak_mem_gb']:.1f} GB")
+
+        def f(key, spec):   # "-": no value this step (no generator update); a non-finite loss still reads "nan"
+            v = rec.get(key)
+            return "-" if v is None else format(v, spec)
+        mem = f" | mem {rec['peak_mem_gb']:.1f} GB" if rec.get("peak_mem_gb") else ""   # CUDA only
+        gen = f" G@{rec['gen_step']}" if "gen_step" in rec else ""   # the generator step the G statistics are from
+        tqdm.write(f"step {step:6d} | {objective} {f(objective + '_loss', '.3e')}{gen} | fake {f('fake_score_loss', '.4f')} "
+                   f"| |g| {f('g_abs', '.3e')} | gnorm G {f('g_grad_norm', '.2e')} F {f('f_grad_norm', '.2e')} "
+                   f"| lr {rec['lr']:.2e} | t {f('score_t', '5.1f')} | {rec['s_per_step']:.2f} s/step{mem}")
 
     def close_log(self):
         if getattr(self, "log_f", None) is not None:

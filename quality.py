@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import flow
 import media
@@ -164,9 +165,10 @@ def add_student(pair, name, student):
 
 
 @torch.no_grad()
-def sample_videos(pair, name, prompts, seeds, shape, steps, guidance, shift, batch=48):
+def sample_videos(pair, name, prompts, seeds, shape, steps, guidance, shift, batch=48, bar=None):
     """Every prompt x seed through sampler `name` -> (latents (N,16,T,h,w), videos (N,3,F,H,W) in [-1,1]),
-    prompt-major. Sample (prompt i, seed s) starts from flow.initial_noise(seed s): the same noise for every sampler."""
+    prompt-major. Sample (prompt i, seed s) starts from flow.initial_noise(seed s): the same noise for every sampler.
+    bar: a tqdm bar, advanced by the samples done."""
     Fn, H, W = shape
     jobs = [(p, s) for p in prompts for s in seeds]
     lats, vids = [], []
@@ -184,6 +186,8 @@ def sample_videos(pair, name, prompts, seeds, shape, steps, guidance, shift, bat
             lat = flow.unipc_sample(flow.guided(pair["teacher"], ctx, pair["neg"].expand(len(part), -1, -1), guidance), x, sig, ts)
         lats.append(lat.cpu())
         vids.append(pair["vae"].decode(lat).cpu())
+        if bar is not None:
+            bar.update(len(part))
     return torch.cat(lats), torch.cat(vids)
 
 # -----------------------------------------------------------------------------
@@ -241,17 +245,19 @@ def evaluate(pair, prompts, seeds, shape, steps, guidance, shift, samplers=SAMPL
     and the smallest mode share. samplers: the rows, teacher-50 / teacher-3 (at `steps`) and names of pair's
     students (each at its own steps as trained, else `steps`)."""
     ref_seeds = [s + 100000 for s in seeds]
-    ref, ref_vids = sample_videos(pair, "teacher-50", prompts, ref_seeds, shape, steps, guidance, shift)
+    bar = tqdm(total=(1 + len(SAMPLERS)) * len(prompts) * len(seeds), desc="quality table", unit="sample")
+    ref, ref_vids = sample_videos(pair, "teacher-50", prompts, ref_seeds, shape, steps, guidance, shift, bar=bar)
     ref_found = precision_coverage(ref_vids, prompts, ref_seeds)[2]
     table = {}
     for name in samplers:
         t0 = time.perf_counter()
-        lat, vids = sample_videos(pair, name, prompts, seeds, shape, steps, guidance, shift)
+        lat, vids = sample_videos(pair, name, prompts, seeds, shape, steps, guidance, shift, bar=bar)
         prec, cov, found, shape_acc = precision_coverage(vids, prompts, seeds)
         table[name] = dict(precision=prec, coverage=cov, mmd=mmd2(lat, ref), shape=shape_acc,
                            mode_tv=None if found is None else mode_tv(found, ref_found),
                            min_mode_share=None if found is None else min_mode_share(found, ref_found),
                            seconds=time.perf_counter() - t0, modes=found)
+    bar.close()
     return table
 
 

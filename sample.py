@@ -18,6 +18,7 @@ initial noise, so teacher samples match diffusers' (tests/test_sample.py checks 
 """
 import json
 import os
+import sys
 import time
 
 import torch
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 import flow
 import lora
+from configurator import pick_threads
 import media
 import model_wan as mw
 import text_encoders
@@ -54,6 +56,9 @@ stream = False               # causal student: decode and write each block's fra
 fps = 16
 device = "auto"              # auto: cuda if available, else cpu
 dtype = "auto"               # DiT and text-encoder dtype; auto: bfloat16 on cuda, float32 on cpu (the VAE stays fp32)
+threads = 0                  # torch CPU threads; 0: OMP_NUM_THREADS, else the free cores (cores - load)
+# With ckpt = a train_dmd output folder, its config.json sets model, height, width and num_frames (the teacher and
+# the size it was trained at) unless given on the command line; its steps, warp and causal blocks always apply.
 # -----------------------------------------------------------------------------
 
 STUDENT_STEPS = "1000,757,522"   # the FastWan / seed 3-step schedule, when the ckpt has no train_dmd config.json
@@ -164,8 +169,36 @@ def sample_student(dit, ctx, noise, steps, causal=None, generator=None, on_block
     return flow.causal_rollout(block, noise, steps, [len(steps) - 1] * len(starts), starts, causal["context_noise"],
                                generator=generator, on_block=on_block, progress=progress)[0]
 
+def student_defaults(ckpt):
+    """The sample.py keys a student's config.json fixes: its teacher (unless built by train_dmd: "tiny", "random:"),
+    its training height x width and frames (num_training_frames latent -> 4(T-1)+1 video frames) -> dict."""
+    cfg, out = student_config(ckpt), {}
+    teacher = str(cfg.get("pretrained_model_name_or_path", ""))
+    if teacher and teacher != "tiny" and not teacher.startswith("random:"):
+        out["model"] = teacher
+    if "height" in cfg and "width" in cfg:
+        out.update(height=int(cfg["height"]), width=int(cfg["width"]))
+    if "num_training_frames" in cfg:
+        out["num_frames"] = 4 * (int(cfg["num_training_frames"]) - 1) + 1
+    return out
+
 # -----------------------------------------------------------------------------
 # python sample.py
+
+def config(argv=None):
+    """Defaults, config files and --key=value (sys.argv[1:] when None); with ckpt a student whose folder has a
+    config.json, student_defaults replace the defaults first, so the command line still wins -> the config dict."""
+    from configurator import configure
+    argv = sys.argv[1:] if argv is None else argv
+    first = [a for a in argv if a != "--print_config"]
+    ckpt = configure(dict(globals()), __file__, first)["ckpt"]
+    fixed = student_defaults(ckpt) if ckpt else {}
+    c = configure({**globals(), **fixed}, __file__, argv)
+    used = {k: v for k, v in fixed.items() if c[k] == v}
+    if used:
+        print(f"{ckpt}: its config.json sets " + ", ".join(f"{k}={v}" for k, v in used.items()) + " (--key=value overrides)")
+    return c
+
 
 def settings(c):
     """Checks and resolves a sample.py config -> dict of what generate needs (sizes, prompts, steps or None for
@@ -203,8 +236,16 @@ def settings(c):
     if c["ckpt"] or c["denoising_steps"]:   # the student, on the steps it was trained on unless given
         default_steps = student_steps(c["ckpt"]) if c["ckpt"] else STUDENT_STEPS
         s["steps"] = flow.parse_steps(c["denoising_steps"] or default_steps, "denoising_steps")
-    s["src"], s["layout"] = flow.resolve_model_dir(c["model"])
-    s["shift"] = c["flow_shift"] if c["flow_shift"] is not None else flow.reference_shift(s["src"], s["layout"])
+    try:
+        s["src"], s["layout"] = flow.resolve_model_dir(c["model"])
+    except FileNotFoundError:   # one line, not a traceback: what is missing and how to point at a local copy
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        raise SystemExit(f"sample.py: teacher {c['model']!r} is not a local folder and not in the hub cache" +
+                         (" (HF_HUB_OFFLINE is set)" if offline else ", and the hub could not be reached") +
+                         ": point --model at a local copy (a Wan 2.1 diffusers or original-layout folder), "
+                         "e.g. --model=/data/Wan2.1-T2V-1.3B-Diffusers") from None
+    s["shift"] = c["flow_shift"] if c["flow_shift"] is not None or s["steps"] is not None else \
+        flow.reference_shift(s["src"], s["layout"])   # the teacher's; a student runs its own steps
     s["neg"] = text_encoders.negative_prompt(c["negative_prompt"])
     return s
 
@@ -224,6 +265,8 @@ def generate(cfg):
     """Run sampling for a resolved config dict -> list of written mp4 paths (decode=False: the latents files)."""
     c = dict(cfg)
     s = settings(c)
+    n, why = pick_threads(c.get("threads", 0))
+    torch.set_num_threads(n)
     dev, dt, student, stream = s["dev"], s["dtype"], s["steps"] is not None, s["stream"]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if dev.type == "cuda":
@@ -245,8 +288,9 @@ def generate(cfg):
     print(f"{len(prompts)} prompt(s), {s['Fn']}x{s['H']}x{s['W']}, {mode}, {dev} {dt}")
     paths, latents, t_dit, t_vae, t_first = [], [], 0.0, 0.0, None
     os.makedirs(c["out"], exist_ok=True)
-    bar = tqdm(total=(len(s["steps"]) if student else c["num_inference_steps"]) * len(ctxs), desc="denoising")
-    for bi, ctx in enumerate(ctxs):
+    for bi, ctx in enumerate(ctxs):   # per batch: the denoising bar, closed before the VAE decode's own bar
+        bar = tqdm(total=len(s["steps"]) if student else c["num_inference_steps"],
+                   desc=f"denoising {bi + 1}/{len(ctxs)}" if len(ctxs) > 1 else "denoising")
         B = ctx.shape[0]
         x, gen = flow.initial_noise(B, s["Fn"], s["H"], s["W"], c["seed"] + bi, dev)
         t0 = time.perf_counter()
@@ -266,9 +310,13 @@ def generate(cfg):
         with torch.no_grad():
             lat = denoise(c, s, dit, ctx, neg_ctx, x, gen, bar, on_block if stream else None)
             sync()
+            bar.close()
             t_dit += time.perf_counter() - t0   # streaming: DiT and VAE together
             t0 = time.perf_counter()
-            video = vae.decode(lat.float()) if s["decode"] and not stream else None   # (B,3,F,H,W) in [-1,1]
+            video = None
+            if s["decode"] and not stream:
+                with tqdm(total=lat.shape[2], desc="VAE decode", unit="latent frame") as vbar:
+                    video = vae.decode(lat.float(), progress=vbar)   # (B,3,F,H,W) in [-1,1]
             sync()
             t_vae += time.perf_counter() - t0
         for j, stem in enumerate(stems):
@@ -278,7 +326,6 @@ def generate(cfg):
                 from safetensors.torch import save_file
                 save_file({"latents": lat[j:j + 1].float().contiguous().cpu()}, stem + ".latents.safetensors")
                 latents.append(stem + ".latents.safetensors")
-    bar.close()
     report(dev, stream, t_text, t_dit, t_vae, t_first, paths, latents, c["out"])
     return paths if s["decode"] else latents
 
@@ -298,5 +345,4 @@ def report(dev, stream, t_text, t_dit, t_vae, t_first, paths, latents, out):
 
 
 if __name__ == "__main__":
-    from configurator import configure
-    generate(configure(globals(), __file__))
+    generate(config())

@@ -29,6 +29,7 @@ from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
+from tqdm.contrib import DummyTqdmFile
 
 import data
 import dmd
@@ -38,9 +39,10 @@ import model_wan as mw
 import parallel
 import publish
 import sample
+import simpletuner
 import text_encoders
 import validation
-from configurator import configure, default_keys, map_simpletuner, redact
+from configurator import configure, default_keys, pick_threads, redact
 
 # -----------------------------------------------------------------------------
 # defaults; override with config files (python train_dmd.py CONFIG.py) and --key=value
@@ -115,7 +117,8 @@ adam_weight_decay = 0.01
 adam_epsilon = 1e-8
 lr_scheduler = "constant"              # constant | cosine | cosine_with_min_lr (all with linear warmup), over trainer steps
 lr_warmup_steps = 0
-lr_min_ratio = 0.1                     # cosine_with_min_lr: final lr = learning_rate * lr_min_ratio
+lr_min_ratio = 0.1                     # cosine_with_min_lr: final lr = learning_rate * lr_min_ratio (both networks)
+fake_score_lr_scheduler = "constant"   # the critic's fake_score_lr schedule: the same choices and warmup as lr_scheduler
 max_grad_norm = 1.0
 grad_clip_method = "norm"              # "norm" or "value"
 fake_score_lr = 1e-5
@@ -165,14 +168,16 @@ model_card_note = ""                   # a paragraph added to the model card
 push_merged_to_hub = True              # with LoRA: also upload the merged transformer/ (full weights) beside the adapter
 webhook_config = None                  # JSON file or string: {"webhook_type": "discord"|"raw", "webhook_url"|"callback_url",
                                        # "message_prefix", "log_level"}; notified at start/validation/checkpoint/failure/end
-device = "auto"
+device = "auto"                        # "auto": cuda when available, else cpu; or e.g. "cuda:1", "cpu"
+threads = 0                            # torch CPU threads; 0: OMP_NUM_THREADS, else the free cores (cores - load)
 # -----------------------------------------------------------------------------
 # config and networks
 
 def config(argv=None):
     """Defaults, then config files (plain Python, or the seed's SimpleTuner .json, mapped) and --key=value, in the
     order given -> the resolved config dict (sys.argv[1:] when argv is None)."""
-    return configure(dict(DEFAULTS), __file__, argv, json_map=lambda d: map_simpletuner(d, DEFAULTS))
+    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a: None)
+    return configure(dict(DEFAULTS), __file__, argv, json_map=lambda p: simpletuner.read_config(p, DEFAULTS, say))
 
 
 def check_config(c):
@@ -206,7 +211,8 @@ def check_config(c):
     if c["validation_num_inference_steps"] != len(steps):
         raise ValueError(f"validation_num_inference_steps={c['validation_num_inference_steps']} must equal the "
                          f"number of dmd_denoising_steps ({len(steps)}): validation runs the training rollout's sampler")
-    for k, allowed in (("lr_scheduler", ("constant", "cosine", "cosine_with_min_lr")), ("grad_clip_method", ("norm", "value")),
+    schedulers = ("constant", "cosine", "cosine_with_min_lr")
+    for k, allowed in (("lr_scheduler", schedulers), ("fake_score_lr_scheduler", schedulers), ("grad_clip_method", ("norm", "value")),
                        ("ema_validation", ("none", "ema_only", "comparison")), ("mixed_precision", ("bf16", "no")),
                        ("optimizer", ("adamw", "adamw_bf16")), ("report_to", ("none", "wandb"))):
         if c[k] not in allowed:
@@ -297,14 +303,15 @@ def build_networks(c, dev, dtype):
     return base, gen, critic, vae, te
 
 
-def lr_lambda(c):
+def lr_lambda(c, kind):
+    """The lr multiplier per trainer step of scheduler `kind` (lr_scheduler or fake_score_lr_scheduler's value)."""
     def f(step):
         if step < c["lr_warmup_steps"]:
             return (step + 1) / (c["lr_warmup_steps"] + 1)
-        if c["lr_scheduler"] == "constant":
+        if kind == "constant":
             return 1.0
         progress = min(1.0, (step - c["lr_warmup_steps"]) / max(1, c["max_train_steps"] - c["lr_warmup_steps"]))
-        lo = c["lr_min_ratio"] if c["lr_scheduler"] == "cosine_with_min_lr" else 0.0
+        lo = c["lr_min_ratio"] if kind == "cosine_with_min_lr" else 0.0
         return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
 
@@ -321,7 +328,7 @@ def checkpoint_state(r):
     """Rank 0's checkpoint dict: counters, scheduler, config, its rank state, and the weights, EMA and optimiser
     states unless FSDP shards them (then parallel.sharded_state, written by every rank)."""
     st = {"step": r.step, "gen_steps": r.gen_steps, "bad_in_row": r.bad_in_row, "g_sched": r.g_sched.state_dict(),
-          "gen_stats": generator_record(r), "run_id": r.run_id,
+          "gen_stats": generator_record(r), "run_id": r.run_id, "f_sched": r.f_sched.state_dict(),
           "config": json.dumps(redact(r.c), default=str), "world": r.env.world, "fsdp": r.c["fsdp"], **rank_state(r)}
     if not r.c["fsdp"]:
         st.update(generator=[p.detach().cpu().clone() for p in r.g_params],
@@ -355,6 +362,8 @@ def load_checkpoint(r, ckpt):
         r.g_opt.load_state_dict(st["g_opt"])
         r.f_opt.load_state_dict(st["f_opt"])
     r.g_sched.load_state_dict(st["g_sched"])
+    if "f_sched" in st:   # checkpoints before fake_score_lr_scheduler had a constant critic lr
+        r.f_sched.load_state_dict(st["f_sched"])
     r.step, r.gen_steps, r.bad_in_row, r.run_id = st["step"], st["gen_steps"], st["bad_in_row"], st.get("run_id", r.run_id)
     r.gen_stats = st.get("gen_stats", {})
     apply_optimizer_settings(r)
@@ -383,16 +392,16 @@ def adamw_settings(c):
 
 def apply_optimizer_settings(r):
     """After a resume, the config's AdamW settings over the checkpoint's (load_state_dict restores the saved ones),
-    the scheduler's base lr included: lr = base lr x lr_lambda(step), as LambdaLR computes it (unchanged settings:
+    each scheduler's base lr included: lr = base lr x lr_lambda(step), as LambdaLR computes it (unchanged settings:
     the same numbers)."""
-    g_set, f_set = adamw_settings(r.c)
-    for opt, settings in ((r.g_opt, g_set), (r.f_opt, f_set)):
+    c = r.c
+    for opt, sched, settings, kind in ((r.g_opt, r.g_sched, adamw_settings(c)[0], c["lr_scheduler"]),
+                                       (r.f_opt, r.f_sched, adamw_settings(c)[1], c["fake_score_lr_scheduler"])):
+        lr = settings["lr"] * lr_lambda(c, kind)(sched.last_epoch)
         for group in opt.param_groups:
-            group.update(settings)
-    r.g_sched.base_lrs = [g_set["lr"]] * len(r.g_opt.param_groups)
-    for group in r.g_opt.param_groups:
-        group.update(initial_lr=g_set["lr"], lr=g_set["lr"] * lr_lambda(r.c)(r.g_sched.last_epoch))
-    r.g_sched._last_lr = [group["lr"] for group in r.g_opt.param_groups]   # what get_last_lr() (the log) reads
+            group.update(settings, initial_lr=settings["lr"], lr=lr)
+        sched.base_lrs = [settings["lr"]] * len(opt.param_groups)
+        sched._last_lr = [lr] * len(opt.param_groups)   # what get_last_lr() (the log) reads
 
 
 # -----------------------------------------------------------------------------
@@ -413,6 +422,9 @@ def setup(c, steps):
     """Devices, prompts and their embeddings, networks, data, optimisers, EMA; resumed when a checkpoint exists."""
     r = new_run(c, steps)
     env, dev, dtype = r.env, r.dev, r.dtype
+    n, why = pick_threads(c["threads"])
+    torch.set_num_threads(n)
+    r.say(f"torch threads: {n} ({why})")
     if c["optimizer"] == "adamw_bf16":
         r.say("notice: optimizer adamw_bf16 -> AdamW with fp32 master weights (the same updates, more exact)")
     if env.main:
@@ -460,7 +472,8 @@ def setup_training(r):
     r.R = lora.velocity_fn(r.base, None, r.autocast)
     g_set, f_set = adamw_settings(c)
     r.g_opt, r.f_opt = torch.optim.AdamW(r.g_params, **g_set), torch.optim.AdamW(r.f_params, **f_set)
-    r.g_sched = torch.optim.lr_scheduler.LambdaLR(r.g_opt, lr_lambda(c))
+    r.g_sched = torch.optim.lr_scheduler.LambdaLR(r.g_opt, lr_lambda(c, c["lr_scheduler"]))
+    r.f_sched = torch.optim.lr_scheduler.LambdaLR(r.f_opt, lr_lambda(c, c["fake_score_lr_scheduler"]))
     r.ema = [p.detach().float().clone() for p in r.g_params] if c["use_ema"] else None
     r.say(f"teacher {c['pretrained_model_name_or_path']} | generator "
           f"{'LoRA r%d' % c['lora_rank'] if r.g_adapter else 'full'} ({sum(p.numel() for p in r.g_params):,} trainable) | "
@@ -687,6 +700,7 @@ def train(c):
     if c["export_from"]:
         return export_checkpoint(c, steps)
     pub = publish.Publisher(c, main=int(os.environ.get("RANK", "0")) == 0)
+    stdout = sys.stdout   # train_loop routes prints above its bar; restored here whatever happens
     try:
         out = train_loop(c, pub, steps)
     except SystemExit:   # SIGINT/SIGTERM: a checkpoint was written
@@ -697,6 +711,8 @@ def train(c):
     except BaseException as e:
         pub.failed(e)
         raise
+    finally:
+        sys.stdout = stdout
     pub.finish(steps)
     return out
 
@@ -713,7 +729,9 @@ def train_loop(c, pub, steps):
     if r.dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     r.t_last = time.perf_counter()
-    bar = tqdm(total=c["max_train_steps"], initial=r.step, desc="dmd", dynamic_ncols=True, disable=not r.env.main)
+    stdout = sys.stdout   # every print of the loop (log lines, validation, hub, webhooks) goes above the bar, not into it
+    bar = tqdm(total=c["max_train_steps"], initial=r.step, desc="dmd", dynamic_ncols=True, disable=not r.env.main, file=stdout)
+    sys.stdout = DummyTqdmFile(stdout)
     while r.step < c["max_train_steps"]:
         rec = {"step": r.step + 1}
         log_now = (r.step + 1) % c["log_interval"] == 0   # statistics (and their device syncs) only on log steps
@@ -723,6 +741,7 @@ def train_loop(c, pub, steps):
         loss_f = torch.zeros(()) if r.ode else critic_step(r, rec, log_now)   # ODE init trains the generator alone
         check_finite(r, rec, loss_f)
         r.g_sched.step()   # per trainer step: warmup and decay count the steps of max_train_steps, whatever the interval
+        r.f_sched.step()
         r.step += 1
         bar.update(1)
         val_now = r.step % c["validation_step_interval"] == 0 or r.step >= c["max_train_steps"]
@@ -733,6 +752,7 @@ def train_loop(c, pub, steps):
         elif val_now and len(rec) > 1:
             pub.log(rec, r.step, quiet=True)
         end_of_step(r, pub, stop, val_now)
+    sys.stdout = stdout
     bar.close()
     export_student(r)
     pub.close_log()

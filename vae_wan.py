@@ -289,13 +289,13 @@ class WanVAE(nn.Module):
         mean, std = self.latent_stats(mu.device)
         return (mu.float() - mean) / std
 
-    def decode(self, latents, tile=None, cache=None):
+    def decode(self, latents, tile=None, cache=None, progress=None):
         """latents (B,z_dim,T,h,w) normalised -> video (B,3,1+4(T-1),8h,8w) fp32 in [-1,1].
         tile=(size, stride) in pixels (multiples of 8) decodes overlapping size x size tiles one at a
         time and blends them linearly: less memory at large H, W, close to but not equal to untiled.
         cache: a dict ({} for a new clip, the same dict for every later call) continues the decoder's causal cache
         across calls (streaming, decode_stream): a later call's T latent frames give 4T video frames, and the
-        outputs concatenated equal one decode of the whole clip."""
+        outputs concatenated equal one decode of the whole clip. progress: a tqdm bar, updated per latent frame."""
         if latents.ndim != 5 or latents.shape[1] != self.cfg.z_dim or latents.shape[2] < 1:
             raise ValueError(f"latents must be (B,{self.cfg.z_dim},T,h,w) with T >= 1, got shape {tuple(latents.shape)}")
         if tile is not None and cache is not None:
@@ -303,7 +303,7 @@ class WanVAE(nn.Module):
         mean, std = self.latent_stats(latents.device)
         x = self.post_quant_conv((latents.float() * std + mean).to(self.dtype))  # 1x1x1: per frame
         if tile is None:
-            out = self._decode_frames(x) if cache is None else self._decode_frames(x, cache)
+            out = self._decode_frames(x, cache, progress)
         else:
             out = self._decode_tiled(x, *tile)
         return out.clamp_(-1.0, 1.0)
@@ -312,7 +312,7 @@ class WanVAE(nn.Module):
         """The next latent frames of a clip, continuing the decoder's causal `cache` (decode with cache=)."""
         return self.decode(latents, cache=cache)
 
-    def _decode_frames(self, x, cache=None):
+    def _decode_frames(self, x, cache=None, progress=None):
         """x (B,z,T,h,w) after post_quant_conv -> (B,3,1+4(T-1),8h,8w) fp32 (4T frames when `cache` continues a
         clip), one latent frame per chunk; only the cache (<= 2 frames per conv) and the output outlive a chunk."""
         B, _, T, h, w = x.shape
@@ -324,6 +324,8 @@ class WanVAE(nn.Module):
                 out = torch.empty(B, 3, n, *y.shape[3:], device=y.device, dtype=torch.float32)
             out[:, :, f:f + y.shape[2]] = y
             f += y.shape[2]
+            if progress is not None:
+                progress.update(1)
         return out
 
     def _decode_tiled(self, x, size, stride):

@@ -14,6 +14,7 @@ import json
 import os
 
 import torch
+from tqdm import tqdm
 
 import flow
 import lora
@@ -87,13 +88,16 @@ def teacher_diversity(r):
     layout, shift = flow.teacher_layout_shift(c["pretrained_model_name_or_path"])
     sigmas, timesteps = flow.flow_schedule(c["validation_teacher_steps"], shift, layout)
     scale = c["real_score_guidance_scale"] + 1                       # DMD2's w is standard CFG w + 1
-    per = []
+    per, S = [], c["validation_diversity_seeds"]
+    bar = tqdm(total=len(r.val_emb) * S * c["validation_teacher_steps"], desc="teacher diversity (once)", leave=False,
+               disable=not r.env.main)
     for e in r.val_emb:
         ctx = text_encoders.pad_context([e]).to(r.dev, r.dtype)
         velocity = flow.guided(r.R, ctx, r.neg_ctx[:1] if scale > 1 else None, scale)
         lats = [flow.unipc_sample(velocity, noise(c, c["validation_seed"] + k, r.dev)[0], sigmas.to(r.dev),
-                                  timesteps.to(r.dev)) for k in range(c["validation_diversity_seeds"])]
+                                  timesteps.to(r.dev), bar) for k in range(S)]
         per.append(diversity(torch.cat(lats)))
+    bar.close()
     r.teacher_div = (sum(per) / len(per), per)
     if r.env.main:
         with open(os.path.join(c["output_dir"], "teacher_diversity.json"), "w") as f:
@@ -112,6 +116,7 @@ def validate(r, step):
     modes = {"none": ["raw"], "ema_only": ["ema"], "comparison": ["raw", "ema"]}[c["ema_validation"] if r.ema is not None else "none"]
     out = os.path.join(c["output_dir"], "validation", f"step_{step}")
     S, per = max(1, c["validation_diversity_seeds"]), []
+    bar = tqdm(total=len(modes) * len(r.val_prompts), desc="validation", unit="prompt", leave=False, disable=not env.main)
     for mode in modes:
         old = swap_in(r.g_params, r.ema) if mode == "ema" else None
         per = []   # the signal of the last mode (the exported weights)
@@ -122,8 +127,10 @@ def validate(r, step):
                 media.write_mp4(os.path.join(out, f"{i:02d}_{mode}_{media.slug(p)}.mp4"), r.vae.decode(lats[0].float())[0])
             if S > 1:
                 per.append(diversity(torch.cat(lats)))
+            bar.update(1)
         if old is not None:
             swap_in(r.g_params, old)
+    bar.close()
     stats = collapse_signal(r, step, per) if per else {}
     if env.main:
         print(f"validation: {len(r.val_prompts)} prompt(s) x {modes} -> {out}" +

@@ -20,8 +20,9 @@ import media
 import pytest
 import torch
 
-import publish
 import configurator
+import publish
+import simpletuner
 import flow
 import train_dmd
 
@@ -409,9 +410,11 @@ def test_failure_and_config_errors(tmp_path):
     assert not (tmp_path / "b").exists()   # before anything was written
     # the seed's SimpleTuner keys map by name (strings from JSON converted)
     hook_cfg = {"webhook_type": "raw", "callback_url": "http://127.0.0.1:1/x"}
-    assert configurator.map_simpletuner({"push_to_hub": "true", "push_checkpoints_to_hub": False, "hub_model_id": "me/x",
-                                         "model_card_private": "false", "webhook_config": hook_cfg, "report_to": "none",
-                                         "tracker_project_name": "p", "tracker_run_name": "r"}, train_dmd.DEFAULTS) == {
+    st = {"push_to_hub": "true", "push_checkpoints_to_hub": False, "hub_model_id": "me/x", "model_card_private": "false",
+          "webhook_config": hook_cfg, "report_to": "none", "tracker_project_name": "p", "tracker_run_name": "r"}
+    (tmp_path / "st.json").write_text(json.dumps(st))
+    got = simpletuner.read_config(str(tmp_path / "st.json"), train_dmd.DEFAULTS)
+    assert {k: got[k] for k in st} == {
         "push_to_hub": True, "push_checkpoints_to_hub": False, "hub_model_id": "me/x", "model_card_private": False,
         "webhook_config": hook_cfg, "report_to": "none", "tracker_project_name": "p", "tracker_run_name": "r"}
     hook.close()

@@ -183,16 +183,16 @@ def test_config_errors(tmp_path, capsys):
                        ("--grad_clip_method=foo", "grad_clip_method")):
         with pytest.raises(ValueError, match=match):
             train_dmd.check_config(tiny_cfg(tmp_path, bad))
-    # the seed's SimpleTuner config.json: implemented keys mapped, the rest listed in one warning
+    # a SimpleTuner config.json: implemented keys mapped, the rest named in one line (tests/test_simpletuner.py: the seed's)
     st = {"--model_family": "wan", "dmd_denoising_steps": "1000,757,522", "generator_update_interval": 1,
           "real_score_guidance_scale": 3.0, "fake_score_betas": [0.9, 0.999], "--validation_steps": 50,
           "optimizer": "adamw_bf16", "base_model_precision": "int8", "num_frame_per_block": 1}
     (tmp_path / "config.json").write_text(json.dumps(st))
     c = tiny_cfg(tmp_path, str(tmp_path / "config.json"))
     assert c["validation_step_interval"] == 50 and c["fake_score_betas"] == (0.9, 0.999) and c["optimizer"] == "adamw"
+    assert c["num_frame_per_block"] == 0 and c["real_score_guidance_scale"] == 2.0   # bidirectional; standard CFG 3
     assert "base_model_precision" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="causal"):
-        train_dmd.check_config(c)
+    train_dmd.check_config(c)
 
 
 def test_data_rollout_and_flow_matching_loss():
@@ -289,12 +289,14 @@ def test_resume_with_a_different_network_is_a_clear_error(tmp_path):
 
 def test_lr_schedule_counts_trainer_steps_whatever_the_update_interval(tmp_path):
     """Cosine decay reaches its end at max_train_steps also when the generator updates every 2nd step
-    (the scheduler steps per trainer step, not per generator update)."""
+    (the scheduler steps per trainer step, not per generator update); the critic's fake_score_lr_scheduler likewise."""
     train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=4", "--lr_scheduler=cosine_with_min_lr", "--lr_min_ratio=0.1",
-                             "--generator_update_interval=2", "--validation_step_interval=1000"))
+                             "--generator_update_interval=2", "--validation_step_interval=1000",
+                             "--fake_score_lr_scheduler=cosine_with_min_lr"))
     lrs = [json.loads(line)["lr"] for line in open(tmp_path / "log.jsonl")]
-    lam = train_dmd.lr_lambda(dict(train_dmd.DEFAULTS, lr_scheduler="cosine_with_min_lr", lr_min_ratio=0.1, max_train_steps=4))
+    lam = train_dmd.lr_lambda(dict(train_dmd.DEFAULTS, lr_min_ratio=0.1, max_train_steps=4), "cosine_with_min_lr")
     assert lrs == pytest.approx([1e-4 * lam(s) for s in (1, 2, 3, 4)]) and lrs[-1] == pytest.approx(1e-5)
+    assert final_state(tmp_path)["f_opt"]["param_groups"][0]["lr"] == pytest.approx(1e-5)   # fake_score_lr 1e-4 -> 10%
 
 
 def test_tuple_items_widen_like_scalars():

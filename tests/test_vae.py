@@ -238,7 +238,7 @@ def test_tiling_blend_is_exact_for_a_pointwise_decoder(tiny_ref):
     """Tile placement, ramps and normalisation: with a decoder that is pointwise in space, tiled == untiled."""
     m = ours_like(tiny_ref)
 
-    def pointwise(x):   # (B,z,T,h,w) -> (B,3,1+4(T-1),8h,8w)
+    def pointwise(x, cache=None, progress=None):   # (B,z,T,h,w) -> (B,3,1+4(T-1),8h,8w)
         y = x[:, :3].repeat_interleave(8, 3).repeat_interleave(8, 4)
         return torch.cat([y[:, :, :1], y[:, :, 1:].repeat_interleave(4, 2)], 2).float()
 
