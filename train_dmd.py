@@ -14,7 +14,7 @@ G = base + adapter "generator", F = base + adapter "critic". Data-free: the trai
 and VAE latents cached once, read in bucket batches; they feed rollout_mode="data" and real_data_loss_weight.
 
 The file reads top to bottom: defaults (the DMD objective itself is dmd.py, the student's rollout flow.rollout, the
-code sample.py runs); config checks and the networks; the checkpoint as one symmetric pair (checkpoint_state /
+code sample.py runs; the config's checks are checks.py); the networks; the checkpoint as one symmetric pair (checkpoint_state /
 load_checkpoint); the run's setup; the loop, a short body over named phases (generator_step, critic_step,
 ema_update, check_finite, log_step, end_of_step); validation and export.
 """
@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib import DummyTqdmFile
 
+import checks
 import data
 import dmd
 import flow
@@ -178,99 +179,6 @@ def config(argv=None):
     order given -> the resolved config dict (sys.argv[1:] when argv is None)."""
     say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a: None)
     return configure(dict(DEFAULTS), __file__, argv, json_map=lambda p: simpletuner.read_config(p, DEFAULTS, say))
-
-
-def check_config(c):
-    """Errors for values we cannot honour, never a silent ignore -> the parsed dmd_denoising_steps."""
-    steps = flow.parse_steps(c["dmd_denoising_steps"], "dmd_denoising_steps")
-    if c["objective"] not in ("dmd", "ode_init"):
-        raise ValueError(f"objective must be 'dmd' or 'ode_init', got {c['objective']!r}")
-    check_causal(c)
-    if c["objective"] == "ode_init":
-        if not any(d.get("dataset_type") == "latents" for d in c["datasets"]):
-            raise ValueError("objective='ode_init' reads teacher ODE trajectories: datasets=[dict(dataset_type="
-                             "'latents', cache_dir=...)] with the folder of `python data.py CONFIG "
-                             "--make_ode_pairs=prompts.txt`")
-        if c["real_data_loss_weight"] > 0:
-            raise ValueError("real_data_loss_weight is a DMD term: set it to 0 with objective='ode_init'")
-    if c["rollout_mode"] not in ("backward", "data"):
-        raise ValueError(f"rollout_mode must be 'backward' or 'data', got {c['rollout_mode']!r}")
-    if c["teacher_data_samples"] > 0 and (c["datasets"] or c["real_data_loss_weight"] <= 0):
-        raise ValueError("teacher_data_samples > 0 makes the real-data term's latents from the training prompts: it "
-                         "needs real_data_loss_weight > 0 and no `datasets`")
-    videos = [d for d in c["datasets"] if d.get("dataset_type", "video") in ("video", "latents")]
-    needs = c["real_data_loss_weight"] > 0 or c["rollout_mode"] == "data"
-    if needs and not videos and c["teacher_data_samples"] <= 0:
-        raise ValueError("real_data_loss_weight > 0 and rollout_mode='data' need latents: add a video or latents dataset "
-                         "to `datasets`, or teacher_data_samples > 0 (the teacher's own samples of the prompts)")
-    if videos and len(videos) != len(c["datasets"]) and needs:
-        raise ValueError("real_data_loss_weight > 0 / rollout_mode='data' need latents in every batch: drop the "
-                         "prompt-only datasets from `datasets`")
-    if c["validation_guidance"] != 1.0:
-        raise ValueError("validation_guidance must be 1.0: the student sampler takes no CFG")
-    if c["validation_num_inference_steps"] != len(steps):
-        raise ValueError(f"validation_num_inference_steps={c['validation_num_inference_steps']} must equal the "
-                         f"number of dmd_denoising_steps ({len(steps)}): validation runs the training rollout's sampler")
-    schedulers = ("constant", "cosine", "cosine_with_min_lr")
-    for k, allowed in (("lr_scheduler", schedulers), ("fake_score_lr_scheduler", schedulers), ("grad_clip_method", ("norm", "value")),
-                       ("ema_validation", ("none", "ema_only", "comparison")), ("mixed_precision", ("bf16", "no")),
-                       ("optimizer", ("adamw", "adamw_bf16")), ("report_to", ("none", "wandb"))):
-        if c[k] not in allowed:
-            raise ValueError(f"{k} must be one of {allowed}, got {c[k]!r}")
-    if not isinstance(c["sp_size"], int) or c["sp_size"] < 1:
-        raise ValueError(f"sp_size must be a positive integer, got {c['sp_size']!r}")
-    if (c["push_to_hub"] or c["push_checkpoints_to_hub"]) and not c["hub_model_id"]:
-        raise ValueError("push_to_hub / push_checkpoints_to_hub need hub_model_id ('user/name' on the hub)")
-    if not isinstance(c["validation_diversity_seeds"], int) or c["validation_diversity_seeds"] < 0 \
-            or c["validation_teacher_steps"] < 1 or c["diversity_warn_ratio"] < 0:
-        raise ValueError("validation_diversity_seeds >= 0 (0 or 1: no collapse signal), validation_teacher_steps >= 1 "
-                         "and diversity_warn_ratio >= 0")
-    if not 0 < c["real_score_guidance_max_timestep"] <= 1000:
-        raise ValueError(f"real_score_guidance_max_timestep must be in (0, 1000], got {c['real_score_guidance_max_timestep']}")
-    if c["height"] % 16 or c["width"] % 16:
-        raise ValueError(f"height and width must be multiples of 16, got {c['height']}x{c['width']}")
-    return steps
-
-
-def check_causal(c):
-    """The causal keys: their bidirectional values unless causal=True; every block geometry error before any model
-    is built (the seed's 121 frames -> 31 latent, dmd.md §8.11)."""
-    Fr, L = c["num_training_frames"], c["dmd_loss_frames"] or c["num_training_frames"]
-    if not c["causal"]:
-        bidir = {"num_frame_per_block": c["num_frame_per_block"] in (0, None, Fr),
-                 "independent_first_frame": not c["independent_first_frame"],
-                 "same_step_across_blocks": bool(c["same_step_across_blocks"]), "context_noise": c["context_noise"] == 0,
-                 "dmd_loss_frames": L == Fr}
-        bad = [k for k, ok in bidir.items() if not ok]
-        if bad:
-            raise ValueError(f"{', '.join(f'{k}={c[k]!r}' for k in bad)}: these are keys of the causal (block-wise) "
-                             "student: set causal=True, or keep num_frame_per_block=0 (one block), "
-                             "independent_first_frame=False, same_step_across_blocks=True, context_noise=0, "
-                             "dmd_loss_frames=0")
-        return
-    nb, first = c["num_frame_per_block"] or 0, int(bool(c["independent_first_frame"]))
-    Fv = 1 + (c["validation_num_video_frames"] - 1) // 4
-    for what, n in (("num_training_frames", Fr), ("validation_num_video_frames (latent frames)", Fv)):
-        try:
-            ok = n - first >= 1 and mw.block_starts(n, nb, first)
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(f"{what}={n}: {n - first} latent frames" + (" after the lone first frame" if first else "")
-                             + f" do not split into blocks of num_frame_per_block={nb}; e.g. 21 latent frames "
-                             "(81 video frames) with 3, or 21 with independent_first_frame and 4 (121 video "
-                             "frames are 31 latent: not a multiple of 3)")
-    blocks = mw.block_starts(Fr, nb, first)
-    if not 0 < L <= Fr or Fr - L not in blocks:
-        raise ValueError(f"dmd_loss_frames={c['dmd_loss_frames']}: the loss keeps the last frames from a block start "
-                         f"(block starts {blocks}); use 0 (all {Fr}) or one of {sorted(Fr - b for b in blocks)}")
-    if not 0 <= c["context_noise"] < 1000:
-        raise ValueError(f"context_noise={c['context_noise']}: a timestep in [0, 1000) (0 = clean context)")
-    if c["sp_size"] > 1:
-        raise ValueError("sp_size > 1: sequence parallelism does not support the causal student")
-    if c["rollout_mode"] != "backward" and c["objective"] == "dmd":
-        raise ValueError("rollout_mode='data' noises a whole dataset clip at once: the causal student needs "
-                         "rollout_mode='backward'")
 
 
 def build_networks(c, dev, dtype):
@@ -696,7 +604,7 @@ def end_of_step(r, pub, stop, validated):
 def train(c):
     """train_loop with publishing around it (publish.py, rank 0 only): env.json, webhook messages at start,
     validation, checkpoint, failure (then re-raised) and finish; loss curve, contact sheets, model card, hub."""
-    steps = flow.rollout_steps(check_config(c), c["warp_denoising_step"], c["timestep_shift"])   # config errors first
+    steps = flow.rollout_steps(checks.check_config(c), c["warp_denoising_step"], c["timestep_shift"])   # config errors first
     if c["export_from"]:
         return export_checkpoint(c, steps)
     pub = publish.Publisher(c, main=int(os.environ.get("RANK", "0")) == 0)

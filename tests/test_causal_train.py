@@ -18,6 +18,7 @@ import vae_wan
 import lora
 import sample
 import dmd
+import checks
 import train_dmd
 import flow
 
@@ -180,14 +181,14 @@ def test_training_rollout_exiting_last_equals_sample_student():
 ])
 def test_config_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
-        train_dmd.check_config(cfg(*overrides))
+        checks.check_config(cfg(*overrides))
 
 
 def test_defaults_are_bidirectional():
     c = train_dmd.config([TINY[0]])
-    assert not c["causal"] and train_dmd.check_config(c) == STEPS
-    train_dmd.check_config(cfg("--num_training_frames=6", "--dmd_loss_frames=4"))   # causal: valid
-    train_dmd.check_config(cfg("--num_frame_per_block=3", "--independent_first_frame=True", "--num_training_frames=7",
+    assert not c["causal"] and checks.check_config(c) == STEPS
+    checks.check_config(cfg("--num_training_frames=6", "--dmd_loss_frames=4"))   # causal: valid
+    checks.check_config(cfg("--num_frame_per_block=3", "--independent_first_frame=True", "--num_training_frames=7",
                                "--validation_num_video_frames=25"))
 
 

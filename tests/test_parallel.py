@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checks
 import train_dmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,7 +148,7 @@ def test_ddp_with_dataset_real_data_loss_and_resume(tmp_path):
 def test_sp_config_errors():
     c = dict(train_dmd.DEFAULTS, sp_size=0)
     with pytest.raises(ValueError, match="sp_size"):
-        train_dmd.check_config(c)
+        checks.check_config(c)
     import parallel
     with pytest.raises(ValueError, match="several processes"):
         parallel.setup(2, torch.device("cpu"))

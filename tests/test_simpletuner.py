@@ -11,6 +11,7 @@ import shutil
 import pytest
 
 import simpletuner
+import checks
 import train_dmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +50,7 @@ def test_seed_config_every_key_mapped_or_named(capsys):
     assert c["real_data_loss_weight"] == 1.0
     for k in ("validation_prompt_library", "webhook_config"):   # SimpleTuner's relative paths, found beside the JSON
         assert os.path.isfile(c[k])
-    assert train_dmd.check_config(c) == [1000.0, 757.0, 522.0]
+    assert checks.check_config(c) == [1000.0, 757.0, 522.0]
 
 
 def test_simpletuner_variants(tmp_path, capsys):
@@ -64,7 +65,7 @@ def test_simpletuner_variants(tmp_path, capsys):
                               "validation_num_video_frames": 81})
     c = train_dmd.config([causal])
     assert (c["causal"], c["num_frame_per_block"], c["same_step_across_blocks"]) == (True, 3, False)
-    train_dmd.check_config(c)
+    checks.check_config(c)
     with pytest.raises(FileNotFoundError, match="multi.json"):
         train_dmd.config([write(tmp_path, {"data_backend_config": "config/multi.json"})])
     with pytest.raises(ValueError, match="DMD only"):

@@ -20,6 +20,7 @@ import sample
 import flow
 import cache
 import dmd
+import checks
 import train_dmd
 import validation
 import publish
@@ -182,7 +183,7 @@ def test_config_errors(tmp_path, capsys):
                        ("--rollout_mode=data", "need latents"), ("--rollout_mode=forward", "rollout_mode"), ("--dmd_denoising_steps=500,900", "decrease"),
                        ("--grad_clip_method=foo", "grad_clip_method")):
         with pytest.raises(ValueError, match=match):
-            train_dmd.check_config(tiny_cfg(tmp_path, bad))
+            checks.check_config(tiny_cfg(tmp_path, bad))
     # a SimpleTuner config.json: implemented keys mapped, the rest named in one line (tests/test_simpletuner.py: the seed's)
     st = {"--model_family": "wan", "dmd_denoising_steps": "1000,757,522", "generator_update_interval": 1,
           "real_score_guidance_scale": 3.0, "fake_score_betas": [0.9, 0.999], "--validation_steps": 50,
@@ -192,7 +193,7 @@ def test_config_errors(tmp_path, capsys):
     assert c["validation_step_interval"] == 50 and c["fake_score_betas"] == (0.9, 0.999) and c["optimizer"] == "adamw"
     assert c["num_frame_per_block"] == 0 and c["real_score_guidance_scale"] == 2.0   # bidirectional; standard CFG 3
     assert "base_model_precision" in capsys.readouterr().out
-    train_dmd.check_config(c)
+    checks.check_config(c)
 
 
 def test_data_rollout_and_flow_matching_loss():
@@ -219,7 +220,7 @@ def test_log_keeps_one_line_per_step_after_resume(tmp_path):
 @pytest.mark.parametrize("name", ["tiny.py", "wan_dmd_3step.py", "wan_dmd_3step_14b.py"])
 def test_shipped_configs_resolve(name):
     c = train_dmd.config([os.path.join(ROOT, "config", name)])
-    assert train_dmd.check_config(c) == [1000.0, 757.0, 522.0]
+    assert checks.check_config(c) == [1000.0, 757.0, 522.0]
     if name == "wan_dmd_3step_14b.py":
         assert c["pretrained_model_name_or_path"].endswith("14B-Diffusers") and c["real_score_guidance_scale"] == 3.0
 
@@ -347,7 +348,7 @@ def test_teacher_data_anchor_one_key_away(tmp_path):
     run(out, "--max_train_steps=3", *args)
     assert {n: os.stat(out / "teacher_data" / n).st_mtime_ns for n in entries} == stamps   # made once
     with pytest.raises(ValueError, match="teacher_data_samples"):
-        train_dmd.check_config(tiny_cfg(tmp_path, "--teacher_data_samples=2"))   # without real_data_loss_weight
+        checks.check_config(tiny_cfg(tmp_path, "--teacher_data_samples=2"))   # without real_data_loss_weight
 
 
 class FakeWandb:   # stands in for the wandb module: records what the run logs
