@@ -1,0 +1,161 @@
+"""
+Trainable video sparse attention (VSA: Zhang et al. 2025, "VSA: Faster Video Diffusion with Trainable Sparse
+Attention", arXiv 2505.13389; the method of FastVideo's `video_sparse_attn`), in plain PyTorch, no custom kernels.
+
+The tokens of a (F, H, W) patch grid (model_wan's raster order f*H*W + h*W + w) are grouped into cubes of
+cf x ch x cw tokens (VSA: 4 x 4 x 4 = 64), cubes in raster order, tokens in raster order inside a cube.
+1. coarse: q, k and v are mean-pooled per cube; the query cubes attend over all key cubes (softmax, scale 1/sqrt(d))
+   -> o_c, one vector per cube, given to each of its tokens;
+2. selection: per (sample, head, query cube) the top-k key cubes by those coarse scores, k = ceil((1 - sparsity) C)
+   clamped to [1, C] (C cubes; FastVideo's compute_topk). It is a hard choice: no gradient flows through it;
+3. fine: each query cube's tokens attend only to the tokens of its k selected cubes -> o_f;
+4. o = o_f + gate * o_c, gate (B,L,N,d) a Linear of the attention input (FastVideo's to_gate_compress, no
+   nonlinearity), zero-initialised: a fresh gate gives o = o_f, i.e. exactly dense attention when every cube is
+   selected, and the coarse branch is learned from there.
+Grids that the cube does not divide are zero-padded per axis up to a multiple of it (FastVideo pads the same way,
+its variable_block_sizes): padded tokens are masked out as keys, left out of the cube means (divided by the cube's
+real token count) and their query rows dropped.
+
+Two interchangeable fine-stage kernels: "gather" (the selected cubes' k/v gathered per query cube, SDPA on the
+gathered blocks; any device, the CPU path) and "flex" (FlexAttention with a BlockMask built from the selection,
+torch.compile'd; CUDA, cubes of a multiple of 64 tokens). "auto" takes flex where it applies.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CUBE = (4, 4, 4)   # VSA's tile: latent frames x height x width tokens, after the 1x2x2 patchify
+_compiled_flex = []        # torch.compile(flex_attention), built once on first use
+
+
+def num_selected(sparsity, num_cubes):
+    """Key cubes kept per query cube: ceil((1 - sparsity) * C) clamped to [1, C] (FastVideo's compute_topk)."""
+    return max(1, min(math.ceil((1 - sparsity) * num_cubes), num_cubes))
+
+
+def cube_counts(grid, cube):
+    """(F,H,W) token grid, (cf,ch,cw) cube -> cubes per axis (nf, nh, nw)."""
+    return tuple(-(-g // c) for g, c in zip(grid, cube))
+
+
+def to_cubes(x, grid, cube):
+    """(B,L,N,d) tokens in raster order -> (B,N,C,V,d): C cubes of V = cf*ch*cw tokens, zero-padded."""
+    B, L, N, d = x.shape
+    (Fg, Hg, Wg), (cf, ch, cw) = grid, cube
+    nf, nh, nw = cube_counts(grid, cube)
+    x = F.pad(x.reshape(B, Fg, Hg, Wg, N * d), (0, 0, 0, nw * cw - Wg, 0, nh * ch - Hg, 0, nf * cf - Fg))
+    x = x.view(B, nf, cf, nh, ch, nw, cw, N, d).permute(0, 7, 1, 3, 5, 2, 4, 6, 8)   # (B,N,nf,nh,nw,cf,ch,cw,d)
+    return x.reshape(B, N, nf * nh * nw, cf * ch * cw, d)
+
+
+def from_cubes(y, grid, cube):
+    """The inverse of to_cubes: (B,N,C,V,d) -> (B,L,N,d) in raster order, padded tokens dropped."""
+    B, N, C, V, d = y.shape
+    (Fg, Hg, Wg), (cf, ch, cw) = grid, cube
+    nf, nh, nw = cube_counts(grid, cube)
+    y = y.view(B, N, nf, nh, nw, cf, ch, cw, d).permute(0, 2, 5, 3, 6, 4, 7, 1, 8)    # (B,nf,cf,nh,ch,nw,cw,N,d)
+    return y.reshape(B, nf * cf, nh * ch, nw * cw, N, d)[:, :Fg, :Hg, :Wg].reshape(B, Fg * Hg * Wg, N, d)
+
+
+def real_tokens(grid, cube, device=None):
+    """(C,V) bool: True where a cube slot holds a real token, False where it is padding."""
+    ones = torch.ones(1, math.prod(grid), 1, 1, device=device)
+    return to_cubes(ones, grid, cube)[0, 0, :, :, 0] > 0
+
+
+def coarse_attention(qc, kc, vc, valid):
+    """Cube means (over real tokens) and attention between them. qc/kc/vc (B,N,C,V,d), valid (C,V) ->
+    scores (B,N,C,C) (the selection's criterion) and o_c (B,N,C,d)."""
+    n = valid.sum(1).to(torch.float32)[:, None]                      # (C,1) real tokens per cube
+    qm, km, vm = ((t.float().sum(3) / n).to(t.dtype) for t in (qc, kc, vc))   # (B,N,C,d)
+    scores = qm @ km.transpose(-1, -2) / math.sqrt(qc.shape[-1])     # (B,N,C,C)
+    return scores, (scores.float().softmax(-1).to(vm.dtype) @ vm)
+
+
+def select_cubes(scores, sparsity):
+    """(B,N,C,C) coarse scores -> (B,N,C,k) indices of the k highest-scoring key cubes per query cube."""
+    return scores.detach().topk(num_selected(sparsity, scores.shape[-1]), dim=-1).indices
+
+
+def fine_gather(qc, kc, vc, idx, valid, max_elements=2 ** 27):
+    """Fine stage by gathering: each query cube's selected key/value cubes are copied into one block and SDPA runs
+    on (query cube, its gathered keys) pairs, in chunks of query cubes so one chunk's copies stay under
+    max_elements. qc/kc/vc (B,N,C,V,d), idx (B,N,C,k), valid (C,V) -> o_f (B,N,C,V,d)."""
+    B, N, C, V, d = qc.shape
+    k = idx.shape[-1]
+    flat = idx + torch.arange(B * N, device=idx.device).view(B, N, 1, 1) * C   # rows of the (B*N*C, V, d) views
+    kf, vf = kc.reshape(B * N * C, V, d), vc.reshape(B * N * C, V, d)
+    keep = None if bool(valid.all()) else valid.flatten()[None, None, None, None, :]   # padding inside some cubes
+    step = max(1, max_elements // (B * N * k * V * d))
+    out = []
+    for a in range(0, C, step):
+        sel = flat[:, :, a:a + step]                                   # (B,N,c,k)
+        c = sel.shape[2]
+        kg, vg = kf[sel].view(B, N * c, k * V, d), vf[sel].view(B, N * c, k * V, d)
+        mask = None
+        if keep is not None:   # (B,N*c,1,k*V): the gathered slots that hold real tokens
+            mask = valid[idx[:, :, a:a + step]].view(B, N * c, 1, k * V)
+        o = F.scaled_dot_product_attention(qc[:, :, a:a + step].reshape(B, N * c, V, d), kg, vg, attn_mask=mask)
+        out.append(o.view(B, N, c, V, d))
+    return torch.cat(out, 2)
+
+
+def fine_flex(qc, kc, vc, idx, valid):
+    """Fine stage with FlexAttention: a BlockMask of cube-sized blocks lists the selected key cubes of each query
+    cube (cubes without padding as full blocks, cubes with padding as partial ones whose mask_mod drops the padded
+    keys); the compiled kernel skips every other block. Same contract as fine_gather."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    B, N, C, V, d = qc.shape
+    k = idx.shape[-1]
+    chosen = torch.zeros(B, N, C, C, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)
+    tok = valid.flatten()
+
+    def mask_mod(b, h, q_idx, kv_idx):   # the exact mask (eager flex evaluates it everywhere)
+        return chosen[b, h, q_idx // V, kv_idx // V] & tok[kv_idx]
+    # each row of kv_indices must list all C cubes: the k chosen first (full or partial ones in front), then the rest
+    order = torch.cat([idx, chosen.logical_not().nonzero()[:, 3].view(B, N, C, C - k)], -1)   # (B,N,C,C)
+    full = valid.all(1)[order] & (torch.arange(C, device=idx.device) < k)                    # chosen and complete
+    part = ~full & (torch.arange(C, device=idx.device) < k)
+    by = lambda front: order.gather(-1, torch.argsort((~front).to(torch.int8), dim=-1, stable=True)).to(torch.int32)
+    bm = BlockMask.from_kv_blocks(part.sum(-1, dtype=torch.int32), by(part), full.sum(-1, dtype=torch.int32), by(full),
+                                  BLOCK_SIZE=V, mask_mod=mask_mod)
+    q, kk, v = (t.reshape(B, N, C * V, d) for t in (qc, kc, vc))
+    if q.device.type != "cuda":
+        return flex_attention(q, kk, v, block_mask=bm).view(B, N, C, V, d)
+    if not _compiled_flex:
+        _compiled_flex.append(torch.compile(flex_attention, dynamic=False))
+    return _compiled_flex[0](q, kk, v, block_mask=bm, kernel_options={"BLOCK_M": 64, "BLOCK_N": 64}).view(B, N, C, V, d)
+
+
+def pick_kernel(kernel, device, cube):
+    """"auto" -> "flex" on CUDA for cubes of a multiple of 64 tokens (FlexAttention's block granularity), else
+    "gather"; "flex"/"gather" as asked."""
+    if kernel not in ("auto", "flex", "gather"):
+        raise ValueError(f"sparse attention kernel must be 'auto', 'flex' or 'gather', got {kernel!r}")
+    if kernel != "auto":
+        return kernel
+    return "flex" if torch.device(device).type == "cuda" and math.prod(cube) % 64 == 0 else "gather"
+
+
+def check_sparse(sparsity, cube):
+    """The settings' one-line errors (train_dmd and sample check them before any model is built)."""
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"attention_sparsity must be in [0, 1) (the fraction of key cubes skipped), got {sparsity}")
+    if len(cube) != 3 or any(int(c) != c or c < 1 for c in cube):
+        raise ValueError(f"sparse_cube must be 3 positive integers (latent frames, height, width tokens), got {cube}")
+
+
+def sparse_attention(q, k, v, gate, grid, sparsity, cube=DEFAULT_CUBE, kernel="auto"):
+    """VSA. q/k/v/gate (B,L,N,d) with L = F*H*W tokens of `grid` in raster order -> (B,L,N,d) =
+    o_f + gate * o_c (see the module docstring). sparsity 0 selects every cube (o_f is then dense attention)."""
+    if q.shape[1] != math.prod(grid):
+        raise ValueError(f"sparse attention: {q.shape[1]} tokens, but the grid {tuple(grid)} has {math.prod(grid)}")
+    valid = real_tokens(grid, cube, q.device)                              # (C,V)
+    qc, kc, vc = (to_cubes(t, grid, cube) for t in (q, k, v))             # (B,N,C,V,d)
+    scores, o_c = coarse_attention(qc, kc, vc, valid)                      # (B,N,C,C), (B,N,C,d)
+    idx = select_cubes(scores, sparsity)                                   # (B,N,C,k)
+    fine = fine_flex if pick_kernel(kernel, q.device, cube) == "flex" else fine_gather
+    o_f = from_cubes(fine(qc, kc, vc, idx, valid), grid, cube)            # (B,L,N,d)
+    o_c = from_cubes(o_c[:, :, :, None].expand(-1, -1, -1, valid.shape[1], -1), grid, cube)
+    return o_f + gate.to(o_f.dtype) * o_c
