@@ -27,6 +27,7 @@ import flow
 import lora
 import media
 import model_wan as mw
+import sparse_attn
 import text_encoders
 import vae_wan
 
@@ -50,6 +51,8 @@ batch_size = 1               # prompts per DiT batch
 out = "out/samples"          # folder for the mp4s (and latents)
 save_latents = False         # also write the final normalised latents as safetensors
 stream = False               # causal student: decode and write each block's frames as soon as it is generated
+attention_sparsity = None    # student's VSA sparsity (fraction of key cubes skipped); None: as its config.json says
+sparse_cube = None           # student's VSA cube in patch tokens (frames, h, w); None: as its config.json says
 fps = 16
 device = "auto"              # auto: cuda if available, else cpu
 dtype = "auto"               # DiT and text-encoder dtype; auto: bfloat16 on cuda, float32 on cpu (the VAE stays fp32)
@@ -73,11 +76,12 @@ def student_file(path):
     return path
 
 
-def load_student(dit, path, adapter="student", kind=None):
+def load_student(dit, path, adapter="student", kind=None, sparse=None):
     """The one student loader (sample.py, train_dmd's generator_init, the quality bench). A LoRA adapter file
     (diffusers/PEFT keys or ours) becomes adapter `adapter` of `dit` (replacing one of that name) and is selected;
     a full-weights file (either layout) replaces the base weights of `dit`. kind: "adapter" or "full" to refuse the
-    other before anything is touched -> "adapter" or "full"."""
+    other before anything is touched. sparse: (attention_sparsity, sparse_cube), default student_sparsity(path): a
+    sparse student (or one whose file holds VSA gates) gets sparse attention for its forwards -> "adapter" or "full"."""
     from safetensors.torch import load_file
     path = student_file(path)
     sd = load_file(path)
@@ -85,6 +89,9 @@ def load_student(dit, path, adapter="student", kind=None):
     if kind is not None and found != kind:
         raise ValueError(f"{path} holds {'a LoRA adapter' if found == 'adapter' else 'full weights'}, "
                          f"expected {'a LoRA adapter' if kind == 'adapter' else 'full weights'}")
+    sparsity, cube = sparse or student_sparsity(path)
+    if sparsity or any("gate_compress" in k for k in sd):   # the gates must exist before the weights are read
+        mw.enable_sparse_attention(dit, sparsity, cube, adapter if found == "adapter" else None)
     if found == "adapter":
         if adapter in lora.adapter_names(dit):
             lora.delete_adapter(dit, adapter)
@@ -116,6 +123,14 @@ def student_config(ckpt):
         return {}
     with open(path) as f:
         return json.load(f)
+
+
+def student_sparsity(ckpt, sparsity=None, cube=None):
+    """The student's VSA settings: the given ones, else attention_sparsity / sparse_cube of its config.json, else
+    dense -> (sparsity, cube)."""
+    cfg = student_config(ckpt)
+    sparsity = float(cfg.get("attention_sparsity", 0.0) if sparsity is None else sparsity)
+    return sparsity, tuple(cfg.get("sparse_cube", sparse_attn.DEFAULT_CUBE) if cube is None else cube)
 
 
 def student_steps(ckpt):
@@ -234,7 +249,9 @@ def generate(cfg):
     t_text = time.perf_counter() - t0
     dit = mw.load_dit(s["src"], dtype=dt, device=dev)
     if c["ckpt"]:
-        print(f"student: {load_student(dit, c['ckpt'])} weights from {c['ckpt']}")
+        sparse = student_sparsity(c["ckpt"], c.get("attention_sparsity"), c.get("sparse_cube"))
+        print(f"student: {load_student(dit, c['ckpt'], sparse=sparse)} weights from {c['ckpt']}"
+              + (f", sparse attention {sparse[0]:g} in cubes of {sparse[1]}" if sparse[0] else ""))
     vae = vae_wan.load_vae(s["src"], dtype=torch.float32, device=dev)
     mode = (f"student {len(s['steps'])} steps {','.join(f'{t:g}' for t in s['steps'])}" if student else
             f"teacher {c['sampler']} {c['num_inference_steps']} steps, guidance {c['guidance_scale']}, shift {s['shift']}")

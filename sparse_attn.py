@@ -67,10 +67,11 @@ def real_tokens(grid, cube, device=None):
 def coarse_attention(qc, kc, vc, valid):
     """Cube means (over real tokens) and attention between them. qc/kc/vc (B,N,C,V,d), valid (C,V) ->
     scores (B,N,C,C) (the selection's criterion) and o_c (B,N,C,d)."""
-    n = valid.sum(1).to(torch.float32)[:, None]                      # (C,1) real tokens per cube
-    qm, km, vm = ((t.float().sum(3) / n).to(t.dtype) for t in (qc, kc, vc))   # (B,N,C,d)
+    acc = torch.promote_types(qc.dtype, torch.float32)               # means and softmax in at least fp32
+    n = valid.sum(1).to(acc)[:, None]                                # (C,1) real tokens per cube
+    qm, km, vm = ((t.to(acc).sum(3) / n).to(t.dtype) for t in (qc, kc, vc))   # (B,N,C,d)
     scores = qm @ km.transpose(-1, -2) / math.sqrt(qc.shape[-1])     # (B,N,C,C)
-    return scores, (scores.float().softmax(-1).to(vm.dtype) @ vm)
+    return scores, (scores.to(acc).softmax(-1).to(vm.dtype) @ vm)
 
 
 def select_cubes(scores, sparsity):
