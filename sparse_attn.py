@@ -79,54 +79,63 @@ def select_cubes(scores, sparsity):
     return scores.detach().topk(num_selected(sparsity, scores.shape[-1]), dim=-1).indices
 
 
-def fine_gather(qc, kc, vc, idx, valid, max_elements=2 ** 27):
+def fine_gather(qc, kc, vc, idx, valid=None, max_elements=2 ** 27):
     """Fine stage by gathering: each query cube's selected key/value cubes are copied into one block and SDPA runs
     on (query cube, its gathered keys) pairs, in chunks of query cubes so one chunk's copies stay under
-    max_elements. qc/kc/vc (B,N,C,V,d), idx (B,N,C,k), valid (C,V) -> o_f (B,N,C,V,d)."""
+    max_elements. qc/kc/vc (B,N,C,V,d), idx (B,N,C,k), valid (C,V) or None when no cube holds padding ->
+    o_f (B,N,C,V,d)."""
     B, N, C, V, d = qc.shape
     k = idx.shape[-1]
     flat = idx + torch.arange(B * N, device=idx.device).view(B, N, 1, 1) * C   # rows of the (B*N*C, V, d) views
     kf, vf = kc.reshape(B * N * C, V, d), vc.reshape(B * N * C, V, d)
-    keep = None if bool(valid.all()) else valid.flatten()[None, None, None, None, :]   # padding inside some cubes
     step = max(1, max_elements // (B * N * k * V * d))
     out = []
     for a in range(0, C, step):
         sel = flat[:, :, a:a + step]                                   # (B,N,c,k)
         c = sel.shape[2]
         kg, vg = kf[sel].view(B, N * c, k * V, d), vf[sel].view(B, N * c, k * V, d)
-        mask = None
-        if keep is not None:   # (B,N*c,1,k*V): the gathered slots that hold real tokens
+        mask = None   # else (B,N*c,1,k*V): the gathered slots that hold real tokens
+        if valid is not None:
             mask = valid[idx[:, :, a:a + step]].view(B, N * c, 1, k * V)
         o = F.scaled_dot_product_attention(qc[:, :, a:a + step].reshape(B, N * c, V, d), kg, vg, attn_mask=mask)
         out.append(o.view(B, N, c, V, d))
     return torch.cat(out, 2)
 
 
-def fine_flex(qc, kc, vc, idx, valid):
-    """Fine stage with FlexAttention: a BlockMask of cube-sized blocks lists the selected key cubes of each query
-    cube (cubes without padding as full blocks, cubes with padding as partial ones whose mask_mod drops the padded
-    keys); the compiled kernel skips every other block. Same contract as fine_gather."""
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-    B, N, C, V, d = qc.shape
-    k = idx.shape[-1]
+def selection_block_mask(idx, valid, V):
+    """FlexAttention BlockMask of cube-sized blocks (V tokens) from the selection idx (B,N,C,k): each query cube's
+    selected key cubes, the complete ones as full blocks, those with padding (valid (C,V); None: none) as partial
+    blocks whose mask_mod drops the padded keys; mask_mod is the exact token mask (eager flex evaluates it everywhere,
+    the compiled kernel only inside partial blocks and skips every block not listed)."""
+    from torch.nn.attention.flex_attention import BlockMask
+    B, N, C, k = idx.shape
     chosen = torch.zeros(B, N, C, C, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)
-    tok = valid.flatten()
+    tok = torch.ones(C * V, dtype=torch.bool, device=idx.device) if valid is None else valid.flatten()
 
-    def mask_mod(b, h, q_idx, kv_idx):   # the exact mask (eager flex evaluates it everywhere)
+    def mask_mod(b, h, q_idx, kv_idx):
         return chosen[b, h, q_idx // V, kv_idx // V] & tok[kv_idx]
-    # each row of kv_indices must list all C cubes: the k chosen first (full or partial ones in front), then the rest
-    order = torch.cat([idx, chosen.logical_not().nonzero()[:, 3].view(B, N, C, C - k)], -1)   # (B,N,C,C)
-    full = valid.all(1)[order] & (torch.arange(C, device=idx.device) < k)                    # chosen and complete
-    part = ~full & (torch.arange(C, device=idx.device) < k)
+    # each row of kv_indices lists all C cubes: the k chosen first (full or partial ones in front), then the rest
+    order = torch.argsort(chosen.to(torch.int8), dim=-1, descending=True, stable=True)        # (B,N,C,C)
+    first_k = torch.arange(C, device=idx.device) < k
+    full = first_k.expand(B, N, C, C) if valid is None else valid.all(1)[order] & first_k   # chosen, complete
+    part = ~full & first_k
     by = lambda front: order.gather(-1, torch.argsort((~front).to(torch.int8), dim=-1, stable=True)).to(torch.int32)
-    bm = BlockMask.from_kv_blocks(part.sum(-1, dtype=torch.int32), by(part), full.sum(-1, dtype=torch.int32), by(full),
-                                  BLOCK_SIZE=V, mask_mod=mask_mod)
-    q, kk, v = (t.reshape(B, N, C * V, d) for t in (qc, kc, vc))
+    return BlockMask.from_kv_blocks(part.sum(-1, dtype=torch.int32), by(part), full.sum(-1, dtype=torch.int32),
+                                    by(full), BLOCK_SIZE=V, mask_mod=mask_mod)
+
+
+def fine_flex(qc, kc, vc, idx, valid=None):
+    """Fine stage with FlexAttention on selection_block_mask (compiled on CUDA; eager elsewhere, forward only on
+    CPU). Same contract as fine_gather."""
+    from torch.nn.attention.flex_attention import flex_attention
+    B, N, C, V, d = qc.shape
+    bm = selection_block_mask(idx, valid, V)
+    q, k, v = (t.reshape(B, N, C * V, d) for t in (qc, kc, vc))
     if q.device.type != "cuda":
-        return flex_attention(q, kk, v, block_mask=bm).view(B, N, C, V, d)
+        return flex_attention(q, k, v, block_mask=bm).view(B, N, C, V, d)
     if not _compiled_flex:
         _compiled_flex.append(torch.compile(flex_attention, dynamic=False))
-    return _compiled_flex[0](q, kk, v, block_mask=bm, kernel_options={"BLOCK_M": 64, "BLOCK_N": 64}).view(B, N, C, V, d)
+    return _compiled_flex[0](q, k, v, block_mask=bm, kernel_options={"BLOCK_M": 64, "BLOCK_N": 64}).view(B, N, C, V, d)
 
 
 def pick_kernel(kernel, device, cube):
@@ -153,10 +162,11 @@ def sparse_attention(q, k, v, gate, grid, sparsity, cube=DEFAULT_CUBE, kernel="a
     if q.shape[1] != math.prod(grid):
         raise ValueError(f"sparse attention: {q.shape[1]} tokens, but the grid {tuple(grid)} has {math.prod(grid)}")
     valid = real_tokens(grid, cube, q.device)                              # (C,V)
+    padded = any(g % c for g, c in zip(grid, cube))                       # some cubes hold padding
     qc, kc, vc = (to_cubes(t, grid, cube) for t in (q, k, v))             # (B,N,C,V,d)
     scores, o_c = coarse_attention(qc, kc, vc, valid)                      # (B,N,C,C), (B,N,C,d)
     idx = select_cubes(scores, sparsity)                                   # (B,N,C,k)
     fine = fine_flex if pick_kernel(kernel, q.device, cube) == "flex" else fine_gather
-    o_f = from_cubes(fine(qc, kc, vc, idx, valid), grid, cube)            # (B,L,N,d)
+    o_f = from_cubes(fine(qc, kc, vc, idx, valid if padded else None), grid, cube)   # (B,L,N,d)
     o_c = from_cubes(o_c[:, :, :, None].expand(-1, -1, -1, valid.shape[1], -1), grid, cube)
     return o_f + gate.to(o_f.dtype) * o_c

@@ -89,6 +89,10 @@ def test_selection_and_output_equal_naive_reference(grid, cube, sparsity):
     scores, _ = sa.coarse_attention(*(sa.to_cubes(t, grid, cube) for t in (q, k, v)), valid)
     idx = sa.select_cubes(scores, sparsity)
     assert torch.equal(idx.sort(-1).values, top.sort(-1).values)       # the same cubes (random data: no ties)
+    bm = sa.selection_block_mask(idx, valid, valid.shape[1])              # the blocks compiled flex visits
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+    assert torch.equal(bm.to_dense().bool(), chosen)
+    assert torch.equal(bm.full_kv_num_blocks, (chosen & valid.all(1)).sum(-1, dtype=torch.int32))
     for kernel in ("gather", "flex"):
         out = sa.sparse_attention(q, k, v, gate, grid, sparsity, cube, kernel=kernel)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-12, msg=lambda m, kernel=kernel: f"{kernel}: {m}")
