@@ -210,3 +210,18 @@ def test_sparse_student_round_trip_through_its_folder(tmp_path, lora_mode):
     assert sample.load_student(base, str(tmp_path)) == ("adapter" if lora_mode else "full")
     assert base.blocks[0].self_attn.sparse == ("student" if lora_mode else None, 0.5, (1, 2, 2))
     torch.testing.assert_close(base(*inp), want, rtol=0, atol=1e-6)   # the file holds fp32 for LoRA B*scale
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("grid", [(4, 8, 8), (5, 6, 7)])
+def test_cuda_compiled_flex_equals_gather_with_gradients(grid):
+    """The compiled FlexAttention kernel (block-sparse for real) equals the gather kernel in fp32 at sparsity 0.7,
+    outputs and q/k/v/gate gradients; with padding too."""
+    q, k, v, gate = (t.cuda().float().requires_grad_(True) for t in qkv(grid, B=1, N=4, d=64, seed=3))
+    outs = []
+    for kernel in ("gather", "flex"):
+        o = sa.sparse_attention(q, k, v, gate, grid, 0.7, (4, 4, 4), kernel=kernel)
+        outs.append((o, *torch.autograd.grad(o.square().sum(), (q, k, v, gate))))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
