@@ -27,6 +27,10 @@ import torch.nn.functional as F
 
 DEFAULT_CUBE = (4, 4, 4)   # VSA's tile: latent frames x height x width tokens, after the 1x2x2 patchify
 _compiled_flex = []        # torch.compile(flex_attention), built once on first use
+# flex's forward tiles must divide the 64-token cube blocks (its defaults for head dim 128 take 128 query rows); the
+# backward picks among its own configs. "fwd_" keeps these out of the backward (torch >= 2.6 reads the prefix).
+FLEX_KERNEL_OPTIONS = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3}
+FLEX_COMPILE_MODE = None   # e.g. "max-autotune-no-cudagraphs": flex's tiles autotuned (slower first call)
 
 
 def num_selected(sparsity, num_cubes):
@@ -102,18 +106,22 @@ def fine_gather(qc, kc, vc, idx, valid=None, max_elements=2 ** 27):
     return torch.cat(out, 2)
 
 
-def selection_block_mask(idx, valid, V):
+def selection_block_mask(idx, valid, V, exact=True):
     """FlexAttention BlockMask of cube-sized blocks (V tokens) from the selection idx (B,N,C,k): each query cube's
     selected key cubes, the complete ones as full blocks, those with padding (valid (C,V); None: none) as partial
-    blocks whose mask_mod drops the padded keys; mask_mod is the exact token mask (eager flex evaluates it everywhere,
-    the compiled kernel only inside partial blocks and skips every block not listed)."""
+    blocks whose mask_mod drops the padded keys. The compiled kernel visits only the listed blocks and evaluates
+    mask_mod only inside partial ones, so there it needs the padding alone (exact=False: one 1-D load per key);
+    eager flex applies mask_mod to every pair, so exact=True makes it the whole token mask."""
     from torch.nn.attention.flex_attention import BlockMask
     B, N, C, k = idx.shape
     chosen = torch.zeros(B, N, C, C, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)
     tok = torch.ones(C * V, dtype=torch.bool, device=idx.device) if valid is None else valid.flatten()
 
-    def mask_mod(b, h, q_idx, kv_idx):
+    def exact_mask(b, h, q_idx, kv_idx):
         return chosen[b, h, q_idx // V, kv_idx // V] & tok[kv_idx]
+
+    def padding_mask(b, h, q_idx, kv_idx):
+        return tok[kv_idx]
     # each row of kv_indices lists all C cubes: the k chosen first (full or partial ones in front), then the rest
     order = torch.argsort(chosen.to(torch.int8), dim=-1, descending=True, stable=True)        # (B,N,C,C)
     first_k = torch.arange(C, device=idx.device) < k
@@ -121,21 +129,21 @@ def selection_block_mask(idx, valid, V):
     part = ~full & first_k
     by = lambda front: order.gather(-1, torch.argsort((~front).to(torch.int8), dim=-1, stable=True)).to(torch.int32)
     return BlockMask.from_kv_blocks(part.sum(-1, dtype=torch.int32), by(part), full.sum(-1, dtype=torch.int32),
-                                    by(full), BLOCK_SIZE=V, mask_mod=mask_mod)
+                                    by(full), BLOCK_SIZE=V, mask_mod=exact_mask if exact else padding_mask)
 
 
 def fine_flex(qc, kc, vc, idx, valid=None):
-    """Fine stage with FlexAttention on selection_block_mask (compiled on CUDA; eager elsewhere, forward only on
-    CPU). Same contract as fine_gather."""
+    """Fine stage with FlexAttention on selection_block_mask: compiled on CUDA, eager elsewhere (the exact mask,
+    forward only on CPU). Same contract as fine_gather."""
     from torch.nn.attention.flex_attention import flex_attention
     B, N, C, V, d = qc.shape
-    bm = selection_block_mask(idx, valid, V)
     q, k, v = (t.reshape(B, N, C * V, d) for t in (qc, kc, vc))
     if q.device.type != "cuda":
-        return flex_attention(q, k, v, block_mask=bm).view(B, N, C, V, d)
+        return flex_attention(q, k, v, block_mask=selection_block_mask(idx, valid, V)).view(B, N, C, V, d)
     if not _compiled_flex:
-        _compiled_flex.append(torch.compile(flex_attention, dynamic=False))
-    return _compiled_flex[0](q, k, v, block_mask=bm, kernel_options={"BLOCK_M": 64, "BLOCK_N": 64}).view(B, N, C, V, d)
+        _compiled_flex.append(torch.compile(flex_attention, dynamic=False, mode=FLEX_COMPILE_MODE))
+    bm = selection_block_mask(idx, valid, V, exact=False)
+    return _compiled_flex[0](q, k, v, block_mask=bm, kernel_options=FLEX_KERNEL_OPTIONS).view(B, N, C, V, d)
 
 
 def pick_kernel(kernel, device, cube):
@@ -167,6 +175,6 @@ def sparse_attention(q, k, v, gate, grid, sparsity, cube=DEFAULT_CUBE, kernel="a
     scores, o_c = coarse_attention(qc, kc, vc, valid)                      # (B,N,C,C), (B,N,C,d)
     idx = select_cubes(scores, sparsity)                                   # (B,N,C,k)
     fine = fine_flex if pick_kernel(kernel, q.device, cube) == "flex" else fine_gather
-    o_f = from_cubes(fine(qc, kc, vc, idx, valid if padded else None), grid, cube)   # (B,L,N,d)
-    o_c = from_cubes(o_c[:, :, :, None].expand(-1, -1, -1, valid.shape[1], -1), grid, cube)
-    return o_f + gate.to(o_f.dtype) * o_c
+    o_f = fine(qc, kc, vc, idx, valid if padded else None)                 # (B,N,C,V,d)
+    out = torch.addcmul(o_f, to_cubes(gate.to(o_f.dtype), grid, cube), o_c[:, :, :, None])   # o_f + gate * o_c
+    return from_cubes(out, grid, cube)                                     # (B,L,N,d)

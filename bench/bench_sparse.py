@@ -7,10 +7,12 @@ side by side in one run, forward (sampling) and forward+backward (training), wit
                                                             # 12 heads x 128, bf16, fwd and fwd+bwd (about a minute)
 
 The sparse time is the whole method: cube means, coarse attention, top-k, the fine stage (--kernel: auto = flex on
-CUDA, gather elsewhere) and the gated sum. "kept" is the fraction of key cubes attended, k/C. The first call of each
-row is a warm-up (torch.compile of flex on CUDA happens there) and is not timed.
+CUDA, gather elsewhere) and the gated sum; the "overhead" row is all of it but the fine stage's kernel (cube
+reordering, coarse stage, selection, flex's block mask, gated sum). "kept" is the fraction of key cubes attended,
+k/C. The first call of each row is a warm-up (torch.compile of flex on CUDA happens there) and is not timed.
 """
 import argparse
+import json
 import math
 import os
 import statistics
@@ -38,6 +40,8 @@ def parse_args():
     p.add_argument("--kernel", default="auto", help="auto, gather or flex; a comma list runs each")
     p.add_argument("--modes", default=None, help="fwd and/or fwdbwd; default fwd (CPU), fwd,fwdbwd (CUDA)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per row; default 2 (CPU), 10 (CUDA)")
+    p.add_argument("--flex-mode", default=None, help="torch.compile mode of flex, e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--flex-options", default=None, help="JSON kernel_options replacing sparse_attn.FLEX_KERNEL_OPTIONS")
     return p.parse_args()
 
 
@@ -72,6 +76,17 @@ def runner(mode, attend, q, k, v, gate, grad):
     return f
 
 
+def overhead(q, k, v, gate, grid, cube, flex, padded):
+    """sparse_attention at sparsity 0.8 without the fine stage's kernel (its output replaced by q's cubes)."""
+    valid = sa.real_tokens(grid, cube, q.device)
+    qc, kc, vc = (sa.to_cubes(t, grid, cube) for t in (q, k, v))
+    scores, o_c = sa.coarse_attention(qc, kc, vc, valid)
+    idx = sa.select_cubes(scores, 0.8)
+    if flex:
+        sa.selection_block_mask(idx, valid if padded else None, valid.shape[1], exact=False)
+    return sa.from_cubes(torch.addcmul(qc, sa.to_cubes(gate, grid, cube), o_c[:, :, :, None]), grid, cube)
+
+
 def main():
     a = parse_args()
     dev = torch.device(a.device)
@@ -86,9 +101,13 @@ def main():
     torch.manual_seed(0)
     q, k, v, gate, grad = (torch.randn(a.batch, L, a.heads, a.head_dim, device=dev, dtype=dt) for _ in range(5))
     gate.mul_(0.1)
+    sa.FLEX_COMPILE_MODE = a.flex_mode
+    if a.flex_options:
+        sa.FLEX_KERNEL_OPTIONS = json.loads(a.flex_options)
+    padded = any(g % c for g, c in zip(grid, cube))
     print(f"{card(dev)} | torch {torch.__version__} | {dt} | grid {grid} = {L:,} tokens x {a.heads} heads x "
           f"{a.head_dim} | cube {cube} = {math.prod(cube)} tokens, {C} cubes"
-          f"{' (padded)' if any(g % c for g, c in zip(grid, cube)) else ''}")
+          f"{' (padded)' if padded else ''}" + (f" | flex {a.flex_mode} {sa.FLEX_KERNEL_OPTIONS}" if cuda else ""))
 
     def dense(q, k, v, gate):
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
@@ -99,6 +118,11 @@ def main():
         print(f"{mode:7s} | {'sdpa':6s} | {'dense':>8s} | {1:6.3f} | {1e3 * t_dense:9.1f} | {1:7.2f} | {m_dense / 2**30:.2f}")
         for kernel in a.kernel.split(","):
             name = sa.pick_kernel(kernel, dev, cube)
+            if mode == "fwd":
+                t, m = timed(runner(mode, lambda *t: overhead(*t, grid, cube, name == "flex", padded), *qs, grad),
+                             repeats, sync)
+                print(f"{mode:7s} | {name:6s} | {'overhead':>8s} | {'-':>6s} | {1e3 * t:9.1f} | {t / t_dense:7.2f} | "
+                      f"{m / 2**30:.2f}")
             for s in (float(x) for x in a.sparsities.split(",")):
                 def attend(q, k, v, gate, s=s):
                     return sa.sparse_attention(q, k, v, gate, grid, s, cube, kernel=name)
