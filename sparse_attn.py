@@ -20,6 +20,8 @@ Two interchangeable fine-stage kernels: "gather" (the selected cubes' k/v gather
 gathered blocks; any device, the CPU path) and "flex" (FlexAttention with a BlockMask built from the selection,
 torch.compile'd; CUDA, cubes of a multiple of 64 tokens). "auto" takes flex where it applies.
 """
+import functools
+import inspect
 import math
 
 import torch
@@ -27,8 +29,9 @@ import torch.nn.functional as F
 
 DEFAULT_CUBE = (4, 4, 4)   # VSA's tile: latent frames x height x width tokens, after the 1x2x2 patchify
 _compiled_flex = []        # torch.compile(flex_attention), built once on first use
-# flex's forward tiles must divide the 64-token cube blocks (its defaults for head dim 128 take 128 query rows); the
-# backward picks among its own configs. "fwd_" keeps these out of the backward (torch >= 2.6 reads the prefix).
+# flex's forward tiles must divide the cube blocks: its defaults for head dim 128 take 128 query rows, so cubes of 64
+# tokens get these; "fwd_" keeps them out of the backward, which picks its own tiles (torch 2.11 on sm90 has none for
+# 64-token blocks at head dim 128: train with 128-token cubes there, e.g. sparse_cube=(4,4,8))
 FLEX_KERNEL_OPTIONS = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3}
 FLEX_COMPILE_MODE = None   # e.g. "max-autotune-no-cudagraphs": flex's tiles autotuned (slower first call)
 
@@ -62,8 +65,9 @@ def from_cubes(y, grid, cube):
     return y.reshape(B, nf * cf, nh * ch, nw * cw, N, d)[:, :Fg, :Hg, :Wg].reshape(B, Fg * Hg * Wg, N, d)
 
 
+@functools.lru_cache(maxsize=16)
 def real_tokens(grid, cube, device=None):
-    """(C,V) bool: True where a cube slot holds a real token, False where it is padding."""
+    """(C,V) bool: True where a cube slot holds a real token, False where it is padding (cached per geometry)."""
     ones = torch.ones(1, math.prod(grid), 1, 1, device=device)
     return to_cubes(ones, grid, cube)[0, 0, :, :, 0] > 0
 
@@ -73,7 +77,7 @@ def coarse_attention(qc, kc, vc, valid):
     scores (B,N,C,C) (the selection's criterion) and o_c (B,N,C,d)."""
     acc = torch.promote_types(qc.dtype, torch.float32)               # means and softmax in at least fp32
     n = valid.sum(1).to(acc)[:, None]                                # (C,1) real tokens per cube
-    qm, km, vm = ((t.to(acc).sum(3) / n).to(t.dtype) for t in (qc, kc, vc))   # (B,N,C,d)
+    qm, km, vm = ((t.sum(3, dtype=acc) / n).to(t.dtype) for t in (qc, kc, vc))   # (B,N,C,d)
     scores = qm @ km.transpose(-1, -2) / math.sqrt(qc.shape[-1])     # (B,N,C,C)
     return scores, (scores.to(acc).softmax(-1).to(vm.dtype) @ vm)
 
@@ -128,8 +132,21 @@ def selection_block_mask(idx, valid, V, exact=True):
     full = first_k.expand(B, N, C, C) if valid is None else valid.all(1)[order] & first_k   # chosen, complete
     part = ~full & first_k
     by = lambda front: order.gather(-1, torch.argsort((~front).to(torch.int8), dim=-1, stable=True)).to(torch.int32)
+    # the query-side lists serve only the backward (compute_q_blocks: torch >= 2.6)
+    skip_q = {"compute_q_blocks": False} if not torch.is_grad_enabled() and _HAS_COMPUTE_Q else {}
     return BlockMask.from_kv_blocks(part.sum(-1, dtype=torch.int32), by(part), full.sum(-1, dtype=torch.int32),
-                                    by(full), BLOCK_SIZE=V, mask_mod=exact_mask if exact else padding_mask)
+                                    by(full), BLOCK_SIZE=V, mask_mod=exact_mask if exact else padding_mask, **skip_q)
+
+
+def _has_compute_q():
+    try:
+        from torch.nn.attention.flex_attention import BlockMask
+        return "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
+    except ImportError:
+        return False
+
+
+_HAS_COMPUTE_Q = _has_compute_q()
 
 
 def fine_flex(qc, kc, vc, idx, valid=None):
@@ -140,10 +157,16 @@ def fine_flex(qc, kc, vc, idx, valid=None):
     q, k, v = (t.reshape(B, N, C * V, d) for t in (qc, kc, vc))
     if q.device.type != "cuda":
         return flex_attention(q, k, v, block_mask=selection_block_mask(idx, valid, V)).view(B, N, C, V, d)
+    return _flex_cuda(q, k, v, selection_block_mask(idx, valid, V, exact=False)).view(B, N, C, V, d)
+
+
+@torch.compiler.disable   # inside torch.compile'd blocks too, flex runs as its own compiled kernel
+def _flex_cuda(q, k, v, bm):
+    from torch.nn.attention.flex_attention import flex_attention
     if not _compiled_flex:
         _compiled_flex.append(torch.compile(flex_attention, dynamic=False, mode=FLEX_COMPILE_MODE))
-    bm = selection_block_mask(idx, valid, V, exact=False)
-    return _compiled_flex[0](q, k, v, block_mask=bm, kernel_options=FLEX_KERNEL_OPTIONS).view(B, N, C, V, d)
+    options = FLEX_KERNEL_OPTIONS if bm.BLOCK_SIZE[0] % 128 else {}   # 128-token cubes fit flex's own tiles
+    return _compiled_flex[0](q, k, v, block_mask=bm, kernel_options=options)
 
 
 def pick_kernel(kernel, device, cube):
@@ -169,7 +192,7 @@ def sparse_attention(q, k, v, gate, grid, sparsity, cube=DEFAULT_CUBE, kernel="a
     o_f + gate * o_c (see the module docstring). sparsity 0 selects every cube (o_f is then dense attention)."""
     if q.shape[1] != math.prod(grid):
         raise ValueError(f"sparse attention: {q.shape[1]} tokens, but the grid {tuple(grid)} has {math.prod(grid)}")
-    valid = real_tokens(grid, cube, q.device)                              # (C,V)
+    valid = real_tokens(tuple(grid), tuple(cube), q.device)                # (C,V)
     padded = any(g % c for g, c in zip(grid, cube))                       # some cubes hold padding
     qc, kc, vc = (to_cubes(t, grid, cube) for t in (q, k, v))             # (B,N,C,V,d)
     scores, o_c = coarse_attention(qc, kc, vc, valid)                      # (B,N,C,C), (B,N,C,d)

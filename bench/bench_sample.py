@@ -98,10 +98,9 @@ def main():
             t_dit = timed(student, sync, args.repeats)
             t_step = timed(teacher_step, sync, args.repeats)
             rows.append((label + (f" VSA {s:g}" if s > 0 else ""), t_dit, t_step))
+            print(f"{rows[-1][0]:16s} 3-step DiT {t_dit:.3f} s | one forward {t_step / 2:.3f} s", flush=True)
         mw.enable_sparse_attention(dit, None)
     if args.dit_only:
-        for label, t_dit, t_step in rows:
-            print(f"{label:16s} 3-step DiT {t_dit:.3f} s | one forward {t_step / 2:.3f} s")
         return
     if cuda:
         torch.cuda.reset_peak_memory_stats()

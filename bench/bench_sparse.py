@@ -42,6 +42,7 @@ def parse_args():
     p.add_argument("--repeats", type=int, default=None, help="timed calls per row; default 2 (CPU), 10 (CUDA)")
     p.add_argument("--flex-mode", default=None, help="torch.compile mode of flex, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--flex-options", default=None, help="JSON kernel_options replacing sparse_attn.FLEX_KERNEL_OPTIONS")
+    p.add_argument("--profile", action="store_true", help="then a profiler table of one sparse forward (sparsity 0.8)")
     return p.parse_args()
 
 
@@ -133,6 +134,13 @@ def main():
                     continue
                 print(f"{mode:7s} | {name:6s} | {s:8.2f} | {sa.num_selected(s, C) / C:6.3f} | {1e3 * t:9.1f} | "
                       f"{t / t_dense:7.2f} | {m / 2**30:.2f}")
+
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+            sa.sparse_attention(q, k, v, gate, grid, 0.8, cube, kernel=a.kernel.split(",")[0])
+            sync()
+        print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25))
 
 
 if __name__ == "__main__":
