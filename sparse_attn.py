@@ -163,6 +163,13 @@ def fine_flex(qc, kc, vc, idx, valid=None):
 @torch.compiler.disable   # inside torch.compile'd blocks too, flex runs as its own compiled kernel
 def _flex_cuda(q, k, v, bm):
     from torch.nn.attention.flex_attention import flex_attention
+    # torch's default backward tiles for head dim > 64 on sm90/sm100 (inductor's template heuristics) span 128
+    # tokens: a 64-token block has no valid choice there, and the failure would surface deep in the backward
+    sm = torch.cuda.get_device_capability(q.device)[0]
+    if q.requires_grad and bm.BLOCK_SIZE[0] % 128 and q.shape[-1] > 64 and sm in (9, 10):
+        raise ValueError(f"sparse attention: training with {bm.BLOCK_SIZE[0]}-token cubes on this GPU has no "
+                         "FlexAttention backward kernel: use a sparse_cube of 128 tokens, e.g. (4, 4, 8) (sampling "
+                         "takes either)")
     if not _compiled_flex:
         _compiled_flex.append(torch.compile(flex_attention, dynamic=False, mode=FLEX_COMPILE_MODE))
     options = FLEX_KERNEL_OPTIONS if bm.BLOCK_SIZE[0] % 128 else {}   # 128-token cubes fit flex's own tiles
