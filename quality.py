@@ -137,7 +137,7 @@ def load_pair(teacher, student, negative_prompt="", device="cpu"):
     base = mw.load_dit(teacher).eval()
     vae = vae_wan.load_vae(teacher).eval()
     te = text_encoders.text_encoder(teacher, torch.float32, "cpu", base)
-    if os.path.isdir(os.path.join(student, "transformer")):
+    if os.path.isdir(os.path.join(student, "transformer")) and not sample.student_sparsity(student)[0]:   # VSA: gates
         stud = mw.load_dit(os.path.join(student, "transformer")).eval()
     else:
         stud = copy.deepcopy(base)
