@@ -225,3 +225,37 @@ def test_cuda_compiled_flex_equals_gather_with_gradients(grid):
         outs.append((o, *torch.autograd.grad(o.square().sum(), (q, k, v, gate))))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_train_config_errors():
+    import train_dmd
+    with pytest.raises(ValueError, match="attention_sparsity"):
+        train_dmd.check_config(dict(train_dmd.DEFAULTS, attention_sparsity=1.0))
+    with pytest.raises(ValueError, match="causal"):
+        train_dmd.check_config(dict(train_dmd.DEFAULTS, attention_sparsity=0.5, causal=True))
+
+
+@pytest.mark.slow
+def test_train_dmd_sparse_student_round_trip(tmp_path):
+    """config/tiny.py with VSA for 2 steps: the gates' LoRA is in the generator's trainable set (and the critic has
+    none); the exported folder, loaded by sample.load_student on the bare teacher, gives the trained generator."""
+    import copy
+    import os
+    import train_dmd
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = train_dmd.config([os.path.join(root, "config", "tiny.py"), f"--output_dir={tmp_path}", "--max_train_steps=2",
+                          "--attention_sparsity=0.5", "--sparse_cube=(1,2,2)", "--validation_step_interval=2",
+                          "--checkpoint_step_interval=2"])
+    res = train_dmd.train(c)
+    base = res["base"]
+    assert sum("gate_compress.lora_" in n for n in lora.named_trainable(base, "generator")) == 2 * len(base.blocks)
+    assert not any("gate_compress" in n for n in lora.named_trainable(base, "critic"))
+    torch.manual_seed(1)
+    inp = (torch.randn(1, 16, 3, 8, 8), torch.tensor([700.0]), torch.randn(1, 7, base.cfg.text_dim))
+    with torch.no_grad(), lora.use_adapter(base, "generator"):
+        want = base(*inp)
+    fresh = mw.enable_sparse_attention(copy.deepcopy(base), None)
+    lora.delete_adapter(fresh, "generator")
+    assert sample.load_student(fresh, str(tmp_path)) == "adapter"
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(*inp), want, rtol=0, atol=1e-5)
