@@ -210,6 +210,8 @@ def settings(c):
             raise ValueError(f"num_frames={s['Fn']} ({T} latent frames) does not fit the causal student's blocks: {e}") from None
         if T > causal["window"]:
             print(f"notice: {T} latent frames > the {causal['window']} trained: the KV cache window rolls")
+    if not c["ckpt"] and (c.get("attention_sparsity") or c.get("sparse_cube")):
+        raise ValueError("attention_sparsity / sparse_cube are a student's settings: give its --ckpt")
     s["steps"] = None
     if c["ckpt"] or c["denoising_steps"]:   # the student, on the steps it was trained on unless given
         default_steps = student_steps(c["ckpt"]) if c["ckpt"] else STUDENT_STEPS
