@@ -4,6 +4,7 @@ model is built (a bad run stops in a second with one line, not after the teacher
 """
 import flow
 import model_wan as mw
+import sparse_attn
 
 
 def check_config(c):
@@ -55,6 +56,9 @@ def check_config(c):
         raise ValueError(f"real_score_guidance_max_timestep must be in (0, 1000], got {c['real_score_guidance_max_timestep']}")
     if c["height"] % 16 or c["width"] % 16:
         raise ValueError(f"height and width must be multiples of 16, got {c['height']}x{c['width']}")
+    sparse_attn.check_sparse(c["attention_sparsity"], c["sparse_cube"])
+    if c["attention_sparsity"] and c["causal"]:
+        raise ValueError("attention_sparsity > 0: sparse attention does not support the causal student (causal=True)")
     return steps
 
 

@@ -18,8 +18,11 @@ over a process group; two all-to-alls around self-attention are the only other c
 
 Causal student (dmd.md §9, off by default): `forward(..., causal=(num_frame_per_block, independent_first_frame))`
 runs the whole clip under a block-causal SDPA mask (t per sample or per latent frame); with `kv_cache=` too it runs
-one block against a KVCache of earlier frames (block_starts, block_causal_mask, KVCache, WanDiT.new_kv_cache).
+one block against a KVCache of earlier frames (causal.py: block_starts, block_causal_mask, KVCache; WanDiT.new_kv_cache).
 No mask is built and no other op added when neither is given. (FlexAttention is not used: SDPA + a boolean mask.)
+
+Video sparse attention (VSA, off by default): `enable_sparse_attention(model, sparsity, cube, adapter)` runs the
+self-attention of one adapter's forwards (the student's) through sparse_attn.py, with a zero-initialised gate per block.
 
 Run `python model_wan.py` for a self-check of the tiny preset on CPU.
 """
@@ -36,6 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import sparse_attn
+from causal import KVCache, block_causal_mask, block_starts   # re-exported: mw.block_starts, mw.KVCache
 from lora import Linear, add_adapter, adapters_as, lora_modules, set_adapter
 
 # -----------------------------------------------------------------------------
@@ -178,15 +183,21 @@ def apply_rope(x, cos, sin):
     out[..., 1::2] = x1 * sin + x2 * cos
     return out
 
-def attention(q, k, v, sp_group=None, mask=None):
+def attention(q, k, v, sp_group=None, mask=None, sparse=None):
     """q (B,Lq,N,d), k/v (B,Lk,N,d) -> (B,Lq,N*d). SDPA picks flash/cuDNN kernels on GPU; a boolean
     mask (Lq,Lk), True = attend (the causal whole-clip pass), sends it to the efficient/math kernels.
-    With an SP group of P ranks (Ulysses), q/k/v hold this rank's L/P tokens of every head: one all-to-all
-    trades them for all L tokens of N/P heads, attention runs on those, and a second all-to-all trades back."""
+    sparse = (gate (B,L,N,d), grid, sparsity, cube): video sparse attention (sparse_attn.py) instead of SDPA.
+    With an SP group of P ranks (Ulysses), q/k/v (and the gate) hold this rank's L/P tokens of every head: one
+    all-to-all trades them for all L tokens of N/P heads, attention runs on those, and a second all-to-all trades back."""
     if sp_group is not None:
-        q, k, v = _AllToAll.apply(torch.stack([q, k, v]), sp_group, False).unbind(0)
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=mask).transpose(1, 2)
+        q, k, v, *g = _AllToAll.apply(torch.stack([q, k, v] + list(sparse[:1] if sparse else [])), sp_group,
+                                      False).unbind(0)
+        sparse = sparse and (g[0], *sparse[1:])
+    if sparse is not None:
+        o = sparse_attn.sparse_attention(q, k, v, *sparse)
+    else:
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask).transpose(1, 2)
     if sp_group is not None:
         o = _AllToAll.apply(o.unsqueeze(0), sp_group, True).squeeze(0)
     return o.flatten(2)
@@ -196,14 +207,19 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.sp_group = None   # set on self-attention by enable_sequence_parallel
+        self.sparse = self.gate_compress = None   # VSA (adapter, sparsity, cube) and its gate: enable_sparse_attention
         self.q, self.k, self.v, self.o = (Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
-    def forward(self, x, ctx=None, rope=None, mask=None, cache=None):
+    def sparse_on(self):   # VSA runs when the adapter that owns it is the active one (the same switch as LoRA's)
+        return self.sparse is not None and self.q.adapter == self.sparse[0]
+
+    def forward(self, x, ctx=None, rope=None, mask=None, cache=None, grid=None):
         """x (B,L,E); ctx (B,Lc,E) for cross-attention or None for self-attention -> (B,L,E).
         mask: block-causal (L,L) bool or None. cache: this layer's KVCache.update (k, v) -> (k, v): stores this
-        call's k/v (after RoPE) and gives the cached frames' k/v plus them, to attend to."""
+        call's k/v (after RoPE) and gives the cached frames' k/v plus them, to attend to. grid: the (F,H,W) patch grid
+        of the L tokens (for sparse attention)."""
         ctx = x if ctx is None else ctx
         N = self.num_heads
         q = self.norm_q(self.q(x)).unflatten(-1, (N, -1))    # (B,L,N,d)
@@ -213,7 +229,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache(k, v)
-        return self.o(attention(q, k, v, self.sp_group, mask))
+        sparse = (self.gate_compress(x).unflatten(-1, (N, -1)), grid, *self.sparse[1:]) if self.sparse_on() else None
+        return self.o(attention(q, k, v, self.sp_group, mask, sparse))
 
 class Block(nn.Module):
     def __init__(self, cfg):
@@ -226,16 +243,17 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(Linear(E, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, E))
         self.modulation = nn.Parameter(torch.randn(1, 6, E) / E ** 0.5)
 
-    def forward(self, x, e, ctx, rope, mask=None, cache=None):
+    def forward(self, x, e, ctx, rope, mask=None, cache=None, grid=None):
         """x (B,L,E) fp32 residual; e (B,6,E) fp32 time projection, or (B,F,6,E) per latent frame (the causal
         whole-clip pass: frame f's tokens are modulated by its own timestep, x viewed as (B,F,HW,E) for each
-        modulation, as Self-Forcing's CausalWan); ctx (B,Lc,E); rope tables; mask/cache for causal self-attention."""
+        modulation, as Self-Forcing's CausalWan); ctx (B,Lc,E); rope tables; mask/cache for causal self-attention;
+        grid (F,H,W) of the tokens for sparse self-attention."""
         dt = self.self_attn.q.weight.dtype
         e = e if e.ndim == 4 else e[:, None]                                   # one timestep per sample = one "frame"
         fr = lambda y: y.unflatten(1, (e.shape[1], -1))                        # (B,L,E) -> (B,F,HW,E), a view
         shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e).chunk(6, dim=2)  # (B,F,1,E)
         h = torch.addcmul(shift, fr(layer_norm(x, eps=self.eps)), 1 + scale).flatten(1, 2)   # LN(x)(1+scale)+shift
-        x = torch.addcmul(fr(x), fr(self.self_attn(h.to(dt), rope=rope, mask=mask, cache=cache)), gate).flatten(1, 2)
+        x = torch.addcmul(fr(x), fr(self.self_attn(h.to(dt), rope=rope, mask=mask, cache=cache, grid=grid)), gate).flatten(1, 2)
         x = x + self.cross_attn(self.norm3(x).to(dt), ctx=ctx)                 # no gate, no mask
         h = torch.addcmul(c_shift, fr(layer_norm(x, eps=self.eps)), 1 + c_scale).flatten(1, 2)
         return torch.addcmul(fr(x), fr(self.ffn(h.to(dt))), c_gate).flatten(1, 2)   # fp32 residual += o*gate
@@ -305,8 +323,9 @@ class WanDiT(nn.Module):
         B, _, Fr, H, W = x.shape
         pt, ph, pw = self.cfg.patch_size
         Fp, hw = Fr // pt, (H // ph) * (W // pw)
-        if self.sp_group is not None:
-            raise ValueError("sequence parallelism does not support the causal student (causal/kv_cache given)")
+        if self.sp_group is not None or self.blocks[0].self_attn.sparse_on():
+            raise ValueError("sequence parallelism and sparse attention do not support the causal student "
+                             "(causal/kv_cache given)")
         if causal is None:
             raise ValueError("a kv_cache forward needs causal=(num_frame_per_block, independent_first_frame) too")
         nb, first = causal
@@ -378,10 +397,10 @@ class WanDiT(nn.Module):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 # the recompute runs in backward, after use_adapter has restored its choice: replay this one
                 state = [(m, m.adapter) for m in block.modules() if isinstance(m, Linear)]
-                x = checkpoint(block, x, e, ctx, rope, mask, cache, use_reentrant=False,
+                x = checkpoint(block, x, e, ctx, rope, mask, cache, (Fp, Hp, Wp), use_reentrant=False,
                                context_fn=lambda s=state: (nullcontext(), adapters_as(s)))
             else:
-                x = block(x, e, ctx, rope, mask, cache)
+                x = block(x, e, ctx, rope, mask, cache, (Fp, Hp, Wp))
         y = self.head(x, temb).float()                                               # (B,L,pt*ph*pw*C)
         if self.sp_group is not None:
             y = _Gather.apply(y, self.sp_group)
@@ -402,87 +421,25 @@ class WanDiT(nn.Module):
             p.data = p.data.to(torch.float32 if keep else dtype)
         return self
 
-# -----------------------------------------------------------------------------
-# causal (block-wise autoregressive) student: blocks of latent frames, their attention mask, the KV cache
-
-def block_starts(num_frames, num_frame_per_block, independent_first_frame):
-    """Latent-frame index where each block starts: (21, 3, False) -> [0, 3, ..., 18]; (21, 4, True) ->
-    [0, 1, 5, 9, 13, 17] (the first frame is a block of its own). num_frame_per_block 0 = one block of all
-    (remaining) frames."""
-    off = 1 if independent_first_frame and num_frames > 0 else 0
-    n = num_frames - off
-    nb = num_frame_per_block or max(n, 1)
-    if num_frame_per_block < 0 or n % nb:
-        raise ValueError(f"{num_frames} latent frames" + (" (after the lone first frame: "
-                         f"{n})" if off else "") + f" do not split into blocks of num_frame_per_block="
-                         f"{num_frame_per_block}")
-    return [0] * off + list(range(off, num_frames, nb)) if n else [0]
-
-def block_causal_mask(num_frames, tokens_per_frame, num_frame_per_block, independent_first_frame, device=None):
-    """(L, L) bool, L = num_frames*tokens_per_frame: True where the query token may attend the key token,
-    i.e. the key's block is the query's block or an earlier one."""
-    starts = torch.tensor(block_starts(num_frames, num_frame_per_block, independent_first_frame), device=device)
-    blk = torch.searchsorted(starts, torch.arange(num_frames, device=device), right=True) - 1   # block of each frame
-    blk = blk.repeat_interleave(tokens_per_frame)
-    return blk[None, :] <= blk[:, None]
-
-class KVCache:
-    """Self-attention k/v (after RoPE, detached) of already processed latent frames, for every layer:
-    k[i], v[i] of shape (B, max_frames*tokens_per_frame, N, d). Absolute frames [start, end) are held, frame
-    `start` in slot 0. Writing a block of f frames at frame s (WanDiT.forward with kv_cache) keeps frames
-    [start, s), drops any from s on, and, when s+f would overflow the window, rolls it: the oldest frames are
-    dropped and the rest shifted to the front (no attention sink). RoPE positions stay absolute: the
-    rolled entries carry their own rotation."""
-
-    def __init__(self, num_layers, batch, max_frames, tokens_per_frame, num_heads, head_dim, device=None,
-                 dtype=torch.float32):
-        shape = (batch, max_frames * tokens_per_frame, num_heads, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.batch, self.max_frames, self.tokens_per_frame, self.dtype = batch, max_frames, tokens_per_frame, dtype
-        self.version = 0   # bumped when held entries move or may change under an earlier forward (roll, reset, rewind)
-        self.reset()
-
-    def reset(self):
-        self.start = self.end = 0
-        self.version += 1
-
-    def write_slots(self, s, f):
-        """Make room for frames [s, s+f) (rolling the window if needed) -> their token slots (a, b)."""
-        if f > self.max_frames:
-            raise ValueError(f"a block of {f} frames does not fit a KV cache of {self.max_frames} frames")
-        if not self.start <= s <= self.end:
-            raise ValueError(f"start_frame={s} does not continue the KV cache, which holds frames [{self.start}, "
-                             f"{self.end}): write blocks in order (reset() for a new clip)")
-        new_start = max(self.start, s + f - self.max_frames)
-        if new_start > self.start:   # roll: keep frames [new_start, s) and move them to the front
-            n, a = (s - new_start) * self.tokens_per_frame, (new_start - self.start) * self.tokens_per_frame
-            for buf in self.k + self.v:
-                buf[:, :n] = buf[:, a:a + n].clone()
-        if new_start > self.start or s + f < self.end:   # moved, or rewound before the last block
-            self.version += 1
-        self.start, self.end = new_start, s + f
-        a = (s - self.start) * self.tokens_per_frame
-        return {"a": a, "b": a + f * self.tokens_per_frame, "version": self.version, "written": set()}
-
-    def update(self, i, slots, k, v):
-        """Self-attention of layer i in a forward whose block has token `slots` (write_slots): store k/v (detached)
-        there the first time; a gradient-checkpoint recompute in backward finds them written and stores nothing.
-        -> k, v to attend: the cached earlier frames, then this block's own (the gradient reaches only these)."""
-        a, b = slots["a"], slots["b"]
-        kb, vb = self.k[i], self.v[i]
-        if i not in slots["written"]:
-            kb[:, a:b], vb[:, a:b] = k.detach(), v.detach()
-            slots["written"].add(i)
-        elif self.version != slots["version"]:
-            raise RuntimeError("the KV cache rolled, was reset or rewound between a checkpointed forward with grad and "
-                               "its backward: give the cache room for the whole rollout, or backward first")
-        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            return torch.cat([kb[:, :a], k], 1), torch.cat([vb[:, :a], v], 1)
-        return kb[:, :b], vb[:, :b]                                             # views: no copy
-
 def num_params(model):
     return sum(p.numel() for p in model.parameters())
+
+def enable_sparse_attention(model, sparsity, cube=sparse_attn.DEFAULT_CUBE, adapter=None):
+    """VSA (sparse_attn.py) in `model`'s self-attention, in the forwards with LoRA adapter `adapter` active (None:
+    those with no adapter, i.e. a full student copy): the teacher and critic stay dense. Each block gets its gate
+    `self_attn.gate_compress`, a zero Linear (the model starts dense), kept when called again: with an adapter its
+    weight is frozen and the gate is a LoRA target, in a full copy it trains as a whole. sparsity None: dense again."""
+    if sparsity is not None:
+        sparse_attn.check_sparse(sparsity, cube)
+    for a in (b.self_attn for b in model.blocks):
+        if sparsity is not None and a.gate_compress is None:
+            with torch.device(a.q.weight.device):
+                a.gate_compress = Linear(a.q.in_features, a.q.out_features).to(a.q.weight.dtype)
+            nn.init.zeros_(a.gate_compress.weight), nn.init.zeros_(a.gate_compress.bias)
+            a.gate_compress.requires_grad_(adapter is None)
+        a.sparse = None if sparsity is None else (adapter, float(sparsity), tuple(int(c) for c in cube))
+        a.gate_compress = a.gate_compress if sparsity is not None else None
+    return model
 
 # -----------------------------------------------------------------------------
 # Ulysses sequence parallelism: P ranks of a group hold the same sample; each runs 1/P of the tokens through

@@ -134,7 +134,7 @@ SAMPLERS = ("teacher-50", "teacher-3", "student-3")
 def load_student(student, base=None):
     """A train_dmd output folder (its merged transformer/) or an adapter / full-weights file on a copy of `base` ->
     dict(dit, causal settings or None, steps as trained or None for a bare file)."""
-    if os.path.isdir(os.path.join(student, "transformer")):
+    if os.path.isdir(os.path.join(student, "transformer")) and not sample.student_sparsity(student)[0]:   # VSA: gates
         dit = mw.load_dit(os.path.join(student, "transformer")).eval()
     else:
         dit = copy.deepcopy(base)

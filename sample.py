@@ -29,6 +29,7 @@ import lora
 from configurator import pick_threads
 import media
 import model_wan as mw
+import sparse_attn
 import text_encoders
 import vae_wan
 
@@ -53,6 +54,8 @@ out = "out/samples"          # folder for the mp4s (and latents)
 save_latents = False         # also write the final normalised latents as safetensors
 decode = True                # False: latents only (needs save_latents=True): no VAE decode, no mp4 (benchmark sweeps)
 stream = False               # causal student: decode and write each block's frames as soon as it is generated
+attention_sparsity = None    # student's VSA sparsity (fraction of key cubes skipped); None: as its config.json says
+sparse_cube = None           # student's VSA cube in patch tokens (frames, h, w); None: as its config.json says
 fps = 16
 device = "auto"              # auto: cuda if available, else cpu
 dtype = "auto"               # DiT and text-encoder dtype; auto: bfloat16 on cuda, float32 on cpu (the VAE stays fp32)
@@ -79,11 +82,12 @@ def student_file(path):
     return path
 
 
-def load_student(dit, path, adapter="student", kind=None):
+def load_student(dit, path, adapter="student", kind=None, sparse=None):
     """The one student loader (sample.py, train_dmd's generator_init, the quality bench). A LoRA adapter file
     (diffusers/PEFT keys or ours) becomes adapter `adapter` of `dit` (replacing one of that name) and is selected;
     a full-weights file (either layout) replaces the base weights of `dit`. kind: "adapter" or "full" to refuse the
-    other before anything is touched -> "adapter" or "full"."""
+    other before anything is touched. sparse: (attention_sparsity, sparse_cube), default student_sparsity(path): a
+    sparse student (or one whose file holds VSA gates) gets sparse attention for its forwards -> "adapter" or "full"."""
     from safetensors.torch import load_file
     path = student_file(path)
     sd = load_file(path)
@@ -91,6 +95,9 @@ def load_student(dit, path, adapter="student", kind=None):
     if kind is not None and found != kind:
         raise ValueError(f"{path} holds {'a LoRA adapter' if found == 'adapter' else 'full weights'}, "
                          f"expected {'a LoRA adapter' if kind == 'adapter' else 'full weights'}")
+    sparsity, cube = sparse or student_sparsity(path)
+    if sparsity or any("gate_compress" in k for k in sd):   # the gates must exist before the weights are read
+        mw.enable_sparse_attention(dit, sparsity, cube, adapter if found == "adapter" else None)
     if found == "adapter":
         if adapter in lora.adapter_names(dit):
             lora.delete_adapter(dit, adapter)
@@ -122,6 +129,14 @@ def student_config(ckpt):
         return {}
     with open(path) as f:
         return json.load(f)
+
+
+def student_sparsity(ckpt, sparsity=None, cube=None):
+    """The student's VSA settings: the given ones, else attention_sparsity / sparse_cube of its config.json, else
+    dense -> (sparsity, cube)."""
+    cfg = student_config(ckpt)
+    sparsity = float(cfg.get("attention_sparsity", 0.0) if sparsity is None else sparsity)
+    return sparsity, tuple(cfg.get("sparse_cube", sparse_attn.DEFAULT_CUBE) if cube is None else cube)
 
 
 def student_steps(ckpt):
@@ -232,6 +247,8 @@ def settings(c):
             raise ValueError(f"num_frames={s['Fn']} ({T} latent frames) does not fit the causal student's blocks: {e}") from None
         if T > causal["window"]:
             print(f"notice: {T} latent frames > the {causal['window']} trained: the KV cache window rolls")
+    if not c["ckpt"] and (c.get("attention_sparsity") or c.get("sparse_cube")):
+        raise ValueError("attention_sparsity / sparse_cube are a student's settings: give its --ckpt")
     s["steps"] = None
     if c["ckpt"] or c["denoising_steps"]:   # the student, on the steps it was trained on unless given
         default_steps = student_steps(c["ckpt"]) if c["ckpt"] else STUDENT_STEPS
@@ -281,7 +298,9 @@ def generate(cfg):
     t_text = time.perf_counter() - t0
     dit = mw.load_dit(s["src"], dtype=dt, device=dev)
     if c["ckpt"]:
-        print(f"student: {load_student(dit, c['ckpt'])} weights from {c['ckpt']}")
+        sparse = student_sparsity(c["ckpt"], c.get("attention_sparsity"), c.get("sparse_cube"))
+        print(f"student: {load_student(dit, c['ckpt'], sparse=sparse)} weights from {c['ckpt']}"
+              + (f", sparse attention {sparse[0]:g} in cubes of {sparse[1]}" if sparse[0] else ""))
     vae = vae_wan.load_vae(s["src"], dtype=torch.float32, device=dev) if s["decode"] else None
     mode = (f"student {len(s['steps'])} steps {','.join(f'{t:g}' for t in s['steps'])}" if student else
             f"teacher {c['sampler']} {c['num_inference_steps']} steps, guidance {c['guidance_scale']}, shift {s['shift']}")

@@ -104,6 +104,9 @@ lora_targets = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cro
 fake_score_lora_rank = 128             # critic LoRA rank; 0 = full fine-tune
 fake_score_lora_alpha = 128
 gradient_checkpointing = True
+attention_sparsity = 0.0               # VSA (sparse_attn.py) in the generator's self-attention: the fraction of key cubes
+                                       # each query cube skips (FastWan: 0.8 for 1.3B, 0.9 for 14B); 0 = dense
+sparse_cube = (4, 4, 4)                # VSA cube in patch tokens (latent frames, latent height/2, latent width/2): 64 tokens
 mixed_precision = "bf16"               # "bf16": bf16 base weights + autocast on CUDA; "no": fp32 (always fp32 on CPU)
 compile = False                        # torch.compile each DiT block
 # many GPUs (torchrun; parallel.py)
@@ -187,21 +190,26 @@ def build_networks(c, dev, dtype):
     base, vae, te = data.load_teacher(c, dev, dtype, text=False)
     base.gradient_checkpointing = c["gradient_checkpointing"]
     gen = critic = base
-    if c["lora_rank"] > 0:
-        lora.add_adapter(base, "generator", c["lora_rank"], c["lora_alpha"], tuple(c["lora_targets"]))
+    sparse = (c["attention_sparsity"], tuple(c["sparse_cube"]))
+    if c["lora_rank"] > 0:   # VSA gates (when sparse) before the adapter: they are LoRA targets of the generator
+        if sparse[0]:
+            mw.enable_sparse_attention(base, *sparse, adapter="generator")
+        lora.add_adapter(base, "generator", c["lora_rank"], c["lora_alpha"], (*c["lora_targets"], "self_attn.gate_compress"))
     else:
         gen = copy.deepcopy(base).float()
+        if sparse[0]:
+            mw.enable_sparse_attention(gen, *sparse)
     if c["generator_init"]:   # e.g. the causal ODE-init student (before the critic adapter: the critic stays the teacher's)
         kind = "adapter" if gen is base else "full"
         try:   # a LoRA file replaces the generator adapter (its own rank); full weights fill the full copy
-            sample.load_student(gen, c["generator_init"], adapter="generator", kind=kind)
+            sample.load_student(gen, c["generator_init"], adapter="generator", kind=kind, sparse=sparse)
         except ValueError as e:
             raise ValueError(f"generator_init: {e}: use lora_rank {'= 0' if kind == 'adapter' else '> 0'} "
                              "(a LoRA file sets its own rank; full weights need a full generator copy)") from None
     if c["fake_score_lora_rank"] > 0:
         lora.add_adapter(base, "critic", c["fake_score_lora_rank"], c["fake_score_lora_alpha"], tuple(c["lora_targets"]))
     else:
-        critic = copy.deepcopy(base).float()
+        critic = mw.enable_sparse_attention(copy.deepcopy(base).float(), None)   # without the generator's VSA gates
         if "generator" in lora.adapter_names(critic):
             lora.delete_adapter(critic, "generator")
     for m in {id(gen): gen, id(critic): critic}.values():

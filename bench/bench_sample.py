@@ -5,6 +5,7 @@ and, for scale, the 50-step CFG teacher projected from timed steps. No downloads
 
   python bench/bench_sample.py                          # CUDA: 1.3B bf16 DiT, fp32 VAE, 480x832x81
   python bench/bench_sample.py --compile                # + our blocks under torch.compile
+  python bench/bench_sample.py --sparsity 0,0.8,0.9 --dit-only   # the student with video sparse attention (sparse_attn)
   python bench/bench_sample.py --preset tiny --frames 9 --height 64 --width 64   # CPU smoke run
 """
 import argparse
@@ -46,6 +47,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--vae-base-dim", type=int, default=96, help="96 = the real Wan 2.1 VAE")
+    p.add_argument("--sparsity", default="0", help="student attention sparsities to time (0 = dense SDPA)")
+    p.add_argument("--dit-only", action="store_true", help="skip the VAE decode and the end-to-end timing")
     args = p.parse_args()
     dev = mw.pick_device("auto")
     cuda = dev.type == "cuda"
@@ -88,19 +91,25 @@ def main():
         if label == "compiled":
             for b in dit.blocks:
                 b.compile()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        t_dit = timed(student, sync, args.repeats)
-        t_step = timed(teacher_step, sync, args.repeats)
-        rows.append((label, t_dit, t_step))
+        for s in (float(v) for v in args.sparsity.split(",")):
+            mw.enable_sparse_attention(dit, s if s > 0 else None)   # zero gates: timing only
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t_dit = timed(student, sync, args.repeats)
+            t_step = timed(teacher_step, sync, args.repeats)
+            rows.append((label + (f" VSA {s:g}" if s > 0 else ""), t_dit, t_step))
+            print(f"{rows[-1][0]:16s} 3-step DiT {t_dit:.3f} s | one forward {t_step / 2:.3f} s", flush=True)
+        mw.enable_sparse_attention(dit, None)
+    if args.dit_only:
+        return
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t_vae = timed(decode, sync, max(1, args.repeats - 1))
     vae_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     t_e2e = timed(end_to_end, sync, max(1, args.repeats - 1))
-    print(f"{'DiT':10s} {'3-step s':>9s} {'teacher step s':>15s} {'50-step CFG teacher s (projected)':>34s} {'speed-up':>9s}")
+    print(f"{'DiT':16s} {'3-step s':>9s} {'teacher step s':>15s} {'50-step CFG teacher s (projected)':>34s} {'speed-up':>9s}")
     for label, t_dit, t_step in rows:
-        print(f"{label:10s} {t_dit:9.3f} {t_step:15.3f} {50 * t_step:34.1f} {50 * t_step / t_dit:8.1f}x")
+        print(f"{label:16s} {t_dit:9.3f} {t_step:15.3f} {50 * t_step:34.1f} {50 * t_step / t_dit:8.1f}x")
     print(f"VAE decode (fp32, chunked): {t_vae:.3f} s, peak {vae_peak:.2f} GiB "
           f"(CUDA max_memory_allocated during decode, DiT and VAE weights included)")
     print(f"end to end (noise -> 3 steps -> decode -> uint8 frames on host), last DiT mode: {t_e2e:.3f} s")

@@ -28,7 +28,7 @@ def tiny(seed=0):
 
 def check_sp_attention(out):
     """Ulysses attention, and the whole DiT under sequence parallelism, equal one process: outputs, and input
-    and parameter gradients (summed over the group), with and without gradient checkpointing."""
+    and parameter gradients (summed over the group), with and without gradient checkpointing, and with VSA."""
     r, P = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 8 * P, 4, 16, generator=g, requires_grad=True) for _ in range(3))
@@ -42,9 +42,15 @@ def check_sp_attention(out):
     for t, gref in zip((ql, kl, vl), ref_grads):
         torch.testing.assert_close(t.grad, mw.sp_split(gref, dist.group.WORLD), rtol=1e-5, atol=1e-6)
 
-    for ckpt in (False, True):
+    for ckpt, sparse in ((False, None), (True, None), (True, 0.5)):   # sparse: VSA, the gate in the all-to-all
         ref_m, sp_m = tiny(), tiny()
         ref_m.gradient_checkpointing = sp_m.gradient_checkpointing = ckpt
+        for m in (ref_m, sp_m) if sparse else ():
+            mw.enable_sparse_attention(m, sparse, (1, 2, 2))
+            torch.manual_seed(5)
+            with torch.no_grad():
+                for b in m.blocks:
+                    b.self_attn.gate_compress.weight.normal_(0, 0.1)
         mw.enable_sequence_parallel(sp_m, dist.group.WORLD)
         x = torch.randn(2, 16, 3, 8, 8, generator=g, requires_grad=True)
         t = torch.tensor([757.0, 31.5])

@@ -89,6 +89,16 @@ def test_ddp_run_checkpoint_resume_and_fsdp(tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp_with_sparse_attention_equals_ddp(tmp_path):
+    """The VSA student (gates as LoRA targets of the generator) under FSDP2 equals DDP, its export included."""
+    args = ["--max_train_steps=2", "--attention_sparsity=0.5", "--sparse_cube=(1,2,2)"]
+    train(tmp_path / "ddp", *args)
+    train(tmp_path / "fsdp", *args, "--fsdp=True")
+    assert sum("to_gate_compress.lora_" in k for k in student(tmp_path / "fsdp")) == 4
+    assert_same(student(tmp_path / "fsdp"), student(tmp_path / "ddp"), atol=1e-6)
+
+
+@pytest.mark.slow
 def test_fsdp_full_finetune_with_accumulation(tmp_path):
     """FSDP2 with full fine-tuning (separate generator and critic copies sharded too) and gradient accumulation
     equals DDP on the same run."""

@@ -1,0 +1,210 @@
+"""
+Trainable video sparse attention (VSA: Zhang et al. 2025, "VSA: Faster Video Diffusion with Trainable Sparse
+Attention", arXiv 2505.13389; the method of FastVideo's `video_sparse_attn`), in plain PyTorch, no custom kernels.
+
+The tokens of a (F, H, W) patch grid (model_wan's raster order f*H*W + h*W + w) are grouped into cubes of
+cf x ch x cw tokens (VSA: 4 x 4 x 4 = 64), cubes in raster order, tokens in raster order inside a cube.
+1. coarse: q, k and v are mean-pooled per cube; the query cubes attend over all key cubes (softmax, scale 1/sqrt(d))
+   -> o_c, one vector per cube, given to each of its tokens;
+2. selection: per (sample, head, query cube) the top-k key cubes by those coarse scores, k = ceil((1 - sparsity) C)
+   clamped to [1, C] (C cubes; FastVideo's compute_topk). It is a hard choice: no gradient flows through it;
+3. fine: each query cube's tokens attend only to the tokens of its k selected cubes -> o_f;
+4. o = o_f + gate * o_c, gate (B,L,N,d) a Linear of the attention input (FastVideo's to_gate_compress, no
+   nonlinearity), zero-initialised: a fresh gate gives o = o_f, i.e. exactly dense attention when every cube is
+   selected, and the coarse branch is learned from there.
+Grids that the cube does not divide are zero-padded per axis up to a multiple of it (FastVideo pads the same way,
+its variable_block_sizes): padded tokens are masked out as keys, left out of the cube means (divided by the cube's
+real token count) and their query rows dropped.
+
+Two interchangeable fine-stage kernels: "gather" (the selected cubes' k/v gathered per query cube, SDPA on the
+gathered blocks; any device, the CPU path) and "flex" (FlexAttention with a BlockMask built from the selection,
+torch.compile'd; CUDA, cubes of a multiple of 64 tokens). "auto" takes flex where it applies.
+"""
+import functools
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CUBE = (4, 4, 4)   # VSA's tile: latent frames x height x width tokens, after the 1x2x2 patchify
+_compiled_flex = []        # torch.compile(flex_attention), built once on first use
+# flex's forward tiles must divide the cube blocks: its defaults for head dim 128 take 128 query rows, so cubes of 64
+# tokens get these; "fwd_" keeps them out of the backward, which picks its own tiles (torch 2.11 on sm90 has none for
+# 64-token blocks at head dim 128: train with 128-token cubes there, e.g. sparse_cube=(4,4,8))
+FLEX_KERNEL_OPTIONS = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3}
+FLEX_COMPILE_MODE = None   # e.g. "max-autotune-no-cudagraphs": flex's tiles autotuned (slower first call)
+
+
+def num_selected(sparsity, num_cubes):
+    """Key cubes kept per query cube: ceil((1 - sparsity) * C) clamped to [1, C] (FastVideo's compute_topk)."""
+    return max(1, min(math.ceil((1 - sparsity) * num_cubes), num_cubes))
+
+
+def cube_counts(grid, cube):
+    """(F,H,W) token grid, (cf,ch,cw) cube -> cubes per axis (nf, nh, nw)."""
+    return tuple(-(-g // c) for g, c in zip(grid, cube))
+
+
+def to_cubes(x, grid, cube):
+    """(B,L,N,d) tokens in raster order -> (B,N,C,V,d): C cubes of V = cf*ch*cw tokens, zero-padded."""
+    B, L, N, d = x.shape
+    (Fg, Hg, Wg), (cf, ch, cw) = grid, cube
+    nf, nh, nw = cube_counts(grid, cube)
+    x = F.pad(x.reshape(B, Fg, Hg, Wg, N * d), (0, 0, 0, nw * cw - Wg, 0, nh * ch - Hg, 0, nf * cf - Fg))
+    x = x.view(B, nf, cf, nh, ch, nw, cw, N, d).permute(0, 7, 1, 3, 5, 2, 4, 6, 8)   # (B,N,nf,nh,nw,cf,ch,cw,d)
+    return x.reshape(B, N, nf * nh * nw, cf * ch * cw, d)
+
+
+def from_cubes(y, grid, cube):
+    """The inverse of to_cubes: (B,N,C,V,d) -> (B,L,N,d) in raster order, padded tokens dropped."""
+    B, N, C, V, d = y.shape
+    (Fg, Hg, Wg), (cf, ch, cw) = grid, cube
+    nf, nh, nw = cube_counts(grid, cube)
+    y = y.view(B, N, nf, nh, nw, cf, ch, cw, d).permute(0, 2, 5, 3, 6, 4, 7, 1, 8)    # (B,nf,cf,nh,ch,nw,cw,N,d)
+    return y.reshape(B, nf * cf, nh * ch, nw * cw, N, d)[:, :Fg, :Hg, :Wg].reshape(B, Fg * Hg * Wg, N, d)
+
+
+@functools.lru_cache(maxsize=16)
+def real_tokens(grid, cube, device=None):
+    """(C,V) bool: True where a cube slot holds a real token, False where it is padding (cached per geometry)."""
+    ones = torch.ones(1, math.prod(grid), 1, 1, device=device)
+    return to_cubes(ones, grid, cube)[0, 0, :, :, 0] > 0
+
+
+def coarse_attention(qc, kc, vc, valid):
+    """Cube means (over real tokens) and attention between them. qc/kc/vc (B,N,C,V,d), valid (C,V) ->
+    scores (B,N,C,C) (the selection's criterion) and o_c (B,N,C,d)."""
+    acc = torch.promote_types(qc.dtype, torch.float32)               # means and softmax in at least fp32
+    n = valid.sum(1).to(acc)[:, None]                                # (C,1) real tokens per cube
+    qm, km, vm = ((t.sum(3, dtype=acc) / n).to(t.dtype) for t in (qc, kc, vc))   # (B,N,C,d)
+    scores = qm @ km.transpose(-1, -2) / math.sqrt(qc.shape[-1])     # (B,N,C,C)
+    return scores, (scores.to(acc).softmax(-1).to(vm.dtype) @ vm)
+
+
+def select_cubes(scores, sparsity):
+    """(B,N,C,C) coarse scores -> (B,N,C,k) indices of the k highest-scoring key cubes per query cube."""
+    return scores.detach().topk(num_selected(sparsity, scores.shape[-1]), dim=-1).indices
+
+
+def fine_gather(qc, kc, vc, idx, valid=None, max_elements=2 ** 27):
+    """Fine stage by gathering: each query cube's selected key/value cubes are copied into one block and SDPA runs
+    on (query cube, its gathered keys) pairs, in chunks of query cubes so one chunk's copies stay under
+    max_elements. qc/kc/vc (B,N,C,V,d), idx (B,N,C,k), valid (C,V) or None when no cube holds padding ->
+    o_f (B,N,C,V,d)."""
+    B, N, C, V, d = qc.shape
+    k = idx.shape[-1]
+    flat = idx + torch.arange(B * N, device=idx.device).view(B, N, 1, 1) * C   # rows of the (B*N*C, V, d) views
+    kf, vf = kc.reshape(B * N * C, V, d), vc.reshape(B * N * C, V, d)
+    step = max(1, max_elements // (B * N * k * V * d))
+    out = []
+    for a in range(0, C, step):
+        sel = flat[:, :, a:a + step]                                   # (B,N,c,k)
+        c = sel.shape[2]
+        kg, vg = kf[sel].view(B, N * c, k * V, d), vf[sel].view(B, N * c, k * V, d)
+        mask = None   # else (B,N*c,1,k*V): the gathered slots that hold real tokens
+        if valid is not None:
+            mask = valid[idx[:, :, a:a + step]].view(B, N * c, 1, k * V)
+        o = F.scaled_dot_product_attention(qc[:, :, a:a + step].reshape(B, N * c, V, d), kg, vg, attn_mask=mask)
+        out.append(o.view(B, N, c, V, d))
+    return torch.cat(out, 2)
+
+
+def selection_block_mask(idx, valid, V, exact=True):
+    """FlexAttention BlockMask of cube-sized blocks (V tokens) from the selection idx (B,N,C,k): each query cube's
+    selected key cubes, the complete ones as full blocks, those with padding (valid (C,V); None: none) as partial
+    blocks whose mask_mod drops the padded keys. The compiled kernel visits only the listed blocks and evaluates
+    mask_mod only inside partial ones, so there it needs the padding alone (exact=False: one 1-D load per key);
+    eager flex applies mask_mod to every pair, so exact=True makes it the whole token mask."""
+    from torch.nn.attention.flex_attention import BlockMask
+    B, N, C, k = idx.shape
+    chosen = torch.zeros(B, N, C, C, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)
+    tok = torch.ones(C * V, dtype=torch.bool, device=idx.device) if valid is None else valid.flatten()
+
+    def exact_mask(b, h, q_idx, kv_idx):
+        return chosen[b, h, q_idx // V, kv_idx // V] & tok[kv_idx]
+
+    def padding_mask(b, h, q_idx, kv_idx):
+        return tok[kv_idx]
+    # each row of kv_indices lists all C cubes: the k chosen first (full or partial ones in front), then the rest
+    order = torch.argsort(chosen.to(torch.int8), dim=-1, descending=True, stable=True)        # (B,N,C,C)
+    first_k = torch.arange(C, device=idx.device) < k
+    full = first_k.expand(B, N, C, C) if valid is None else valid.all(1)[order] & first_k   # chosen, complete
+    part = ~full & first_k
+    by = lambda front: order.gather(-1, torch.argsort((~front).to(torch.int8), dim=-1, stable=True)).to(torch.int32)
+    # the query-side lists serve only the backward (compute_q_blocks: torch >= 2.6)
+    skip_q = {"compute_q_blocks": False} if not torch.is_grad_enabled() and _HAS_COMPUTE_Q else {}
+    return BlockMask.from_kv_blocks(part.sum(-1, dtype=torch.int32), by(part), full.sum(-1, dtype=torch.int32),
+                                    by(full), BLOCK_SIZE=V, mask_mod=exact_mask if exact else padding_mask, **skip_q)
+
+
+def _has_compute_q():
+    try:
+        from torch.nn.attention.flex_attention import BlockMask
+        return "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
+    except ImportError:
+        return False
+
+
+_HAS_COMPUTE_Q = _has_compute_q()
+
+
+def fine_flex(qc, kc, vc, idx, valid=None):
+    """Fine stage with FlexAttention on selection_block_mask: compiled on CUDA, eager elsewhere (the exact mask,
+    forward only on CPU). Same contract as fine_gather."""
+    from torch.nn.attention.flex_attention import flex_attention
+    B, N, C, V, d = qc.shape
+    q, k, v = (t.reshape(B, N, C * V, d) for t in (qc, kc, vc))
+    if q.device.type != "cuda":
+        return flex_attention(q, k, v, block_mask=selection_block_mask(idx, valid, V)).view(B, N, C, V, d)
+    return _flex_cuda(q, k, v, selection_block_mask(idx, valid, V, exact=False)).view(B, N, C, V, d)
+
+
+@torch.compiler.disable   # inside torch.compile'd blocks too, flex runs as its own compiled kernel
+def _flex_cuda(q, k, v, bm):
+    from torch.nn.attention.flex_attention import flex_attention
+    # torch's default backward tiles for head dim > 64 on sm90/sm100 (inductor's template heuristics) span 128
+    # tokens: a 64-token block has no valid choice there, and the failure would surface deep in the backward
+    sm = torch.cuda.get_device_capability(q.device)[0]
+    if q.requires_grad and bm.BLOCK_SIZE[0] % 128 and q.shape[-1] > 64 and sm in (9, 10):
+        raise ValueError(f"sparse attention: training with {bm.BLOCK_SIZE[0]}-token cubes on this GPU has no "
+                         "FlexAttention backward kernel: use a sparse_cube of 128 tokens, e.g. (4, 4, 8) (sampling "
+                         "takes either)")
+    if not _compiled_flex:
+        _compiled_flex.append(torch.compile(flex_attention, dynamic=False, mode=FLEX_COMPILE_MODE))
+    options = FLEX_KERNEL_OPTIONS if bm.BLOCK_SIZE[0] % 128 else {}   # 128-token cubes fit flex's own tiles
+    return _compiled_flex[0](q, k, v, block_mask=bm, kernel_options=options)
+
+
+def pick_kernel(kernel, device, cube):
+    """"auto" -> "flex" on CUDA for cubes of a multiple of 64 tokens (FlexAttention's block granularity), else
+    "gather"; "flex"/"gather" as asked."""
+    if kernel not in ("auto", "flex", "gather"):
+        raise ValueError(f"sparse attention kernel must be 'auto', 'flex' or 'gather', got {kernel!r}")
+    if kernel != "auto":
+        return kernel
+    return "flex" if torch.device(device).type == "cuda" and math.prod(cube) % 64 == 0 else "gather"
+
+
+def check_sparse(sparsity, cube):
+    """The settings' one-line errors (train_dmd and sample check them before any model is built)."""
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"attention_sparsity must be in [0, 1) (the fraction of key cubes skipped), got {sparsity}")
+    if len(cube) != 3 or any(int(c) != c or c < 1 for c in cube):
+        raise ValueError(f"sparse_cube must be 3 positive integers (latent frames, height, width tokens), got {cube}")
+
+
+def sparse_attention(q, k, v, gate, grid, sparsity, cube=DEFAULT_CUBE, kernel="auto"):
+    """VSA. q/k/v/gate (B,L,N,d) with L = F*H*W tokens of `grid` in raster order -> (B,L,N,d) =
+    o_f + gate * o_c (see the module docstring). sparsity 0 selects every cube (o_f is then dense attention)."""
+    if q.shape[1] != math.prod(grid):
+        raise ValueError(f"sparse attention: {q.shape[1]} tokens, but the grid {tuple(grid)} has {math.prod(grid)}")
+    valid = real_tokens(tuple(grid), tuple(cube), q.device)                # (C,V)
+    padded = any(g % c for g, c in zip(grid, cube))                       # some cubes hold padding
+    qc, kc, vc = (to_cubes(t, grid, cube) for t in (q, k, v))             # (B,N,C,V,d)
+    scores, o_c = coarse_attention(qc, kc, vc, valid)                      # (B,N,C,C), (B,N,C,d)
+    idx = select_cubes(scores, sparsity)                                   # (B,N,C,k)
+    fine = fine_flex if pick_kernel(kernel, q.device, cube) == "flex" else fine_gather
+    o_f = fine(qc, kc, vc, idx, valid if padded else None)                 # (B,N,C,V,d)
+    out = torch.addcmul(o_f, to_cubes(gate.to(o_f.dtype), grid, cube), o_c[:, :, :, None])   # o_f + gate * o_c
+    return from_cubes(out, grid, cube)                                     # (B,L,N,d)
