@@ -759,12 +759,15 @@ class Publisher:
 
 
 if __name__ == "__main__":   # python publish.py OUTPUT_DIR [--dry_run]
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    if len(args) != 1:
-        sys.exit(__doc__)
+    from configurator import command_flags, fail
+    # the flags, read from this line by command_flags (default and description):
+    flags = dict(dry_run=False)   # build OUTPUT_DIR/.hub_staging/final (the exact upload) and list it; push nothing
+    flags, args = command_flags(__file__, "flags", usage="OUTPUT_DIR [--dry_run]   (push a finished run to its hub_model_id)")
+    if len(args) != 1 or not os.path.isfile(os.path.join(args[0], "config.json")):
+        fail("publish.py", f"expected one train_dmd.py output folder (with config.json), got {args}")
     with open(os.path.join(args[0], "config.json")) as f:
         cfg = {**json.load(f), "output_dir": args[0]}
-    if "--dry_run" in sys.argv:
+    if flags["dry_run"]:
         staged = stage_final(cfg)
         for root, _, names in sorted(os.walk(staged)):
             for n in sorted(names):

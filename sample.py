@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import flow
 import lora
-from configurator import pick_threads
+from configurator import hub_file, pick_threads
 import media
 import model_wan as mw
 import text_encoders
@@ -37,7 +37,7 @@ import vae_wan
 model = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"  # diffusers pipeline root or hub id, or an original-layout folder
 ckpt = ""                    # student: adapter or full DiT .safetensors, or a train_dmd.py output folder
 prompt = "A cat walks on the grass, realistic style."
-prompts_file = ""            # one prompt per line; replaces `prompt`
+prompts_file = ""            # one prompt per line (or hf://datasets/OWNER/NAME/file.txt); replaces `prompt`
 negative_prompt = None       # None: Wan's default (Chinese) negative prompt; "": the empty prompt
 height = 480                 # rounded down to a multiple of 16
 width = 832                  # rounded down to a multiple of 16
@@ -214,7 +214,7 @@ def settings(c):
     if c["sampler"] not in ("unipc", "euler"):
         raise ValueError(f"sampler must be 'unipc' or 'euler', got {c['sampler']!r}")
     if c["prompts_file"]:
-        with open(c["prompts_file"]) as f:
+        with open(hub_file(c["prompts_file"])) as f:
             s["prompts"] = [line.strip() for line in f if line.strip()]
     else:
         s["prompts"] = [c["prompt"]]
