@@ -36,7 +36,7 @@ import vae_wan
 # defaults; override with config files (python sample.py CONFIG.py) and --key=value
 model = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"  # diffusers pipeline root or hub id, or an original-layout folder
 ckpt = ""                    # student: adapter or full DiT .safetensors, or a train_dmd.py output folder
-prompt = "A cat walks on the grass, realistic style."
+prompt = "A cat walks on the grass, realistic style."  # the prompt when prompts_file is empty
 prompts_file = ""            # one prompt per line (or hf://datasets/OWNER/NAME/file.txt); replaces `prompt`
 negative_prompt = None       # None: Wan's default (Chinese) negative prompt; "": the empty prompt
 height = 480                 # rounded down to a multiple of 16
@@ -53,7 +53,7 @@ out = "out/samples"          # folder for the mp4s (and latents)
 save_latents = False         # also write the final normalised latents as safetensors
 decode = True                # False: latents only (needs save_latents=True): no VAE decode, no mp4 (benchmark sweeps)
 stream = False               # causal student: decode and write each block's frames as soon as it is generated
-fps = 16
+fps = 16                     # frame rate of the written mp4s (Wan 2.1: 16)
 device = "auto"              # auto: cuda if available, else cpu
 dtype = "auto"               # DiT and text-encoder dtype; auto: bfloat16 on cuda, float32 on cpu (the VAE stays fp32)
 threads = 0                  # torch CPU threads; 0: OMP_NUM_THREADS, else the free cores (cores - load)
