@@ -223,7 +223,8 @@ def make_vae(c, out, videos, caps, bands, times):
         rec = torch.cat([vae.decode(latents[pick[i:i + 16]]) for i in range(0, len(pick), 16)])
     show = pick[:: max(1, len(pick) // 6)][:6]
     media.write_png(os.path.join(out, "vae_reconstruction.png"),
-                    media.contact_sheet([media.to_uint8(v) for i in show for v in (videos[i], rec[pick.index(i)])]))
+                    media.contact_sheet([media.to_uint8(v) for i in show for v in (videos[i], rec[pick.index(i)])],
+                                        labels=[t for i in show for t in (f"clip: {caps[i]}", "vae reconstruction")]))
     ok = [quality.detect(media.to_uint8(r), caps[i]) for r, i in zip(rec, pick)]
     ceiling = np.mean([o["valid"] and o["mode"] == bands[i] for o, i in zip(ok, pick)])
     shape_acc = np.mean([o["shape_ok"] for o in ok])
@@ -295,7 +296,8 @@ def make_samples(c, out, times):
                                             c["flow_shift"])[1][0] for name in quality.SAMPLERS}
         media.write_mp4(os.path.join(out, "samples", f"{i}_{media.slug(p)}.mp4"), torch.cat(list(vids.values()), dim=-1))
         rows += [media.to_uint8(v) for v in vids.values()]
-    sheet = media.write_png(os.path.join(out, "contact_sheet.png"), media.contact_sheet(rows))
+    labels = [f"{name}: {p}" for p in prompts for name in quality.SAMPLERS]   # rows: prompt x sampler
+    sheet = media.write_png(os.path.join(out, "contact_sheet.png"), media.contact_sheet(rows, labels=labels))
     times["samples"] = time.perf_counter() - t0
     names = ", ".join(quality.SAMPLERS)
     print(f"(5) samples: {out}/samples/*.mp4 (left to right: {names}); contact sheet {sheet}: rows = "
