@@ -155,8 +155,8 @@ def _value(key, text, default):
     if isinstance(default, str) and not text.startswith(("'", '"')):
         return text
     value = _parse_value(text)
-    if isinstance(default, (list, tuple)) and isinstance(value, str):   # a comma list: a,b,c
-        value = [_parse_value(v.strip()) for v in value.split(",") if v.strip()]
+    if isinstance(default, (list, tuple)) and default and isinstance(value, str) and value[:1] not in "[({":
+        value = [_parse_value(v.strip()) for v in value.split(",") if v.strip()]   # a comma list of scalars: a,b,c
     return value
 
 
@@ -260,7 +260,6 @@ def command_flags(path, name, argv=None, usage=""):
         else:
             flags[key] = value
     return flags, words
-
 
 
 def pick_threads(n=0):
