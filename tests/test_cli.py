@@ -2,6 +2,8 @@
 teacher and size), one-line errors for missing weights, torch's thread count, the terminal log line."""
 import json
 import os
+import runpy
+import sys
 
 import pytest
 import torch
@@ -31,7 +33,7 @@ def demo_teacher(folder):
     return folder
 
 
-def test_sample_uses_the_student_folders_config(tmp_path, capsys):
+def test_sample_uses_the_student_folders_config(tmp_path, capsys, monkeypatch):
     teacher = demo_teacher(str(tmp_path / "teacher"))
     out = str(tmp_path / "student")
     train_dmd.train(train_dmd.config([os.path.join(ROOT, "config", "tiny.py"), f"--pretrained_model_name_or_path={teacher}",
@@ -47,6 +49,12 @@ def test_sample_uses_the_student_folders_config(tmp_path, capsys):
     assert "VAE decode" in capsys.readouterr().err   # the decode has its own progress bar
     c = sample.config([f"--ckpt={out}", "--num_frames=9"])   # the command line wins over the folder
     assert (c["num_frames"], c["height"]) == (9, 32)
+    # publish.py's dry run on it (spelled --dry-run): the staged card loads this teacher folder and names the run
+    monkeypatch.setattr(sys, "argv", ["publish.py", out, "--dry-run"])
+    runpy.run_path(os.path.join(ROOT, "publish.py"), run_name="__main__")
+    assert "README.md" in capsys.readouterr().out
+    card = open(os.path.join(out, ".hub_staging", "final", "README.md")).read()
+    assert "# student: a 3-step DMD student" in card and f'WanPipeline.from_pretrained("{teacher}"' in card
 
 
 def test_sample_missing_teacher_is_one_line(tmp_path):
