@@ -8,6 +8,8 @@ import json
 import os
 import shlex
 
+from configurator import hub_file
+
 DIFFUSERS_BASES = {"Wan-AI/Wan2.1-T2V-1.3B": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
                    "Wan-AI/Wan2.1-T2V-14B": "Wan-AI/Wan2.1-T2V-14B-Diffusers"}
 
@@ -57,12 +59,16 @@ def data_summary(c):
         parts = [f"`{d.get('id', '?')}` ({d.get('dataset_type', 'video')})" for d in c["datasets"]]
         return (f"{len(parts)} dataset(s): {', '.join(parts)}; captions and VAE latents cached, rollout_mode "
                 f"`{c['rollout_mode']}`, real_data_loss_weight {c['real_data_loss_weight']}")
-    n = 1
-    if c["prompts_file"] and os.path.exists(c["prompts_file"]):
-        with open(c["prompts_file"]) as f:
+    src = c["prompts_file"]
+    if not src:
+        return "data-free DMD: the validation prompt(s) as training prompts, no videos"
+    name = src if src.startswith("hf://") else os.path.basename(src)
+    try:
+        with open(hub_file(src)) as f:
             n = sum(1 for line in f if line.strip())
-        return f"data-free DMD: {n} training prompts (`{os.path.basename(c['prompts_file'])}`), no videos"
-    return "data-free DMD: the validation prompt(s) as training prompts, no videos"
+    except (OSError, ValueError):   # e.g. a hub file not in this machine's cache: named, not counted
+        return f"data-free DMD: the training prompts of `{name}`, no videos"
+    return f"data-free DMD: {n} training prompts (`{name}`), no videos"
 
 
 def model_card(c, steps, records, env, files, prompts, at=None):

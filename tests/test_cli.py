@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import configurator
+from card import data_summary
 import media
 import model_wan as mw
 import publish
@@ -168,6 +169,7 @@ def test_prompts_file_from_the_hub(tmp_path, monkeypatch):
     assert calls == [("someone/prompts", "sets/p.txt", "dataset", "v1")]
     assert configurator.hub_file("hf://someone/model/p.txt") == str(local) and calls[-1][2] == "model"
     assert configurator.hub_file(str(local)) == str(local)   # a local path is not touched
+    assert data_summary(c) == "data-free DMD: 2 training prompts (`hf://datasets/someone/prompts@v1/sets/p.txt`), no videos"
 
     def offline(*a, **k):
         raise huggingface_hub.errors.LocalEntryNotFoundError("no network")
@@ -177,6 +179,7 @@ def test_prompts_file_from_the_hub(tmp_path, monkeypatch):
         data.read_prompts(c)
     msg = str(e.value)
     assert "\n" not in msg and "sets/p.txt" in msg and "HF_HUB_OFFLINE" in msg and "hf download someone/prompts" in msg
+    assert "the training prompts of `hf://datasets/someone" in data_summary(c)   # the model card, offline: named
     with pytest.raises(ValueError, match="hf://datasets/OWNER/NAME"):
         configurator.hub_file("hf://datasets/only-one")
 
