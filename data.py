@@ -19,6 +19,7 @@ Cache (section 4, cache.py): VAE latents and text embeddings, computed once and 
     python data.py CONFIG.py                                         # fill the caches of CONFIG's `datasets`
     python data.py CONFIG.py --make_teacher_data=prompts.txt --teacher_out=cache/teacher   # section 6
     python data.py CONFIG.py --make_ode_pairs=prompts.txt --teacher_out=cache/ode    # + trajectories (causal ODE init)
+    python data.py --help                                            # these commands' flags
 """
 import csv
 import json
@@ -32,6 +33,7 @@ from tqdm import tqdm
 
 import flow
 import media
+from configurator import hub_file
 from cache import CachedDataset, digest, entry_meta, entry_ok, identity, trim, write_entry
 from media import BadFile, frame_indices, load_frames, probe
 import model_wan as mw
@@ -411,7 +413,7 @@ def read_prompts(c):
     if c["datasets"]:
         return [], val
     if c["prompts_file"]:
-        with open(c["prompts_file"]) as f:
+        with open(hub_file(c["prompts_file"])) as f:   # a local file, or hf://datasets/OWNER/NAME/file via the hub cache
             train_prompts = [line.strip() for line in f if line.strip()]
     else:
         train_prompts = val
@@ -566,33 +568,26 @@ def make_teacher_data(c, prompts_file, out_dir, steps=50, guidance=5.0, shift=No
 if __name__ == "__main__":
     # python data.py CONFIG.py [--key=value ...]: train_dmd.py's config (its `datasets`, teacher, seed), read from
     # train_dmd.py's defaults block without importing the trainer; torchrun sets RANK/WORLD_SIZE and each rank caches
-    # its share. The flags below are data.py's own.
-    import ast
-    import sys
+    # its share. The commands below are data.py's own (python data.py --help lists them).
     from configurator import configure, script_defaults
     import simpletuner
-    own = dict(make_teacher_data="",   # a prompts file: write teacher samples instead of caching `datasets`
-               make_ode_pairs="",      # the same, with the trajectories at the student's steps (causal ODE init)
-               teacher_out="",         # their cache_dir (default: <prompts file>.teacher)
-               teacher_steps=50, teacher_guidance=5.0, teacher_shift=None, teacher_mp4=False)
-    rest = []
-    for a in sys.argv[1:]:
-        k, _, v = a[2:].partition("=")
-        if a.startswith("--") and k in own:
-            try:
-                own[k] = ast.literal_eval(v)
-            except (ValueError, SyntaxError):
-                own[k] = v
-        else:
-            rest.append(a)
+    commands = dict(make_teacher_data="",   # a prompts file (or hf://datasets/...): write teacher samples instead of caching `datasets`
+                    make_ode_pairs="",      # the same, with the trajectories at the student's steps (causal ODE init)
+                    teacher_out="",         # their cache_dir (default: <prompts file>.teacher or .ode, in the working folder for hf://)
+                    teacher_steps=50,       # UniPC steps of the teacher's sampler
+                    teacher_guidance=5.0,   # the teacher's CFG scale, standard form: uncond + g*(cond - uncond)
+                    teacher_shift=None,     # flow shift of its schedule; None: the teacher's own (scheduler config)
+                    teacher_mp4=False)      # also decode each sample to an mp4 beside it (to look at them)
     trainer = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_dmd.py")
     defaults = script_defaults(trainer)
-    c = configure(dict(defaults), trainer, rest, json_map=lambda p: simpletuner.read_config(p, defaults))
+    c = configure(dict(defaults), trainer, json_map=lambda p: simpletuner.read_config(p, defaults),
+                  commands=(__file__, "commands"))
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    prompts = own["make_teacher_data"] or own["make_ode_pairs"]
+    prompts = c["make_teacher_data"] or c["make_ode_pairs"]
     if prompts:
-        make_teacher_data(c, prompts, own["teacher_out"] or prompts + (".ode" if own["make_ode_pairs"] else ".teacher"),
-                          own["teacher_steps"], own["teacher_guidance"], own["teacher_shift"], own["teacher_mp4"], rank, world,
-                          ode_pairs=bool(own["make_ode_pairs"]))
+        stem = os.path.basename(prompts) if prompts.startswith("hf://") else prompts   # hf://: here, not in the hub cache
+        out = c["teacher_out"] or stem + (".ode" if c["make_ode_pairs"] else ".teacher")
+        make_teacher_data(c, hub_file(prompts), out, c["teacher_steps"], c["teacher_guidance"], c["teacher_shift"],
+                          c["teacher_mp4"], rank, world, ode_pairs=bool(c["make_ode_pairs"]))
     else:
         cache_datasets(c, rank, world)

@@ -32,8 +32,8 @@ from configurator import pick_threads
 
 # -----------------------------------------------------------------------------
 # defaults; override with a config file (python demo.py CONFIG.py) and --key=value
-out_dir = "out/demo"
-seed = 0
+out_dir = "out/demo"           # every stage's output (dataset, vae, teacher, dmd, samples, quality.json)
+seed = 0                       # dataset jitter, network init and sampling noise
 threads = 0                    # torch CPU threads; 0: OMP_NUM_THREADS, else the free cores (cores - load): on a busy
                                # 2-core machine 2 threads ran 30x slower than 1
 device = "cpu"                 # teacher training, DMD and sampling ("cuda": the same flow in seconds)
@@ -44,30 +44,30 @@ clips_per_mode = 4             # clips per (caption, band), start jittered withi
 # (2) VAE: the tiny WanVAE, trained as an autoencoder on the clips (a random VAE's latents decode to noise). That
 # takes ~20 min on one core, so the demo copies the committed one (made by: python demo.py --vae_path= --vae_steps=2500)
 vae_path = "assets/demo_vae"   # a WanVAE folder (diffusers vae/ layout) to use; "" = train one here
-vae_base_dim = 16
-vae_steps = 2500
-vae_batch_size = 4
-vae_lr = 5e-4
+vae_base_dim = 16              # width of the tiny VAE trained here (vae_path="")
+vae_steps = 2500               # its autoencoder training steps
+vae_batch_size = 4             # clips per VAE training step
+vae_lr = 5e-4                  # VAE AdamW learning rate
 # (3) teacher: a Wan DiT (PRESETS[teacher_preset]) trained by flow matching on the clips' latents
-teacher_preset = "demo"
-teacher_steps = 2000
-teacher_batch_size = 32
-teacher_lr = 1e-3
+teacher_preset = "demo"        # model_wan.PRESETS name of the teacher DiT
+teacher_steps = 2000           # flow-matching training steps of the teacher
+teacher_batch_size = 32        # clips per teacher training step
+teacher_lr = 1e-3              # teacher AdamW learning rate
 caption_dropout = 0.2          # caption -> "" with this probability: the unconditional branch for CFG
 flow_shift = 3.0               # shift of the training timesteps and of the teacher's sampling schedule
 # (4) DMD: train_dmd.py's config file(s, comma-separated) plus the keys the demo fills in (teacher, prompts, size,
 # steps). A causal student ("config/demo_dmd.py,config/demo_causal.py") first gets the ODE init of README "Causal
 # student": teacher trajectories (ode_seeds per caption, ode_teacher_steps UniPC steps with CFG), then ode_steps of
 # regression, then DMD from there
-dmd_config = "config/demo_dmd.py"
-dmd_steps = 600
+dmd_config = "config/demo_dmd.py"  # the headline student's config file(s)
+dmd_steps = 600                # its DMD trainer steps (max_train_steps)
 # more students, each a config file on top of dmd_config, trained into out/dmd_<name> (name: the file's stem without
 # "demo_") and scored in the table beside the teachers at its own guidance (standard CFG = its
 # real_score_guidance_scale + 1): the student at the seed's guidance and the causal student. "" = the headline only
-more_students = "config/demo_w3.py,config/demo_causal.py"
-ode_seeds = 16
-ode_teacher_steps = 48
-ode_steps = 600
+more_students = "config/demo_w3.py,config/demo_causal.py"  # config files of the students trained beside it
+ode_seeds = 16                 # causal student's ODE init: teacher trajectories per caption
+ode_teacher_steps = 48         # UniPC steps of those trajectories
+ode_steps = 600                # regression steps on them before DMD
 # (5) samples and (6) the quality benchmark
 guidance_scale = 2.0           # teacher CFG (standard form); DMD's real_score_guidance_scale is set in dmd_config
 sample_prompts = 4             # captions shown in the contact sheet (rows: prompt x sampler)
@@ -223,7 +223,8 @@ def make_vae(c, out, videos, caps, bands, times):
         rec = torch.cat([vae.decode(latents[pick[i:i + 16]]) for i in range(0, len(pick), 16)])
     show = pick[:: max(1, len(pick) // 6)][:6]
     media.write_png(os.path.join(out, "vae_reconstruction.png"),
-                    media.contact_sheet([media.to_uint8(v) for i in show for v in (videos[i], rec[pick.index(i)])]))
+                    media.contact_sheet([media.to_uint8(v) for i in show for v in (videos[i], rec[pick.index(i)])],
+                                        labels=[t for i in show for t in (f"clip: {caps[i]}", "vae reconstruction")]))
     ok = [quality.detect(media.to_uint8(r), caps[i]) for r, i in zip(rec, pick)]
     ceiling = np.mean([o["valid"] and o["mode"] == bands[i] for o, i in zip(ok, pick)])
     shape_acc = np.mean([o["shape_ok"] for o in ok])
@@ -295,7 +296,8 @@ def make_samples(c, out, times):
                                             c["flow_shift"])[1][0] for name in quality.SAMPLERS}
         media.write_mp4(os.path.join(out, "samples", f"{i}_{media.slug(p)}.mp4"), torch.cat(list(vids.values()), dim=-1))
         rows += [media.to_uint8(v) for v in vids.values()]
-    sheet = media.write_png(os.path.join(out, "contact_sheet.png"), media.contact_sheet(rows))
+    labels = [f"{name}: {p}" for p in prompts for name in quality.SAMPLERS]   # rows: prompt x sampler
+    sheet = media.write_png(os.path.join(out, "contact_sheet.png"), media.contact_sheet(rows, labels=labels))
     times["samples"] = time.perf_counter() - t0
     names = ", ".join(quality.SAMPLERS)
     print(f"(5) samples: {out}/samples/*.mp4 (left to right: {names}); contact sheet {sheet}: rows = "

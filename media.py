@@ -259,20 +259,33 @@ def shrink(video, max_side=160, max_frames=None):
     return video[:, ::k, ::k]
 
 
-def contact_sheet(rows, scale=2):
+def contact_sheet(rows, scale=2, labels=None):
     """rows: list of uint8 (F,H,W,3) videos -> one uint8 image (a row per video, its frames across, each frame
-    scaled up `scale` x, 2 px white gaps)."""
+    scaled up `scale` x, 2 px white gaps); labels: one text per row (which sampler, which prompt), drawn in a strip
+    above its row, cut to the sheet's width."""
     F_, H, W, _ = rows[0].shape
     gap = 2
-    img = np.full((len(rows) * (H * scale + gap) + gap, F_ * (W * scale + gap) + gap, 3), 255, np.uint8)
+    strip = 0 if labels is None else 5 * LABEL_SCALE + 4   # glyph height + 2 px above and below
+    img = np.full((len(rows) * (H * scale + gap + strip) + gap, F_ * (W * scale + gap) + gap, 3), 255, np.uint8)
     for r, v in enumerate(rows):
+        y = gap + r * (H * scale + gap + strip)
+        if labels is not None:
+            draw_text(img, gap, y + 2, fit(labels[r], (img.shape[1] - gap) // (4 * LABEL_SCALE)), (0, 0, 0), LABEL_SCALE)
         for f in range(min(F_, len(v))):
-            y, x = gap + r * (H * scale + gap), gap + f * (W * scale + gap)
-            img[y:y + H * scale, x:x + W * scale] = v[f].repeat(scale, 0).repeat(scale, 1)
+            x = gap + f * (W * scale + gap)
+            img[y + strip:y + strip + H * scale, x:x + W * scale] = v[f].repeat(scale, 0).repeat(scale, 1)
     return img
 
 
-FONT = {   # 3x5 glyphs, rows top to bottom; letters are drawn upper case, anything else as a blank
+LABEL_SCALE = 2   # 3x5 glyphs drawn 2x: 10 px tall text, readable at the sheet's own size
+
+
+def fit(text, n):
+    """text cut to n characters (ending in '..' when cut)."""
+    return text if len(text) <= n else text[:max(0, n - 2)] + ".."
+
+
+FONT = {   # 3x5 glyphs, rows top to bottom: digits, A-Z (lower case drawn upper), common punctuation; else blank
     "0": "### #.# #.# #.# ###", "1": ".#. ##. .#. .#. ###", "2": "### ..# ### #.. ###", "3": "### ..# ### ..# ###",
     "4": "#.# #.# ### ..# ..#", "5": "### #.. ### ..# ###", "6": "### #.. ### #.# ###", "7": "### ..# ..# ..# ..#",
     "8": "### #.# ### #.# ###", "9": "### #.# ### ..# ###", ".": "... ... ... ... .#.", "-": "... ... ### ... ...",
@@ -284,6 +297,11 @@ FONT = {   # 3x5 glyphs, rows top to bottom; letters are drawn upper case, anyth
     "P": "### #.# ### #.. #..", "R": "##. #.# ##. #.# #.#", "S": "### #.. ### ..# ###", "T": "### .#. .#. .#. .#.",
     "U": "#.# #.# #.# #.# ###", "W": "#.# #.# ### ### #.#", "X": "#.# #.# .#. #.# #.#",
     "H": "#.# #.# ### #.# #.#", "V": "#.# #.# #.# #.# .#.", "Y": "#.# #.# .#. .#. .#.",
+    "B": "##. #.# ##. #.# ##.", "J": "..# ..# ..# #.# ###", "Q": "### #.# #.# ### ..#", "Z": "### ..# .#. #.. ###",
+    ",": "... ... ... .#. #..", "'": ".#. .#. ... ... ...", '"': "#.# #.# ... ... ...", "!": ".#. .#. .#. ... .#.",
+    "?": "### ..# .## ... .#.", "%": "#.. ..# .#. #.. ..#", "*": "... #.# .#. #.# ...", "<": "..# .#. #.. .#. ..#",
+    ">": "#.. .#. ..# .#. #..", "#": "#.# ### #.# ### #.#", ";": "... .#. ... .#. #..", "[": "##. #.. #.. #.. ##.",
+    "]": ".## ..# ..# ..# .##", "&": ".#. #.# .#. #.# .##",
 }
 
 
@@ -310,12 +328,19 @@ COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
 
 
 def line_plot(title, series, size=(200, 360), markers=False):
-    """One panel: title, frame, y max/min at the top/bottom left, x range under the frame, one line per
-    series (label, xs, ys) in COLORS order; non-finite points are skipped; a log10 y axis when every value is
+    """One panel: title and legend (each series' colour and label), frame, y max/min at the top/bottom left, x range
+    under the frame, one line per series (label, xs, ys) in COLORS order; non-finite points are skipped; a log10 y axis when every value is
     positive (losses and norms span decades); markers: a 5x5 square on every point (sparse series). -> uint8 (H,W,3)."""
     H, W = size
     img = np.full((H, W, 3), 255, np.uint8)
     draw_text(img, 4, 4, title, (0, 0, 0))
+    x = 4 + 8 * len(title) + 12
+    for i, (label, _, _) in enumerate(series):   # the legend after the title: a colour swatch and its label
+        if x + 12 + 8 * len(label) > W:
+            break
+        img[5:13, x:x + 8] = COLORS[i % len(COLORS)]
+        draw_text(img, x + 12, 4, label, (0, 0, 0))
+        x += 12 + 8 * len(label) + 10
     x0, y0, x1, y1 = 72, 20, W - 8, H - 22   # plot area
     pts = [(np.asarray(xs, float), np.asarray(ys, float)) for _, xs, ys in series]
     fin = [(xs[np.isfinite(ys)], ys[np.isfinite(ys)]) for xs, ys in pts]

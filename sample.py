@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import flow
 import lora
-from configurator import pick_threads
+from configurator import hub_file, pick_threads
 import media
 import model_wan as mw
 import sparse_attn
@@ -37,8 +37,8 @@ import vae_wan
 # defaults; override with config files (python sample.py CONFIG.py) and --key=value
 model = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"  # diffusers pipeline root or hub id, or an original-layout folder
 ckpt = ""                    # student: adapter or full DiT .safetensors, or a train_dmd.py output folder
-prompt = "A cat walks on the grass, realistic style."
-prompts_file = ""            # one prompt per line; replaces `prompt`
+prompt = "A cat walks on the grass, realistic style."  # the prompt when prompts_file is empty
+prompts_file = ""            # one prompt per line (or hf://datasets/OWNER/NAME/file.txt); replaces `prompt`
 negative_prompt = None       # None: Wan's default (Chinese) negative prompt; "": the empty prompt
 height = 480                 # rounded down to a multiple of 16
 width = 832                  # rounded down to a multiple of 16
@@ -56,7 +56,7 @@ decode = True                # False: latents only (needs save_latents=True): no
 stream = False               # causal student: decode and write each block's frames as soon as it is generated
 attention_sparsity = None    # student's VSA sparsity (fraction of key cubes skipped); None: as its config.json says
 sparse_cube = None           # student's VSA cube in patch tokens (frames, h, w); None: as its config.json says
-fps = 16
+fps = 16                     # frame rate of the written mp4s (Wan 2.1: 16)
 device = "auto"              # auto: cuda if available, else cpu
 dtype = "auto"               # DiT and text-encoder dtype; auto: bfloat16 on cuda, float32 on cpu (the VAE stays fp32)
 threads = 0                  # torch CPU threads; 0: OMP_NUM_THREADS, else the free cores (cores - load)
@@ -229,7 +229,7 @@ def settings(c):
     if c["sampler"] not in ("unipc", "euler"):
         raise ValueError(f"sampler must be 'unipc' or 'euler', got {c['sampler']!r}")
     if c["prompts_file"]:
-        with open(c["prompts_file"]) as f:
+        with open(hub_file(c["prompts_file"])) as f:
             s["prompts"] = [line.strip() for line in f if line.strip()]
     else:
         s["prompts"] = [c["prompt"]]

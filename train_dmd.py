@@ -50,14 +50,14 @@ from configurator import configure, default_keys, pick_threads, redact
 pretrained_model_name_or_path = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"  # teacher: pipeline root/hub id/original folder;
                                        # "tiny": random tiny teacher; "random:t2v-1.3B" / "random:t2v-14B": random
                                        # weights at real size (memory and speed checks without downloads)
-output_dir = "out/wan_dmd"
+output_dir = "out/wan_dmd"             # checkpoints, log.jsonl, validation samples, the exported student and its model card
 prompts_file = ""                      # training prompts, one per line (data-free DMD); empty: validation prompts
 datasets = []                          # data.py dataset dicts; given: cached latents + captions replace prompts_file
 dataloader_num_workers = 0             # worker processes reading the cached dataset entries (0: in the training process)
 rollout_mode = "backward"              # "backward": data-free rollout from noise; "data": noise dataset latents (dmd.md)
 negative_prompt = None                 # None: Wan's default negative prompt; "": the empty prompt
 height = 480                           # training resolution (pixels) of the generated samples
-width = 832
+width = 832                            # training width (pixels)
 num_training_frames = 21               # latent frames of a generated sample (21 latent = 81 video frames)
 # DMD (dmd.md §3-§7)
 dmd_denoising_steps = "1000,757,522"   # rollout and inference timesteps, σ = t/1000
@@ -69,10 +69,10 @@ real_score_guidance_scale = 3.0        # w in x_real = x_cond + w(x_cond - x_unc
 real_score_guidance_max_timestep = 1000.0  # guidance only at score timesteps t <= this (0-1000); 1000: everywhere
 fake_score_guidance_scale = 0.0        # the same form on the critic; 0 = off
 min_timestep_ratio = 0.02              # final clamp of score timesteps to [1000*min, 1000*max]
-max_timestep_ratio = 0.98
+max_timestep_ratio = 0.98              # upper clamp, the same 0-1 scale
 ts_schedule = True                     # score t >= the rollout's next timestep (else >= min_score_timestep)
 ts_schedule_max = False                # score t <= the rollout's exit timestep (else <= 1000)
-min_score_timestep = 0
+min_score_timestep = 0                 # lowest score timestep (0-1000) when ts_schedule=False
 timestep_shift = 1.0                   # shift applied to score timesteps (1 = none)
 last_step_only = False                 # always exit the rollout at the last step
 real_data_loss_weight = 0.0            # flow-matching term of G on dataset latents, added to the DMD loss (needs datasets
@@ -98,12 +98,13 @@ generator_init = ""                    # student to start the generator from: a 
                                        # (LoRA file -> the generator adapter; full weights -> needs lora_rank = 0)
 # networks
 lora_rank = 128                        # generator LoRA rank; 0 = full fine-tune (a separate fp32 copy)
-lora_alpha = 128
+lora_alpha = 128                       # generator LoRA scale alpha / rank (128 / 128 = 1)
 lora_targets = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
                 "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+                                       # the generator's and critic's LoRA modules, by original-layout names (model_wan)
 fake_score_lora_rank = 128             # critic LoRA rank; 0 = full fine-tune
-fake_score_lora_alpha = 128
-gradient_checkpointing = True
+fake_score_lora_alpha = 128            # critic LoRA scale alpha / rank
+gradient_checkpointing = True          # recompute each DiT block in backward: less memory, slower steps
 attention_sparsity = 0.0               # VSA (sparse_attn.py) in the generator's self-attention: the fraction of key cubes
                                        # each query cube skips (FastWan: 0.8 for 1.3B, 0.9 for 14B); 0 = dense
 sparse_cube = (4, 4, 4)                # VSA cube in patch tokens (latent frames, latent height/2, latent width/2): 64 tokens
@@ -114,55 +115,55 @@ fsdp = False                           # FSDP2: shard teacher, generator and cri
 sp_size = 1                            # Ulysses sequence parallelism: ranks per sample (divides heads and tokens)
 # optimisation
 optimizer = "adamw"                    # "adamw"; the seed's "adamw_bf16" maps to fp32 master weights (same updates)
-learning_rate = 2e-5
-adam_beta1 = 0.9
-adam_beta2 = 0.999
-adam_weight_decay = 0.01
-adam_epsilon = 1e-8
+learning_rate = 2e-5                   # generator lr (scheduled by lr_scheduler)
+adam_beta1 = 0.9                       # generator AdamW beta1
+adam_beta2 = 0.999                     # generator AdamW beta2
+adam_weight_decay = 0.01               # generator AdamW weight decay
+adam_epsilon = 1e-8                    # generator AdamW eps
 lr_scheduler = "constant"              # constant | cosine | cosine_with_min_lr (all with linear warmup), over trainer steps
-lr_warmup_steps = 0
+lr_warmup_steps = 0                    # linear warmup of both lrs over these trainer steps
 lr_min_ratio = 0.1                     # cosine_with_min_lr: final lr = learning_rate * lr_min_ratio (both networks)
 fake_score_lr_scheduler = "constant"   # the critic's fake_score_lr schedule: the same choices and warmup as lr_scheduler
-max_grad_norm = 1.0
+max_grad_norm = 1.0                    # generator gradient clip: max norm, or max |value| (grad_clip_method)
 grad_clip_method = "norm"              # "norm" or "value"
-fake_score_lr = 1e-5
-fake_score_weight_decay = 0.01
-fake_score_betas = (0.9, 0.999)
-fake_score_eps = 1e-8
-fake_score_grad_clip = 1.0
-max_train_steps = 4000
-train_batch_size = 1
-gradient_accumulation_steps = 1
+fake_score_lr = 1e-5                   # critic lr (scheduled by fake_score_lr_scheduler)
+fake_score_weight_decay = 0.01         # critic AdamW weight decay
+fake_score_betas = (0.9, 0.999)        # critic AdamW betas
+fake_score_eps = 1e-8                  # critic AdamW eps
+fake_score_grad_clip = 1.0             # critic gradient clip (max norm)
+max_train_steps = 4000                 # trainer steps: a critic step each, a generator step every generator_update_interval
+train_batch_size = 1                   # samples per micro-batch per data-parallel group
+gradient_accumulation_steps = 1        # micro-batches per optimiser step (global batch = batch x accum x groups)
 max_nonfinite_steps = 5                # abort after this many non-finite losses in a row
-seed = 42
+seed = 42                              # networks' init, rollout noise, timesteps, data order (validation: validation_seed)
 # EMA of the generator's trainable weights (fp32 shadow)
-use_ema = True
-ema_decay = 0.99
+use_ema = True                         # keep an EMA of the generator; exported and validated per ema_validation
+ema_decay = 0.99                       # EMA decay per EMA update
 ema_update_interval = 5                # in generator steps
-ema_start_step = 0
+ema_start_step = 0                     # in generator steps: before it the EMA copies the weights (decay 0)
 ema_validation = "ema_only"            # none | ema_only | comparison
 # checkpoints
-checkpoint_step_interval = 200
-checkpoints_total_limit = 3
+checkpoint_step_interval = 200         # a checkpoint every N trainer steps (and at the end / on SIGINT, SIGTERM)
+checkpoints_total_limit = 3            # keep the newest N checkpoints (older ones deleted)
 resume_from_checkpoint = "latest"      # "latest", a checkpoint folder, or "" for a fresh start
 export_from = ""                       # "checkpoint-N", a checkpoint folder or "latest": export that checkpoint's student
                                        # (EMA when kept) into output_dir as a run's end does, no training
 # validation and logging
-validation_step_interval = 200
-validation_prompt = "A cat walks on the grass, realistic style."
+validation_step_interval = 200         # validation samples and the collapse signal every N trainer steps (and at the end)
+validation_prompt = "A cat walks on the grass, realistic style." # the first validation prompt (also the training prompt without prompts_file / datasets)
 validation_prompt_library = ""         # JSON file: {"name": "prompt", ...} or ["prompt", ...]
-validation_seed = 42
+validation_seed = 42                   # validation noise: seed k of a prompt is validation_seed + k
 validation_num_inference_steps = 3     # must equal the number of dmd_denoising_steps
 validation_guidance = 1.0              # the student sampler takes no CFG: must be 1.0
 validation_resolution = "832x480"      # WxH
-validation_num_video_frames = 81
+validation_num_video_frames = 81       # video frames of a validation sample (4k+1)
 validation_diversity_seeds = 4         # collapse signal (validation.py): seeds per prompt whose spread is compared
 validation_teacher_steps = 50          # with the teacher's (UniPC steps, CFG w+1, measured once); seeds 0/1 = off
 diversity_warn_ratio = 0.5             # a warning line when a prompt's student diversity < this x the teacher's
-log_interval = 1
+log_interval = 1                       # a log line (terminal, log.jsonl, wandb) every N trainer steps
 report_to = "none"                     # "none" or "wandb"
-tracker_project_name = "wan-dmd"
-tracker_run_name = ""
+tracker_project_name = "wan-dmd"       # wandb project
+tracker_run_name = ""                  # wandb run name; empty: output_dir's folder name
 # publishing (publish.py, rank 0): hub, model card, webhooks
 push_to_hub = False                    # at the end: student, merged transformer, config, model card, samples -> hub_model_id
 push_checkpoints_to_hub = False        # upload each checkpoint as written (background thread; retried when it fails)

@@ -7,7 +7,7 @@
 pretrained_model_name_or_path = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 generator_init = "out/wan_causal_ode_init"   # the stage-1 export (full weights: needs lora_rank = 0)
 output_dir = "out/wan_causal_dmd"
-prompts_file = "prompts.txt"
+prompts_file = "prompts/wan_dmd_starter.txt"   # a start; Self-Forcing trains on its VidProM set (README "Prompts")
 height = 480
 width = 832
 num_training_frames = 21                # latent frames; > 21 rolls out longer and dmd_loss_frames = 21 keeps the last

@@ -1,6 +1,6 @@
 # Stage 1 of the causal student (README "Causal student"): regression on teacher ODE trajectories (CausVid §4.3;
 # Self-Forcing starts DMD from such a checkpoint). First the trajectories, then the regression:
-#   python data.py config/wan_causal_ode_init.py --make_ode_pairs=prompts.txt --teacher_out=cache/wan_causal_ode \
+#   python data.py config/wan_causal_ode_init.py --make_ode_pairs=prompts/wan_dmd_starter.txt --teacher_out=cache/wan_causal_ode \
 #       --teacher_steps=48 --teacher_guidance=6.0 --teacher_shift=8.0
 #   torchrun --nproc_per_node=8 train_dmd.py config/wan_causal_ode_init.py
 # Self-Forcing's generate_ode_pairs.py: the 1.3B teacher, 48 steps at shift 8, CFG 6, 21 latent frames, states

@@ -5,7 +5,8 @@
 # watch coverage in validation, and consider generator_update_interval = 5 or a lower guidance.
 pretrained_model_name_or_path = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 output_dir = "out/wan_dmd_3step"
-prompts_file = "prompts.txt"            # data-free DMD: 10k+ diverse prompts, one per line
+prompts_file = "prompts/wan_dmd_starter.txt"   # 80 starter prompts; for a real run 10k+ (README "Prompts"),
+                                        # e.g. "hf://gdhe17/Self-Forcing/vidprom_filtered_extended.txt"
 height = 480
 width = 832
 num_training_frames = 21                # latent frames = 81 video frames (the seed's 121 frames -> 31 latent, not used)

@@ -88,7 +88,8 @@ def test_demo_end_to_end(tmp_path):
     assert frames.shape == (9, 32, 3 * 32, 3)                                     # three samplers side by side
     with av.open(os.path.join(out, "contact_sheet.png")) as c:
         sheet = next(c.decode(video=0)).to_ndarray(format="rgb24")
-    assert sheet.shape == (2 * 3 * 66 + 2, 9 * 66 + 2, 3)                        # 6 rows x 9 frames of 64 px + gaps
+    assert sheet.shape == (2 * 3 * (66 + 14) + 2, 9 * 66 + 2, 3)   # 6 rows x 9 frames of 64 px + gaps, each row labelled
+    assert (sheet[4:14] == 0).all(-1).sum() > 100                      # the first row's label: "teacher-50: a ..."
     table = json.load(open(os.path.join(out, "quality.json")))
     assert list(table) == [*quality.SAMPLERS, "student-3 causal", "teacher-50 CFG 4", "teacher-3 CFG 4", "student-3 w3"]
     for r in table.values():

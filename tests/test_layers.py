@@ -15,7 +15,7 @@ LAYERS = {
     "model_wan": 1,
     "vae_wan": 2, "text_encoders": 2, "flow": 2,
     "cache": 3,
-    "sample": 4, "data": 4, "dmd": 4, "checks": 4,
+    "sample": 4, "data": 4, "dmd": 4, "checks": 4, "card": 4,
     "parallel": 5, "publish": 5, "quality": 5, "validation": 5,
     "train_dmd": 6,
     "bench/common": 7,

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import configurator
+from card import model_card
 import publish
 import simpletuner
 import flow
@@ -157,18 +158,26 @@ def test_png_gif_and_loss_curve(tmp_path):
         [{"step": s, "dmd_loss": float(1 + (s - 1) // 5)} for s in (1, 6, 11, 16)])[:200, :360])
     sheet = media.contact_sheet([frames[:, :8, :8]] * 2, scale=2)
     assert sheet.shape == (2 * 18 + 2, 3 * 18 + 2, 3)
+    # labelled rows (sampler, prompt): a strip of text above each row; legends beside each panel's title
+    labelled = media.contact_sheet([frames[:, :8, :8]] * 2, scale=2, labels=["student-3: a red fox", "teacher"])
+    assert labelled.shape == (2 * (18 + 14) + 2, 3 * 18 + 2, 3)
+    assert (labelled[4:14] == 0).all(-1).sum() > 20 and not (labelled[2 + 14:2 + 14 + 16] == 0).all(-1).any()
+    assert publish.sheet_labels(["v/step_2/00_ema_a_red_fox.mp4"]) == ["ema: a red fox"]
+    legend = publish.loss_curve(recs)[200:400, :360][4:14]   # the grad-norm panel's title row: G and F swatches
+    assert np.all(legend == media.COLORS[0], axis=-1).sum() >= 64 and np.all(legend == media.COLORS[1], axis=-1).sum() >= 64
+    assert media.fit("abcdefgh", 5) == "abc.." and media.fit("abc", 5) == "abc"
 
 
 def card_cfg(**kw):
     return {**train_dmd.DEFAULTS, "hub_model_id": "me/wan-dmd-3step", "output_dir": "/nonexistent", **kw}
 
 
-def test_model_card_renders_all_fields():
+def test_model_card_renders_all_fields(tmp_path):
     env = {"git_commit": "abc123", "torch": "2.13.0", "gpus": ["NVIDIA H100 80GB HBM3"] * 8, "world_size": 8}
     recs = [{"step": s, "dmd_loss": 0.01 * s, "fake_score_loss": 0.2, "g_abs": 0.5, "s_per_step": 9.0} for s in range(1, 101)]
     files = ["student_ema.safetensors", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
              "config.json", "env.json", "preview.gif", "README.md"]
-    card = publish.model_card(card_cfg(), [1000.0, 757.0, 522.0], recs, env, files, ["A cat walks on the grass."])
+    card = model_card(card_cfg(), [1000.0, 757.0, 522.0], recs, env, files, ["A cat walks on the grass."])
     head = card.split("---")[1]
     for line in ("base_model: Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "base_model_relation: adapter", "license: apache-2.0",
                  "library_name: diffusers", "pipeline_tag: text-to-video", "- text-to-video", "- dmd", "- lora"):
@@ -185,7 +194,7 @@ def test_model_card_renders_all_fields():
               "| `transformer/` |", "| `student_ema.safetensors` |"):
         assert s in card, s
     # full fine-tune from the original layout, warped steps: the merged transformer and the -Diffusers pipeline
-    card = publish.model_card(card_cfg(lora_rank=0, pretrained_model_name_or_path="Wan-AI/Wan2.1-T2V-14B",
+    card = model_card(card_cfg(lora_rank=0, pretrained_model_name_or_path="Wan-AI/Wan2.1-T2V-14B",
                                        model_card_note="Trained for the docs."),
                               [1000.0, 937.5, 845.1], [], {}, ["transformer/config.json", "student_ema.safetensors"], [])
     assert "base_model: Wan-AI/Wan2.1-T2V-14B\n" in card and "base_model_relation: finetune" in card
@@ -193,12 +202,26 @@ def test_model_card_renders_all_fields():
     assert 'WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-14B-Diffusers", transformer=transformer' in card
     assert "--denoising_steps=1000,937.500,845.100" in card and "sigmas=[1, 0.9375, 0.8451]" in card
     # the tiny random teacher has no hub id: no base_model line, our own license
-    card = publish.model_card(card_cfg(pretrained_model_name_or_path="tiny"), [1000.0], [], {}, [], [])
+    card = model_card(card_cfg(pretrained_model_name_or_path="tiny"), [1000.0], [], {}, [], [])
     assert "base_model" not in card.split("---")[1] and "license: apache-2.0" in card
     assert "| exported at | unknown step" in card
+    # not pushed, a local diffusers teacher: the title is the run's name, the snippets load the local folders
+    teacher = tmp_path / "my_wan"
+    teacher.mkdir()
+    (teacher / "model_index.json").write_text("{}")
+    card = model_card(card_cfg(hub_model_id="", output_dir="out/run7", pretrained_model_name_or_path=str(teacher)),
+                      [1000.0], [], {}, ["student_ema.safetensors"], [])
+    assert card.split("---", 2)[2].lstrip().startswith("# run7: a 1-step DMD student of ") and "OUTPUT_DIR" not in card
+    assert f'WanPipeline.from_pretrained("{teacher}"' in card and 'load_lora_weights("out/run7"' in card
+    assert "hf download" not in card and f"--model={teacher} --ckpt=out/run7" in card
+    original = tmp_path / "Wan2.1-T2V-14B"   # an original-layout folder: diffusers' copy of that size
+    original.mkdir()
+    (original / "config.json").write_text('{"dim": 5120}')
+    card = model_card(card_cfg(pretrained_model_name_or_path=str(original)), [1000.0], [], {}, [], [])
+    assert 'WanPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-14B-Diffusers"' in card
     # the exported step, and that step's validation (the collapse signal) when there was one
     recs[49].update(diversity_ratio=0.81, diversity_ratio_min=0.62)
-    card = publish.model_card(card_cfg(), [1000.0], recs, env, files, [], at=50)
+    card = model_card(card_cfg(), [1000.0], recs, env, files, [], at=50)
     assert "| exported at | step 50 of 4000 (EMA weights;" in card and "diversity 0.81x the teacher's (worst prompt 0.62x)" in card
 
 
@@ -206,7 +229,7 @@ def test_card_sampler_is_the_student_sampler(tiny_pipeline):
     """The card's scheduler lines, exec'd on a stand-in pipe, step exactly like flow.rollout (the student sampler), and
     drive WanPipeline with the student's timesteps."""
     from diffusers import FlowMatchEulerDiscreteScheduler
-    card = publish.model_card(card_cfg(), [1000.0, 757.0, 522.0], [], {}, ["student_ema.safetensors"], ["a red circle"])
+    card = model_card(card_cfg(), [1000.0, 757.0, 522.0], [], {}, ["student_ema.safetensors"], ["a red circle"])
     lines = [ln for ln in card.splitlines() if ln.startswith(("pipe.scheduler", "set_timesteps"))]
     assert len(lines) == 3
     pipe = SimpleNamespace()

@@ -205,10 +205,12 @@ def test_configurator(tmp_path, capsys):
     cfgfile.write_text("lr = 3\nsteps = (4, 5)\n")
     cfg = configure(g, str(script), [str(cfgfile), "--name=hello world", "--neg=", "--flag=True"])
     assert cfg == {"lr": 3.0, "name": "hello world", "steps": [4, 5], "neg": "", "flag": True}
-    with pytest.raises(KeyError, match="did you mean 'steps'"):
+    with pytest.raises(SystemExit):
         configure(g, str(script), ["--step=3"])
-    with pytest.raises(TypeError, match="flag"):
+    assert "did you mean '--steps'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         configure(g, str(script), ["--flag=3"])
+    assert "flag: expected true or false" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         configure(g, str(script), ["--help"])
     assert "learning rate" in capsys.readouterr().out
