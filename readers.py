@@ -11,6 +11,7 @@ import os
 def read_text(path, what="file"):
     """A UTF-8 text file (a leading byte-order mark dropped) -> its text. A missing file is FileNotFoundError, bytes
     that are not UTF-8 a ValueError: both name `what` and the path (and the bad byte's line)."""
+    path = os.fspath(path)
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -27,6 +28,7 @@ def read_text(path, what="file"):
 def read_lines(path, what="prompts file"):
     """A file of one prompt per line -> its non-empty lines, stripped; a file without one is a ValueError (a run on
     no prompts would train on something else or write nothing)."""
+    path = os.fspath(path)
     lines = [line.strip() for line in read_text(path, what).splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"{what} {path!r} has no prompt (empty or blank lines only): write one prompt per line")
@@ -35,6 +37,7 @@ def read_lines(path, what="prompts file"):
 
 def read_json(path, what="file"):
     """A JSON file -> its value; bad bytes or bad JSON are a ValueError naming the file and the line."""
+    path = os.fspath(path)
     try:
         return json.loads(read_text(path, what))
     except json.JSONDecodeError as e:
@@ -52,13 +55,13 @@ def safetensors_problem(path, error):
         return "a torch pickle (.pt/.pth), not safetensors"
     if head.lstrip()[:1] == b"<":
         return "an HTML or XML page, not weights (a failed download?)"
-    if "incomplete metadata" in str(error) or (size >= 8 and int.from_bytes(head[:8], "little") > size - 8):
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the weights (run git lfs pull)"
+    if head[8:9] != b"{":   # a safetensors file: 8 bytes of header length, then the JSON header
+        return "not a safetensors file (no safetensors header at its start)"
+    if "incomplete metadata" in str(error) or int.from_bytes(head[:8], "little") > size - 8:
         return f"truncated: {size:,} bytes, fewer than its header lists (an interrupted download or copy?)"
-    return f"not a safetensors file ({error})"
-
-
-def safetensors_error(path, error):
-    return ValueError(f"{path}: cannot read the weights: {safetensors_problem(path, error)}")
+    return f"a damaged safetensors header ({error})"
 
 
 def open_safetensors(path, device="cpu"):
@@ -67,7 +70,7 @@ def open_safetensors(path, device="cpu"):
     try:
         return safe_open(path, framework="pt", device=str(device))
     except SafetensorError as e:
-        raise safetensors_error(path, e) from None
+        raise ValueError(f"{path}: cannot read the weights: {safetensors_problem(path, e)}") from None
 
 
 def load_safetensors(path, device="cpu"):
