@@ -554,7 +554,8 @@ def generator_step(r, rec):
         total = loss if real is None else loss + c["real_data_loss_weight"] * real
         return total, loss, (t, g, st, real)
     r.g_opt.zero_grad(set_to_none=True)
-    loss, extras = parallel.accumulate(r.env, c["gradient_accumulation_steps"], r.G, [r.gen], lambda: step_batch(r, True), micro)
+    loss, extras = parallel.accumulate(r.env, c["gradient_accumulation_steps"], r.G, [r.gen], lambda: step_batch(r, True),
+                                       micro)
     t, g, st, _ = extras[-1]
     reals = [e[3] for e in extras if e[3] is not None]
     # the statistics stay device tensors (no sync) until a log line reads them (log_step), which may come steps later
@@ -595,8 +596,8 @@ def ema_update(r):
 
 
 def critic_step(r, rec, log_now):
-    """One critic update (§5) on fresh no-grad rollouts of the step's batch -> its loss (a tensor). On log steps: the critic loss per
-    score-timestep bin of 250, to catch collapse early."""
+    """One critic update (§5) on fresh no-grad rollouts of the step's batch (step_batch) -> its loss (a tensor). On
+    log steps: the critic loss per score-timestep bin of 250, to catch collapse early."""
     c = r.c
 
     def prepare():
