@@ -34,6 +34,7 @@ import flow
 import lora
 import media
 import model_wan as mw
+import readers
 from configurator import redact
 
 def read_log(out_dir):
@@ -161,8 +162,7 @@ def load_webhook_config(spec):
         if spec.lstrip().startswith("{"):
             spec = json.loads(spec)
         else:
-            with open(spec) as f:
-                spec = json.load(f)
+            spec = readers.read_json(spec, "webhook_config")
     kind = spec.get("webhook_type")
     if kind not in ("discord", "raw"):
         raise ValueError(f"webhook_config: webhook_type must be 'discord' or 'raw', got {kind!r}")

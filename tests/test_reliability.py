@@ -13,6 +13,7 @@ import data
 import dmd
 import lora
 import model_wan as mw
+import publish
 import readers
 import sample
 import text_encoders
@@ -48,8 +49,9 @@ def test_text_readers_name_the_file(tmp_path):
 
 
 def test_bad_prompts_files_in_every_reader(tmp_path):
-    """train_dmd, sample.py, data.py's teacher data and validation library, the dataset metadata: a bare
-    UnicodeDecodeError before; an empty prompts file trained on the validation prompt / wrote nothing."""
+    """train_dmd, sample.py, data.py's teacher data and validation library, the dataset metadata, the webhook
+    config. Before: a bare UnicodeDecodeError; an empty prompts file was "no training prompts" (no file named) in
+    train_dmd and no prompt at all in sample.py (it wrote nothing)."""
     bad, empty = tmp_path / "bad.txt", tmp_path / "empty.txt"
     bad.write_bytes(LATIN1)
     empty.write_text("\n")
@@ -63,6 +65,8 @@ def test_bad_prompts_files_in_every_reader(tmp_path):
             data.make_teacher_data(dict(train_dmd.DEFAULTS), str(path), str(tmp_path / "teacher"))
     with pytest.raises(ValueError, match=f"validation_prompt_library '{bad}': not UTF-8"):
         data.read_prompts(dict(train_dmd.DEFAULTS, validation_prompt_library=str(bad)))
+    with pytest.raises(ValueError, match=f"webhook_config '{bad}': not UTF-8"):
+        publish.load_webhook_config(str(bad))
     (tmp_path / "media").mkdir()
     write_image(tmp_path / "media" / "a.png", solid(32, 32, (1, 2, 3))[0], caption=None)
     (tmp_path / "media" / "metadata.jsonl").write_bytes(b'{"file": "a.png", "caption": "caf\xe9"}\n')
@@ -181,7 +185,8 @@ def test_critic_trains_on_the_generator_steps_batch(tmp_path, monkeypatch):
     draws, seen = [], []
     next_batch, dmd_loss, critic_loss = train_dmd.next_batch, dmd.dmd_loss, dmd.critic_loss
     monkeypatch.setattr(train_dmd, "next_batch", lambda r: draws.append(next_batch(r)) or draws[-1])
-    monkeypatch.setattr(dmd, "dmd_loss", lambda x, t, R, F, ctx, *a: seen.append(("G", ctx)) or dmd_loss(x, t, R, F, ctx, *a))
+    monkeypatch.setattr(dmd, "dmd_loss",
+                        lambda x, t, R, F, ctx, *a: seen.append(("G", ctx)) or dmd_loss(x, t, R, F, ctx, *a))
     monkeypatch.setattr(dmd, "critic_loss", lambda F, x, t, ctx: seen.append(("F", ctx)) or critic_loss(F, x, t, ctx))
     train_dmd.train(tiny_cfg(tmp_path, "--max_train_steps=4", "--generator_update_interval=2",
                              "--gradient_accumulation_steps=2"))
