@@ -37,6 +37,7 @@ from configurator import hub_file
 from cache import CachedDataset, digest, entry_meta, entry_ok, identity, trim, write_entry
 from media import BadFile, frame_indices, load_frames, probe
 import model_wan as mw
+import readers
 import text_encoders
 import vae_wan
 
@@ -55,7 +56,8 @@ DEFAULTS = dict(
     resolution=480,                    # pixel-area bucket: 480 -> 480*832 px, 720 -> 720*1280 px
     resolution_type="pixel_area",      # the only kind supported
     crop=False,                        # False: resize to the bucket; "center"/"random": cover the bucket, then crop
-    minimum_image_size=0,              # shorter source side in px under which a file is skipped (0: off)
+    minimum_image_size=None,           # a file of fewer than this² source pixels is skipped, with its reason (SimpleTuner's
+                                       # meaning under pixel_area); None: resolution // 2 (480: below 320x180); 0: off
     repeats=0,                         # every sample is seen 1 + repeats times per epoch
     caption_dropout_probability=0.0,   # caption -> "" (the empty prompt) with this probability
     aspect_bucket_rounding=2,          # decimals of the aspect ratio (W/H) used for bucketing
@@ -92,6 +94,8 @@ def dataset_config(d):
     if n != c["num_frames"] and c["dataset_type"] == "video":
         print(f"data: num_frames {c['num_frames']} -> {n} (Wan's VAE needs 4k+1 frames)")
     c["num_frames"] = n
+    if c["minimum_image_size"] is None:   # a thumbnail would be upscaled > 2.6x per side into its bucket: never data
+        c["minimum_image_size"] = c["resolution"] // 2
     return c
 
 
@@ -111,12 +115,12 @@ def bucket_size(h, w, resolution, rounding):
 # -----------------------------------------------------------------------------
 # sources: media files with captions, and prompt files
 
-def read_text(path):
-    with open(path, "rb") as f:
-        try:
-            return f.read().decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise BadFile(f"caption not UTF-8 ({os.path.basename(path)})")
+def read_caption(path):
+    """A sidecar caption file -> its text; not UTF-8: BadFile (the sample is skipped, the reason names the file)."""
+    try:
+        return readers.read_text(path, "caption").strip()
+    except ValueError as e:
+        raise BadFile(str(e)) from None
 
 
 def metadata_captions(root):
@@ -126,8 +130,11 @@ def metadata_captions(root):
         p = os.path.join(root, name)
         if not os.path.exists(p):
             continue
-        with open(p, encoding="utf-8") as f:
-            rows = [json.loads(l) for l in f if l.strip()] if name.endswith(".jsonl") else list(csv.DictReader(f))
+        lines = readers.read_text(p, "dataset metadata").splitlines(keepends=True)
+        try:
+            rows = [json.loads(l) for l in lines if l.strip()] if name.endswith(".jsonl") else list(csv.DictReader(lines))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"dataset metadata {p!r}: a line is not JSON ({e.msg})") from None
         for r in rows:
             caps[os.path.normpath(r.get("file", r.get("file_name", "")))] = r.get("caption", r.get("text"))
     return caps
@@ -157,7 +164,7 @@ def scan_folder(c, warn):
             continue
         try:
             side = os.path.splitext(path)[0] + ".txt"
-            caption = read_text(side) if os.path.exists(side) else meta.get(os.path.relpath(path, root))
+            caption = read_caption(side) if os.path.exists(side) else meta.get(os.path.relpath(path, root))
             if caption is None:
                 raise BadFile("missing caption")
         except BadFile as e:
@@ -166,8 +173,10 @@ def scan_folder(c, warn):
         try:
             is_image = ext in IMAGE_EXT
             h, w, n = probe(path, is_image)
-            if min(h, w) < c["minimum_image_size"]:
-                raise BadFile(f"too small ({w}x{h} < minimum_image_size {c['minimum_image_size']})")
+            m = c["minimum_image_size"]
+            if h * w < m * m:
+                raise BadFile(f"too small ({w}x{h} = {w * h} px < minimum_image_size² = {m}² px; lower "
+                              "minimum_image_size to keep it)")
             nf = 1 if is_image else c["num_frames"]
             if n < (nf - 1) * c["frame_interval"] + 1:
                 raise BadFile(f"too short ({n} frames < {nf} at interval {c['frame_interval']})")
@@ -182,11 +191,11 @@ def scan_folder(c, warn):
 def scan_prompts(c, warn):
     """'prompts' dataset dict -> caption-only samples (bucket (0, 0, 0): no video)."""
     try:
-        lines = read_text(c["prompts_file"]).splitlines()
-    except (OSError, BadFile) as e:
+        lines = readers.read_lines(c["prompts_file"])
+    except (OSError, ValueError) as e:
         warn(c["prompts_file"], str(e), media=False)
         return []
-    return [dict(file=None, caption=l.strip(), bucket=(0, 0, 0), n_src=0) for l in lines if l.strip()]
+    return [dict(file=None, caption=l, bucket=(0, 0, 0), n_src=0) for l in lines]
 
 def scan_latents(c, warn):
     """'latents' dataset dict -> the sample entries of its cache_dir (written by make_teacher_data)."""
@@ -407,19 +416,11 @@ def read_prompts(c):
     (the cached captions are the contexts)."""
     val = [c["validation_prompt"]]
     if c["validation_prompt_library"]:
-        with open(c["validation_prompt_library"]) as f:
-            lib = json.load(f)
+        lib = readers.read_json(c["validation_prompt_library"], "validation_prompt_library")
         val += list(lib.values()) if isinstance(lib, dict) else list(lib)
     if c["datasets"]:
         return [], val
-    if c["prompts_file"]:
-        with open(hub_file(c["prompts_file"])) as f:   # a local file, or hf://datasets/OWNER/NAME/file via the hub cache
-            train_prompts = [line.strip() for line in f if line.strip()]
-    else:
-        train_prompts = val
-    if not train_prompts:
-        raise ValueError("no training prompts")
-    return train_prompts, val
+    return (readers.read_lines(hub_file(c["prompts_file"])) if c["prompts_file"] else val), val
 
 
 def encode_prompts(c, te, prompts, dev, dtype):
@@ -513,8 +514,7 @@ def make_teacher_data(c, prompts_file, out_dir, steps=50, guidance=5.0, shift=No
     if isinstance(prompts_file, (list, tuple)):   # the prompts themselves (teacher_anchor)
         prompts = list(prompts_file)
     else:
-        with open(prompts_file, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
+        prompts = readers.read_lines(prompts_file)
     dev = mw.pick_device(c["device"])
     dtype = mw.pick_dtype(c["mixed_precision"], dev)
     base, vae, te = load_teacher(c, dev, dtype)

@@ -42,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 import sparse_attn
 from causal import KVCache, block_causal_mask, block_starts   # re-exported: mw.block_starts, mw.KVCache
 from lora import Linear, add_adapter, adapters_as, lora_modules, set_adapter
+from readers import open_safetensors, read_json
 
 # -----------------------------------------------------------------------------
 # config
@@ -628,17 +629,12 @@ def find_dit_files(source):
     cfg_path = os.path.join(src, "config.json")
     return files, read_json(cfg_path) if os.path.exists(cfg_path) else {}
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
 def read_state_dict(files, dtype=None, device="cpu"):
     """Read safetensors files tensor by tensor into native (original-layout) keys, casting as we go
     so host memory peaks near one copy of the weights."""
-    from safetensors import safe_open
     sd = {}
     for path in files:
-        with safe_open(path, framework="pt", device=str(device)) as f:
+        with open_safetensors(path, device) as f:   # a truncated or foreign file: an error naming it
             for k in f.keys():
                 name = k
                 for p in COMFY_PREFIXES:
@@ -654,7 +650,7 @@ def read_state_dict(files, dtype=None, device="cpu"):
         sd = {diffusers_to_original_key(k): v for k, v in sd.items()}
     return sd
 
-def config_from_state_dict(sd, config=None):
+def config_from_state_dict(sd, config=None, source="the checkpoint"):
     """WanConfig from tensor shapes, with num_heads from config.json (either layout) or head_dim 128."""
     config = config or {}
     for k in ("image_dim", "added_kv_proj_dim"):
@@ -663,7 +659,7 @@ def config_from_state_dict(sd, config=None):
     if config.get("model_type", "t2v") != "t2v":
         raise ValueError(f"config.json model_type={config['model_type']!r}: only t2v is supported")
     if "patch_embedding.weight" not in sd:
-        raise ValueError("not a Wan DiT checkpoint: no patch_embedding.weight among "
+        raise ValueError(f"{source}: not a Wan DiT checkpoint: no patch_embedding.weight among "
                          f"{len(sd)} tensors (first keys: {sorted(sd)[:5]})")
     pe = sd["patch_embedding.weight"]  # (E, C, pt, ph, pw)
     E = pe.shape[0]
@@ -696,7 +692,7 @@ def load_dit(source, dtype=None, device="cpu"):
     copy of the weights; the checkpoint's dtype is kept unless `dtype` is given."""
     files, config = find_dit_files(source)
     sd = read_state_dict(files, dtype=None if dtype is None else dtype, device=device)
-    cfg = config_from_state_dict(sd, config)
+    cfg = config_from_state_dict(sd, config, repr(str(source)))
     with torch.device("meta"):
         model = WanDiT(cfg)
     expected = set(model.state_dict().keys())

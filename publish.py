@@ -33,8 +33,10 @@ import flow
 import lora
 import media
 import model_wan as mw
+import readers
 from card import duration, model_card, run_name
 from configurator import redact
+
 
 def read_log(out_dir):
     path = os.path.join(out_dir, "log.jsonl")
@@ -168,8 +170,7 @@ def load_webhook_config(spec):
         if spec.lstrip().startswith("{"):
             spec = json.loads(spec)
         else:
-            with open(spec) as f:
-                spec = json.load(f)
+            spec = readers.read_json(spec, "webhook_config")
     kind = spec.get("webhook_type")
     if kind not in ("discord", "raw"):
         raise ValueError(f"webhook_config: webhook_type must be 'discord' or 'raw', got {kind!r}")
@@ -441,8 +442,6 @@ class Publisher:
             self.webhook = Webhook(load_webhook_config(c["webhook_config"]), run_name(c))
         out = c["output_dir"]
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "env.json"), "w") as f:
-            json.dump(environment(), f, indent=2)
         if c["push_to_hub"] or c["push_checkpoints_to_hub"]:
             self.hub = HubUploader(c["hub_model_id"], c["model_card_private"], os.path.join(out, ".hub_staging"))
             if self.hub.pending():
@@ -533,11 +532,13 @@ class Publisher:
         self.close()
 
     def open_log(self, step, run_id=None):
-        """log.jsonl in append mode, its lines of steps lost since the resumed checkpoint (at `step`) dropped; wandb
-        (run_id: the run's id, kept in its checkpoints, so that a resumed run continues the same wandb run)."""
+        """After the run's setup: config.json and env.json (write_run_files); log.jsonl in append mode, its lines of
+        steps lost since the resumed checkpoint (at `step`) dropped; wandb (run_id: the run's id, kept in its
+        checkpoints, so that a resumed run continues the same wandb run)."""
         self.log_f = self.wandb = None
         if not self.main:
             return
+        self.write_run_files()
         if self.c["report_to"] == "wandb":
             import wandb
             self.wandb = wandb.init(project=self.c["tracker_project_name"], name=self.c["tracker_run_name"] or None,
@@ -549,6 +550,13 @@ class Publisher:
             with open(path, "w") as f:
                 f.writelines(kept)
         self.log_f = open(path, "a")
+
+    def write_run_files(self):
+        """config.json (secrets redacted) and env.json, written by open_log once the run's setup has succeeded, never
+        before: a start that fails (a bad key, teacher, prompts file or resume) leaves an existing run's files alone."""
+        for name, value in (("config.json", redact(self.c)), ("env.json", environment())):
+            with open(os.path.join(self.c["output_dir"], name), "w") as f:
+                json.dump(value, f, indent=2, default=str)
 
     def log(self, rec, step, objective="dmd", quiet=False):
         """One JSONL record, one wandb record and (unless quiet) one terminal line per log interval."""

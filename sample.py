@@ -29,6 +29,7 @@ import lora
 from configurator import hub_file, pick_threads
 import media
 import model_wan as mw
+import readers
 import sparse_attn
 import text_encoders
 import vae_wan
@@ -88,9 +89,8 @@ def load_student(dit, path, adapter="student", kind=None, sparse=None):
     a full-weights file (either layout) replaces the base weights of `dit`. kind: "adapter" or "full" to refuse the
     other before anything is touched. sparse: (attention_sparsity, sparse_cube), default student_sparsity(path): a
     sparse student (or one whose file holds VSA gates) gets sparse attention for its forwards -> "adapter" or "full"."""
-    from safetensors.torch import load_file
     path = student_file(path)
-    sd = load_file(path)
+    sd = readers.load_safetensors(path)
     found = "adapter" if any(".lora_A" in k for k in sd) else "full"
     if kind is not None and found != kind:
         raise ValueError(f"{path} holds {'a LoRA adapter' if found == 'adapter' else 'full weights'}, "
@@ -228,11 +228,7 @@ def settings(c):
         raise ValueError(f"height and width must be at least 16, got {c['height']}x{c['width']}")
     if c["sampler"] not in ("unipc", "euler"):
         raise ValueError(f"sampler must be 'unipc' or 'euler', got {c['sampler']!r}")
-    if c["prompts_file"]:
-        with open(hub_file(c["prompts_file"])) as f:
-            s["prompts"] = [line.strip() for line in f if line.strip()]
-    else:
-        s["prompts"] = [c["prompt"]]
+    s["prompts"] = readers.read_lines(hub_file(c["prompts_file"])) if c["prompts_file"] else [c["prompt"]]
     causal = s["causal"] = read_causal_config(c["ckpt"]) if c["ckpt"] else None
     if causal is None and s["stream"]:
         raise ValueError("stream=True needs a causal student (ckpt folder whose config.json has \"causal\": true)")

@@ -8,6 +8,7 @@ import re
 
 import torch
 
+import readers
 from model_wan import load_dit, looks_like_hub_id, resolve_hub
 
 # UMT5 text encoder (wan21.md §6): transformers' UMT5EncoderModel + the pipeline's tokenizer
@@ -125,6 +126,10 @@ def load_text_encoder(source, dtype=None, device="cpu", max_length=512):
     if os.path.isdir(te_dir):
         if not os.path.isdir(tok_dir):
             raise FileNotFoundError(f"{src}: has text_encoder/ but no tokenizer/ folder")
+        for name in sorted(os.listdir(te_dir)):   # a truncated or foreign file: an error naming it, not transformers'
+            if name.endswith(".safetensors"):
+                with readers.open_safetensors(os.path.join(te_dir, name)):
+                    pass
         import transformers
         dkey = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         model = UMT5EncoderModel.from_pretrained(te_dir, **{dkey: dtype or "auto"}).to(device)

@@ -125,7 +125,8 @@ lr_warmup_steps = 0                    # linear warmup of both lrs over these tr
 lr_min_ratio = 0.1                     # cosine_with_min_lr: final lr = learning_rate * lr_min_ratio (both networks)
 fake_score_lr_scheduler = "constant"   # the critic's fake_score_lr schedule: the same choices and warmup as lr_scheduler
 max_grad_norm = 1.0                    # generator gradient clip: max norm, or max |value| (grad_clip_method)
-grad_clip_method = "norm"              # "norm" or "value"
+grad_clip_method = "norm"              # "norm" or "value": the generator's; the critic always clips its norm to
+                                       # fake_score_grad_clip (the seed's DMDDistiller does the same)
 fake_score_lr = 1e-5                   # critic lr (scheduled by fake_score_lr_scheduler)
 fake_score_weight_decay = 0.01         # critic AdamW weight decay
 fake_score_betas = (0.9, 0.999)        # critic AdamW betas
@@ -332,7 +333,7 @@ def new_run(c, steps):
     return SimpleNamespace(c=c, env=env, dev=dev, dtype=dtype, autocast=mw.autocast_fn(dtype, dev), steps=steps,
                            say=print if env.main else (lambda *a, **k: None), step=0, gen_steps=0, bad_in_row=0,
                            gen_stats={}, ode=c["objective"] == "ode_init", loader=None, batches=None, last_good=None,
-                           run_id=os.urandom(6).hex())   # the tracker's run id (wandb), kept by the checkpoints
+                           kept=[], run_id=os.urandom(6).hex())   # run_id: the tracker's (wandb), kept by the checkpoints
 
 
 def setup(c, steps):
@@ -344,10 +345,6 @@ def setup(c, steps):
     r.say(f"torch threads: {n} ({why})")
     if c["optimizer"] == "adamw_bf16":
         r.say("notice: optimizer adamw_bf16 -> AdamW with fp32 master weights (the same updates, more exact)")
-    if env.main:
-        os.makedirs(c["output_dir"], exist_ok=True)
-        with open(os.path.join(c["output_dir"], "config.json"), "w") as f:
-            json.dump(redact(c), f, indent=2, default=str)
     if c["teacher_data_samples"] > 0:   # the teacher's samples of the prompts become the real-data latents
         c = r.c = dict(c, datasets=[data.teacher_anchor(c, env.rank, env.world)])
         parallel.barrier(env)
@@ -428,6 +425,19 @@ def next_batch(r):
     return b["context"].to(r.dev, r.dtype), b["latents"].to(r.dev) if "latents" in b else None, traj
 
 
+def step_batch(r, generator):
+    """The trainer step's next micro-batch: the generator step draws it (next_batch) and keeps it, the critic step
+    of the same trainer step takes the kept ones in order (DMD2, FastVideo, Self-Forcing and the seed do the same: a
+    dataset is read once per step, and with rollout_mode="data" the critic learns the clips the generator was rolled
+    out from); a critic-only step (warmup, generator_update_interval > 1) draws its own."""
+    if not generator:
+        return r.kept.pop(0) if r.kept else next_batch(r)
+    b = next_batch(r)
+    if not r.ode:   # ODE init: no critic step takes it
+        r.kept.append(b)
+    return b
+
+
 def student(r, ctx, x0, ks):
     """The rollout of rollout_mode -> (x_g, t_from, t_to); noise shaped as the data. ks: the exit step per block."""
     if r.c["rollout_mode"] == "data":
@@ -474,7 +484,8 @@ def generator_step(r, rec):
         total = loss if real is None else loss + c["real_data_loss_weight"] * real
         return total, loss, (t, g, st, real)
     r.g_opt.zero_grad(set_to_none=True)
-    loss, extras = parallel.accumulate(r.env, c["gradient_accumulation_steps"], r.G, [r.gen], lambda: next_batch(r), micro)
+    loss, extras = parallel.accumulate(r.env, c["gradient_accumulation_steps"], r.G, [r.gen], lambda: step_batch(r, True),
+                                       micro)
     t, g, st, _ = extras[-1]
     reals = [e[3] for e in extras if e[3] is not None]
     # the statistics stay device tensors (no sync) until a log line reads them (log_step), which may come steps later
@@ -515,12 +526,12 @@ def ema_update(r):
 
 
 def critic_step(r, rec, log_now):
-    """One critic update (§5) on fresh no-grad rollouts -> its loss (a tensor). On log steps: the critic loss per
-    score-timestep bin of 250, to catch collapse early."""
+    """One critic update (§5) on fresh no-grad rollouts of the step's batch (step_batch) -> its loss (a tensor). On
+    log steps: the critic loss per score-timestep bin of 250, to catch collapse early."""
     c = r.c
 
     def prepare():
-        ctx, x0, _ = next_batch(r)
+        ctx, x0, _ = step_batch(r, False)
         with torch.no_grad():
             x_g, t_from, t_to = student(r, ctx, x0, exit_step(r, 1))
         return ctx, x_g, dmd.score_timesteps(c["train_batch_size"], t_from, t_to, c, r.dev)

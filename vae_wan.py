@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_wan import read_json, resolve_hub
+from model_wan import resolve_hub
+from readers import load_safetensors, read_json
 
 # VAE: the Wan 2.1 causal 3-D VAE (wan21.md §8)
 #
@@ -463,8 +464,7 @@ def read_vae(source):
     if files[0].endswith(".pth"):
         sd = torch.load(files[0], map_location="cpu", weights_only=True)
     elif all(f.endswith(".safetensors") for f in files):
-        from safetensors.torch import load_file
-        sd = {k: v for f in files for k, v in load_file(f).items()}
+        sd = {k: v for f in files for k, v in load_safetensors(f).items()}   # bad files: an error naming them
         config = read_json(cfg_path) if os.path.exists(cfg_path) else {}
     else:
         raise ValueError(f"{src!r}: expected a .pth or .safetensors file")

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import quality  # noqa: E402
+import readers  # noqa: E402
 import sample  # noqa: E402
 
 
@@ -45,8 +46,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     steps = a.steps or sample.student_steps(a.student)   # as trained (warped when warp_denoising_step was set)
     steps = [float(s) for s in steps.split(",")]
-    with open(a.prompts_file) as fh:
-        prompts = [line.strip() for line in fh if line.strip()]
+    prompts = readers.read_lines(a.prompts_file)
     pair = quality.load_pair(a.teacher, a.student, None if a.negative_prompt == "None" else a.negative_prompt, a.device)
     pair["students"]["student-3"]["steps"] = steps                   # --steps wins over the folder's
     table = quality.evaluate(pair, prompts, list(range(a.seeds)), (a.num_frames, a.height, a.width), steps, a.guidance,

@@ -1,12 +1,32 @@
-"""Shared fixtures: tiny diffusers reference modules built offline (wan21.md §12)."""
+"""Shared fixtures: tiny diffusers reference modules built offline (wan21.md §12); the suite's own environment."""
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def own_environment():
+    """The suite passes in a user's environment as it is: their hub and tracker settings are dropped (HF_HUB_OFFLINE=1,
+    common on offline clusters, fails the hub tests; their HF_TOKEN, cached login or HF_ENDPOINT would be sent to the
+    tests' fake hub; WANDB_* would change a run), and HF_HOME is a fresh folder. At conftest import, before any test
+    imports huggingface_hub, which reads them once; the tests that need one set it themselves (monkeypatch)."""
+    for k in list(os.environ):
+        if k.startswith(("HF_", "HUGGING_FACE_", "WANDB_")) or k == "TRANSFORMERS_OFFLINE":
+            del os.environ[k]
+    os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="wan-dmd-tests-hf-")
+    atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
+    if "huggingface_hub.constants" in sys.modules:   # imported already (a plugin): its import-time copy too
+        sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = False
+
+
+own_environment()
 
 # head_dim 128 as in the real models, so the RoPE split is the real 44/42/42
 TINY_D = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16, out_channels=16,

@@ -227,7 +227,7 @@ def test_exact_resume_with_dataset(tmp_path):
     train(tmp_path / "split", cfg, *common, "--max_train_steps=2")
     assert "resumed from" in train(tmp_path / "split", cfg, *common)
     a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "split")
-    assert a["data"] == b["data"] == {"epoch": 2, "index": 0}                        # 2 G + 4 F batches, 3 per epoch
+    assert a["data"] == b["data"] == {"epoch": 1, "index": 1}   # 4 batches (the critic reuses G's), 3 per epoch
     for key in ("generator", "critic", "ema"):
         for x, y in zip(a[key], b[key]):
             assert torch.equal(x, y), key
@@ -244,12 +244,12 @@ def test_exact_resume_mid_epoch_with_workers(tmp_path):
                               "--validation_step_interval=1000", "--validation_diversity_seeds=0",
                               "--real_data_loss_weight=0.5", "--rollout_mode=data", "--dataloader_num_workers=2"])
         return train_dmd.train(dict(c, datasets=d))
-    run(tmp_path / "straight", 3)             # 2 batches per step (G, F): 6 = 2 epochs
-    run(tmp_path / "split", 1)                # stopped at batch 2 of epoch 0
+    run(tmp_path / "straight", 5)             # 1 batch per step (the critic reuses the generator's): 5 = 1 epoch + 2
+    run(tmp_path / "split", 2)                # stopped at batch 2 of epoch 0
     assert final_state(tmp_path / "split")["data"] == {"epoch": 0, "index": 2}
-    run(tmp_path / "split", 3)
+    run(tmp_path / "split", 5)
     a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "split")
-    assert a["data"] == b["data"] == {"epoch": 2, "index": 0}
+    assert a["data"] == b["data"] == {"epoch": 1, "index": 2}
     for key in ("generator", "critic", "ema"):
         for x, y in zip(a[key], b[key]):
             assert torch.equal(x, y), key

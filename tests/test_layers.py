@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # module -> layer; a module may import only modules of strictly lower layers (inside functions too). Root modules by
 # name, bench scripts as "bench/<name>" ("bench/*": every bench script not named before it).
 LAYERS = {
-    "configurator": 0, "media": 0, "lora": 0, "simpletuner": 0, "causal": 0, "sparse_attn": 0,
+    "configurator": 0, "media": 0, "lora": 0, "simpletuner": 0, "causal": 0, "sparse_attn": 0, "readers": 0,
     "model_wan": 1,
     "vae_wan": 2, "text_encoders": 2, "flow": 2,
     "cache": 3,
