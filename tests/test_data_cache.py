@@ -210,7 +210,7 @@ def test_train_from_video_folder(tmp_path):
         assert [r["step"] for r in recs] == [1, 2, 3]
         for r in recs:
             assert all(torch.isfinite(torch.tensor(r[k])) for k in ("dmd_loss", "fake_score_loss", "real_data_loss"))
-        assert final_state(out)["data"] == {"epoch": 2, "index": 0}                  # 6 batches of 3 samples
+        assert final_state(out)["data"] == {"epoch": 1, "index": 0}                  # 3 steps x 1 batch = 3 samples
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run([sys.executable, os.path.join(ROOT, "train_dmd.py"), TINY, "--real_data_loss_weight=1.0",
                         f"--output_dir={tmp_path / 'x'}"], cwd=ROOT, capture_output=True, check=True, timeout=120)
