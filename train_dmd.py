@@ -19,6 +19,7 @@ load_checkpoint); the run's setup; the loop, a short body over named phases (gen
 ema_update, check_finite, log_step, end_of_step); validation and export.
 """
 import copy
+import gc
 import json
 import math
 import os
@@ -615,7 +616,7 @@ def end_of_step(r, pub, stop, validated):
         r.say(f"signal {stop['signal'] or 'on another rank'}: exiting at step {step}; the last checkpoint: "
               f"{r.last_good or 'none written'}")
         pub.close_log()
-        parallel.cleanup(env)
+        close_run(r)
         sys.exit(0)
 
 # -----------------------------------------------------------------------------
@@ -684,7 +685,7 @@ def train_loop(c, pub, steps):
     bar.close()
     export_student(r)
     pub.close_log()
-    parallel.cleanup(r.env)
+    close_run(r)
     return {"base": r.base, "generator": r.gen, "critic": r.critic, "g_params": r.g_params, "f_params": r.f_params,
             "ema": r.ema}
 
@@ -718,6 +719,14 @@ def export_checkpoint(c, steps):
         val = [x for x in publish.read_log(c["output_dir"]) if x["step"] == r.step and "diversity_ratio" in x]
         print(f"exported the student of {ckpt} (step {r.step})" + (f": diversity {val[-1]['diversity_ratio']:.2f}x the "
               "teacher's at that step" if val else "") + f"; model card {publish.write_card(c, steps)['README.md']}")
+    close_run(r)
+
+
+def close_run(r):
+    """The process group goes last: the DDP reducers first (one alive at the group's destruction aborted a
+    torchrun exit now and then: "terminate called without an active exception")."""
+    r.G = r.Fk = None
+    gc.collect()
     parallel.cleanup(r.env)
 
 
