@@ -192,14 +192,25 @@ def _read_file(path, json_map, prog):
     if not os.path.isfile(path):
         fail(prog, f"no config file {path!r} (words without -- are config files; a value with spaces needs quotes: "
                    "--prompt='a red fox')")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        fail(prog, f"config file {path!r}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it "
+                   "as UTF-8")
     if path.endswith(".json"):
         if json_map:
             return json_map(path)
-        with open(path) as f:
-            return json.load(f)
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            fail(prog, f"config file {path!r}: not JSON: {e}")
     scope = {}
-    with open(path) as f:   # __file__ lets a config build on another one beside it
-        exec(compile(f.read(), path, "exec"), {"__file__": os.path.abspath(path)}, scope)
+    try:
+        code = compile(text, path, "exec")
+    except SyntaxError as e:
+        fail(prog, f"config file {path!r}, line {e.lineno}: {e.msg} (a config file is plain Python assignments)")
+    exec(code, {"__file__": os.path.abspath(path)}, scope)   # __file__ lets a config build on another one beside it
     return {k: v for k, v in scope.items() if not (k.startswith("_") or callable(v) or type(v).__name__ == "module")}
 
 

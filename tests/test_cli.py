@@ -111,6 +111,20 @@ def test_command_line_spellings(tmp_path, capsys):
         assert e.value.code == 2 and err in line and "\n" not in line and line.startswith("s.py: error:")
 
 
+
+def test_bad_config_files_are_one_line(tmp_path, capsys):
+    """A config file that is not UTF-8, not Python or not JSON: one line naming the file (before: a traceback)."""
+    script = tmp_path / "s.py"
+    script.write_text(f"# {'-' * 77}\nseed = 0  # seed\n# {'-' * 77}\n")
+    (tmp_path / "latin1.py").write_bytes("prompt = 'caf\xe9'\n".encode("latin-1"))
+    (tmp_path / "syntax.py").write_text("seed = (1,\n")
+    (tmp_path / "bad.json").write_text('{"seed": 1,}')
+    for name, err in (("latin1.py", "not UTF-8 text (byte 0xe9"), ("syntax.py", "line 1"), ("bad.json", "not JSON")):
+        with pytest.raises(SystemExit) as e:
+            configure_(dict(seed=0), script, [str(tmp_path / name)])
+        line = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err in line and name in line and "\n" not in line
+
 def configure_(g, script, argv):
     return configurator.configure(dict(g), str(script), argv)
 
