@@ -314,8 +314,9 @@ def apply_optimizer_settings(r):
     each scheduler's base lr included: lr = base lr x lr_lambda(step), as LambdaLR computes it (unchanged settings:
     the same numbers)."""
     c = r.c
-    for opt, sched, settings, kind in ((r.g_opt, r.g_sched, adamw_settings(c)[0], c["lr_scheduler"]),
-                                       (r.f_opt, r.f_sched, adamw_settings(c)[1], c["fake_score_lr_scheduler"])):
+    g_set, f_set = adamw_settings(c)
+    for opt, sched, settings, kind in ((r.g_opt, r.g_sched, g_set, c["lr_scheduler"]),
+                                       (r.f_opt, r.f_sched, f_set, c["fake_score_lr_scheduler"])):
         lr = settings["lr"] * lr_lambda(c, kind)(sched.last_epoch)
         for group in opt.param_groups:
             group.update(settings, initial_lr=settings["lr"], lr=lr)

@@ -196,6 +196,10 @@ def test_guidance_interval_and_warmup():
     out = dmd.guided_x0(net, x_t, t, ctx, neg, w.double())
     torch.testing.assert_close(out[:1], dmd.guided_x0(net, x_t, t, ctx, neg, 3.0)[:1], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out[1:], x0_of(net, x_t, t, ctx)[1:], rtol=1e-12, atol=1e-12)
+    net.calls.clear()
+    above = dmd.guided_x0(net, x_t, t, ctx, neg, torch.zeros(2, 1, 1, 1, 1, dtype=torch.float64))
+    assert len(net.calls) == 1                                               # all above the bound: no unconditional call
+    torch.testing.assert_close(above, x0_of(net, x_t, t, ctx), rtol=1e-12, atol=1e-12)
 
 # 5. Gaussian analytic scores: one DMD step moves the generator's mean toward the data mean
 
