@@ -4,6 +4,7 @@ model is built (a bad run stops in a second with one line, not after the teacher
 """
 import flow
 import model_wan as mw
+import quant
 import sparse_attn
 
 
@@ -44,6 +45,10 @@ def check_config(c):
                        ("optimizer", ("adamw", "adamw_bf16")), ("report_to", ("none", "wandb"))):
         if c[k] not in allowed:
             raise ValueError(f"{k} must be one of {allowed}, got {c[k]!r}")
+    for k in ("base_model_precision", "text_encoder_1_precision"):
+        quant.parse_precision(c[k], k)
+    if c["quantize_via"] not in ("accelerator", "cpu"):
+        raise ValueError(f"quantize_via must be 'accelerator' or 'cpu', got {c['quantize_via']!r}")
     if not isinstance(c["sp_size"], int) or c["sp_size"] < 1:
         raise ValueError(f"sp_size must be a positive integer, got {c['sp_size']!r}")
     if (c["push_to_hub"] or c["push_checkpoints_to_hub"]) and not c["hub_model_id"]:

@@ -32,7 +32,9 @@ import torch
 from tqdm import tqdm
 
 import flow
+import lora
 import media
+import quant
 from configurator import hub_file
 from cache import CachedDataset, digest, entry_meta, entry_ok, identity, trim, write_entry
 from media import BadFile, frame_indices, load_frames, probe
@@ -389,7 +391,7 @@ def load_teacher(c, dev, dtype, dit=True, text=True):
     src = c["pretrained_model_name_or_path"]
     if src == "tiny":
         torch.manual_seed(c["seed"])
-        base = mw.WanDiT(mw.PRESETS["tiny"]).to(dev)
+        base = quantized(mw.WanDiT(mw.PRESETS["tiny"]).to(dev), c)
         vae = vae_wan.WanVAE(vae_wan.WanVAEConfig(base_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1)).to(dev)
         te = text_encoders.TinyTextEncoder(base.cfg.text_dim)
     elif src.startswith("random:"):   # real architecture, random weights, built on the device
@@ -398,17 +400,42 @@ def load_teacher(c, dev, dtype, dit=True, text=True):
             raise ValueError(f"{src!r}: unknown preset {preset!r}; have {sorted(mw.PRESETS)}")
         torch.manual_seed(c["seed"])
         with torch.device(dev):
-            base = mw.WanDiT(mw.PRESETS[preset]).cast(dtype)
+            base = quantized(mw.WanDiT(mw.PRESETS[preset]).cast(dtype), c)
             vae = vae_wan.WanVAE(vae_wan.WanVAEConfig())
         te = text_encoders.TinyTextEncoder(base.cfg.text_dim)
     else:
-        base = mw.load_dit(src, dtype=dtype, device=dev) if dit else None
+        base = mw.load_dit(src, dtype=dtype, device=dev, quant=quant.parse_precision(c.get("base_model_precision", "no")),
+                           quantize_via=c.get("quantize_via", "accelerator")) if dit else None
         vae = vae_wan.load_vae(src, dtype=torch.float32, device=dev)
         tiny = os.path.exists(os.path.join(src, text_encoders.TINY_TEXT_MARKER))
-        te = text_encoders.text_encoder(src, dtype, dev, base) if text or tiny else None
+        te = text_encoders.text_encoder(src, dtype, dev, base, **text_precision(c)) if text or tiny else None
     if base is not None:
         base.requires_grad_(False).eval()
     return (base if dit else None), vae, te
+
+
+def quantized(base, c):
+    """A teacher built in memory ("tiny", "random:<preset>") with base_model_precision applied (lora.quantize_base)."""
+    kind = quant.parse_precision(c.get("base_model_precision", "no"))
+    if kind != "no":
+        lora.quantize_base(base, kind)
+    return base
+
+
+def full_precision_base(c, dtype):
+    """The teacher's base weights at full precision (native keys, on the CPU, FP32_MODULES in fp32): what the
+    export of a student trained on an 8-bit base merges its adapter into (lora.merged_state_dict)."""
+    src = c["pretrained_model_name_or_path"]
+    if src == "tiny" or src.startswith("random:"):   # rebuilt from the seed as load_teacher built it
+        base = load_teacher(dict(c, base_model_precision="no"), "cpu", dtype, text=False)[0]
+        return base.state_dict()
+    return mw.read_state_dict(mw.find_dit_files(src)[0], dtype)
+
+
+def text_precision(c):
+    """The text encoder's 8-bit settings of a config -> keywords of text_encoders.load_text_encoder."""
+    return dict(quant=quant.parse_precision(c.get("text_encoder_1_precision", "no"), "text_encoder_1_precision"),
+                quantize_via=c.get("quantize_via", "accelerator"))
 
 
 def read_prompts(c):
@@ -427,7 +454,7 @@ def encode_prompts(c, te, prompts, dev, dtype):
     """The trainer's prompts encoded once (te None: UMT5 of the teacher, loaded here and freed after) -> list of
     trimmed (n_i, D) CPU tensors."""
     if te is None:
-        te = text_encoders.load_text_encoder(c["pretrained_model_name_or_path"], dtype=dtype, device=dev)
+        te = text_encoders.load_text_encoder(c["pretrained_model_name_or_path"], dtype=dtype, device=dev, **text_precision(c))
     out = []
     for i in range(0, len(prompts), 16):
         emb = te.encode(prompts[i:i + 16]).cpu()
@@ -443,7 +470,8 @@ def training_inputs(c, prompts, te, vae, env, dev, dtype):
     train_prompts, val_prompts = prompts
     loader = None
     if c["datasets"]:
-        te = te or text_encoders.load_text_encoder(c["pretrained_model_name_or_path"], dtype=dtype, device=dev)
+        te = te or text_encoders.load_text_encoder(c["pretrained_model_name_or_path"], dtype=dtype, device=dev,
+                                                   **text_precision(c))
         cached = CachedDataset(MediaDataset(c["datasets"], seed=c["seed"]), vae, te, rank=env.rank,
                                world_size=env.world, device=dev)
         loader = Loader(cached, c["train_batch_size"], seed=c["seed"], rank=env.dp_rank, world_size=env.dp_size,

@@ -5,6 +5,8 @@ One frozen Wan base serves DMD's three networks (train_dmd.py): the teacher is t
 generator and the critic are the base with adapters "generator" and "critic". `use_adapter` selects one for a
 forward; `adapters_as` replays a selection (gradient checkpointing recomputes after the selection is restored).
 The adapter file format (PEFT keys of diffusers' Wan names) is model_wan.adapter_state_dict / load_adapter.
+The frozen base weight may be stored in 8 bits (`quantize_base`, quant.py: base_model_precision): the adapters,
+the bias and everything that is not a targeted Linear keep their precisions.
 A network of DMD is then (model, adapter): `trainable` lists its parameters, `velocity_fn` runs it.
 """
 import math
@@ -14,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import quant
+
 
 DEFAULT_LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                         "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
@@ -22,7 +26,9 @@ DEFAULT_LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.
 class Linear(nn.Linear):
     """nn.Linear that runs in its weight's dtype and adds the active LoRA adapter, if any:
     y = W x + b + (alpha/r) * B A x. `self.adapter` (a name or None) is set by `use_adapter`.
-    The adapter branch runs in the base dtype too (A and B stay fp32 master weights, cast like autocast)."""
+    The adapter branch runs in the base dtype too (A and B stay fp32 master weights, cast like autocast).
+    8-bit base (`to_8bit`): W is stored as weight_q (codes) and weight_scale (fp32 per output row) and `weight` is
+    None; the compute dtype is then the bias's (every Wan Linear has one)."""
 
     def __init__(self, in_features, out_features, bias=True):
         super().__init__(in_features, out_features, bias=bias)
@@ -30,10 +36,37 @@ class Linear(nn.Linear):
         self.lora_B = nn.ParameterDict()   # name -> (out, r)
         self.lora_scale = {}               # name -> alpha / r
         self.adapter = None
+        self.quant = None                  # None, or "int8" / "fp8" once the base weight is stored in 8 bits
+
+    @property
+    def compute_dtype(self):
+        return self.weight.dtype if self.weight is not None else self.bias.dtype
+
+    def to_8bit(self, kind):
+        """Store the (frozen) base weight in 8 bits: weight -> weight_q, weight_scale (quant.quantize; on the meta
+        device: empty placeholders of the right dtypes, filled by load_state_dict(assign=True))."""
+        if self.quant is not None:
+            raise ValueError(f"the base weight is already stored as {self.quant}")
+        if self.bias is None:
+            raise ValueError("an 8-bit Linear needs a bias (it carries the compute dtype)")
+        q, scale = quant.quantize(self.weight.data, kind)
+        del self.weight
+        self.register_parameter("weight", None)
+        self.weight_q, self.weight_scale = nn.Parameter(q, False), nn.Parameter(scale, False)
+        self.quant = kind
+
+    def base_weight(self, dtype=None):
+        """The base weight W (dequantised when stored in 8 bits) in `dtype` (default: its own / the compute dtype)."""
+        if self.quant is None:
+            return self.weight if dtype is None else self.weight.to(dtype)
+        return quant.dequantize(self.weight_q, self.weight_scale, dtype or self.compute_dtype)
 
     def forward(self, x):
-        x = x.to(self.weight.dtype)
-        y = F.linear(x, self.weight, self.bias)
+        x = x.to(self.compute_dtype)
+        if self.quant is None:
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            y = quant.linear(x, self.weight_q, self.weight_scale, self.bias)
         name = self.adapter
         if name is not None and name in self.lora_scale:
             A, B = self.lora_A[name].to(x.dtype), self.lora_B[name].to(x.dtype)
@@ -53,7 +86,7 @@ def add_adapter(model, name, rank=16, alpha=None, targets=DEFAULT_LORA_TARGETS, 
             continue
         if name in m.lora_scale:
             raise ValueError(f"adapter {name!r} already exists on {mname}")
-        dev = m.weight.device
+        dev = m.bias.device if m.weight is None else m.weight.device
         A = nn.Parameter(torch.empty(rank, m.in_features, device=dev, dtype=dtype))
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))   # PEFT's init for lora_A
         B = nn.Parameter(torch.zeros(m.out_features, rank, device=dev, dtype=dtype))
@@ -102,23 +135,62 @@ def adapter_parameters(model, name):
 
 @torch.no_grad()
 def merge_adapter(model, name, delete=True):
-    """W += (alpha/r) B A, computed in fp32; the adapter is removed unless delete=False."""
+    """W += (alpha/r) B A, computed in fp32; the adapter is removed unless delete=False. An 8-bit base cannot take
+    a merge (merged_state_dict with the full-precision base does)."""
     for _, m in lora_modules(model):
         if name in m.lora_scale:
+            if m.quant is not None:
+                raise ValueError(f"cannot merge adapter {name!r} into an {m.quant} base: dequantize_base first, or "
+                                 "use merged_state_dict(model, name, base) with the full-precision base weights")
             delta = (m.lora_B[name].float() @ m.lora_A[name].float()) * m.lora_scale[name]
             m.weight.copy_((m.weight.float() + delta).to(m.weight.dtype))
             if delete:
                 delete_adapter_on(m, name)
 
 @torch.no_grad()
-def merged_state_dict(model, name):
-    """Base weights with adapter `name` merged (W + (alpha/r) B A in fp32), adapters left out; `model` is untouched."""
-    sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+def merged_state_dict(model, name, base=None):
+    """Base weights with adapter `name` merged (W + (alpha/r) B A in fp32), adapters left out; `model` is untouched.
+    An 8-bit base merges into the full-precision weights of `base` (a state dict holding at least the weights of
+    the 8-bit Linears): the export is the adapter on the original weights, not on their 8-bit copy."""
+    sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k and not k.endswith((".weight_q", ".weight_scale"))}
+    for mname, m in lora_modules(model):
+        if m.quant is not None:
+            if base is None or mname + ".weight" not in base:
+                raise ValueError(f"{mname} is stored as {m.quant}: merged_state_dict needs its full-precision weight")
+            sd[mname + ".weight"] = base[mname + ".weight"]
     for mname, m in lora_modules(model):
         if name in m.lora_scale:
+            W = sd[mname + ".weight"]
             delta = (m.lora_B[name].float() @ m.lora_A[name].float()) * m.lora_scale[name]
-            sd[mname + ".weight"] = (m.weight.float() + delta).to(m.weight.dtype)
+            sd[mname + ".weight"] = (W.float() + delta.to(W.device)).to(W.dtype)
     return sd
+
+def quantize_base(model, kind, targets=DEFAULT_LORA_TARGETS):
+    """Store the base weight of every Linear whose dotted name ends with one of `targets` in 8 bits (quant.py;
+    kind "int8" or "fp8"), one layer at a time: the full-precision weight of a layer is freed as its 8-bit copy is
+    made. On a meta model: placeholders for load_state_dict(assign=True). -> number of Linears stored in 8 bits."""
+    n = 0
+    for mname, m in lora_modules(model):
+        if m.quant is None and any(mname == t or mname.endswith("." + t) for t in targets):
+            m.to_8bit(kind)
+            n += 1
+    if n == 0:
+        raise ValueError(f"no Linear matched the 8-bit targets {targets}")
+    return n
+
+def dequantize_base(model, dtype=torch.float32):
+    """The inverse of quantize_base: every 8-bit base weight back to a full `dtype` weight (a full fine-tune copy
+    of an 8-bit teacher starts from exactly the teacher's weights)."""
+    for _, m in lora_modules(model):
+        if m.quant is not None:
+            W = m.base_weight(dtype)
+            del m.weight_q, m.weight_scale
+            m.weight, m.quant = nn.Parameter(W, requires_grad=False), None
+    return model
+
+def base_precision(model):
+    """"no", or the 8-bit kind of the model's base Linears."""
+    return next((m.quant for _, m in lora_modules(model) if m.quant is not None), "no")
 
 def delete_adapter_on(m, name):
     del m.lora_A[name], m.lora_B[name], m.lora_scale[name]

@@ -41,7 +41,8 @@ from torch.utils.checkpoint import checkpoint
 
 import sparse_attn
 from causal import KVCache, block_causal_mask, block_starts   # re-exported: mw.block_starts, mw.KVCache
-from lora import Linear, add_adapter, adapters_as, lora_modules, set_adapter
+from lora import DEFAULT_LORA_TARGETS, Linear, add_adapter, adapters_as, lora_modules, quantize_base, set_adapter
+from quant import quantize
 from readers import open_safetensors, read_json
 
 # -----------------------------------------------------------------------------
@@ -249,7 +250,7 @@ class Block(nn.Module):
         whole-clip pass: frame f's tokens are modulated by its own timestep, x viewed as (B,F,HW,E) for each
         modulation, as Self-Forcing's CausalWan); ctx (B,Lc,E); rope tables; mask/cache for causal self-attention;
         grid (F,H,W) of the tokens for sparse self-attention."""
-        dt = self.self_attn.q.weight.dtype
+        dt = self.self_attn.q.compute_dtype
         e = e if e.ndim == 4 else e[:, None]                                   # one timestep per sample = one "frame"
         fr = lambda y: y.unflatten(1, (e.shape[1], -1))                        # (B,L,E) -> (B,F,HW,E), a view
         shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e).chunk(6, dim=2)  # (B,F,1,E)
@@ -353,8 +354,8 @@ class WanDiT(nn.Module):
         if (kv_cache.batch, kv_cache.tokens_per_frame) != (B, hw):
             raise ValueError(f"kv_cache is for batch {kv_cache.batch} and {kv_cache.tokens_per_frame} tokens per frame, "
                              f"x has batch {B} and {hw}")
-        if kv_cache.dtype != self.blocks[0].self_attn.k.weight.dtype:
-            raise ValueError(f"kv_cache dtype {kv_cache.dtype} != the model's {self.blocks[0].self_attn.k.weight.dtype}")
+        if kv_cache.dtype != self.blocks[0].self_attn.k.compute_dtype:
+            raise ValueError(f"kv_cache dtype {kv_cache.dtype} != the model's {self.blocks[0].self_attn.k.compute_dtype}")
         if start_frame + Fp > self.cfg.rope_max_len:
             raise ValueError(f"frames up to {start_frame + Fp} exceed rope_max_len={self.cfg.rope_max_len} RoPE positions")
 
@@ -411,14 +412,17 @@ class WanDiT(nn.Module):
 
     def new_kv_cache(self, batch, max_frames, tokens_per_frame, device=None, dtype=None):
         """An empty KVCache for this model's self-attention layers (device/dtype: the model's by default)."""
-        w = self.blocks[0].self_attn.k.weight
+        k = self.blocks[0].self_attn.k
         return KVCache(len(self.blocks), batch, max_frames, tokens_per_frame, self.cfg.num_heads, self.cfg.head_dim,
-                       device or w.device, dtype or w.dtype)
+                       device or k.bias.device, dtype or k.compute_dtype)
 
     def cast(self, dtype):
-        """Cast to dtype, keeping FP32_MODULES (time MLPs, modulation tables, affine norms) in fp32."""
+        """Cast to dtype, keeping FP32_MODULES (time MLPs, modulation tables, affine norms) and the scales of an
+        8-bit base in fp32; 8-bit codes are left as they are."""
         for name, p in self.named_parameters():
-            keep = any(part in FP32_MODULES for part in name.split("."))
+            if not p.is_floating_point():
+                continue
+            keep = name.endswith("weight_scale") or any(part in FP32_MODULES for part in name.split("."))
             p.data = p.data.to(torch.float32 if keep else dtype)
         return self
 
@@ -434,8 +438,8 @@ def enable_sparse_attention(model, sparsity, cube=sparse_attn.DEFAULT_CUBE, adap
         sparse_attn.check_sparse(sparsity, cube)
     for a in (b.self_attn for b in model.blocks):
         if sparsity is not None and a.gate_compress is None:
-            with torch.device(a.q.weight.device):
-                a.gate_compress = Linear(a.q.in_features, a.q.out_features).to(a.q.weight.dtype)
+            with torch.device(a.q.bias.device):
+                a.gate_compress = Linear(a.q.in_features, a.q.out_features).to(a.q.compute_dtype)
             nn.init.zeros_(a.gate_compress.weight), nn.init.zeros_(a.gate_compress.bias)
             a.gate_compress.requires_grad_(adapter is None)
         a.sparse = None if sparsity is None else (adapter, float(sparsity), tuple(int(c) for c in cube))
@@ -629,12 +633,23 @@ def find_dit_files(source):
     cfg_path = os.path.join(src, "config.json")
     return files, read_json(cfg_path) if os.path.exists(cfg_path) else {}
 
-def read_state_dict(files, dtype=None, device="cpu"):
+def is_8bit_target(native_key):
+    """Is this original-layout key the weight of a Linear that base_model_precision stores in 8 bits (the blocks'
+    attention and FFN Linears, lora.DEFAULT_LORA_TARGETS: 99% of the DiT's weights; embeddings, time MLPs, head,
+    norms and modulation keep their precisions)?"""
+    mod = native_key[:-len(".weight")]
+    return native_key.startswith("blocks.") and native_key.endswith(".weight") and \
+        any(mod.endswith("." + t) for t in DEFAULT_LORA_TARGETS)
+
+def read_state_dict(files, dtype=None, device="cpu", quant="no", quantize_via="cpu"):
     """Read safetensors files tensor by tensor into native (original-layout) keys, casting as we go
-    so host memory peaks near one copy of the weights."""
+    so host memory peaks near one copy of the weights. quant "int8" / "fp8": each 8-bit target (is_8bit_target)
+    is stored in 8 bits as it is read (X.weight -> X.weight_q + X.weight_scale, quant.py), on the CPU or, with
+    quantize_via="accelerator", on `device`: no full-precision copy of those weights ever exists."""
+    read_dev = "cpu" if quant != "no" and quantize_via == "cpu" else device
     sd = {}
     for path in files:
-        with open_safetensors(path, device) as f:   # a truncated or foreign file: an error naming it
+        with open_safetensors(path, read_dev) as f:   # a truncated or foreign file: an error naming it
             for k in f.keys():
                 name = k
                 for p in COMFY_PREFIXES:
@@ -642,10 +657,16 @@ def read_state_dict(files, dtype=None, device="cpu"):
                         name = name[len(p):]
                         break
                 t = f.get_tensor(k)
+                native = diffusers_to_original_key(name)
+                if quant != "no" and is_8bit_target(native):
+                    q, scale = quantize(t, quant)
+                    stem = name[:-len("weight")]
+                    sd[stem + "weight_q"], sd[stem + "weight_scale"] = q.to(device), scale.to(device)
+                    continue
                 if dtype is not None and t.is_floating_point():   # FP32_MODULES are read at full precision
-                    keep = any(part in FP32_MODULES for part in diffusers_to_original_key(name).split("."))
+                    keep = any(part in FP32_MODULES for part in native.split("."))
                     t = t.to(torch.float32 if keep else dtype)
-                sd[name] = t
+                sd[name] = t.to(device)
     if any(k.startswith("condition_embedder.") or ".attn1." in k for k in sd):
         sd = {diffusers_to_original_key(k): v for k, v in sd.items()}
     return sd
@@ -669,7 +690,8 @@ def config_from_state_dict(sd, config=None, source="the checkpoint"):
         heads = E // 128   # every released Wan 2.1 DiT uses head_dim 128
         print(f"load_dit: no head count in config.json, assuming head_dim 128 -> {heads} heads")
     patch = tuple(pe.shape[2:])
-    cfg = WanConfig(dim=E, ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0] if num_layers else 0,
+    ffn0 = sd.get("blocks.0.ffn.0.weight", sd.get("blocks.0.ffn.0.weight_q"))   # weight_q: read in 8 bits
+    cfg = WanConfig(dim=E, ffn_dim=ffn0.shape[0] if num_layers else 0,
                     num_heads=int(heads), num_layers=num_layers, in_dim=pe.shape[1],
                     out_dim=sd["head.head.weight"].shape[0] // math.prod(patch),
                     text_dim=sd["text_embedding.0.weight"].shape[1],
@@ -682,19 +704,23 @@ def config_from_state_dict(sd, config=None, source="the checkpoint"):
             raise ValueError(f"config.json says {k}={v} but the weights have {k}={getattr(cfg, k)}")
     return cfg
 
-def load_dit(source, dtype=None, device="cpu"):
+def load_dit(source, dtype=None, device="cpu", quant="no", quantize_via="cpu"):
     """Load a Wan 2.1 T2V DiT from:
     - a diffusers `transformer/` folder, or a pipeline root (model_index.json),
     - an original-layout folder (config.json + diffusion_pytorch_model*.safetensors, sharded or not),
     - a single .safetensors file (with or without the ComfyUI `model.diffusion_model.` prefix),
     - a hub repo id (only the DiT files are downloaded; HF_HUB_OFFLINE and the cache are honoured).
     The model is built on the meta device and the tensors are assigned, so host memory stays near one
-    copy of the weights; the checkpoint's dtype is kept unless `dtype` is given."""
+    copy of the weights; the checkpoint's dtype is kept unless `dtype` is given. quant "int8" / "fp8": the
+    blocks' Linears are stored in 8 bits as they are read (read_state_dict; quantize_via "cpu" or "accelerator")."""
     files, config = find_dit_files(source)
-    sd = read_state_dict(files, dtype=None if dtype is None else dtype, device=device)
+    sd = read_state_dict(files, dtype=None if dtype is None else dtype, device=device, quant=quant,
+                         quantize_via=quantize_via)
     cfg = config_from_state_dict(sd, config, repr(str(source)))
     with torch.device("meta"):
         model = WanDiT(cfg)
+        if quant != "no":
+            quantize_base(model, quant)   # meta placeholders for the 8-bit codes and scales
     expected = set(model.state_dict().keys())
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
     if missing or unexpected:

@@ -29,6 +29,7 @@ import uuid
 import numpy as np
 from tqdm import tqdm
 
+import data
 import flow
 import lora
 import media
@@ -106,7 +107,9 @@ def export(c, gen, g_adapter, ema, step):
     path, meta = os.path.join(c["output_dir"], name), {"format": "pt", "step": str(step)}
     if g_adapter is not None:   # the teacher base stays untouched: the merge is computed into a copy
         save_file(mw.adapter_state_dict(gen, g_adapter), path, metadata=meta)
-        merged = lora.merged_state_dict(gen, g_adapter)
+        dt = gen.blocks[0].self_attn.q.compute_dtype   # an 8-bit base: merged into the full-precision teacher weights
+        full = data.full_precision_base(c, dt) if lora.base_precision(gen) != "no" else None
+        merged = lora.merged_state_dict(gen, g_adapter, full)
     else:
         save_file({k: v.contiguous() for k, v in mw.to_diffusers_state_dict(gen).items()}, path, metadata=meta)
         merged = None

@@ -18,7 +18,8 @@ with the reason; where SimpleTuner's meaning differs from ours the value is conv
 - data_backend_config (SimpleTuner's multidatabackend JSON list) -> `datasets`: the image/video backends, with the
   global dataset keys (resolution, caption_dropout_probability, ...) as their defaults. SimpleTuner's DMD adds the
   model's ordinary flow-matching loss on every data batch (weight 1): real_data_loss_weight = 1.0 when data is given.
-- base_model_precision / text_encoder_1_precision int8/fp8: the base stays bf16 (notice) until the 8-bit base lands.
+- base_model_precision / text_encoder_1_precision / quantize_via are ours by name: "int8-quanto", "fp8-torchao", ...
+  map to our weight-only int8 / fp8 (quant.py).
 Paths in the file (data_backend_config, validation_prompt_library, webhook_config) are SimpleTuner's, relative to
 the folder it runs in: looked up there, then beside the JSON and one folder up (config/config.json -> config/...).
 """
@@ -41,13 +42,12 @@ BACKEND_KEYS = {"id": "id", "instance_data_dir": "instance_data_dir", "cache_dir
 IGNORED = {   # key -> why it has no effect here
     "attention_mechanism": "attention is PyTorch SDPA", "disable_benchmark": "no start-up benchmark here",
     "num_train_epochs": "max_train_steps alone sets the length", "strict_epoch_limit": "no epochs here",
-    "ignore_final_epochs": "no epochs here", "quantize_via": "no quantisation yet",
+    "ignore_final_epochs": "no epochs here",
     "pretrained_t5_model_name_or_path": "UMT5 is read from the teacher folder",
     "simulate_generator_forward": "the rollout always simulates the few-step sampler (backward simulation)",
     "lora_type": "'standard' is the only LoRA here", "model_family": "checked: Wan 2.1 only",
     "distillation_method": "checked: DMD only", "fake_score_use_ema": "not implemented",
-    "adversarial_weight": "not implemented", "base_model_precision": "no 8-bit base yet: bf16",
-    "text_encoder_1_precision": "no 8-bit UMT5 yet: bf16",
+    "adversarial_weight": "not implemented",
     "disable_bucket_pruning": "buckets are never pruned here",
 }
 WAN_SIZES = {480: (480, 832), 720: (720, 1280)}   # Wan 2.1's pixel-area sizes (H, W)
@@ -152,11 +152,6 @@ def meaning(d, out, defaults, say):
             f"r{out['fake_score_lora_rank']} on one frozen base (SimpleTuner clones the whole model for the critic)")
     else:
         raise ValueError(f"model_type={mt!r}: 'lora' or 'full'")
-    low = [k for k in ("base_model_precision", "text_encoder_1_precision") if str(d.get(k, "no")).lower() not in
-           ("no", "none", "no_change", "bf16", "fp32")]
-    if low:
-        say(f"notice: {', '.join(f'{k}={d[k]}' for k in low)}: the 8-bit base is not implemented yet: the frozen "
-            f"base and UMT5 stay in mixed_precision={out.get('mixed_precision', defaults['mixed_precision'])}")
     if any(x.get("dataset_type") == "video" for x in out.get("datasets", [])) and "real_data_loss_weight" not in d:
         out["real_data_loss_weight"] = 1.0
         say("notice: SimpleTuner's DMD adds the ordinary flow-matching loss on each data batch -> "

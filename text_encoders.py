@@ -8,6 +8,7 @@ import re
 
 import torch
 
+import quant
 import readers
 from model_wan import load_dit, looks_like_hub_id, resolve_hub
 
@@ -114,10 +115,10 @@ def _load_t5_original(pth, dtype=None, device="cpu"):
     return model
 
 
-def load_text_encoder(source, dtype=None, device="cpu", max_length=512):
+def load_text_encoder(source, dtype=None, device="cpu", max_length=512, quant="no", quantize_via="accelerator"):
     """TextEncoder from a diffusers pipeline root (text_encoder/ + tokenizer/), an original-layout folder
     (models_t5_umt5-xxl-enc-bf16.pth + google/umt5-xxl/ tokenizer) or a hub id. dtype None keeps the
-    checkpoint's dtype."""
+    checkpoint's dtype. quant "int8" / "fp8": its Linears stored in 8 bits (quantize_8bit)."""
     from transformers import AutoTokenizer, UMT5EncoderModel
     src = str(source)
     if not os.path.exists(src):
@@ -132,16 +133,28 @@ def load_text_encoder(source, dtype=None, device="cpu", max_length=512):
                     pass
         import transformers
         dkey = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-        model = UMT5EncoderModel.from_pretrained(te_dir, **{dkey: dtype or "auto"}).to(device)
+        model = UMT5EncoderModel.from_pretrained(te_dir, **{dkey: dtype or "auto"})
     elif os.path.isfile(pth):
         tok_dir = os.path.join(src, T5_TOKENIZER_DIR)
         if not os.path.isdir(tok_dir):
             raise FileNotFoundError(f"{src}: found {T5_PTH} but no tokenizer folder {T5_TOKENIZER_DIR}/")
-        model = _load_t5_original(pth, dtype, device)
+        model = _load_t5_original(pth, dtype, "cpu")
     else:
         raise FileNotFoundError(f"no text encoder in {src!r}: looked for text_encoder/ + tokenizer/ (diffusers) "
                                 f"and {T5_PTH} + {T5_TOKENIZER_DIR}/ (original layout)")
-    return TextEncoder(model, AutoTokenizer.from_pretrained(tok_dir), max_length)
+    return TextEncoder(quantize_8bit(model, quant, device, quantize_via), AutoTokenizer.from_pretrained(tok_dir), max_length)
+
+
+def quantize_8bit(model, kind, device, quantize_via="accelerator"):
+    """The UMT5 model (on the CPU) -> on `device`, its Linears stored in 8 bits when kind is "int8" / "fp8"
+    (quant.quantize_linears, layer by layer: memory never exceeds the model's own size), quantised on the CPU or
+    on the device (quantize_via). The layers transformers keeps in fp32 (UMT5's `wo`: its outputs overflow fp16;
+    its forward also casts to wo's weight dtype) keep their precision."""
+    if kind == "no":
+        return model.to(device)
+    model = model.to(device) if quantize_via == "accelerator" else model
+    quant.quantize_linears(model, kind, skip=tuple(getattr(model, "_keep_in_fp32_modules", None) or ()))
+    return model.to(device)
 
 
 def negative_prompt(value):
@@ -171,9 +184,9 @@ class TinyTextEncoder:
         return out
 
 
-def text_encoder(src, dtype, dev, dit=None):
+def text_encoder(src, dtype, dev, dit=None, quant="no", quantize_via="accelerator"):
     """The teacher folder's text encoder: TinyTextEncoder for a demo.py teacher (TINY_TEXT_MARKER; its width from
-    `dit`, or from the folder's DiT config), else UMT5 through load_text_encoder."""
+    `dit`, or from the folder's DiT config), else UMT5 through load_text_encoder (quant: its 8-bit storage)."""
     if os.path.exists(os.path.join(src, TINY_TEXT_MARKER)):
         return TinyTextEncoder((dit if dit is not None else load_dit(src)).cfg.text_dim)
-    return load_text_encoder(src, dtype=dtype, device=dev)
+    return load_text_encoder(src, dtype=dtype, device=dev, quant=quant, quantize_via=quantize_via)

@@ -110,6 +110,11 @@ attention_sparsity = 0.0               # VSA (sparse_attn.py) in the generator's
                                        # each query cube skips (FastWan: 0.8 for 1.3B, 0.9 for 14B); 0 = dense
 sparse_cube = (4, 4, 4)                # VSA cube in patch tokens (latent frames, latent height/2, latent width/2): 64 tokens
 mixed_precision = "bf16"               # "bf16": bf16 base weights + autocast on CUDA; "no": fp32 (always fp32 on CPU)
+base_model_precision = "no"            # the frozen base (teacher; base of the LoRA generator and critic) stored in 8 bits:
+                                       # "int8" / "fp8", weight-only, per-row scales (quant.py; SimpleTuner's "int8-quanto",
+                                       # "fp8-torchao", ... map to these); "no": mixed_precision's dtype
+text_encoder_1_precision = "no"        # UMT5 (used once to embed the prompts) stored in 8 bits the same way
+quantize_via = "accelerator"           # where weights are quantised as they load: "accelerator" (the device) or "cpu"
 compile = False                        # torch.compile each DiT block
 # many GPUs (torchrun; parallel.py)
 fsdp = False                           # FSDP2: shard teacher, generator and critic per block (sharded checkpoints)
@@ -198,8 +203,8 @@ def build_networks(c, dev, dtype):
         if sparse[0]:
             mw.enable_sparse_attention(base, *sparse, adapter="generator")
         lora.add_adapter(base, "generator", c["lora_rank"], c["lora_alpha"], (*c["lora_targets"], "self_attn.gate_compress"))
-    else:
-        gen = copy.deepcopy(base).float()
+    else:   # an 8-bit teacher's full copies start from its dequantised weights (the teacher's function exactly)
+        gen = lora.dequantize_base(copy.deepcopy(base)).float()
         if sparse[0]:
             mw.enable_sparse_attention(gen, *sparse)
     if c["generator_init"]:   # e.g. the causal ODE-init student (before the critic adapter: the critic stays the teacher's)
@@ -212,7 +217,7 @@ def build_networks(c, dev, dtype):
     if c["fake_score_lora_rank"] > 0:
         lora.add_adapter(base, "critic", c["fake_score_lora_rank"], c["fake_score_lora_alpha"], tuple(c["lora_targets"]))
     else:
-        critic = mw.enable_sparse_attention(copy.deepcopy(base).float(), None)   # without the generator's VSA gates
+        critic = mw.enable_sparse_attention(lora.dequantize_base(copy.deepcopy(base)).float(), None)   # no VSA gates
         if "generator" in lora.adapter_names(critic):
             lora.delete_adapter(critic, "generator")
     for m in {id(gen): gen, id(critic): critic}.values():

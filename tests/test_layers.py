@@ -11,15 +11,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # module -> layer; a module may import only modules of strictly lower layers (inside functions too). Root modules by
 # name, bench scripts as "bench/<name>" ("bench/*": every bench script not named before it).
 LAYERS = {
-    "configurator": 0, "media": 0, "lora": 0, "simpletuner": 0, "causal": 0, "sparse_attn": 0, "readers": 0,
-    "model_wan": 1,
-    "vae_wan": 2, "text_encoders": 2, "flow": 2,
-    "cache": 3,
-    "sample": 4, "data": 4, "dmd": 4, "checks": 4, "card": 4,
-    "parallel": 5, "publish": 5, "quality": 5, "validation": 5,
-    "train_dmd": 6,
-    "bench/common": 7,
-    "demo": 8, "bench/*": 8,
+    "configurator": 0, "media": 0, "simpletuner": 0, "causal": 0, "sparse_attn": 0, "readers": 0, "quant": 0,
+    "lora": 1,
+    "model_wan": 2,
+    "vae_wan": 3, "text_encoders": 3, "flow": 3,
+    "cache": 4,
+    "sample": 5, "data": 5, "dmd": 5, "checks": 5, "card": 5,
+    "parallel": 6, "publish": 6, "quality": 6, "validation": 6,
+    "train_dmd": 7,
+    "bench/common": 8,
+    "demo": 9, "bench/*": 9,
 }
 SETUP_FILES = {"setup.py", "conftest.py", "noxfile.py"}   # root files that are packaging, not project modules
 MAX_FILE_LINES = 800

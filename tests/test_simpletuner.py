@@ -38,7 +38,8 @@ def test_seed_config_every_key_mapped_or_named(capsys):
     assert c["real_score_guidance_scale"] == 2.0 and c["fake_score_guidance_scale"] == 0.0
     assert (c["causal"], c["num_frame_per_block"], c["same_step_across_blocks"]) == (False, 0, True)
     assert "NOTICE: num_frame_per_block=3" in out and "--causal=True --num_frame_per_block=3" in out
-    assert "int8-quanto" in out and "stay in mixed_precision=bf16" in out
+    assert (c["base_model_precision"], c["text_encoder_1_precision"], c["quantize_via"]) == ("int8-quanto", "int8-quanto", "cpu")
+    checks.check_config(c)   # the seed's 8-bit settings are ours: int8 base and UMT5, quantised on the CPU
     assert (c["lora_rank"], c["fake_score_lora_rank"], c["lr_scheduler"], c["fake_score_lr_scheduler"],
             c["lr_min_ratio"]) == (128, 128, "cosine_with_min_lr", "cosine_with_min_lr", 0.5)
     assert (c["height"], c["width"], c["grad_clip_method"], c["seed"]) == (480, 832, "value", 1000)
