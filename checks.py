@@ -49,6 +49,11 @@ def check_config(c):
         quant.parse_precision(c[k], k)
     if c["quantize_via"] not in ("accelerator", "cpu"):
         raise ValueError(f"quantize_via must be 'accelerator' or 'cpu', got {c['quantize_via']!r}")
+    for k in ("checkpoint_step_interval", "validation_step_interval", "log_interval", "generator_update_interval",
+              "ema_update_interval", "gradient_accumulation_steps", "train_batch_size"):
+        if not isinstance(c[k], int) or c[k] < 1:   # 0 would be a modulo by zero deep in the loop
+            raise ValueError(f"{k} must be a positive integer, got {c[k]!r}" + (" (a run validates at its end too: a "
+                             "large interval validates only there)" if k == "validation_step_interval" else ""))
     if not isinstance(c["sp_size"], int) or c["sp_size"] < 1:
         raise ValueError(f"sp_size must be a positive integer, got {c['sp_size']!r}")
     if (c["push_to_hub"] or c["push_checkpoints_to_hub"]) and not c["hub_model_id"]:

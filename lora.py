@@ -178,9 +178,9 @@ def quantize_base(model, kind, targets=DEFAULT_LORA_TARGETS):
         raise ValueError(f"no Linear matched the 8-bit targets {targets}")
     return n
 
-def dequantize_base(model, dtype=torch.float32):
-    """The inverse of quantize_base: every 8-bit base weight back to a full `dtype` weight (a full fine-tune copy
-    of an 8-bit teacher starts from exactly the teacher's weights)."""
+def dequantize_base(model, dtype=None):
+    """The inverse of quantize_base: every 8-bit base weight back to a full weight in `dtype` (default: the compute
+    dtype; a full fine-tune copy of an 8-bit teacher starts from exactly the teacher's weights)."""
     for _, m in lora_modules(model):
         if m.quant is not None:
             W = m.base_weight(dtype)
