@@ -223,6 +223,8 @@ def gathered_copy(env, model):
         vsa = model.blocks[0].self_attn.sparse   # (adapter, sparsity, cube): the gates before the adapters on them
         if vsa is not None:
             mw.enable_sparse_attention(plain, vsa[1], vsa[2], vsa[0])
+        if lora.base_precision(model) != "no":   # an 8-bit base: the same 8-bit storage (before any adapter)
+            lora.quantize_base(plain, lora.base_precision(model))
         for name in lora.adapter_names(model):
             mods = [(n, m) for n, m in lora.lora_modules(model) if name in m.lora_scale]
             r = mods[0][1].lora_A[name].shape[0]

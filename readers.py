@@ -73,6 +73,12 @@ def open_safetensors(path, device="cpu"):
         raise ValueError(f"{path}: cannot read the weights: {safetensors_problem(path, e)}") from None
 
 
+def safetensors_keys(path):
+    """The tensor names of a safetensors file, without reading the tensors."""
+    with open_safetensors(path) as f:
+        return list(f.keys())
+
+
 def load_safetensors(path, device="cpu"):
     """A whole safetensors file -> {name: tensor}; a truncated or foreign file is one ValueError naming it."""
     with open_safetensors(path, device) as f:

@@ -29,6 +29,7 @@ import lora
 from configurator import hub_file, pick_threads
 import media
 import model_wan as mw
+import quant
 import readers
 import sparse_attn
 import text_encoders
@@ -57,6 +58,9 @@ decode = True                # False: latents only (needs save_latents=True): no
 stream = False               # causal student: decode and write each block's frames as soon as it is generated
 attention_sparsity = None    # student's VSA sparsity (fraction of key cubes skipped); None: as its config.json says
 sparse_cube = None           # student's VSA cube in patch tokens (frames, h, w); None: as its config.json says
+base_model_precision = "no"  # DiT blocks stored in 8 bits: "int8" / "fp8" weight-only (quant.py; as train_dmd's key)
+text_encoder_1_precision = "no"  # UMT5 stored in 8 bits the same way
+quantize_via = "accelerator" # where the weights are quantised as they load: "accelerator" (the device) or "cpu"
 fps = 16                     # frame rate of the written mp4s (Wan 2.1: 16)
 device = "auto"              # auto: cuda if available, else cpu
 dtype = "auto"               # DiT and text-encoder dtype; auto: bfloat16 on cuda, float32 on cpu (the VAE stays fp32)
@@ -260,7 +264,28 @@ def settings(c):
     s["shift"] = c["flow_shift"] if c["flow_shift"] is not None or s["steps"] is not None else \
         flow.reference_shift(s["src"], s["layout"])   # the teacher's; a student runs its own steps
     s["neg"] = text_encoders.negative_prompt(c["negative_prompt"])
+    s["quant"] = quant.parse_precision(c.get("base_model_precision", "no"))
+    s["te_quant"] = quant.parse_precision(c.get("text_encoder_1_precision", "no"), "text_encoder_1_precision")
+    s["via"] = c.get("quantize_via", "accelerator")
+    if s["via"] not in ("accelerator", "cpu"):
+        raise ValueError(f"quantize_via must be 'accelerator' or 'cpu', got {s['via']!r}")
     return s
+
+
+def sampling_dit(c, s):
+    """The DiT to sample with: the teacher, with the student's adapter, or holding the student's full weights;
+    base_model_precision int8/fp8: its blocks stored in 8 bits as they are read (a full student: once its weights
+    are in, layer by layer)."""
+    full = bool(c["ckpt"]) and not any(".lora_A" in k for k in readers.safetensors_keys(student_file(c["ckpt"])))
+    dit = mw.load_dit(s["src"], dtype=s["dtype"], device=s["dev"], quant="no" if full else s["quant"],
+                      quantize_via=s["via"])
+    if c["ckpt"]:
+        sparse = student_sparsity(c["ckpt"], c.get("attention_sparsity"), c.get("sparse_cube"))
+        print(f"student: {load_student(dit, c['ckpt'], sparse=sparse)} weights from {c['ckpt']}"
+              + (f", sparse attention {sparse[0]:g} in cubes of {sparse[1]}" if sparse[0] else ""))
+    if full and s["quant"] != "no":
+        lora.quantize_base(dit, s["quant"])
+    return dit
 
 
 def denoise(c, s, dit, ctx, neg_ctx, x, gen, bar, on_block=None):
@@ -285,18 +310,14 @@ def generate(cfg):
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()   # text encoding first, then free the encoder before the DiT comes in
-    te = text_encoders.text_encoder(s["src"], dt, dev)
+    te = text_encoders.text_encoder(s["src"], dt, dev, quant=s["te_quant"], quantize_via=s["via"])
     prompts, bs = s["prompts"], c["batch_size"]
     ctxs = [te.encode(prompts[i:i + bs]).to(dev, dt) for i in range(0, len(prompts), bs)]
     neg_ctx = te.encode([s["neg"]]).to(dev, dt) if not student and c["guidance_scale"] > 1 else None
     del te
     sync()
     t_text = time.perf_counter() - t0
-    dit = mw.load_dit(s["src"], dtype=dt, device=dev)
-    if c["ckpt"]:
-        sparse = student_sparsity(c["ckpt"], c.get("attention_sparsity"), c.get("sparse_cube"))
-        print(f"student: {load_student(dit, c['ckpt'], sparse=sparse)} weights from {c['ckpt']}"
-              + (f", sparse attention {sparse[0]:g} in cubes of {sparse[1]}" if sparse[0] else ""))
+    dit = sampling_dit(c, s)
     vae = vae_wan.load_vae(s["src"], dtype=torch.float32, device=dev) if s["decode"] else None
     mode = (f"student {len(s['steps'])} steps {','.join(f'{t:g}' for t in s['steps'])}" if student else
             f"teacher {c['sampler']} {c['num_inference_steps']} steps, guidance {c['guidance_scale']}, shift {s['shift']}")

@@ -162,3 +162,15 @@ def test_sp_config_errors():
     import parallel
     with pytest.raises(ValueError, match="several processes"):
         parallel.setup(2, torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_fsdp_with_an_8bit_base_equals_ddp(tmp_path):
+    """base_model_precision=int8 under FSDP2 (the 8-bit codes and their scales shard as parameters) equals DDP, its
+    export (merged into the full-precision base) included."""
+    args = ["--max_train_steps=2", "--base_model_precision=int8"]
+    train(tmp_path / "ddp", *args)
+    train(tmp_path / "fsdp", *args, "--fsdp=True")
+    assert_same(student(tmp_path / "fsdp"), student(tmp_path / "ddp"), atol=1e-6)
+    merged = [load_file(os.path.join(tmp_path, d, "transformer", "diffusion_pytorch_model.safetensors")) for d in ("ddp", "fsdp")]
+    assert_same(merged[1], merged[0], atol=1e-6)
