@@ -42,6 +42,7 @@ def check_config(c):
     schedulers = ("constant", "cosine", "cosine_with_min_lr")
     for k, allowed in (("lr_scheduler", schedulers), ("fake_score_lr_scheduler", schedulers), ("grad_clip_method", ("norm", "value")),
                        ("ema_validation", ("none", "ema_only", "comparison")), ("mixed_precision", ("bf16", "no")),
+                       ("residual_dtype", ("fp32", "bf16")),
                        ("optimizer", ("adamw", "adamw_bf16")), ("report_to", ("none", "wandb"))):
         if c[k] not in allowed:
             raise ValueError(f"{k} must be one of {allowed}, got {c[k]!r}")

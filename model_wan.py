@@ -246,11 +246,11 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, E) / E ** 0.5)
 
     def forward(self, x, e, ctx, rope, mask=None, cache=None, grid=None):
-        """x (B,L,E) fp32 residual; e (B,6,E) fp32 time projection, or (B,F,6,E) per latent frame (the causal
+        """x (B,L,E) residual (fp32, or bf16 with residual_dtype bf16: computed in fp32 all the same); e (B,6,E) fp32 time projection, or (B,F,6,E) per latent frame (the causal
         whole-clip pass: frame f's tokens are modulated by its own timestep, x viewed as (B,F,HW,E) for each
         modulation, as Self-Forcing's CausalWan); ctx (B,Lc,E); rope tables; mask/cache for causal self-attention;
         grid (F,H,W) of the tokens for sparse self-attention."""
-        dt = self.self_attn.q.compute_dtype
+        dt, x = self.self_attn.q.compute_dtype, x.float()   # x arrives in the model's residual_dtype
         e = e if e.ndim == 4 else e[:, None]                                   # one timestep per sample = one "frame"
         fr = lambda y: y.unflatten(1, (e.shape[1], -1))                        # (B,L,E) -> (B,F,HW,E), a view
         shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e).chunk(6, dim=2)  # (B,F,1,E)
@@ -298,6 +298,7 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         self.gradient_checkpointing = False
+        self.residual_dtype = torch.float32   # the residual stream between blocks (bf16: half the checkpointed inputs)
         self.sp_group = None   # sequence parallelism (enable_sequence_parallel): tokens split over the group
 
     def check_inputs(self, x, t, context, per_frame=False):
@@ -403,7 +404,8 @@ class WanDiT(nn.Module):
                                context_fn=lambda s=state: (nullcontext(), adapters_as(s)))
             else:
                 x = block(x, e, ctx, rope, mask, cache, (Fp, Hp, Wp))
-        y = self.head(x, temb).float()                                               # (B,L,pt*ph*pw*C)
+            x = x.to(self.residual_dtype)   # what the next block's checkpoint keeps; each block computes in fp32
+        y = self.head(x.float(), temb).float()                                               # (B,L,pt*ph*pw*C)
         if self.sp_group is not None:
             y = _Gather.apply(y, self.sp_group)
         y = y.view(B, Fp, Hp, Wp, pt, ph, pw, c.out_dim)
