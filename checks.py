@@ -46,6 +46,9 @@ def check_config(c):
                        ("optimizer", ("adamw", "adamw_bf16")), ("report_to", ("none", "wandb"))):
         if c[k] not in allowed:
             raise ValueError(f"{k} must be one of {allowed}, got {c[k]!r}")
+    if c["activation_offload"] and not c["gradient_checkpointing"]:
+        raise ValueError("activation_offload keeps the checkpointed block inputs in host memory: it needs "
+                         "gradient_checkpointing=True")
     for k in ("base_model_precision", "text_encoder_1_precision"):
         quant.parse_precision(c[k], k)
     if c["quantize_via"] not in ("accelerator", "cpu"):

@@ -43,6 +43,7 @@ import sparse_attn
 from causal import KVCache, block_causal_mask, block_starts   # re-exported: mw.block_starts, mw.KVCache
 from lora import DEFAULT_LORA_TARGETS, Linear, add_adapter, adapters_as, lora_modules, quantize_base, set_adapter
 from quant import quantize
+from ulysses import AllToAll, Gather, sp_split   # sp_split re-exported: mw.sp_split
 from readers import open_safetensors, read_json
 
 # -----------------------------------------------------------------------------
@@ -192,7 +193,7 @@ def attention(q, k, v, sp_group=None, mask=None, sparse=None):
     With an SP group of P ranks (Ulysses), q/k/v (and the gate) hold this rank's L/P tokens of every head: one
     all-to-all trades them for all L tokens of N/P heads, attention runs on those, and a second all-to-all trades back."""
     if sp_group is not None:
-        q, k, v, *g = _AllToAll.apply(torch.stack([q, k, v] + list(sparse[:1] if sparse else [])), sp_group,
+        q, k, v, *g = AllToAll.apply(torch.stack([q, k, v] + list(sparse[:1] if sparse else [])), sp_group,
                                       False).unbind(0)
         sparse = sparse and (g[0], *sparse[1:])
     if sparse is not None:
@@ -201,7 +202,7 @@ def attention(q, k, v, sp_group=None, mask=None, sparse=None):
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=mask).transpose(1, 2)
     if sp_group is not None:
-        o = _AllToAll.apply(o.unsqueeze(0), sp_group, True).squeeze(0)
+        o = AllToAll.apply(o.unsqueeze(0), sp_group, True).squeeze(0)
     return o.flatten(2)
 
 class Attention(nn.Module):
@@ -275,6 +276,23 @@ class Head(nn.Module):
         h = layer_norm(x, eps=self.eps).unflatten(1, (temb.shape[1], -1)) * (1 + scale) + shift
         return self.head(h.flatten(1, 2))
 
+class _ToHost(torch.autograd.Function):
+    """x -> its copy in host memory (pinned, copied asynchronously from CUDA); the gradient goes back to x's device.
+    activation_offload: the checkpoint of a block keeps this copy instead of x, and its recompute (_run_on) copies
+    it back, on the same stream, so the copies are ordered without a sync."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.device = x.device
+        return torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda).copy_(x, non_blocking=x.is_cuda)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(ctx.device, non_blocking=True)
+
+def _run_on(block, device, x, *args):
+    return block(x.to(device, non_blocking=True), *args)
+
 def fit_context(context, n):
     """(B,Lc,D) zero-padded text embeddings -> at most n rows: callers pad to 512 (Wan's UMT5 length); a model
     trained with a shorter text_len (the demo's) gets its own length, the cut rows must be padding."""
@@ -299,6 +317,7 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         self.gradient_checkpointing = False
         self.residual_dtype = torch.float32   # the residual stream between blocks (bf16: half the checkpointed inputs)
+        self.activation_offload = False       # with gradient checkpointing: the checkpointed inputs kept in host memory
         self.sp_group = None   # sequence parallelism (enable_sequence_parallel): tokens split over the group
 
     def check_inputs(self, x, t, context, per_frame=False):
@@ -400,14 +419,15 @@ class WanDiT(nn.Module):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 # the recompute runs in backward, after use_adapter has restored its choice: replay this one
                 state = [(m, m.adapter) for m in block.modules() if isinstance(m, Linear)]
-                x = checkpoint(block, x, e, ctx, rope, mask, cache, (Fp, Hp, Wp), use_reentrant=False,
+                fn, xin = (partial(_run_on, block, x.device), _ToHost.apply(x)) if self.activation_offload else (block, x)
+                x = checkpoint(fn, xin, e, ctx, rope, mask, cache, (Fp, Hp, Wp), use_reentrant=False,
                                context_fn=lambda s=state: (nullcontext(), adapters_as(s)))
             else:
                 x = block(x, e, ctx, rope, mask, cache, (Fp, Hp, Wp))
             x = x.to(self.residual_dtype)   # what the next block's checkpoint keeps; each block computes in fp32
         y = self.head(x.float(), temb).float()                                               # (B,L,pt*ph*pw*C)
         if self.sp_group is not None:
-            y = _Gather.apply(y, self.sp_group)
+            y = Gather.apply(y, self.sp_group)
         y = y.view(B, Fp, Hp, Wp, pt, ph, pw, c.out_dim)
         y = y.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, c.out_dim, Fr, H, W)
         return y
@@ -459,57 +479,6 @@ def enable_sequence_parallel(model, group):
     for block in model.blocks:
         block.self_attn.sp_group = group
     return model
-
-def _all_to_all(x, group):
-    """x (P, ...) -> (P, ...): slice j goes to rank j; slice j of the result came from rank j."""
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    torch.distributed.all_to_all_single(out, x, group=group)
-    return out
-
-def _seq_to_heads(x, group):   # (S,B,L/P,N,d) -> (S,B,L,N/P,d)
-    P = torch.distributed.get_world_size(group)
-    S, B, Lp, N, d = x.shape
-    y = _all_to_all(x.view(S, B, Lp, P, N // P, d).permute(3, 0, 1, 2, 4, 5), group)   # (P,S,B,L/P,N/P,d)
-    return y.permute(1, 2, 0, 3, 4, 5).reshape(S, B, P * Lp, N // P, d)
-
-def _heads_to_seq(x, group):   # (S,B,L,N/P,d) -> (S,B,L/P,N,d)
-    P = torch.distributed.get_world_size(group)
-    S, B, L, Np, d = x.shape
-    y = _all_to_all(x.view(S, B, P, L // P, Np, d).permute(2, 0, 1, 3, 4, 5), group)   # (P,S,B,L/P,N/P,d)
-    return y.permute(1, 2, 3, 0, 4, 5).reshape(S, B, L // P, P * Np, d)
-
-class _AllToAll(torch.autograd.Function):
-    """_seq_to_heads (or _heads_to_seq when `back`) forward; the other one is its backward."""
-    @staticmethod
-    def forward(ctx, x, group, back):
-        ctx.group, ctx.back = group, back
-        return (_heads_to_seq if back else _seq_to_heads)(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return (_seq_to_heads if ctx.back else _heads_to_seq)(g, ctx.group), None, None
-
-def sp_split(x, group):
-    """(B,L,...) -> this rank's contiguous L/P tokens (its gradient flows back into that slice only)."""
-    P, r = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
-    return x.chunk(P, dim=1)[r]
-
-class _Gather(torch.autograd.Function):
-    """(B,L/P,C) per rank -> (B,L,C) on every rank. Every rank of the group then computes the same loss, so
-    the gradient of this rank's slice is its slice of the (identical) full gradient: no communication."""
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        P = torch.distributed.get_world_size(group)
-        out = torch.empty((P * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-        gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor  # torch<2.13
-        gather(out, x.contiguous(), group=group)
-        return out.unflatten(0, (P, -1)).transpose(0, 1).flatten(1, 2)
-
-    @staticmethod
-    def backward(ctx, g):
-        return sp_split(g, ctx.group), None
 
 # -----------------------------------------------------------------------------
 # key maps between the original (native) and diffusers layouts (wan21.md §5)

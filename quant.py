@@ -9,11 +9,11 @@ A weight W (out, in) is stored as 8-bit codes q (out, in) and one fp32 scale per
 fp8 codes are kept as their bytes (uint8): an integer tensor that Module.float() / .to(bf16) / a cast of the model
 leaves alone (a float8 tensor would be cast to wrong values silently).
 
-The matmul runs on the dequantised weight in the activations' dtype (int8 and e4m3 codes are exact in bf16), with
-the fp32 row scale applied to the output: y = (x @ q^T) * s + b. `linear` is an autograd function that saves the 8-bit
-codes, not the dequantised weight, for backward, so activations and weights in memory stay 8-bit between layers;
-only the layer being computed has a transient bf16 copy. No fp8 matmul kernel is used (weights only: the
-activations stay bf16, so the error is the weights' alone).
+The matmul runs on the weight dequantised into the activations' dtype, W = s q (the product in fp32, then rounded
+to bf16 as a bf16 base's weights are): y = x W^T + b. `linear` is an autograd function that saves the 8-bit codes,
+not W, for backward, so weights in memory stay 8-bit; only the layer being computed has a transient copy of its
+weight (at most 141 MB: the 14B's FFN). No fp8 matmul kernel is used (weights only: the activations stay bf16, so
+the error is the weights' alone).
 
 Why our own and not torchao / quanto: ~100 lines that a reader checks against the formulas above, that work on
 CPU (the tests), under FSDP2 (8-bit parameters shard as any other) and torch.compile, on every torch >= 2.5,
@@ -70,19 +70,19 @@ def dequantize(q, scale, dtype=torch.float32):
 
 
 class _Linear8(torch.autograd.Function):
-    """y = (x @ codes(q)^T) * s + b with the 8-bit q saved for backward (the weight is frozen: no grad for q, s)."""
+    """y = x W^T + b with W = s q dequantised into x's dtype for this call only: the 8-bit q (not W) is saved for
+    backward, which dequantises again (the weight is frozen: no gradient for q and s)."""
 
     @staticmethod
     def forward(ctx, x, q, scale, bias):
-        y = (F.linear(x, codes(q, x.dtype)) * scale).to(x.dtype)   # the scale product in fp32: s stays exact
         ctx.save_for_backward(q, scale)
         ctx.has_bias = bias is not None
-        return y if bias is None else y + bias.to(x.dtype)
+        return F.linear(x, dequantize(q, scale, x.dtype), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, g):
         q, scale = ctx.saved_tensors
-        gx = (g * scale).to(g.dtype) @ codes(q, g.dtype) if ctx.needs_input_grad[0] else None
+        gx = g @ dequantize(q, scale, g.dtype) if ctx.needs_input_grad[0] else None
         gb = g.flatten(0, -2).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return gx, None, None, gb
 

@@ -108,6 +108,7 @@ fake_score_lora_alpha = 128            # critic LoRA scale alpha / rank
 gradient_checkpointing = True          # recompute each DiT block in backward: less memory, slower steps
 residual_dtype = "fp32"                # the DiT's residual stream between blocks: "fp32" (Wan's reference) or "bf16" (the
                                        # checkpointed block inputs take half the memory; bench/bench_quant.py: its error)
+activation_offload = False             # keep the checkpointed block inputs in pinned host memory (needs gradient_checkpointing)
 attention_sparsity = 0.0               # VSA (sparse_attn.py) in the generator's self-attention: the fraction of key cubes
                                        # each query cube skips (FastWan: 0.8 for 1.3B, 0.9 for 14B); 0 = dense
 sparse_cube = (4, 4, 4)                # VSA cube in patch tokens (latent frames, latent height/2, latent width/2): 64 tokens
@@ -199,7 +200,8 @@ def build_networks(c, dev, dtype):
     None: UMT5 is loaded later, used once and freed, in encode_prompts)."""
     base, vae, te = data.load_teacher(c, dev, dtype, text=False)
     base.gradient_checkpointing = c["gradient_checkpointing"]
-    base.residual_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[c["residual_dtype"]]   # full copies keep it
+    base.residual_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[c["residual_dtype"]]   # full copies keep these
+    base.activation_offload = c["activation_offload"]
     gen = critic = base
     sparse = (c["attention_sparsity"], tuple(c["sparse_cube"]))
     if c["lora_rank"] > 0:   # VSA gates (when sparse) before the adapter: they are LoRA targets of the generator
