@@ -20,6 +20,9 @@ Networks are built on the meta device and laid out as train_dmd.build_networks d
 - DDP: everything replicated on each GPU (gradient_as_bucket_view: no second grad buffer).
   FSDP over N: weights and trainable states / N, plus all-gather buffers of 2 blocks in the storage dtype
   of the largest network (bf16 base block + its adapters for LoRA, fp32 block for full copies).
+- the frozen base in 8 bits (base_model_precision int8/fp8, quant.py): 1 byte per weight of the blocks' Linears + an
+  fp32 scale per row, plus one layer's dequantised weight while it runs (fp32 product + its bf16 copy, the largest
+  Linear). residual_dtype bf16 halves the checkpointed block inputs; activation_offload moves them to host memory.
 Not counted: the VAE (fp32, ~0.5 GiB, idle during the step), CUDA context, allocator fragmentation
 (bench_dmd measured reserved = 1.21-1.25x allocated: "tight" below means the computed allocation fits but not
 with that overhead; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True may close it), NCCL buffers.
@@ -48,10 +51,13 @@ def is_fp32(name):
 
 
 def stored_bytes(module, bf16=True):
-    """Bytes of a module's non-LoRA params after cast(bf16) (FP32_MODULES stay fp32), or all fp32; + adapters fp32."""
+    """Bytes of a module's non-LoRA params after cast(bf16) (FP32_MODULES stay fp32), or all fp32; + adapters fp32;
+    8-bit codes 1 byte, their scales 4."""
     n = 0
     for name, p in module.named_parameters():
-        n += p.numel() * (4 if ".lora_" in name or not bf16 or is_fp32(name) else 2)
+        size = 1 if name.endswith("weight_q") else 4 if ".lora_" in name or not bf16 or is_fp32(name) \
+            or name.endswith("weight_scale") else 2
+        n += p.numel() * size
     return n
 
 
@@ -68,6 +74,9 @@ def count(preset):
     c["lora_g"] = sum(p.numel() for p in lora.adapter_parameters(base, "generator"))
     c["lora_f"] = sum(p.numel() for p in lora.adapter_parameters(base, "critic"))
     c["block_lora"] = stored_bytes(base.blocks[0])
+    lora.quantize_base(base, "int8")   # the same base in 8 bits (meta: nothing allocated)
+    c["base8"] = stored_bytes(base) - sum(p.numel() * 4 for n, p in base.named_parameters() if ".lora_" in n)
+    c["max_linear"] = max(m.in_features * m.out_features for _, m in lora.lora_modules(base))
     return c
 
 
@@ -76,9 +85,11 @@ def tokens(height, width, frames):
     return lat[2] * (lat[3] // 2) * (lat[4] // 2), lat[1] * lat[2] * lat[3] * lat[4]
 
 
-def activations(cfg, L, latent_numel, sp):
+def activations(cfg, L, latent_numel, sp, residual=4, offload=False):
+    """Activation bytes of one network's forward+backward; residual: bytes per checkpointed element (fp32 4, bf16 2);
+    offload: the checkpointed inputs live in host memory."""
     E, Fd = cfg.dim, cfg.ffn_dim
-    ckpt = cfg.num_layers * L * E * 4
+    ckpt = 0 if offload else cfg.num_layers * L * E * residual
     recompute = 3 * L * Fd * 2 + 6 * L * E * 2
     outside = 2 * L * E * 4 + 16 * latent_numel * 4
     return (ckpt + recompute + outside) / sp
@@ -93,6 +104,32 @@ def memory(c, mode, par, gpus, sp, L, latent_numel):
         gather = 2 * (c["block_lora"] if mode == "lora" else c["block_full"])
         weights, states = weights / gpus + gather, states / gpus
     return weights, states, activations(c["cfg"], L, latent_numel, sp)
+
+
+TARGETS = {"t2v-1.3B": 12e9, "t2v-14B": 48e9}   # issue 19's targets for one GPU, LoRA, 480x832x81 (bytes)
+VARIANTS = (("bf16", 4, False), ("int8", 4, False), ("bf16", 2, False), ("int8", 2, False), ("int8", 4, True),
+            ("int8", 2, True))   # (base storage, residual bytes, activation offload)
+
+
+def precision_table(counts, L, lat, a):
+    """One GPU (no FSDP), LoRA: the base's storage x the residual stream's dtype x activation offload."""
+    print(f"\nOne GPU, LoRA r{td.DEFAULTS['lora_rank']} (generator and critic), {a.height}x{a.width}x{a.frames}, sp "
+          f"{a.sp}: base_model_precision x residual_dtype x activation_offload (computed)\n")
+    print("| model | base | residual | offload | weights | trainable states | activations | total GiB | target | meets it? |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for preset, c in counts.items():
+        target = TARGETS[preset] / GIB
+        for base, res, off in VARIANTS:
+            w = c["base"] if base == "bf16" else c["base8"] + 6 * c["max_linear"]   # + one dequantised Linear
+            _, s, _ = memory(c, "lora", "ddp", 1, a.sp, L, lat)
+            act = activations(c["cfg"], L, lat, a.sp, res, off)
+            tot = (w + s + act) / GIB
+            print(f"| {preset[4:]} | {base} | {'fp32' if res == 4 else 'bf16'} | {'host' if off else '-'} | "
+                  f"{w / GIB:.1f} | {s / GIB:.1f} | {act / GIB:.1f} | **{tot:.1f}** | {target:.1f} | "
+                  f"{'yes' if tot * OVERHEAD <= target else 'allocation only' if tot <= target else 'no'} |")
+    print(f"\n'yes': within the target with the measured {OVERHEAD}x reserved/allocated overhead; 'allocation only': "
+          "the computed allocation fits, the overhead does not. The bf16 / fp32 / - rows were measured on an H100 "
+          "(calibration below); the others are computed from them, not yet measured.")
 
 
 def fits(total, usable):
@@ -136,6 +173,7 @@ def main():
             tot = {P: fixed + activations(c["cfg"], L, lat, P) / GIB for P in (1, 4)}
             print(f"  {preset[4:]:>4} {mode:<4}: sp 1 -> {tot[1]:5.1f} GiB, sp 4 -> {tot[4]:5.1f} GiB")
 
+    precision_table(counts, L, lat, a)
     L0, lat0 = tokens(480, 832, 81)
     print("\nCalibration, one GPU at 480x832x81, sp 1 (measured on an H100, see MEASURED):")
     for (preset, mode), (alloc, res) in MEASURED.items():
