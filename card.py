@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 
+import quant
 from configurator import hub_file
 
 DIFFUSERS_BASES = {"Wan-AI/Wan2.1-T2V-1.3B": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
@@ -71,6 +72,15 @@ def data_summary(c):
     return f"data-free DMD: {n} training prompts (`{name}`), no videos"
 
 
+def base_storage(c):
+    """The training base's precision in words (base_model_precision): the exported weights are full precision."""
+    kind = quant.parse_precision(c.get("base_model_precision", "no"))
+    if kind == "no":
+        return c.get("mixed_precision", "bf16") + " (mixed_precision)"
+    return (f"{kind} weight-only (`base_model_precision={c['base_model_precision']}`); the merged transformer/ holds "
+            "the student on the full-precision teacher weights")
+
+
 def model_card(c, steps, records, env, files, prompts, at=None):
     """The README.md of the published student. steps: the rollout timesteps (after any warp); records: log.jsonl;
     env: environment(); files: the names in the upload (decides which loading snippets apply); prompts: validation;
@@ -114,6 +124,7 @@ def model_card(c, steps, records, env, files, prompts, at=None):
           f"| generator | {gen}; lr {c['learning_rate']:g}, update every {c['generator_update_interval']} step(s); "
           f"EMA {c['ema_decay'] if c['use_ema'] else 'off'} |",
           f"| critic (fake score) | {critic}; lr {c['fake_score_lr']:g} |",
+          f"| frozen base during training | {base_storage(c)} |",
           f"| data | {data_summary(c)} |",
           f"| training | {c['max_train_steps']} steps at {c['num_training_frames']} latent frames {c['height']}x{c['width']}, "
           f"batch {c['train_batch_size']} x accum {c['gradient_accumulation_steps']} x {world} process(es); {took} on {gpus} |",
