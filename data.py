@@ -391,7 +391,7 @@ def load_teacher(c, dev, dtype, dit=True, text=True):
     src = c["pretrained_model_name_or_path"]
     if src == "tiny":
         torch.manual_seed(c["seed"])
-        base = quantized(mw.WanDiT(mw.PRESETS["tiny"]).to(dev), c)
+        base = quantized(mw.WanDiT(mw.PRESETS["tiny"]).to(dev), c, dev)
         vae = vae_wan.WanVAE(vae_wan.WanVAEConfig(base_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1)).to(dev)
         te = text_encoders.TinyTextEncoder(base.cfg.text_dim)
     elif src.startswith("random:"):   # real architecture, random weights, built on the device
@@ -400,23 +400,28 @@ def load_teacher(c, dev, dtype, dit=True, text=True):
             raise ValueError(f"{src!r}: unknown preset {preset!r}; have {sorted(mw.PRESETS)}")
         torch.manual_seed(c["seed"])
         with torch.device(dev):
-            base = quantized(mw.WanDiT(mw.PRESETS[preset]).cast(dtype), c)
+            base = quantized(mw.WanDiT(mw.PRESETS[preset]).cast(dtype), c, dev)
             vae = vae_wan.WanVAE(vae_wan.WanVAEConfig())
         te = text_encoders.TinyTextEncoder(base.cfg.text_dim)
     else:
-        base = mw.load_dit(src, dtype=dtype, device=dev, quant=quant.parse_precision(c.get("base_model_precision", "no")),
+        base = mw.load_dit(src, dtype=dtype, device=dev, quant=precision(c, "base_model_precision", dev),
                            quantize_via=c.get("quantize_via", "accelerator")) if dit else None
         vae = vae_wan.load_vae(src, dtype=torch.float32, device=dev)
         tiny = os.path.exists(os.path.join(src, text_encoders.TINY_TEXT_MARKER))
-        te = text_encoders.text_encoder(src, dtype, dev, base, **text_precision(c)) if text or tiny else None
+        te = text_encoders.text_encoder(src, dtype, dev, base, **text_precision(c, dev)) if text or tiny else None
     if base is not None:
         base.requires_grad_(False).eval()
     return (base if dit else None), vae, te
 
 
-def quantized(base, c):
+def precision(c, key, dev):
+    """A config's 8-bit kind for `key` on device `dev` (fp8-matmul where the device has no fp8 matmul: fp8, said)."""
+    return quant.resolve(quant.parse_precision(c.get(key, "no"), key), dev)
+
+
+def quantized(base, c, dev):
     """A teacher built in memory ("tiny", "random:<preset>") with base_model_precision applied (lora.quantize_base)."""
-    kind = quant.parse_precision(c.get("base_model_precision", "no"))
+    kind = precision(c, "base_model_precision", dev)
     if kind != "no":
         lora.quantize_base(base, kind)
     return base
@@ -432,10 +437,9 @@ def full_precision_base(c, dtype):
     return mw.read_state_dict(mw.find_dit_files(src)[0], dtype)
 
 
-def text_precision(c):
+def text_precision(c, dev):
     """The text encoder's 8-bit settings of a config -> keywords of text_encoders.load_text_encoder."""
-    return dict(quant=quant.parse_precision(c.get("text_encoder_1_precision", "no"), "text_encoder_1_precision"),
-                quantize_via=c.get("quantize_via", "accelerator"))
+    return dict(quant=precision(c, "text_encoder_1_precision", dev), quantize_via=c.get("quantize_via", "accelerator"))
 
 
 def read_prompts(c):
@@ -454,7 +458,7 @@ def encode_prompts(c, te, prompts, dev, dtype):
     """The trainer's prompts encoded once (te None: UMT5 of the teacher, loaded here and freed after) -> list of
     trimmed (n_i, D) CPU tensors."""
     if te is None:
-        te = text_encoders.load_text_encoder(c["pretrained_model_name_or_path"], dtype=dtype, device=dev, **text_precision(c))
+        te = text_encoders.load_text_encoder(c["pretrained_model_name_or_path"], dtype=dtype, device=dev, **text_precision(c, dev))
     out = []
     for i in range(0, len(prompts), 16):
         emb = te.encode(prompts[i:i + 16]).cpu()
@@ -471,7 +475,7 @@ def training_inputs(c, prompts, te, vae, env, dev, dtype):
     loader = None
     if c["datasets"]:
         te = te or text_encoders.load_text_encoder(c["pretrained_model_name_or_path"], dtype=dtype, device=dev,
-                                                   **text_precision(c))
+                                                   **text_precision(c, dev))
         cached = CachedDataset(MediaDataset(c["datasets"], seed=c["seed"]), vae, te, rank=env.rank,
                                world_size=env.world, device=dev)
         loader = Loader(cached, c["train_batch_size"], seed=c["seed"], rank=env.dp_rank, world_size=env.dp_size,

@@ -66,7 +66,7 @@ class Linear(nn.Linear):
         if self.quant is None:
             y = F.linear(x, self.weight, self.bias)
         else:
-            y = quant.linear(x, self.weight_q, self.weight_scale, self.bias)
+            y = quant.linear(x, self.weight_q, self.weight_scale, self.bias, self.quant == "fp8-matmul")
         name = self.adapter
         if name is not None and name in self.lora_scale:
             A, B = self.lora_A[name].to(x.dtype), self.lora_B[name].to(x.dtype)

@@ -23,17 +23,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-KINDS = ("int8", "fp8")
-QMAX = {"int8": 127.0, "fp8": 448.0}
+KINDS = ("int8", "fp8", "fp8-matmul")   # fp8-matmul: fp8 storage, and fp8 activations in the forward matmul
+QMAX = {"int8": 127.0, "fp8": 448.0, "fp8-matmul": 448.0}
 # SimpleTuner's spellings (base_model_precision / text_encoder_1_precision) -> ours; both libraries' int8 and
 # fp8 are weight-only per-channel formats of the same kind
 ALIASES = {"no": "no", "none": "no", "no_change": "no", "bf16": "no", "fp32": "no", "int8": "int8", "fp8": "fp8",
            "int8-quanto": "int8", "int8-torchao": "int8", "fp8-quanto": "fp8", "fp8-torchao": "fp8",
-           "fp8uz-quanto": "fp8", "int8-torchao-wo": "int8"}
+           "fp8uz-quanto": "fp8", "int8-torchao-wo": "int8", "fp8-matmul": "fp8-matmul"}
 
 
 def parse_precision(value, key="base_model_precision"):
-    """A config's precision string -> "no", "int8" or "fp8" (a one-line error for anything else)."""
+    """A config's precision string -> "no", "int8", "fp8" or "fp8-matmul" (a one-line error for anything else)."""
     v = str(value).strip().lower()
     if v not in ALIASES:
         raise ValueError(f"{key}={value!r}: expected one of {sorted(ALIASES)} (4-bit and nf4 formats are not supported)")
@@ -59,6 +59,31 @@ def quantize(w, kind):
     return x.to(torch.float8_e4m3fn).view(torch.uint8), scale
 
 
+def fp8_matmul_works(device):
+    """Does torch._scaled_mm run here with per-row scales (CUDA: compute capability >= 8.9 and a recent torch; the
+    CPU since torch 2.6)? Probed once with a 16 x 16 product, before any model runs (a probe inside a compiled
+    region would break the graph)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        return False
+    try:
+        a = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+        s = torch.ones(16, 1, device=device)
+        torch._scaled_mm(a, a.t(), scale_a=s, scale_b=s.t(), out_dtype=torch.bfloat16)
+        return True
+    except (RuntimeError, AttributeError, TypeError, NotImplementedError):
+        return False
+
+
+def resolve(kind, device, say=print):
+    """fp8-matmul where this device cannot run it -> fp8 (weight-only), said once; every other kind as it is."""
+    if kind == "fp8-matmul" and not fp8_matmul_works(device):
+        say(f"notice: no fp8 matmul on {device} (torch._scaled_mm with per-row scales): fp8-matmul runs as fp8 "
+            "weight-only (dequantised weights, bf16 activations)")
+        return "fp8"
+    return kind
+
+
 def codes(q, dtype):
     """8-bit codes -> their values in `dtype` (exact for bf16, fp16 and fp32), without the scale."""
     return (q if q.dtype == torch.int8 else q.view(torch.float8_e4m3fn)).to(dtype)
@@ -69,27 +94,49 @@ def dequantize(q, scale, dtype=torch.float32):
     return (codes(q, torch.float32) * scale[:, None]).to(dtype)
 
 
+def fp8_matmul(x, q, scale):
+    """x (..., K) @ (s q)^T with x quantised to e4m3 per row (dynamic scale max|x_row| / 448) and torch._scaled_mm
+    taking both scales: W8A8, the fp8 tensor cores' product. The output in x's dtype."""
+    x2 = x.reshape(-1, x.shape[-1])
+    sx = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 448.0
+    xq = (x2.float() / sx).to(torch.float8_e4m3fn)
+    y = torch._scaled_mm(xq, q.view(torch.float8_e4m3fn).t(), scale_a=sx, scale_b=scale[None, :].float(),
+                         out_dtype=x.dtype)
+    return y.view(*x.shape[:-1], q.shape[0])
+
+
+def fp8_matmul_fits(x, q):
+    """The product's shape and dtype suit _scaled_mm (CUDA: dimensions multiples of 16, bf16 output)."""
+    return q.dtype == torch.uint8 and x.shape[-1] % 16 == 0 and q.shape[0] % 16 == 0 and \
+        (x.dtype == torch.bfloat16 or x.device.type == "cpu")
+
+
 class _Linear8(torch.autograd.Function):
-    """y = x W^T + b with W = s q dequantised into x's dtype for this call only: the 8-bit q (not W) is saved for
-    backward, which dequantises again (the weight is frozen: no gradient for q and s)."""
+    """y = x W^T + b with W = s q dequantised into x's dtype for this call only (or, fp8_mm, the fp8 product of
+    fp8_matmul): the 8-bit q (not W) is saved for backward, which dequantises again (weight-only: the input's
+    gradient in the compute dtype; the weight is frozen, no gradient for q and s)."""
 
     @staticmethod
-    def forward(ctx, x, q, scale, bias):
+    def forward(ctx, x, q, scale, bias, fp8_mm=False):
         ctx.save_for_backward(q, scale)
         ctx.has_bias = bias is not None
-        return F.linear(x, dequantize(q, scale, x.dtype), None if bias is None else bias.to(x.dtype))
+        b = None if bias is None else bias.to(x.dtype)
+        if fp8_mm and fp8_matmul_fits(x, q):
+            y = fp8_matmul(x, q, scale)
+            return y if b is None else y + b
+        return F.linear(x, dequantize(q, scale, x.dtype), b)
 
     @staticmethod
     def backward(ctx, g):
         q, scale = ctx.saved_tensors
         gx = g @ dequantize(q, scale, g.dtype) if ctx.needs_input_grad[0] else None
         gb = g.flatten(0, -2).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return gx, None, None, gb
+        return gx, None, None, gb, None
 
 
-def linear(x, q, scale, bias=None):
-    """F.linear for an 8-bit weight (q, scale): the computation in x's dtype."""
-    return _Linear8.apply(x, q, scale, bias)
+def linear(x, q, scale, bias=None, fp8_mm=False):
+    """F.linear for an 8-bit weight (q, scale): the computation in x's dtype (fp8_mm: fp8 activations too)."""
+    return _Linear8.apply(x, q, scale, bias, fp8_mm)
 
 
 class QuantLinear(nn.Module):
@@ -106,7 +153,7 @@ class QuantLinear(nn.Module):
         self.bias = None if b is None else nn.Parameter(b.data.clone(), requires_grad=False)
 
     def forward(self, x):
-        return linear(x, self.weight_q, self.weight_scale, self.bias)
+        return linear(x, self.weight_q, self.weight_scale, self.bias, self.kind == "fp8-matmul")
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"

@@ -58,7 +58,7 @@ decode = True                # False: latents only (needs save_latents=True): no
 stream = False               # causal student: decode and write each block's frames as soon as it is generated
 attention_sparsity = None    # student's VSA sparsity (fraction of key cubes skipped); None: as its config.json says
 sparse_cube = None           # student's VSA cube in patch tokens (frames, h, w); None: as its config.json says
-base_model_precision = "no"  # DiT blocks stored in 8 bits: "int8" / "fp8" weight-only (quant.py; as train_dmd's key)
+base_model_precision = "no"  # DiT blocks stored in 8 bits: "int8" / "fp8" weight-only, "fp8-matmul" (as train_dmd's key)
 text_encoder_1_precision = "no"  # UMT5 stored in 8 bits the same way
 quantize_via = "accelerator" # where the weights are quantised as they load: "accelerator" (the device) or "cpu"
 fps = 16                     # frame rate of the written mp4s (Wan 2.1: 16)
@@ -264,8 +264,8 @@ def settings(c):
     s["shift"] = c["flow_shift"] if c["flow_shift"] is not None or s["steps"] is not None else \
         flow.reference_shift(s["src"], s["layout"])   # the teacher's; a student runs its own steps
     s["neg"] = text_encoders.negative_prompt(c["negative_prompt"])
-    s["quant"] = quant.parse_precision(c.get("base_model_precision", "no"))
-    s["te_quant"] = quant.parse_precision(c.get("text_encoder_1_precision", "no"), "text_encoder_1_precision")
+    s["quant"] = quant.resolve(quant.parse_precision(c.get("base_model_precision", "no")), dev)
+    s["te_quant"] = quant.resolve(quant.parse_precision(c.get("text_encoder_1_precision", "no"), "text_encoder_1_precision"), dev)
     s["via"] = c.get("quantize_via", "accelerator")
     if s["via"] not in ("accelerator", "cpu"):
         raise ValueError(f"quantize_via must be 'accelerator' or 'cpu', got {s['via']!r}")

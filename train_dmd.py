@@ -114,8 +114,9 @@ attention_sparsity = 0.0               # VSA (sparse_attn.py) in the generator's
 sparse_cube = (4, 4, 4)                # VSA cube in patch tokens (latent frames, latent height/2, latent width/2): 64 tokens
 mixed_precision = "bf16"               # "bf16": bf16 base weights + autocast on CUDA; "no": fp32 (always fp32 on CPU)
 base_model_precision = "no"            # the frozen base (teacher; base of the LoRA generator and critic) stored in 8 bits:
-                                       # "int8" / "fp8", weight-only, per-row scales (quant.py; SimpleTuner's "int8-quanto",
-                                       # "fp8-torchao", ... map to these); "no": mixed_precision's dtype
+                                       # "int8" / "fp8" weight-only, per-row scales (quant.py; SimpleTuner's "int8-quanto",
+                                       # "fp8-torchao", ... map to these); "fp8-matmul": fp8 activations in the forward
+                                       # matmuls too (torch._scaled_mm, GPUs with fp8 tensor cores); "no": mixed_precision
 text_encoder_1_precision = "no"        # UMT5 (used once to embed the prompts) stored in 8 bits the same way
 quantize_via = "accelerator"           # where weights are quantised as they load: "accelerator" (the device) or "cpu"
 compile = False                        # torch.compile each DiT block

@@ -33,6 +33,7 @@ F32, B16 = torch.float32, torch.bfloat16
 # (row, base storage, compute dtype, residual stream dtype between blocks)
 ROWS = (("fp32", "no", F32, F32), ("bf16", "no", B16, F32), ("int8", "int8", F32, F32),
         ("int8, bf16 compute", "int8", B16, F32), ("fp8", "fp8", F32, F32), ("fp8, bf16 compute", "fp8", B16, F32),
+        ("fp8-matmul (fp8 activations too)", "fp8-matmul", F32, F32), ("fp8-matmul, bf16 compute", "fp8-matmul", B16, F32),
         ("fp32, bf16 residual", "no", F32, B16), ("bf16, bf16 residual", "no", B16, B16),
         ("int8, bf16 compute, bf16 residual", "int8", B16, B16))
 
