@@ -40,6 +40,9 @@ lr_warmup_steps = 0
 max_grad_norm = 1.0
 optimizer = "adamw_bf16"                # mapped to AdamW with fp32 master weights
 mixed_precision = "bf16"
+base_model_precision = "no"             # seed: "int8-quanto" (= "int8" here, weight-only; README "An 8-bit base": -1.2 GiB,
+text_encoder_1_precision = "no"         # demo student within noise); bf16 until measured on a GPU at this size. Seed: "int8-quanto"
+quantize_via = "accelerator"            # seed: "cpu" (both work: tensor by tensor as the weights load)
 gradient_checkpointing = True
 train_batch_size = 1
 gradient_accumulation_steps = 1
