@@ -12,10 +12,12 @@ leaves alone (a float8 tensor would be cast to wrong values silently).
 The matmul runs on the weight dequantised into the activations' dtype, W = s q (the product in fp32, then rounded
 to bf16 as a bf16 base's weights are): y = x W^T + b. `linear` is an autograd function that saves the 8-bit codes,
 not W, for backward, so weights in memory stay 8-bit; only the layer being computed has a transient copy of its
-weight (at most 141 MB: the 14B's FFN). No fp8 matmul kernel is used (weights only: the activations stay bf16, so
-the error is the weights' alone).
+weight (at most 141 MB: the 14B's FFN); the activations stay bf16, so the error is the weights' alone.
+"fp8-matmul" stores as "fp8" and in the forward also quantises the activations per row to e4m3 for
+torch._scaled_mm (the fp8 tensor cores: W8A8, faster, less exact); its backward is the weight-only one. `resolve`
+turns it into "fp8" where the device has no such matmul.
 
-Why our own and not torchao / quanto: ~100 lines that a reader checks against the formulas above, that work on
+Why our own and not torchao / quanto: ~180 lines that a reader checks against the formulas above, that work on
 CPU (the tests), under FSDP2 (8-bit parameters shard as any other) and torch.compile, on every torch >= 2.5,
 without a new dependency; weight-only 8-bit needs nothing more.
 """
