@@ -6,6 +6,8 @@ measures). Precision and coverage need captions the detector knows (the demo's s
 moving left"); for any other prompt file only MMD is reported.
 
   python bench/bench_quality.py --teacher=out/demo/teacher --student=out/demo/dmd --prompts_file=out/demo/prompts.txt
+  python bench/bench_quality.py --teacher=out/demo_w3/teacher --student=out/demo_w3/dmd --more_students=s1=out/w3_s1/dmd \
+      --prompts_file=out/demo_w3/prompts.txt --guidance=4 --seeds=64 --ref_seeds=128
   python bench/bench_quality.py --teacher=Wan-AI/Wan2.1-T2V-1.3B-Diffusers --student=out/wan_dmd_3step \
       --prompts_file=prompts.txt --height=480 --width=832 --num_frames=81 --seeds=4 --guidance=5 --negative_prompt=None
 """
@@ -27,7 +29,11 @@ def parse_args(argv=None):
     ap.add_argument("--teacher", required=True)
     ap.add_argument("--student", required=True, help="train_dmd output folder, or an adapter / full-weights file")
     ap.add_argument("--prompts_file", required=True)
+    ap.add_argument("--more_students", default="", help="NAME=PATH,...: more students (as --student), rows "
+                    "'student-3 NAME' of the same table, on the same teacher-50 reference")
     ap.add_argument("--seeds", type=int, default=8, help="samples per prompt and sampler")
+    ap.add_argument("--ref_seeds", type=int, default=0, help="samples per prompt of the teacher-50 reference set "
+                    "(mode TV, mode shares, MMD); default: --seeds. Teacher-50's row is the floor at either size")
     ap.add_argument("--height", type=int, default=32)
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--num_frames", type=int, default=9)
@@ -41,6 +47,20 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def more_students(spec):
+    """"gm875=/tmp/a/dmd,s1=/tmp/b/dmd" -> [("gm875", "/tmp/a/dmd"), ("s1", "/tmp/b/dmd")]; a path that does not
+    exist is one line naming it."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--more_students: '{item}' is not NAME=PATH")
+        if not os.path.exists(path):
+            raise SystemExit(f"--more_students: {path} does not exist")
+        out.append((name, path))
+    return out
+
+
 def main(argv=None):
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -49,8 +69,12 @@ def main(argv=None):
     prompts = readers.read_lines(a.prompts_file)
     pair = quality.load_pair(a.teacher, a.student, None if a.negative_prompt == "None" else a.negative_prompt, a.device)
     pair["students"]["student-3"]["steps"] = steps                   # --steps wins over the folder's
+    for name, path in more_students(a.more_students):
+        quality.add_student(pair, f"student-3 {name}", path)          # each at its own steps as trained
+    ref = None if not a.ref_seeds else range(100000, 100000 + a.ref_seeds)   # the default's seeds, more of them
     table = quality.evaluate(pair, prompts, list(range(a.seeds)), (a.num_frames, a.height, a.width), steps, a.guidance,
-                             a.shift)
+                             a.shift, samplers=(*quality.SAMPLERS, *[k for k in pair["students"] if k != "student-3"]),
+                             ref_seeds=ref)
     print(quality.format_table(table))
     if a.out:
         with open(a.out, "w") as fh:

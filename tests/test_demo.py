@@ -17,6 +17,7 @@ import quality  # noqa: E402
 import vae_wan  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))   # bench_quality's --more_students
 
 
 def test_detector_on_the_dataset(tmp_path):
@@ -65,6 +66,22 @@ def test_png_and_mmd(tmp_path):
     assert quality.min_mode_share({"p": [2, 2, 0], "q": [0, 0, 4]}, ref) == 1.0          # every kept mode as the teacher
     assert quality.min_mode_share({"p": [3, 1, 0], "q": [0, 0, 4]}, ref) == 0.5          # p's 2nd mode at half its share
     assert quality.min_mode_share({"p": [4, 0, 0], "q": [0, 0, 4]}, ref) == 0.0          # a mode lost
+
+
+def test_mode_shares_and_more_students(tmp_path):
+    """modes_under_half counts the caption x mode cells below half their reference share (a lost mode too, a mode
+    the reference never made not at all); bench_quality's --more_students parses NAME=PATH and refuses the rest."""
+    ref = {"p": [4, 4, 0], "q": [2, 2, 4]}
+    assert sorted(quality.mode_share_ratios({"p": [3, 1, 0], "q": [2, 2, 4]}, ref)) == [0.5, 1, 1, 1, 1.5]
+    assert quality.modes_under_half({"p": [2, 2, 0], "q": [1, 1, 2]}, ref) == 0          # as the teacher, fewer samples
+    assert quality.modes_under_half({"p": [3, 1, 0], "q": [2, 2, 4]}, ref) == 0          # exactly half is not under
+    assert quality.modes_under_half({"p": [7, 1, 0], "q": [0, 1, 7]}, ref) == 2          # p's 2nd mode, q's 1st (lost)
+    import bench_quality as bq
+    assert bq.more_students(f"a={tmp_path},b2={tmp_path}") == [("a", str(tmp_path)), ("b2", str(tmp_path))]
+    assert bq.more_students("") == []
+    for bad in (str(tmp_path), f"={tmp_path}", "a=/no/such/folder"):
+        with pytest.raises(SystemExit, match="--more_students"):
+            bq.more_students(bad)
 
 
 @pytest.mark.slow
