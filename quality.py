@@ -252,16 +252,25 @@ def modes_under_half(found, ref):
     return sum(r < 0.5 for r in mode_share_ratios(found, ref))
 
 
-def evaluate(pair, prompts, seeds, shape, steps, guidance, shift, samplers=SAMPLERS, ref_seeds=None):
+def reference_set(pair, prompts, ref_seeds, shape, steps, guidance, shift, bar=None):
+    """The second teacher-50 set every row is measured against -> dict(latents, modes: its per-caption mode counts
+    or None). A plain dict of a tensor and lists: bench_quality --reference saves it to score more students later."""
+    lat, vids = sample_videos(pair, "teacher-50", prompts, ref_seeds, shape, steps, guidance, shift, bar=bar)
+    return dict(latents=lat, modes=precision_coverage(vids, prompts, ref_seeds)[2])
+
+
+def evaluate(pair, prompts, seeds, shape, steps, guidance, shift, samplers=SAMPLERS, ref_seeds=None, reference=None):
     """-> {sampler: {precision, coverage, mmd, mode_tv, min_mode_share, modes_under_half, seconds}} (+ the mode
-    counts per caption). The reference is a second teacher-50 set (ref_seeds, default: seeds + 100000, as many):
-    teacher-50's own row is the noise floor of MMD, mode TV and the mode shares for rows of len(seeds) samples per
-    caption. samplers: the rows, teacher-50 / teacher-3 (at `steps`) and names of pair's students (each at its own
-    steps as trained, else `steps`)."""
+    counts per caption). The reference is a second teacher-50 set (ref_seeds, default: seeds + 100000, as many;
+    or `reference`, a reference_set made before): teacher-50's own row is the noise floor of MMD, mode TV and the
+    mode shares for rows of len(seeds) samples per caption. samplers: the rows, teacher-50 / teacher-3 (at `steps`)
+    and names of pair's students (each at its own steps as trained, else `steps`)."""
     ref_seeds = [s + 100000 for s in seeds] if ref_seeds is None else list(ref_seeds)
-    bar = tqdm(total=len(prompts) * (len(ref_seeds) + len(samplers) * len(seeds)), desc="quality table", unit="sample")
-    ref, ref_vids = sample_videos(pair, "teacher-50", prompts, ref_seeds, shape, steps, guidance, shift, bar=bar)
-    ref_found = precision_coverage(ref_vids, prompts, ref_seeds)[2]
+    n_ref = 0 if reference is not None else len(ref_seeds)
+    bar = tqdm(total=len(prompts) * (n_ref + len(samplers) * len(seeds)), desc="quality table", unit="sample")
+    if reference is None:
+        reference = reference_set(pair, prompts, ref_seeds, shape, steps, guidance, shift, bar)
+    ref, ref_found = reference["latents"], reference["modes"]
     table = {}
     for name in samplers:
         t0 = time.perf_counter()

@@ -34,6 +34,10 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", type=int, default=8, help="samples per prompt and sampler")
     ap.add_argument("--ref_seeds", type=int, default=0, help="samples per prompt of the teacher-50 reference set "
                     "(mode TV, mode shares, MMD); default: --seeds. Teacher-50's row is the floor at either size")
+    ap.add_argument("--reference", default="", help="a file for the teacher-50 reference set: made and saved when "
+                    "missing, read when its settings match (score more students later without resampling it)")
+    ap.add_argument("--teacher_rows", default="teacher-50,teacher-3", help="teacher rows of the table ('' for none: "
+                    "students only, e.g. beside an earlier table of the same --reference)")
     ap.add_argument("--height", type=int, default=32)
     ap.add_argument("--width", type=int, default=32)
     ap.add_argument("--num_frames", type=int, default=9)
@@ -61,6 +65,24 @@ def more_students(spec):
     return out
 
 
+def load_reference(a, prompts, ref_seeds, pair, shape, steps):
+    """--reference: the saved teacher-50 reference set when it was made with these settings, else made (quality.
+    reference_set) and saved; a file made with other settings is one line saying so."""
+    key = dict(teacher=a.teacher, prompts=prompts, ref_seeds=len(ref_seeds), shape=list(shape), guidance=a.guidance,
+               shift=a.shift, negative_prompt=a.negative_prompt)
+    if os.path.exists(a.reference):
+        saved = torch.load(a.reference, weights_only=True)
+        other = [k for k in key if saved["key"].get(k) != key[k]]
+        if other:
+            raise SystemExit(f"--reference: {a.reference} was made with another {', '.join(other)}; give a new file")
+        print(f"teacher-50 reference: {a.reference} ({len(ref_seeds)} seeds per prompt)")
+        return saved
+    print(f"teacher-50 reference: sampling {len(ref_seeds)} seeds per prompt -> {a.reference}")
+    reference = quality.reference_set(pair, prompts, ref_seeds, shape, steps, a.guidance, a.shift)
+    torch.save(dict(reference, key=key), a.reference)
+    return reference
+
+
 def main(argv=None):
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -71,10 +93,12 @@ def main(argv=None):
     pair["students"]["student-3"]["steps"] = steps                   # --steps wins over the folder's
     for name, path in more_students(a.more_students):
         quality.add_student(pair, f"student-3 {name}", path)          # each at its own steps as trained
-    ref = None if not a.ref_seeds else range(100000, 100000 + a.ref_seeds)   # the default's seeds, more of them
-    table = quality.evaluate(pair, prompts, list(range(a.seeds)), (a.num_frames, a.height, a.width), steps, a.guidance,
-                             a.shift, samplers=(*quality.SAMPLERS, *[k for k in pair["students"] if k != "student-3"]),
-                             ref_seeds=ref)
+    seeds, shape = list(range(a.seeds)), (a.num_frames, a.height, a.width)
+    ref_seeds = list(range(100000, 100000 + (a.ref_seeds or a.seeds)))   # the default's seeds, maybe more of them
+    reference = load_reference(a, prompts, ref_seeds, pair, shape, steps) if a.reference else None
+    rows = [r for r in a.teacher_rows.split(",") if r] + list(pair["students"])
+    table = quality.evaluate(pair, prompts, seeds, shape, steps, a.guidance, a.shift, samplers=rows,
+                             ref_seeds=ref_seeds, reference=reference)
     print(quality.format_table(table))
     if a.out:
         with open(a.out, "w") as fh:

@@ -84,6 +84,24 @@ def test_mode_shares_and_more_students(tmp_path):
             bq.more_students(bad)
 
 
+def test_saved_reference(tmp_path, monkeypatch):
+    """bench_quality --reference: made and saved once, read back (not resampled) under the same settings, refused
+    in one line naming the setting that differs."""
+    import bench_quality as bq
+    made = dict(latents=torch.randn(6, 16, 1, 2, 2), modes={"p": [1, 2, 0]})
+    monkeypatch.setattr(quality, "reference_set", lambda *a: made)
+    path = str(tmp_path / "ref.pt")
+    a = bq.parse_args(["--teacher=t", "--student=s", "--prompts_file=f", "--seeds=2", f"--reference={path}"])
+    args = (["p"], [100000, 100001], None, (9, 32, 32), [1000.0])
+    assert bq.load_reference(a, *args) is made and os.path.exists(path)
+    monkeypatch.setattr(quality, "reference_set", lambda *a: pytest.fail("resampled a saved reference"))
+    back = bq.load_reference(a, *args)
+    assert torch.equal(back["latents"], made["latents"]) and back["modes"] == made["modes"]
+    a.guidance = 5.0
+    with pytest.raises(SystemExit, match="another guidance"):
+        bq.load_reference(a, *args)
+
+
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     """A reduced demo (a few steps per stage): every artefact exists and has the right form; a second run
