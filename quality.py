@@ -288,9 +288,10 @@ def evaluate(pair, prompts, seeds, shape, steps, guidance, shift, samplers=SAMPL
 def format_table(table):
     f = lambda v: "n/a" if v is None else f"{v:.3f}"   # noqa: E731
     count = lambda v: "n/a" if v is None else str(v)   # noqa: E731
-    lines = ["| sampler | precision | coverage | mode TV to teacher-50 | smallest mode share / teacher's | modes under "
-             "half | MMD² to teacher-50 | shape right | sampling + decode s |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {k} | {f(r['precision'])} | {f(r['coverage'])} | {f(r.get('mode_tv'))} | {f(r.get('min_mode_share'))} "
-              f"| {count(r.get('modes_under_half'))} | {r['mmd']:.4f} | {f(r['shape'])} | {r['seconds']:.1f} |"
-              for k, r in table.items()]
+    lines = ["| sampler | precision | coverage | mode TV to teacher-50 | smallest mode share / teacher's "
+             "| modes under half | MMD² to teacher-50 | shape right | sampling + decode s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {f(r['precision'])} | {f(r['coverage'])} | {f(r.get('mode_tv'))} "
+              f"| {f(r.get('min_mode_share'))} | {count(r.get('modes_under_half'))} | {r['mmd']:.4f} | {f(r['shape'])} "
+              f"| {r['seconds']:.1f} |" for k, r in table.items()]
     return "\n".join(lines)

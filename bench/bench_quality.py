@@ -6,8 +6,9 @@ measures). Precision and coverage need captions the detector knows (the demo's s
 moving left"); for any other prompt file only MMD is reported.
 
   python bench/bench_quality.py --teacher=out/demo/teacher --student=out/demo/dmd --prompts_file=out/demo/prompts.txt
-  python bench/bench_quality.py --teacher=out/demo_w3/teacher --student=out/demo_w3/dmd --more_students=s1=out/w3_s1/dmd \
-      --prompts_file=out/demo_w3/prompts.txt --guidance=4 --seeds=64 --ref_seeds=128
+  python bench/bench_quality.py --teacher=out/demo_w3/teacher --student=out/demo_w3/dmd --guidance=4 \
+      --more_students=s1=out/demo_w3_s1/dmd --prompts_file=out/demo_w3/prompts.txt --seeds=96 --ref_seeds=128 \
+      --reference=out/ref_cfg4_128.pt   # the mode columns at a size where they mean something (bench/README.md)
   python bench/bench_quality.py --teacher=Wan-AI/Wan2.1-T2V-1.3B-Diffusers --student=out/wan_dmd_3step \
       --prompts_file=prompts.txt --height=480 --width=832 --num_frames=81 --seeds=4 --guidance=5 --negative_prompt=None
 """
