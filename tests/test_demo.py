@@ -17,6 +17,7 @@ import quality  # noqa: E402
 import vae_wan  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))   # bench_quality's --more_students
 
 
 def test_detector_on_the_dataset(tmp_path):
@@ -65,6 +66,40 @@ def test_png_and_mmd(tmp_path):
     assert quality.min_mode_share({"p": [2, 2, 0], "q": [0, 0, 4]}, ref) == 1.0          # every kept mode as the teacher
     assert quality.min_mode_share({"p": [3, 1, 0], "q": [0, 0, 4]}, ref) == 0.5          # p's 2nd mode at half its share
     assert quality.min_mode_share({"p": [4, 0, 0], "q": [0, 0, 4]}, ref) == 0.0          # a mode lost
+
+
+def test_mode_shares_and_more_students(tmp_path):
+    """modes_under_half counts the caption x mode cells below half their reference share (a lost mode too, a mode
+    the reference never made not at all); bench_quality's --more_students parses NAME=PATH and refuses the rest."""
+    ref = {"p": [4, 4, 0], "q": [2, 2, 4]}
+    assert sorted(quality.mode_share_ratios({"p": [3, 1, 0], "q": [2, 2, 4]}, ref)) == [0.5, 1, 1, 1, 1.5]
+    assert quality.modes_under_half({"p": [2, 2, 0], "q": [1, 1, 2]}, ref) == 0          # as the teacher, fewer samples
+    assert quality.modes_under_half({"p": [3, 1, 0], "q": [2, 2, 4]}, ref) == 0          # exactly half is not under
+    assert quality.modes_under_half({"p": [7, 1, 0], "q": [0, 1, 7]}, ref) == 2          # p's 2nd mode, q's 1st (lost)
+    import bench_quality as bq
+    assert bq.more_students(f"a={tmp_path},b2={tmp_path}") == [("a", str(tmp_path)), ("b2", str(tmp_path))]
+    assert bq.more_students("") == []
+    for bad in (str(tmp_path), f"={tmp_path}", "a=/no/such/folder"):
+        with pytest.raises(SystemExit, match="--more_students"):
+            bq.more_students(bad)
+
+
+def test_saved_reference(tmp_path, monkeypatch):
+    """bench_quality --reference: made and saved once, read back (not resampled) under the same settings, refused
+    in one line naming the setting that differs."""
+    import bench_quality as bq
+    made = dict(latents=torch.randn(6, 16, 1, 2, 2), modes={"p": [1, 2, 0]})
+    monkeypatch.setattr(quality, "reference_set", lambda *a: made)
+    path = str(tmp_path / "ref.pt")
+    a = bq.parse_args(["--teacher=t", "--student=s", "--prompts_file=f", "--seeds=2", f"--reference={path}"])
+    args = (["p"], [100000, 100001], None, (9, 32, 32), [1000.0])
+    assert bq.load_reference(a, *args) is made and os.path.exists(path)
+    monkeypatch.setattr(quality, "reference_set", lambda *a: pytest.fail("resampled a saved reference"))
+    back = bq.load_reference(a, *args)
+    assert torch.equal(back["latents"], made["latents"]) and back["modes"] == made["modes"]
+    a.guidance = 5.0
+    with pytest.raises(SystemExit, match="another guidance"):
+        bq.load_reference(a, *args)
 
 
 @pytest.mark.slow
