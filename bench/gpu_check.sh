@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device checks of the lent GPU, in one run. Wheels the machine lacks (diffusers and its needs) travel
 # in .whl/ (see bench/README.md).
-#   bash bench/gpu_check.sh OUTDIR [tests] [dit] [sample] [vae] [cpu] [train]     (no section named: all but train)
+#   bash bench/gpu_check.sh OUTDIR [tests] [dit] [sample] [vae] [cpu] [train] [quant]   (none named: all but train, quant)
 set -uo pipefail
 OUT=${1:-${OUT:-/tmp/gpu_check}}; mkdir -p "$OUT"; shift || true
 SECTIONS=${*:-tests dit sample vae cpu}
@@ -34,6 +34,15 @@ has train && {
   python3 -c "import json; [print({k: r[k] for k in ('step', 's_per_step', 'peak_mem_gb', 'peak_reserved_gb')}) for r in map(json.loads, open('/tmp/t13f/log.jsonl'))]"; ls /tmp/t13f/checkpoint-*
   echo "== random 14B, LoRA r128, 480x832x81, one process: first step"
   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True first_step /tmp/t14 python3 train_dmd.py $TRAIN --pretrained_model_name_or_path=random:t2v-14B --output_dir=/tmp/t14 --max_train_steps=2
+}
+has quant && {   # issue 19: the one-GPU memory of bench/memory_table.py's 8-bit / bf16-residual / offload rows, measured
+  for v in "--base_model_precision=int8" "--base_model_precision=int8 --residual_dtype=bf16" \
+           "--base_model_precision=int8 --activation_offload=True" "--base_model_precision=fp8-matmul"; do
+    echo "== random 1.3B, LoRA r128, 480x832x81, $v: first step"
+    first_step /tmp/tq python3 train_dmd.py $TRAIN --pretrained_model_name_or_path=random:t2v-1.3B --output_dir=/tmp/tq --max_train_steps=2 $v
+  done
+  echo "== random 14B, LoRA r128, 480x832x81, int8 + activation offload: first step (target 48 GB)"
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True first_step /tmp/t14q python3 train_dmd.py $TRAIN --pretrained_model_name_or_path=random:t2v-14B --output_dir=/tmp/t14q --max_train_steps=2 --base_model_precision=int8 --activation_offload=True
 }
 has cpu && { echo "== CPU suite on this torch"; timeout 120 python3 -m pytest -q -m "not gpu and not slow" tests/ -p no:cacheprovider -x; }
 true; } 2>&1 | tee "$OUT/gpu_check.log"
