@@ -222,7 +222,8 @@ def opt_step(net, opt, loss, grad_clip):
 
 def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, fake_lr=1e-3, betas=(0.0, 0.999),
                   weight_decay=0.01, grad_clip=1.0, ema=0.99, seed=0, every=0, callback=None, window="ours",
-                  critic_samples="fresh", normaliser="ours", exits="uniform", lr_scheduler="constant", fake_init=None):
+                  critic_samples="fresh", normaliser="ours", exits="uniform", lr_scheduler="constant", fake_init=None,
+                  nets=None):
     """DMD as train_dmd.train's loop runs it, on train_dmd's own functions. G and F start as copies of `teacher`,
     R is the closed form, the negative context is zeros. Every step: a critic step on a fresh no-grad rollout;
     every `interval` steps first a generator step. Exit steps uniform over STEPS, score timesteps as §4 with
@@ -234,7 +235,8 @@ def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, f
     generator turn's images; other steps as "fresh"); normaliser "ours" | "none" | "batch" (renormalise);
     exits "uniform" | "last" (exit_step). lr_scheduler "constant" | "cosine": both lrs, per trainer step to 0 at
     `iters`, as train_dmd's lr_scheduler = fake_score_lr_scheduler = "cosine" without warmup. fake_init: the critic's
-    initial network (None: a copy of `teacher`, as the trainer starts it)."""
+    initial network (None: a copy of `teacher`, as the trainer starts it). nets: a dict that receives the final G
+    (not the EMA) and F as "G" and "F"."""
     for name, val, ok in (("window", window, ("ours", "uniform")), ("critic_samples", critic_samples,
                           ("fresh", "generator")), ("normaliser", normaliser, ("ours", "none", "batch")),
                           ("exits", exits, ("uniform", "last")), ("lr_scheduler", lr_scheduler, ("constant", "cosine"))):
@@ -275,6 +277,8 @@ def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, f
         if every and (step + 1) % every == 0:
             callback(step + 1, G_ema, {"dmd_loss": loss.item(), "g_abs": g.abs().mean().item(),
                                        "fake_score_loss": loss_f.item()})
+    if nets is not None:
+        nets.update(G=G, F=Fk)
     return G_ema
 
 # -----------------------------------------------------------------------------
@@ -341,6 +345,34 @@ def evaluate(mix, x, labels, tgt):
         xk = x[labels == k].reshape(-1, x.shape[1])
         m += max(kernel_mean(xk, xk, tgt["bw"]) + kyy - 2 * kernel_mean(xk, y, tgt["bw"]), 0.0) ** 0.5 / mix["classes"]
     return {"mmd": m, **mode_metrics(mix, x, labels, tgt["weights"])}
+
+def empirical_x0(ref, x_t, t):
+    """E[x0 | x_t] under the empirical distribution of ref (M, C) at one t on 0-1000: exact for that distribution."""
+    s = t / 1000
+    w = torch.softmax(-torch.cdist(x_t.double(), (1 - s) * ref.double()).square() / (2 * s * s), 1)
+    return (w @ ref.double()).float()
+
+
+def critic_error(mix, G, Fk, n_ref=20000, n_q=1000, ts=(30, 100, 250, 500, 750, 950), seed=0):
+    """How well the critic knows the generator (issue 15): at each t, the mean squared x0 error of F on noised samples
+    of G's 3-step rollout against E[x0 | x_t] of G's own distribution (empirical over n_ref other samples, per
+    class), beside the signal, the same distance for the exact R. F's error near the signal = a DMD gradient of
+    mostly critic error. -> {t: (F error, signal)}, averaged over the classes."""
+    torch.manual_seed(seed)
+    out = {t: [0.0, 0.0] for t in ts}
+    with torch.no_grad():
+        for k in range(mix["classes"]):
+            ctx = context(mix, torch.full((n_ref + n_q,), k))
+            x = flow.rollout(lambda x, t: G(x, t, ctx), torch.randn(n_ref + n_q, 2, 1, 1, 1), STEPS)[0]
+            ref, q = x[:n_ref].reshape(n_ref, -1), x[n_ref:]
+            for t in ts:
+                s, tt = t / 1000, torch.full((n_q,), float(t))
+                x_t = (1 - s) * q + s * torch.randn_like(q)
+                own = empirical_x0(ref, x_t.reshape(n_q, -1), t)
+                for i, net in enumerate((Fk, real_score(mix))):
+                    x0 = (x_t - s * net(x_t, tt, ctx[:n_q])).reshape(n_q, -1)
+                    out[t][i] += (x0 - own).square().sum(1).mean().item() / mix["classes"]
+    return {t: tuple(v) for t, v in out.items()}
 
 # -----------------------------------------------------------------------------
 # ablation (issue 15): ours -> plain DMD2, one change at a time
@@ -459,6 +491,8 @@ def parse_args(argv=None):
     p.add_argument("--pretrain", type=int, default=1500, help="steps of velocity regression for the shared G/F init")
     p.add_argument("--eval-n", type=int, default=3000, help="samples per row (the classes in turn); the target has 2x")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--critic-error", action="store_true", help="after each DMD run: the critic's x0 error against "
+                   "the generator's own distribution beside the signal (critic_error)")
     p.add_argument("--log", action="store_true", help="print a DMD log line with the mode metrics at every check")
     p.add_argument("--ablate", action="store_true", help="instead of the table: the ablation of issue 15 (ours -> "
                    "plain DMD2 one change at a time, ABLATIONS) at each --guidance (at --interval) and the seed setting")
@@ -510,9 +544,13 @@ def main(argv=None):
                       f"|g| {rec['g_abs']:.3f} | fake {rec['fake_score_loss']:.3f} | precision {mm['precision']:.3f} | "
                       f"min weight ratio {mm['min_weight_ratio']:.2f} | coverage {mm['coverage']:.2f}", flush=True)
         t1 = time.perf_counter()
+        nets = {}
         G = train_gmm_dmd(mix, teacher, w, a.steps, interval, a.batch, a.lr, a.fake_lr, seed=a.seed,
                           every=max(1, a.steps // 20), callback=check, exits=a.exits, lr_scheduler=a.lr_scheduler,
-                          fake_init=critic)
+                          fake_init=critic, nets=nets)
+        if a.critic_error:
+            print(f"  w {w:g} interval {interval}: critic x0 error / signal at t = " + ", ".join(
+                f"{t}: {e:.4f} / {sg:.4f}" for t, (e, sg) in critic_error(mix, nets["G"], nets["F"]).items()))
         r = evaluate(mix, few_step_sample(G, mix, labels, a.seed + 1), labels, targets[w])
         late = [mm for step, mm in history if step > a.steps // 2]
         r["late"] = (min(mm["coverage"] for mm in late), min(mm["min_weight_ratio"] for mm in late))
