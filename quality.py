@@ -245,7 +245,7 @@ def evaluate(pair, prompts, seeds, shape, steps, guidance, shift, samplers=SAMPL
     and the smallest mode share. samplers: the rows, teacher-50 / teacher-3 (at `steps`) and names of pair's
     students (each at its own steps as trained, else `steps`)."""
     ref_seeds = [s + 100000 for s in seeds]
-    bar = tqdm(total=(1 + len(SAMPLERS)) * len(prompts) * len(seeds), desc="quality table", unit="sample")
+    bar = tqdm(total=(1 + len(samplers)) * len(prompts) * len(seeds), desc="quality table", unit="sample")
     ref, ref_vids = sample_videos(pair, "teacher-50", prompts, ref_seeds, shape, steps, guidance, shift, bar=bar)
     ref_found = precision_coverage(ref_vids, prompts, ref_seeds)[2]
     table = {}

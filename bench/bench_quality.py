@@ -6,6 +6,8 @@ measures). Precision and coverage need captions the detector knows (the demo's s
 moving left"); for any other prompt file only MMD is reported.
 
   python bench/bench_quality.py --teacher=out/demo/teacher --student=out/demo/dmd --prompts_file=out/demo/prompts.txt
+  python bench/bench_quality.py --teacher=out/demo/teacher --student=out/demo/dmd,out/demo/dmd_vsa --labels=dense,vsa \
+      --prompts_file=out/demo/prompts.txt --seeds=16 --guidance=2   # several students: one row each, one teacher set
   python bench/bench_quality.py --teacher=Wan-AI/Wan2.1-T2V-1.3B-Diffusers --student=out/wan_dmd_3step \
       --prompts_file=prompts.txt --height=480 --width=832 --num_frames=81 --seeds=4 --guidance=5 --negative_prompt=None
 """
@@ -25,7 +27,12 @@ import sample  # noqa: E402
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--teacher", required=True)
-    ap.add_argument("--student", required=True, help="train_dmd output folder, or an adapter / full-weights file")
+    ap.add_argument("--student", required=True, help="train_dmd output folder, or an adapter / full-weights file; "
+                    "several, comma-separated: one row each against the same teacher samples")
+    ap.add_argument("--labels", default="", help="comma-separated row names of the students (rows 'student-3 LABEL'); "
+                    "default: the paths given")
+    ap.add_argument("--teacher_rows", type=int, default=1, help="0: leave out the teacher-50 / teacher-3 rows (the "
+                    "teacher-50 reference set of mode TV and MMD is sampled either way)")
     ap.add_argument("--prompts_file", required=True)
     ap.add_argument("--seeds", type=int, default=8, help="samples per prompt and sampler")
     ap.add_argument("--height", type=int, default=32)
@@ -44,13 +51,23 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
-    steps = a.steps or sample.student_steps(a.student)   # as trained (warped when warp_denoising_step was set)
+    students = a.student.split(",")
+    labels = a.labels.split(",") if a.labels else students
+    if len(labels) != len(students):
+        raise SystemExit(f"--labels: {len(labels)} names for {len(students)} students")
+    steps = a.steps or sample.student_steps(students[0])   # as trained (warped when warp_denoising_step was set)
     steps = [float(s) for s in steps.split(",")]
     prompts = readers.read_lines(a.prompts_file)
-    pair = quality.load_pair(a.teacher, a.student, None if a.negative_prompt == "None" else a.negative_prompt, a.device)
-    pair["students"]["student-3"]["steps"] = steps                   # --steps wins over the folder's
+    pair = quality.load_pair(a.teacher, students[0], None if a.negative_prompt == "None" else a.negative_prompt, a.device)
+    names = ["student-3"] if len(students) == 1 else [f"student-3 {x}" for x in labels]
+    pair["students"] = {names[0]: pair["students"]["student-3"]}
+    for name, student in zip(names[1:], students[1:]):
+        quality.add_student(pair, name, student)
+    for s in pair["students"].values():
+        s["steps"] = steps if a.steps else s["steps"] or steps     # --steps wins over the folders'
+    rows = (("teacher-50", "teacher-3") if a.teacher_rows else ()) + tuple(names)
     table = quality.evaluate(pair, prompts, list(range(a.seeds)), (a.num_frames, a.height, a.width), steps, a.guidance,
-                             a.shift)
+                             a.shift, samplers=rows)
     print(quality.format_table(table))
     if a.out:
         with open(a.out, "w") as fh:
