@@ -76,6 +76,9 @@ PRESETS = {
     # the teacher demo.py trains on 2 CPU cores in ~2 min (text_encoders.TinyTextEncoder's 32-d words). Width 64 reached
     # 22% precision, 128 reaches 97% (bench/README.md); 16 context rows (5 words + EOS fit) run 5x faster than 512
     "demo": WanConfig(dim=128, ffn_dim=512, num_heads=2, num_layers=4, text_dim=32, text_len=16),
+    # the same teacher on 1x1x1 patches: 4x the tokens (3x4x4 = 48 on the demo's 3x4x4 latent) without a new VAE, the
+    # geometry of the sparse-attention (VSA) demo student (config/demo_vsa.py)
+    "demo_p1": WanConfig(dim=128, ffn_dim=512, num_heads=2, num_layers=4, text_dim=32, text_len=16, patch_size=(1, 1, 1)),
 }
 
 # parameters (by name component) kept in fp32 when the model is cast to bf16/fp16

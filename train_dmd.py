@@ -663,8 +663,7 @@ def train_loop(c, pub, steps):
     the scheduler, a log line, then checkpoint / validation / signal handling."""
     r = setup(c, steps)
     stop = {"signal": None}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda s, _: stop.update(signal=s))
+    caller = {sig: signal.signal(sig, lambda s, _: stop.update(signal=s)) for sig in (signal.SIGINT, signal.SIGTERM)}
     pub.open_log(r.step, r.run_id)
     r.batches = iter(r.loader) if r.loader is not None else None
     if r.dev.type == "cuda":
@@ -695,6 +694,8 @@ def train_loop(c, pub, steps):
         end_of_step(r, pub, stop, val_now)
     sys.stdout = stdout
     bar.close()
+    for sig, handler in caller.items():   # the caller's handlers back: Ctrl-C stops demo.py's later stages again
+        signal.signal(sig, handler)
     export_student(r)
     pub.close_log()
     close_run(r)

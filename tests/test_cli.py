@@ -3,6 +3,7 @@ teacher and size), one-line errors for missing weights, torch's thread count, th
 import json
 import os
 import runpy
+import signal
 import sys
 
 import pytest
@@ -37,10 +38,13 @@ def demo_teacher(folder):
 def test_sample_uses_the_student_folders_config(tmp_path, capsys, monkeypatch):
     teacher = demo_teacher(str(tmp_path / "teacher"))
     out = str(tmp_path / "student")
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     train_dmd.train(train_dmd.config([os.path.join(ROOT, "config", "tiny.py"), f"--pretrained_model_name_or_path={teacher}",
                                       f"--output_dir={out}", "--max_train_steps=2", "--height=32", "--width=48",
                                       "--num_training_frames=2", "--validation_resolution=48x32",
                                       "--validation_num_video_frames=5", "--validation_diversity_seeds=0"]))
+    # the loop's checkpoint-on-signal handlers end with it (they once outlived it: demo.py ignored Ctrl-C after DMD)
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
     capsys.readouterr()
     c = sample.config([f"--ckpt={out}", f"--out={tmp_path / 'samples'}"])
     assert (c["model"], c["height"], c["width"], c["num_frames"]) == (teacher, 32, 48, 5)

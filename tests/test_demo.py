@@ -172,3 +172,25 @@ def test_demo_causal_student(tmp_path):
     cfg = json.load(open(os.path.join(out, "dmd", "config.json")))
     assert cfg["causal"] and cfg["num_frame_per_block"] == 1 and cfg["generator_init"] == os.path.join(out, "ode_init")
     assert "| student-3 |" in run.stdout and json.load(open(os.path.join(out, "quality.json")))["student-3"]["mode_tv"] <= 1
+
+
+def test_bench_quality_scores_several_students_on_one_teacher_set(tmp_path):
+    """bench_quality.py with several students (--more_students): one row per student under its name, the teacher rows
+    left out on request; two students with the same weights get the same row (same noise, same reference set)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_quality
+    from test_cli import demo_teacher
+    import model_wan as mw
+    from safetensors.torch import save_file
+    teacher = demo_teacher(str(tmp_path / "teacher"))
+    weights = str(tmp_path / "student.safetensors")   # a full-weights student file: the teacher itself
+    save_file({k: v.contiguous() for k, v in mw.load_dit(teacher).state_dict().items()}, weights)
+    prompts = str(tmp_path / "prompts.txt")
+    with open(prompts, "w") as f:
+        f.write(quality.captions()[0] + "\n")
+    args = [f"--teacher={teacher}", f"--student={weights}", f"--prompts_file={prompts}", "--seeds=2",
+            "--steps=1000,500", "--guidance=1", "--num_frames=5", "--height=16", "--width=16"]
+    table = bench_quality.main(args + [f"--more_students=b={weights}", "--teacher_rows="])
+    assert list(table) == ["student-3", "student-3 b"]
+    assert {k: v for k, v in table["student-3"].items() if k != "seconds"} == \
+        {k: v for k, v in table["student-3 b"].items() if k != "seconds"}
