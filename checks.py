@@ -71,6 +71,8 @@ def check_config(c):
     if c["height"] % 16 or c["width"] % 16:
         raise ValueError(f"height and width must be multiples of 16, got {c['height']}x{c['width']}")
     sparse_attn.check_sparse(c["attention_sparsity"], c["sparse_cube"])
+    if not isinstance(c["sparsity_warmup_steps"], int) or c["sparsity_warmup_steps"] < 0:
+        raise ValueError(f"sparsity_warmup_steps must be an integer >= 0, got {c['sparsity_warmup_steps']!r}")
     if c["attention_sparsity"] and c["causal"]:
         raise ValueError("attention_sparsity > 0: sparse attention does not support the causal student (causal=True)")
     return steps

@@ -60,6 +60,14 @@ def ode_regression_loss(gen, traj, x0, ctx, steps, starts):
     return F.mse_loss(pred.float(), x0.float()), t
 
 
+def sparsity(c, step):
+    """The generator's VSA sparsity at a trainer step: attention_sparsity, reached over sparsity_warmup_steps in 10
+    equal stages from 0 (every cube selected: dense attention plus the gated coarse term, where a student starts;
+    FastVideo decays VSA's sparsity in stages too). Stages, not a smooth ramp: a compiled model recompiles 10 times."""
+    n = c["sparsity_warmup_steps"]
+    return c["attention_sparsity"] * (min(10, step * 10 // n) / 10 if n > 0 else 1.0)
+
+
 def guidance(c, step, t=None):
     """The teacher's guidance w at a trainer step: real_score_guidance_scale, ramped from 0 over guidance_warmup_steps.
     With the score timesteps t (B,): 0 where t > real_score_guidance_max_timestep (guidance in a limited interval,

@@ -112,6 +112,8 @@ activation_offload = False             # keep the checkpointed block inputs in p
 attention_sparsity = 0.0               # VSA (sparse_attn.py) in the generator's self-attention: the fraction of key cubes
                                        # each query cube skips (FastWan: 0.8 for 1.3B, 0.9 for 14B); 0 = dense
 sparse_cube = (4, 4, 4)                # VSA cube in patch tokens (latent frames, latent height/2, latent width/2): 64 tokens
+sparsity_warmup_steps = 0              # attention_sparsity reached in 10 stages over these trainer steps, from 0 (all cubes:
+                                       # the student starts dense); 0: sparse from the first step
 mixed_precision = "bf16"               # "bf16": bf16 base weights + autocast on CUDA; "no": fp32 (always fp32 on CPU)
 base_model_precision = "no"            # the frozen base (teacher; base of the LoRA generator and critic) stored in 8 bits:
                                        # "int8" / "fp8" weight-only, per-row scales (quant.py; SimpleTuner's "int8-quanto",
@@ -675,6 +677,8 @@ def train_loop(c, pub, steps):
     while r.step < c["max_train_steps"]:
         rec = {"step": r.step + 1}
         log_now = (r.step + 1) % c["log_interval"] == 0   # statistics (and their device syncs) only on log steps
+        if c["sparsity_warmup_steps"] and c["attention_sparsity"]:   # this step's VSA stage (dmd.sparsity)
+            mw.enable_sparse_attention(r.gen, dmd.sparsity(c, r.step), tuple(c["sparse_cube"]), r.g_adapter)
         warm = c["fake_score_warmup_steps"]
         if r.step >= warm and (r.step - warm) % c["generator_update_interval"] == 0 or r.ode:
             generator_step(r, rec)

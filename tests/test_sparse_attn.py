@@ -234,6 +234,27 @@ def test_train_config_errors():
         checks.check_config(dict(train_dmd.DEFAULTS, attention_sparsity=1.0))
     with pytest.raises(ValueError, match="causal"):
         checks.check_config(dict(train_dmd.DEFAULTS, attention_sparsity=0.5, causal=True))
+    with pytest.raises(ValueError, match="sparsity_warmup_steps"):
+        checks.check_config(dict(train_dmd.DEFAULTS, sparsity_warmup_steps=-1))
+
+
+def test_sparsity_warmup_stages(tmp_path):
+    """sparsity_warmup_steps: 10 equal stages from 0 to attention_sparsity (dmd.sparsity), the last one from the
+    warm-up's end on; a tiny run ends at the target with the stage set on the generator's attention only."""
+    import os
+    import dmd
+    import train_dmd
+    c = dict(attention_sparsity=0.8, sparsity_warmup_steps=20)
+    stages = [dmd.sparsity(c, s) for s in range(25)]
+    assert stages[:2] == [0.0, 0.0] and stages[2] == pytest.approx(0.08) and stages[19] == pytest.approx(0.72)
+    assert stages[20:] == [0.8] * 5 and sorted(stages) == stages
+    assert dmd.sparsity(dict(c, sparsity_warmup_steps=0), 0) == 0.8
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = train_dmd.config([os.path.join(root, "config", "tiny.py"), f"--output_dir={tmp_path}", "--max_train_steps=3",
+                          "--attention_sparsity=0.5", "--sparse_cube=(1,2,2)", "--sparsity_warmup_steps=2",
+                          "--validation_step_interval=100"])
+    base = train_dmd.train(c)["base"]
+    assert {b.self_attn.sparse for b in base.blocks} == {("generator", 0.5, (1, 2, 2))}
 
 
 @pytest.mark.slow
