@@ -113,7 +113,7 @@ attention_sparsity = 0.0               # VSA (sparse_attn.py) in the generator's
                                        # each query cube skips (FastWan: 0.8 for 1.3B, 0.9 for 14B); 0 = dense
 sparse_cube = (4, 4, 4)                # VSA cube in patch tokens (latent frames, latent height/2, latent width/2): 64 tokens
 sparsity_warmup_steps = 0              # attention_sparsity reached in 10 stages over these trainer steps, from 0 (all cubes:
-                                       # the student starts dense); 0: sparse from the first step
+                                       # the student starts dense); 0: sparse from the first step (demo: 300 of 600 was worse)
 mixed_precision = "bf16"               # "bf16": bf16 base weights + autocast on CUDA; "no": fp32 (always fp32 on CPU)
 base_model_precision = "no"            # the frozen base (teacher; base of the LoRA generator and critic) stored in 8 bits:
                                        # "int8" / "fp8" weight-only, per-row scales (quant.py; SimpleTuner's "int8-quanto",
