@@ -404,7 +404,7 @@ def load_teacher(c, dev, dtype, dit=True, text=True):
             vae = vae_wan.WanVAE(vae_wan.WanVAEConfig())
         te = text_encoders.TinyTextEncoder(base.cfg.text_dim)
     else:
-        base = mw.load_dit(src, dtype=dtype, device=dev, quant=precision(c, "base_model_precision", dev),
+        base = mw.load_dit(src, dtype=dtype, device=dev, quant=quant.resolve(c.get("base_model_precision", "no"), dev),
                            quantize_via=c.get("quantize_via", "accelerator")) if dit else None
         vae = vae_wan.load_vae(src, dtype=torch.float32, device=dev)
         tiny = os.path.exists(os.path.join(src, text_encoders.TINY_TEXT_MARKER))
@@ -414,14 +414,9 @@ def load_teacher(c, dev, dtype, dit=True, text=True):
     return (base if dit else None), vae, te
 
 
-def precision(c, key, dev):
-    """A config's 8-bit kind for `key` on device `dev` (fp8-matmul where the device has no fp8 matmul: fp8, said)."""
-    return quant.resolve(quant.parse_precision(c.get(key, "no"), key), dev)
-
-
 def quantized(base, c, dev):
     """A teacher built in memory ("tiny", "random:<preset>") with base_model_precision applied (lora.quantize_base)."""
-    kind = precision(c, "base_model_precision", dev)
+    kind = quant.resolve(c.get("base_model_precision", "no"), dev)
     if kind != "no":
         lora.quantize_base(base, kind)
     return base
@@ -439,7 +434,8 @@ def full_precision_base(c, dtype):
 
 def text_precision(c, dev):
     """The text encoder's 8-bit settings of a config -> keywords of text_encoders.load_text_encoder."""
-    return dict(quant=precision(c, "text_encoder_1_precision", dev), quantize_via=c.get("quantize_via", "accelerator"))
+    return dict(quant=quant.resolve(c.get("text_encoder_1_precision", "no"), dev, "text_encoder_1_precision"),
+                quantize_via=c.get("quantize_via", "accelerator"))
 
 
 def read_prompts(c):

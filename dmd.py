@@ -93,9 +93,8 @@ def guided_x0(net, x_t, t, ctx, neg_ctx, w):
     per sample (B,1,1,1,1)."""
     sig = (t / 1000).view(-1, 1, 1, 1, 1)
     x0 = x_t - sig * net(x_t, t, ctx)
-    if torch.is_tensor(w) and not bool(w.any()):   # every t above the guidance bound: no unconditional forward
-        return x0
-    if torch.is_tensor(w) or w != 0:
+    if torch.is_tensor(w) or w != 0:   # a per-sample w always runs both: skipping on w.any() would sync, and would let
+                                       # FSDP ranks (their own t) run different numbers of sharded forwards
         x0 = x0 + w * (x0 - (x_t - sig * net(x_t, t, neg_ctx)))
     return x0
 

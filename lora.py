@@ -73,6 +73,11 @@ class Linear(nn.Linear):
             y = y + F.linear(F.linear(x, A), B) * self.lora_scale[name]
         return y
 
+def matches(mname, targets):
+    """Is the module of dotted name `mname` one of `targets` (a full name, or a suffix after a dot)? The one rule of
+    add_adapter, quantize_base and model_wan.is_8bit_target (so a streamed 8-bit load fills what quantize_base made)."""
+    return any(mname == t or mname.endswith("." + t) for t in targets)
+
 def lora_modules(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]
 
@@ -82,7 +87,7 @@ def add_adapter(model, name, rank=16, alpha=None, targets=DEFAULT_LORA_TARGETS, 
     alpha = rank if alpha is None else alpha
     params, hit = [], 0
     for mname, m in lora_modules(model):
-        if not any(mname == t or mname.endswith("." + t) for t in targets):
+        if not matches(mname, targets):
             continue
         if name in m.lora_scale:
             raise ValueError(f"adapter {name!r} already exists on {mname}")
@@ -171,7 +176,7 @@ def quantize_base(model, kind, targets=DEFAULT_LORA_TARGETS):
     made. On a meta model: placeholders for load_state_dict(assign=True). -> number of Linears stored in 8 bits."""
     n = 0
     for mname, m in lora_modules(model):
-        if m.quant is None and any(mname == t or mname.endswith("." + t) for t in targets):
+        if m.quant is None and matches(mname, targets):
             m.to_8bit(kind)
             n += 1
     if n == 0:

@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 import sparse_attn
 from causal import KVCache, block_causal_mask, block_starts   # re-exported: mw.block_starts, mw.KVCache
-from lora import DEFAULT_LORA_TARGETS, Linear, add_adapter, adapters_as, lora_modules, quantize_base, set_adapter
+from lora import DEFAULT_LORA_TARGETS, Linear, add_adapter, adapters_as, lora_modules, matches, quantize_base, set_adapter
 from quant import quantize
 from ulysses import AllToAll, Gather, sp_split   # sp_split re-exported: mw.sp_split
 from readers import open_safetensors, read_json
@@ -611,9 +611,7 @@ def is_8bit_target(native_key):
     """Is this original-layout key the weight of a Linear that base_model_precision stores in 8 bits (the blocks'
     attention and FFN Linears, lora.DEFAULT_LORA_TARGETS: 99% of the DiT's weights; embeddings, time MLPs, head,
     norms and modulation keep their precisions)?"""
-    mod = native_key[:-len(".weight")]
-    return native_key.startswith("blocks.") and native_key.endswith(".weight") and \
-        any(mod.endswith("." + t) for t in DEFAULT_LORA_TARGETS)
+    return native_key.endswith(".weight") and matches(native_key[:-len(".weight")], DEFAULT_LORA_TARGETS)
 
 def read_state_dict(files, dtype=None, device="cpu", quant="no", quantize_via="cpu"):
     """Read safetensors files tensor by tensor into native (original-layout) keys, casting as we go
@@ -688,8 +686,7 @@ def load_dit(source, dtype=None, device="cpu", quant="no", quantize_via="cpu"):
     copy of the weights; the checkpoint's dtype is kept unless `dtype` is given. quant "int8" / "fp8": the
     blocks' Linears are stored in 8 bits as they are read (read_state_dict; quantize_via "cpu" or "accelerator")."""
     files, config = find_dit_files(source)
-    sd = read_state_dict(files, dtype=None if dtype is None else dtype, device=device, quant=quant,
-                         quantize_via=quantize_via)
+    sd = read_state_dict(files, dtype=dtype, device=device, quant=quant, quantize_via=quantize_via)
     cfg = config_from_state_dict(sd, config, repr(str(source)))
     with torch.device("meta"):
         model = WanDiT(cfg)

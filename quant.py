@@ -77,8 +77,10 @@ def fp8_matmul_works(device):
         return False
 
 
-def resolve(kind, device, say=print):
-    """fp8-matmul where this device cannot run it -> fp8 (weight-only), said once; every other kind as it is."""
+def resolve(value, device, key="base_model_precision", say=print):
+    """A config's precision value (parse_precision) -> the kind to run on `device`: fp8-matmul where the device
+    cannot run it -> fp8 (weight-only), said; every other kind as it is."""
+    kind = parse_precision(value, key)
     if kind == "fp8-matmul" and not fp8_matmul_works(device):
         say(f"notice: no fp8 matmul on {device} (torch._scaled_mm with per-row scales): fp8-matmul runs as fp8 "
             "weight-only (dequantised weights, bf16 activations)")

@@ -264,8 +264,8 @@ def settings(c):
     s["shift"] = c["flow_shift"] if c["flow_shift"] is not None or s["steps"] is not None else \
         flow.reference_shift(s["src"], s["layout"])   # the teacher's; a student runs its own steps
     s["neg"] = text_encoders.negative_prompt(c["negative_prompt"])
-    s["quant"] = quant.resolve(quant.parse_precision(c.get("base_model_precision", "no")), dev)
-    s["te_quant"] = quant.resolve(quant.parse_precision(c.get("text_encoder_1_precision", "no"), "text_encoder_1_precision"), dev)
+    s["quant"] = quant.resolve(c.get("base_model_precision", "no"), dev)
+    s["te_quant"] = quant.resolve(c.get("text_encoder_1_precision", "no"), dev, "text_encoder_1_precision")
     s["via"] = c.get("quantize_via", "accelerator")
     if s["via"] not in ("accelerator", "cpu"):
         raise ValueError(f"quantize_via must be 'accelerator' or 'cpu', got {s['via']!r}")
