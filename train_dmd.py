@@ -112,8 +112,9 @@ activation_offload = False             # keep the checkpointed block inputs in p
 attention_sparsity = 0.0               # VSA (sparse_attn.py) in the generator's self-attention: the fraction of key cubes
                                        # each query cube skips (FastWan: 0.8 for 1.3B, 0.9 for 14B); 0 = dense
 sparse_cube = (4, 4, 4)                # VSA cube in patch tokens (latent frames, latent height/2, latent width/2): 64 tokens
-sparse_remainder = False               # VSA + the unselected cubes as one mean key/value each in the fine softmax (ours:
-                                       # sparse_attn.py; the demo's 48-token student: bench/README.md "At 48 tokens")
+sparse_remainder = True                # VSA's fine softmax also over the unselected cubes, one mean key/value each (ours, not
+                                       # VSA's: C extra keys per query); demo at 0.8: within noise of dense with 1x1x2 cubes
+                                       # (bench/README.md "At 48 tokens"); False: VSA as published
 sparsity_warmup_steps = 0              # attention_sparsity reached in 10 stages over these trainer steps, from 0 (all cubes:
                                        # the student starts dense); 0: sparse from the first step (demo: 300 of 600 was worse)
 mixed_precision = "bf16"               # "bf16": bf16 base weights + autocast on CUDA; "no": fp32 (always fp32 on CPU)

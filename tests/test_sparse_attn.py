@@ -302,13 +302,14 @@ def test_sparse_student_round_trip_through_its_folder(tmp_path, lora_mode):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("grid", [(4, 8, 8), (5, 6, 7)])
-def test_cuda_compiled_flex_equals_gather_with_gradients(grid):
+@pytest.mark.parametrize("remainder", [False, True])
+def test_cuda_compiled_flex_equals_gather_with_gradients(grid, remainder):
     """The compiled FlexAttention kernel (block-sparse for real) equals the gather kernel in fp32 at sparsity 0.7,
-    outputs and q/k/v/gate gradients; with padding too."""
+    outputs and q/k/v/gate gradients; with padding too, and with the remainder's pseudo-key blocks."""
     q, k, v, gate = (t.cuda().float().requires_grad_(True) for t in qkv(grid, B=1, N=4, d=64, seed=3))
     outs = []
     for kernel in ("gather", "flex"):
-        o = sa.sparse_attention(q, k, v, gate, grid, 0.7, (4, 4, 4), kernel=kernel)
+        o = sa.sparse_attention(q, k, v, gate, grid, 0.7, (4, 4, 4), remainder=remainder, kernel=kernel)
         outs.append((o, *torch.autograd.grad(o.square().sum(), (q, k, v, gate))))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -342,7 +343,7 @@ def test_sparsity_warmup_stages(tmp_path):
                           "--attention_sparsity=0.5", "--sparse_cube=(1,2,2)", "--sparsity_warmup_steps=2",
                           "--validation_step_interval=100"])
     base = train_dmd.train(c)["base"]
-    assert {b.self_attn.sparse for b in base.blocks} == {("generator", 0.5, (1, 2, 2), False)}
+    assert {b.self_attn.sparse for b in base.blocks} == {("generator", 0.5, (1, 2, 2), True)}   # remainder: default
 
 
 @pytest.mark.slow
