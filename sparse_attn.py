@@ -111,38 +111,50 @@ def fine_gather(qc, kc, vc, idx, valid=None, rem=None, max_elements=2 ** 27):
     """Fine stage by gathering: each query cube's selected key/value cubes are copied into one block and SDPA runs
     on (query cube, its gathered keys) pairs, in chunks of query cubes so one chunk's copies stay under
     max_elements. qc/kc/vc (B,N,C,V,d), idx (B,N,C,k), valid (C,V) or None when no cube holds padding, rem
-    remainder_keys(...) or None: its C pseudo-keys appended to each block, their bias in a float mask ->
-    o_f (B,N,C,V,d)."""
+    remainder_keys(...) or None: its C pseudo-keys end each block, their bias in a float mask -> o_f (B,N,C,V,d)."""
     B, N, C, V, d = qc.shape
     k = idx.shape[-1]
-    flat = idx + torch.arange(B * N, device=idx.device).view(B, N, 1, 1) * C   # rows of the (B*N*C, V, d) views
-    kf, vf = kc.reshape(B * N * C, V, d), vc.reshape(B * N * C, V, d)
-    step = max(1, max_elements // (B * N * (k * V + (C if rem else 0)) * d))
+    if rem is None:   # rows of whole cubes (V tokens) of the (B*N*C, V, d) views
+        kf, vf = kc.reshape(B * N * C, V, d), vc.reshape(B * N * C, V, d)
+        rows = idx + torch.arange(B * N, device=idx.device).view(B, N, 1, 1) * C
+    else:             # rows of single tokens, then the cube means: one copy (a cat after the gather is a second)
+        kf, vf = (torch.cat([t.reshape(B * N, C * V, d), m.reshape(B * N, C, d)], 1).reshape(-1, d)
+                  for t, m in ((kc, rem[0]), (vc, rem[1])))
+        rows = _remainder_rows(idx, V) + torch.arange(B * N, device=idx.device).view(B, N, 1, 1) * (C * V + C)
+    m = k * V + (C if rem is not None else 0)                          # keys per query cube
+    step = max(1, max_elements // (B * N * m * d))
     out = []
     for a in range(0, C, step):
-        sel = flat[:, :, a:a + step]                                   # (B,N,c,k)
+        sel = rows[:, :, a:a + step]                                   # (B,N,c,k) cubes or (B,N,c,m) tokens
         c = sel.shape[2]
-        kg, vg = kf[sel].view(B, N * c, k * V, d), vf[sel].view(B, N * c, k * V, d)
+        kg, vg = kf[sel].view(B, N * c, m, d), vf[sel].view(B, N * c, m, d)
         mask = None   # else (B,N*c,1,k*V): the gathered slots that hold real tokens
         if valid is not None:
             mask = valid[idx[:, :, a:a + step]].view(B, N * c, 1, k * V)
         if rem is not None:
-            kg, vg, mask = _append_remainder(kg, vg, mask, rem, a, c)
+            mask = _remainder_mask(mask, rem[2][:, :, a:a + step].to(kg.dtype), k * V)
         o = F.scaled_dot_product_attention(qc[:, :, a:a + step].reshape(B, N * c, V, d), kg, vg, attn_mask=mask)
         out.append(o.view(B, N, c, V, d))
     return torch.cat(out, 2)
 
 
-def _append_remainder(kg, vg, mask, rem, a, c):
-    """fine_gather's blocks of query cubes a..a+c with the C pseudo-keys appended: keys and values (B,N*c,k*V+C,d)
-    and the float mask (B,N*c,1,k*V+C): 0 / -inf on the gathered tokens (real / padding), the bias on the rest."""
-    km, vm, bias = rem
-    B, N, C, d = km.shape
-    grow = lambda t, m: torch.cat([t, m[:, :, None].expand(B, N, c, C, d).reshape(B, N * c, C, d)], 2)
-    tok = torch.zeros(kg.shape[:2] + (1, kg.shape[2]), dtype=kg.dtype, device=kg.device)
+def _remainder_rows(idx, V):
+    """Per query cube, the rows of one (sample, head)'s table [C*V tokens, C cube means] that its keys are: the V
+    tokens of each selected cube, then all C means -> (B,N,C,k*V+C)."""
+    B, N, C, k = idx.shape
+    tokens = (idx[..., None] * V + torch.arange(V, device=idx.device)).flatten(-2)   # (B,N,C,k*V)
+    return torch.cat([tokens, (C * V + torch.arange(C, device=idx.device)).expand(B, N, C, C)], -1)
+
+
+def _remainder_mask(mask, bias, n_tok):
+    """fine_gather's float mask for blocks of n_tok gathered tokens and then the C pseudo-keys: 0 / -inf on the
+    tokens (real / padding; mask (B,N*c,1,n_tok), None: all real), then the remainder's bias (B,N,c,C) ->
+    (B,N*c,1,n_tok+C)."""
+    B, N, c, C = bias.shape
+    tok = bias.new_zeros(B, N * c, 1, n_tok)
     if mask is not None:
         tok = tok.masked_fill(~mask, float("-inf"))
-    return grow(kg, km), grow(vg, vm), torch.cat([tok, bias[:, :, a:a + c].reshape(B, N * c, 1, C).to(kg.dtype)], 3)
+    return torch.cat([tok, bias.reshape(B, N * c, 1, C)], 3)
 
 
 def selection_block_mask(idx, valid, V, exact=True, remainder=False):
