@@ -8,7 +8,7 @@
 # query cube still sees all 12 cube means through the gated coarse branch). With the default demo teacher (12 tokens)
 # use config/demo_sparse.py instead: this cube would make 3 cubes there, 1 kept. Measured (DMD seeds of 600 steps,
 # 32 samples per caption, bench/README.md "At 48 tokens"): VSA as published (sparse_remainder=False) precision
-# 0.81 / coverage 0.92 against the dense student's 0.905 / 1.000; with the remainder (train_dmd's default) 0.88 / 0.98;
-# sparse_cube = (1, 1, 2) with the remainder (24 cubes, 5 kept) 0.90 / 0.99: within noise of dense.
+# 0.81 / coverage 0.92 against the dense student's 0.906 / 1.000; with the remainder (train_dmd's default) 0.88 / 0.97;
+# sparse_cube = (1, 1, 2) with the remainder (24 cubes, 5 kept) 0.91 / 0.995: within noise of dense.
 attention_sparsity = 0.8
 sparse_cube = (1, 2, 2)
