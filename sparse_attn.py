@@ -118,8 +118,8 @@ def fine_gather(qc, kc, vc, idx, valid=None, rem=None, max_elements=2 ** 27):
         kf, vf = kc.reshape(B * N * C, V, d), vc.reshape(B * N * C, V, d)
         rows = idx + torch.arange(B * N, device=idx.device).view(B, N, 1, 1) * C
     else:             # rows of single tokens, then the cube means: one copy (a cat after the gather is a second)
-        kf, vf = (torch.cat([t.reshape(B * N, C * V, d), m.reshape(B * N, C, d)], 1).reshape(-1, d)
-                  for t, m in ((kc, rem[0]), (vc, rem[1])))
+        kf, vf = (torch.cat([t.reshape(B * N, C * V, d), mean.reshape(B * N, C, d)], 1).reshape(-1, d)
+                  for t, mean in ((kc, rem[0]), (vc, rem[1])))
         rows = _remainder_rows(idx, V) + torch.arange(B * N, device=idx.device).view(B, N, 1, 1) * (C * V + C)
     m = k * V + (C if rem is not None else 0)                          # keys per query cube
     step = max(1, max_elements // (B * N * m * d))
