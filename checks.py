@@ -73,6 +73,8 @@ def check_config(c):
     sparse_attn.check_sparse(c["attention_sparsity"], c["sparse_cube"])
     if not isinstance(c["sparsity_warmup_steps"], int) or c["sparsity_warmup_steps"] < 0:
         raise ValueError(f"sparsity_warmup_steps must be an integer >= 0, got {c['sparsity_warmup_steps']!r}")
+    if not isinstance(c["sparse_remainder"], bool):
+        raise ValueError(f"sparse_remainder must be True or False, got {c['sparse_remainder']!r}")
     if c["attention_sparsity"] and c["causal"]:
         raise ValueError("attention_sparsity > 0: sparse attention does not support the causal student (causal=True)")
     return steps

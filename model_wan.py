@@ -192,7 +192,7 @@ def apply_rope(x, cos, sin):
 def attention(q, k, v, sp_group=None, mask=None, sparse=None):
     """q (B,Lq,N,d), k/v (B,Lk,N,d) -> (B,Lq,N*d). SDPA picks flash/cuDNN kernels on GPU; a boolean
     mask (Lq,Lk), True = attend (the causal whole-clip pass), sends it to the efficient/math kernels.
-    sparse = (gate (B,L,N,d), grid, sparsity, cube): video sparse attention (sparse_attn.py) instead of SDPA.
+    sparse = (gate (B,L,N,d), grid, sparsity, cube, remainder): video sparse attention (sparse_attn.py) instead of SDPA.
     With an SP group of P ranks (Ulysses), q/k/v (and the gate) hold this rank's L/P tokens of every head: one
     all-to-all trades them for all L tokens of N/P heads, attention runs on those, and a second all-to-all trades back."""
     if sp_group is not None:
@@ -213,7 +213,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.sp_group = None   # set on self-attention by enable_sequence_parallel
-        self.sparse = self.gate_compress = None   # VSA (adapter, sparsity, cube) and its gate: enable_sparse_attention
+        self.sparse = self.gate_compress = None   # VSA (adapter, sparsity, cube, remainder), gate: enable_sparse_attention
         self.q, self.k, self.v, self.o = (Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
@@ -454,11 +454,12 @@ class WanDiT(nn.Module):
 def num_params(model):
     return sum(p.numel() for p in model.parameters())
 
-def enable_sparse_attention(model, sparsity, cube=sparse_attn.DEFAULT_CUBE, adapter=None):
+def enable_sparse_attention(model, sparsity, cube=sparse_attn.DEFAULT_CUBE, adapter=None, remainder=False):
     """VSA (sparse_attn.py) in `model`'s self-attention, in the forwards with LoRA adapter `adapter` active (None:
     those with no adapter, i.e. a full student copy): the teacher and critic stay dense. Each block gets its gate
     `self_attn.gate_compress`, a zero Linear (the model starts dense), kept when called again: with an adapter its
-    weight is frozen and the gate is a LoRA target, in a full copy it trains as a whole. sparsity None: dense again."""
+    weight is frozen and the gate is a LoRA target, in a full copy it trains as a whole. sparsity None: dense again.
+    remainder: the unselected cubes' pseudo-keys in the fine softmax (sparse_attn.sparse_attention)."""
     if sparsity is not None:
         sparse_attn.check_sparse(sparsity, cube)
     for a in (b.self_attn for b in model.blocks):
@@ -467,7 +468,8 @@ def enable_sparse_attention(model, sparsity, cube=sparse_attn.DEFAULT_CUBE, adap
                 a.gate_compress = Linear(a.q.in_features, a.q.out_features).to(a.q.compute_dtype)
             nn.init.zeros_(a.gate_compress.weight), nn.init.zeros_(a.gate_compress.bias)
             a.gate_compress.requires_grad_(adapter is None)
-        a.sparse = None if sparsity is None else (adapter, float(sparsity), tuple(int(c) for c in cube))
+        cube = tuple(int(c) for c in cube)
+        a.sparse = None if sparsity is None else (adapter, float(sparsity), cube, bool(remainder))
         a.gate_compress = a.gate_compress if sparsity is not None else None
     return model
 

@@ -58,6 +58,7 @@ decode = True                # False: latents only (needs save_latents=True): no
 stream = False               # causal student: decode and write each block's frames as soon as it is generated
 attention_sparsity = None    # student's VSA sparsity (fraction of key cubes skipped); None: as its config.json says
 sparse_cube = None           # student's VSA cube in patch tokens (frames, h, w); None: as its config.json says
+sparse_remainder = None      # student's VSA remainder (unselected cubes' means in the softmax); None: its config.json
 base_model_precision = "no"  # DiT blocks stored in 8 bits: "int8" / "fp8" weight-only, "fp8-matmul" (as train_dmd's key)
 text_encoder_1_precision = "no"  # UMT5 stored in 8 bits the same way
 quantize_via = "accelerator" # where the weights are quantised as they load: "accelerator" (the device) or "cpu"
@@ -91,7 +92,8 @@ def load_student(dit, path, adapter="student", kind=None, sparse=None):
     """The one student loader (sample.py, train_dmd's generator_init, the quality bench). A LoRA adapter file
     (diffusers/PEFT keys or ours) becomes adapter `adapter` of `dit` (replacing one of that name) and is selected;
     a full-weights file (either layout) replaces the base weights of `dit`. kind: "adapter" or "full" to refuse the
-    other before anything is touched. sparse: (attention_sparsity, sparse_cube), default student_sparsity(path): a
+    other before anything is touched. sparse: (attention_sparsity, sparse_cube, sparse_remainder), default
+    student_sparsity(path): a
     sparse student (or one whose file holds VSA gates) gets sparse attention for its forwards -> "adapter" or "full"."""
     path = student_file(path)
     sd = readers.load_safetensors(path)
@@ -99,9 +101,9 @@ def load_student(dit, path, adapter="student", kind=None, sparse=None):
     if kind is not None and found != kind:
         raise ValueError(f"{path} holds {'a LoRA adapter' if found == 'adapter' else 'full weights'}, "
                          f"expected {'a LoRA adapter' if kind == 'adapter' else 'full weights'}")
-    sparsity, cube = sparse or student_sparsity(path)
+    sparsity, cube, remainder = sparse or student_sparsity(path)
     if sparsity or any("gate_compress" in k for k in sd):   # the gates must exist before the weights are read
-        mw.enable_sparse_attention(dit, sparsity, cube, adapter if found == "adapter" else None)
+        mw.enable_sparse_attention(dit, sparsity, cube, adapter if found == "adapter" else None, remainder)
     if found == "adapter":
         if adapter in lora.adapter_names(dit):
             lora.delete_adapter(dit, adapter)
@@ -135,12 +137,13 @@ def student_config(ckpt):
         return json.load(f)
 
 
-def student_sparsity(ckpt, sparsity=None, cube=None):
-    """The student's VSA settings: the given ones, else attention_sparsity / sparse_cube of its config.json, else
-    dense -> (sparsity, cube)."""
+def student_sparsity(ckpt, sparsity=None, cube=None, remainder=None):
+    """The student's VSA settings: the given ones, else attention_sparsity / sparse_cube / sparse_remainder of its
+    config.json, else dense (a config from before sparse_remainder: without it) -> (sparsity, cube, remainder)."""
     cfg = student_config(ckpt)
     sparsity = float(cfg.get("attention_sparsity", 0.0) if sparsity is None else sparsity)
-    return sparsity, tuple(cfg.get("sparse_cube", sparse_attn.DEFAULT_CUBE) if cube is None else cube)
+    remainder = bool(cfg.get("sparse_remainder", False) if remainder is None else remainder)
+    return sparsity, tuple(cfg.get("sparse_cube", sparse_attn.DEFAULT_CUBE) if cube is None else cube), remainder
 
 
 def student_steps(ckpt):
@@ -247,8 +250,8 @@ def settings(c):
             raise ValueError(f"num_frames={s['Fn']} ({T} latent frames) does not fit the causal student's blocks: {e}") from None
         if T > causal["window"]:
             print(f"notice: {T} latent frames > the {causal['window']} trained: the KV cache window rolls")
-    if not c["ckpt"] and (c.get("attention_sparsity") or c.get("sparse_cube")):
-        raise ValueError("attention_sparsity / sparse_cube are a student's settings: give its --ckpt")
+    if not c["ckpt"] and (c.get("attention_sparsity") or c.get("sparse_cube") or c.get("sparse_remainder")):
+        raise ValueError("attention_sparsity / sparse_cube / sparse_remainder are a student's settings: give its --ckpt")
     s["steps"] = None
     if c["ckpt"] or c["denoising_steps"]:   # the student, on the steps it was trained on unless given
         default_steps = student_steps(c["ckpt"]) if c["ckpt"] else STUDENT_STEPS
@@ -280,9 +283,10 @@ def sampling_dit(c, s):
     dit = mw.load_dit(s["src"], dtype=s["dtype"], device=s["dev"], quant="no" if full else s["quant"],
                       quantize_via=s["via"])
     if c["ckpt"]:
-        sparse = student_sparsity(c["ckpt"], c.get("attention_sparsity"), c.get("sparse_cube"))
+        sparse = student_sparsity(c["ckpt"], c.get("attention_sparsity"), c.get("sparse_cube"), c.get("sparse_remainder"))
         print(f"student: {load_student(dit, c['ckpt'], sparse=sparse)} weights from {c['ckpt']}"
-              + (f", sparse attention {sparse[0]:g} in cubes of {sparse[1]}" if sparse[0] else ""))
+              + (f", sparse attention {sparse[0]:g} in cubes of {sparse[1]}" if sparse[0] else "")
+              + (" with the remainder" if sparse[0] and sparse[2] else ""))
     if full and s["quant"] != "no":
         lora.quantize_base(dit, s["quant"])
     return dit

@@ -112,6 +112,9 @@ activation_offload = False             # keep the checkpointed block inputs in p
 attention_sparsity = 0.0               # VSA (sparse_attn.py) in the generator's self-attention: the fraction of key cubes
                                        # each query cube skips (FastWan: 0.8 for 1.3B, 0.9 for 14B); 0 = dense
 sparse_cube = (4, 4, 4)                # VSA cube in patch tokens (latent frames, latent height/2, latent width/2): 64 tokens
+sparse_remainder = True                # VSA's fine softmax also over the unselected cubes, one mean key/value each (ours, not
+                                       # VSA's: C extra keys per query); demo at 0.8: within noise of dense with 1x1x2 cubes
+                                       # (bench/README.md "At 48 tokens"); False: VSA as published
 sparsity_warmup_steps = 0              # attention_sparsity reached in 10 stages over these trainer steps, from 0 (all cubes:
                                        # the student starts dense); 0: sparse from the first step (demo: 300 of 600 was worse)
 mixed_precision = "bf16"               # "bf16": bf16 base weights + autocast on CUDA; "no": fp32 (always fp32 on CPU)
@@ -206,15 +209,15 @@ def build_networks(c, dev, dtype):
     base.residual_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[c["residual_dtype"]]   # full copies keep these
     base.activation_offload = c["activation_offload"]
     gen = critic = base
-    sparse = (c["attention_sparsity"], tuple(c["sparse_cube"]))
+    sparse = (c["attention_sparsity"], tuple(c["sparse_cube"]), c["sparse_remainder"])
     if c["lora_rank"] > 0:   # VSA gates (when sparse) before the adapter: they are LoRA targets of the generator
         if sparse[0]:
-            mw.enable_sparse_attention(base, *sparse, adapter="generator")
+            mw.enable_sparse_attention(base, *sparse[:2], adapter="generator", remainder=sparse[2])
         lora.add_adapter(base, "generator", c["lora_rank"], c["lora_alpha"], (*c["lora_targets"], "self_attn.gate_compress"))
     else:   # an 8-bit teacher's full copies start from its dequantised weights (the teacher's function exactly)
         gen = lora.dequantize_base(copy.deepcopy(base)).float()
         if sparse[0]:
-            mw.enable_sparse_attention(gen, *sparse)
+            mw.enable_sparse_attention(gen, *sparse[:2], remainder=sparse[2])
     if c["generator_init"]:   # e.g. the causal ODE-init student (before the critic adapter: the critic stays the teacher's)
         kind = "adapter" if gen is base else "full"
         try:   # a LoRA file replaces the generator adapter (its own rank); full weights fill the full copy
@@ -678,7 +681,8 @@ def train_loop(c, pub, steps):
         rec = {"step": r.step + 1}
         log_now = (r.step + 1) % c["log_interval"] == 0   # statistics (and their device syncs) only on log steps
         if c["sparsity_warmup_steps"] and c["attention_sparsity"]:   # this step's VSA stage (dmd.sparsity)
-            mw.enable_sparse_attention(r.gen, dmd.sparsity(c, r.step), tuple(c["sparse_cube"]), r.g_adapter)
+            mw.enable_sparse_attention(r.gen, dmd.sparsity(c, r.step), tuple(c["sparse_cube"]), r.g_adapter,
+                                       c["sparse_remainder"])
         warm = c["fake_score_warmup_steps"]
         if r.step >= warm and (r.step - warm) % c["generator_update_interval"] == 0 or r.ode:
             generator_step(r, rec)

@@ -9,7 +9,8 @@ side by side in one run, forward (sampling) and forward+backward (training), wit
 The sparse time is the whole method: cube means, coarse attention, top-k, the fine stage (--kernel: auto = flex on
 CUDA, gather elsewhere) and the gated sum; the "overhead" row is all of it but the fine stage's kernel (cube
 reordering, coarse stage, selection, flex's block mask, gated sum). "kept" is the fraction of key cubes attended,
-k/C. The first call of each row is a warm-up (torch.compile of flex on CUDA happens there) and is not timed.
+k/C; a "+rem" row is the same sparsity with sparse_remainder (the unselected cubes' means in the fine softmax: C extra
+keys per query). The first call of each row is a warm-up (torch.compile of flex on CUDA happens there) and is not timed.
 """
 import argparse
 import json
@@ -38,6 +39,7 @@ def parse_args():
     p.add_argument("--cube", default="4,4,4", help="tokens per cube: frames,height,width")
     p.add_argument("--sparsities", default="0,0.5,0.8,0.9")
     p.add_argument("--kernel", default="auto", help="auto, gather or flex; a comma list runs each")
+    p.add_argument("--remainder", default="0,1", help="sparse_remainder off (0) and/or on (1): a row each")
     p.add_argument("--modes", default=None, help="fwd and/or fwdbwd; default fwd (CPU), fwd,fwdbwd (CUDA)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per row; default 2 (CPU), 10 (CUDA)")
     p.add_argument("--flex-mode", default=None, help="torch.compile mode of flex, e.g. max-autotune-no-cudagraphs")
@@ -124,15 +126,16 @@ def main():
                              repeats, sync)
                 print(f"{mode:7s} | {name:6s} | {'overhead':>8s} | {'-':>6s} | {1e3 * t:9.1f} | {t / t_dense:7.2f} | "
                       f"{m / 2**30:.2f}")
-            for s in (float(x) for x in a.sparsities.split(",")):
-                def attend(q, k, v, gate, s=s):
-                    return sa.sparse_attention(q, k, v, gate, grid, s, cube, kernel=name)
+            for s, rem in ((float(x), r == "1") for x in a.sparsities.split(",") for r in a.remainder.split(",")):
+                def attend(q, k, v, gate, s=s, rem=rem):
+                    return sa.sparse_attention(q, k, v, gate, grid, s, cube, remainder=rem, kernel=name)
+                label = f"{s:.2f}" + ("+rem" if rem else "")
                 try:
                     t, m = timed(runner(mode, attend, *qs, grad), repeats, sync)
                 except (RuntimeError, ValueError, NotImplementedError) as e:   # e.g. flex backward on CPU
-                    print(f"{mode:7s} | {name:6s} | {s:8.2f} | skipped: {type(e).__name__}: {str(e).splitlines()[0][:90]}")
+                    print(f"{mode:7s} | {name:6s} | {label:>8s} | skipped: {type(e).__name__}: {str(e).splitlines()[0][:90]}")
                     continue
-                print(f"{mode:7s} | {name:6s} | {s:8.2f} | {sa.num_selected(s, C) / C:6.3f} | {1e3 * t:9.1f} | "
+                print(f"{mode:7s} | {name:6s} | {label:>8s} | {sa.num_selected(s, C) / C:6.3f} | {1e3 * t:9.1f} | "
                       f"{t / t_dense:7.2f} | {m / 2**30:.2f}")
 
     if a.profile:

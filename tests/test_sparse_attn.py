@@ -1,7 +1,9 @@
 """Video sparse attention (sparse_attn.py, model_wan.enable_sparse_attention): every cube selected equals dense
 attention (outputs and gradients, fp64, to 1e-12), the selection and the whole sparse output equal a naive
 token-by-token reference, the flex kernel equals the gather kernel, the gate starts at zero (the model starts
-dense), only the generator's forwards are sparse, and the settings travel with a student folder."""
+dense), only the generator's forwards are sparse, and the settings travel with a student folder. The remainder
+(sparse_remainder) equals a naive reference with dense logits (token mask + log-count-biased cube means), outputs and
+gradients, and is dense attention when every cube is selected."""
 import itertools
 import json
 import math
@@ -51,6 +53,26 @@ def naive_sparse(q, k, v, gate, grid, cube, sparsity):
     chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
     mask = chosen[:, :, cid][:, :, :, cid]                             # (B,N,L,L) query token x key token
     return dense(q, k, v, mask) + gate * o_c[:, :, cid].transpose(1, 2), top
+
+
+def naive_remainder(q, k, v, gate, grid, cube, sparsity):
+    """The remainder written from dense logits: each query token's softmax runs over the tokens of its cube's selected
+    key cubes and one pseudo-key per unselected cube (mean key and value, logit + log of its token count)."""
+    cid, C = naive_cubes(grid, cube)
+    member = F.one_hot(cid, C).to(q.dtype)                             # (L,C)
+    count = member.sum(0)                                              # (C,)
+    mean = lambda t: torch.einsum("blnd,lc->bncd", t, member) / count[:, None]   # (B,N,C,d)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))                # (B,N,L,d)
+    scale = 1 / math.sqrt(q.shape[-1])
+    scores = mean(q) @ mean(k).transpose(-1, -2) * scale
+    o_c = scores.softmax(-1) @ mean(v)
+    top = scores.argsort(-1, descending=True)[..., :max(1, min(math.ceil((1 - sparsity) * C), C))]
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)[:, :, cid]   # (B,N,L,C)
+    tok_logits = (qt @ kt.transpose(-1, -2) * scale).masked_fill(~chosen[..., cid], float("-inf"))   # (B,N,L,L)
+    cube_logits = (qt @ mean(k).transpose(-1, -2) * scale + count.log()).masked_fill(chosen, float("-inf"))
+    p = torch.cat([tok_logits, cube_logits], -1).softmax(-1)
+    o_f = p[..., :len(cid)] @ vt + p[..., len(cid):] @ mean(v)
+    return (o_f + gate.transpose(1, 2) * o_c[:, :, cid]).transpose(1, 2)
 
 
 @pytest.mark.parametrize("grid,cube", GRIDS)
@@ -115,6 +137,65 @@ def test_gather_chunks_and_gradients_equal_naive():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("grid,cube", GRIDS)
+@pytest.mark.parametrize("sparsity", [0.5, 0.8])
+def test_remainder_equals_naive_reference(grid, cube, sparsity):
+    """sparse_remainder: both kernels equal the dense-logits reference (fp64, 1e-12), the gather kernel in small
+    chunks too and with q/k/v/gate gradients; flex forward only (eager on CPU)."""
+    q, k, v, gate = (t.requires_grad_(True) for t in qkv(grid, seed=4))
+    ref = naive_remainder(q, k, v, gate, grid, cube, sparsity)
+    assert (ref - naive_sparse(q, k, v, gate, grid, cube, sparsity)[0]).abs().max() > 1e-3   # it changes o_f
+    w = torch.randn_like(ref)
+    want = torch.autograd.grad((ref * w).sum(), (q, k, v, gate))
+    for chunk in (2 ** 27, 3000):
+        valid = sa.real_tokens(grid, cube)
+        qc, kc, vc = (sa.to_cubes(t, grid, cube) for t in (q, k, v))
+        scores, o_c = sa.coarse_attention(qc, kc, vc, valid)
+        idx = sa.select_cubes(scores, sparsity)
+        o_f = sa.fine_gather(qc, kc, vc, idx, valid, sa.remainder_keys(kc, vc, idx, valid), max_elements=chunk)
+        out = sa.from_cubes(torch.addcmul(o_f, sa.to_cubes(gate, grid, cube), o_c[:, :, :, None]), grid, cube)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+        for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, v, gate)), want):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        for kernel in ("gather", "flex"):
+            out = sa.sparse_attention(q, k, v, gate, grid, sparsity, cube, remainder=True, kernel=kernel)
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-12, msg=lambda m, kernel=kernel: f"{kernel}: {m}")
+
+
+@pytest.mark.parametrize("grid,cube", GRIDS[1:3])
+def test_remainder_with_every_cube_selected_is_dense(grid, cube):
+    """No unselected cube, no pseudo-key: sparsity 0 with the remainder and a zero gate is dense attention, outputs
+    and gradients (gather), forward (flex)."""
+    q, k, v, _ = (t.requires_grad_(True) for t in qkv(grid, seed=5))
+    gate = torch.zeros_like(q)
+    out, ref = sa.sparse_attention(q, k, v, gate, grid, 0.0, cube, remainder=True, kernel="gather"), dense(q, k, v)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        out = sa.sparse_attention(q, k, v, gate, grid, 0.0, cube, remainder=True, kernel="flex")
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+def test_remainder_block_mask_lists_the_pseudo_key_blocks():
+    """flex's mask with the remainder: every query cube lists its selected cubes and all ceil(C/V) pseudo-key
+    blocks, and the token-level mask keeps exactly the unselected cubes' pseudo-keys."""
+    grid, cube = (3, 6, 8), (1, 2, 2)                                  # 36 cubes of 4 tokens: 9 pseudo-key blocks
+    q, k, v, _ = qkv(grid, B=1, N=2, seed=6)
+    valid = sa.real_tokens(grid, cube)
+    scores, _ = sa.coarse_attention(*(sa.to_cubes(t, grid, cube) for t in (q, k, v)), valid)
+    idx = sa.select_cubes(scores, 0.8)
+    C, V = valid.shape
+    bm = sa.selection_block_mask(idx, None, V, remainder=True)
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+    assert bm.seq_lengths == (C * V, (C + 9) * V)
+    assert torch.equal(bm.to_dense().bool(), torch.cat([chosen, torch.ones(1, 2, C, 9, dtype=torch.bool)], -1))
+    b, h, qi, kv = torch.meshgrid(*(torch.arange(n) for n in (1, 2, C * V, (C + 9) * V)), indexing="ij")
+    pseudo = bm.mask_mod(b, h, qi, kv)[..., C * V:]                      # (1,2,C*V,9*V)
+    assert torch.equal(pseudo[..., :C], ~chosen.repeat_interleave(V, 2)) and not pseudo[..., C:].any()
+
+
 def test_num_selected_and_bad_settings():
     assert [sa.num_selected(s, 624) for s in (0, 0.5, 0.8, 0.9, 0.999)] == [624, 312, 125, 63, 1]
     for s, cube in ((1.0, (4, 4, 4)), (-0.1, (4, 4, 4)), (0.5, (4, 4)), (0.5, (0, 4, 4))):
@@ -153,6 +234,10 @@ def test_gate_starts_at_zero_and_only_the_generator_is_sparse():
         assert (m(*inp) - ref).abs().max() > 1e-3                      # sparse at 0.8
         mw.enable_sparse_attention(m, 0.0, (2, 2, 2), adapter="generator")
         torch.testing.assert_close(m(*inp), ref, rtol=0, atol=1e-12)  # every cube, zero gate: dense
+        mw.enable_sparse_attention(m, 0.0, (2, 2, 2), adapter="generator", remainder=True)
+        torch.testing.assert_close(m(*inp), ref, rtol=0, atol=1e-12)  # with the remainder too (no pseudo-key)
+        mw.enable_sparse_attention(m, 0.8, (2, 2, 2), adapter="generator", remainder=True)
+        assert all(not g.weight.any() for g in gates) and (m(*inp) - ref).abs().max() > 1e-3   # gates kept at zero
         mw.enable_sparse_attention(m, 0.5, (2, 2, 2), adapter="generator")
         with torch.no_grad():   # a non-zero gate LoRA so that the coarse branch takes part
             for g in gates:
@@ -185,14 +270,15 @@ def test_full_copy_gates_train_and_dense_again():
 
 @pytest.mark.parametrize("lora_mode", [True, False])
 def test_sparse_student_round_trip_through_its_folder(tmp_path, lora_mode):
-    """train_dmd's config.json (attention_sparsity, sparse_cube) and publish.export's student file -> sample's
+    """train_dmd's config.json (attention_sparsity, sparse_cube, sparse_remainder) and publish.export's file -> sample's
     load_student on a fresh teacher: the same sparse student, outputs equal."""
     m, inp = tiny_model()
     base = mw.WanDiT(mw.PRESETS["tiny"]).double()
     base.load_state_dict(m.state_dict())
     c = {"output_dir": str(tmp_path), "attention_sparsity": 0.5, "sparse_cube": [1, 2, 2]}
-    if lora_mode:
-        mw.enable_sparse_attention(m, 0.5, (1, 2, 2), adapter="generator")
+    if lora_mode:   # with the remainder; the full copy's config has no sparse_remainder (a run from before it)
+        c["sparse_remainder"] = True
+        mw.enable_sparse_attention(m, 0.5, (1, 2, 2), adapter="generator", remainder=True)
         lora.add_adapter(m, "generator", rank=4, targets=(*lora.DEFAULT_LORA_TARGETS, "self_attn.gate_compress"),
                          dtype=torch.float64)
     else:
@@ -207,22 +293,23 @@ def test_sparse_student_round_trip_through_its_folder(tmp_path, lora_mode):
     publish.export(c, m, adapter, None, 0)
     with open(tmp_path / "config.json", "w") as f:
         json.dump(c, f)
-    assert sample.student_sparsity(str(tmp_path)) == (0.5, (1, 2, 2))
+    assert sample.student_sparsity(str(tmp_path)) == (0.5, (1, 2, 2), lora_mode)
     assert sample.load_student(base, str(tmp_path)) == ("adapter" if lora_mode else "full")
-    assert base.blocks[0].self_attn.sparse == ("student" if lora_mode else None, 0.5, (1, 2, 2))
+    assert base.blocks[0].self_attn.sparse == ("student" if lora_mode else None, 0.5, (1, 2, 2), lora_mode)
     torch.testing.assert_close(base(*inp), want, rtol=0, atol=1e-6)   # the file holds fp32 for LoRA B*scale
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("grid", [(4, 8, 8), (5, 6, 7)])
-def test_cuda_compiled_flex_equals_gather_with_gradients(grid):
+@pytest.mark.parametrize("remainder", [False, True])
+def test_cuda_compiled_flex_equals_gather_with_gradients(grid, remainder):
     """The compiled FlexAttention kernel (block-sparse for real) equals the gather kernel in fp32 at sparsity 0.7,
-    outputs and q/k/v/gate gradients; with padding too."""
+    outputs and q/k/v/gate gradients; with padding too, and with the remainder's pseudo-key blocks."""
     q, k, v, gate = (t.cuda().float().requires_grad_(True) for t in qkv(grid, B=1, N=4, d=64, seed=3))
     outs = []
     for kernel in ("gather", "flex"):
-        o = sa.sparse_attention(q, k, v, gate, grid, 0.7, (4, 4, 4), kernel=kernel)
+        o = sa.sparse_attention(q, k, v, gate, grid, 0.7, (4, 4, 4), remainder=remainder, kernel=kernel)
         outs.append((o, *torch.autograd.grad(o.square().sum(), (q, k, v, gate))))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -236,6 +323,8 @@ def test_train_config_errors():
         checks.check_config(dict(train_dmd.DEFAULTS, attention_sparsity=0.5, causal=True))
     with pytest.raises(ValueError, match="sparsity_warmup_steps"):
         checks.check_config(dict(train_dmd.DEFAULTS, sparsity_warmup_steps=-1))
+    with pytest.raises(ValueError, match="sparse_remainder"):
+        checks.check_config(dict(train_dmd.DEFAULTS, sparse_remainder="yes"))
 
 
 def test_sparsity_warmup_stages(tmp_path):
@@ -254,7 +343,7 @@ def test_sparsity_warmup_stages(tmp_path):
                           "--attention_sparsity=0.5", "--sparse_cube=(1,2,2)", "--sparsity_warmup_steps=2",
                           "--validation_step_interval=100"])
     base = train_dmd.train(c)["base"]
-    assert {b.self_attn.sparse for b in base.blocks} == {("generator", 0.5, (1, 2, 2))}
+    assert {b.self_attn.sparse for b in base.blocks} == {("generator", 0.5, (1, 2, 2), True)}   # remainder: default
 
 
 @pytest.mark.slow
