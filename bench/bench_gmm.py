@@ -156,6 +156,23 @@ class MLP(torch.nn.Module):
         return self.net(torch.cat([x.reshape(B, -1), ctx.sum(1), f.sin(), f.cos()], dim=1)).view(x.shape)
 
 
+class ResidualCritic(torch.nn.Module):
+    """The fake score as the exact teacher plus a learned difference: F = R + (M - M_0), M a trainable copy of an MLP
+    regressed on R (the init, or --fake-hidden's) and M_0 its frozen starting point, so F starts equal to R and
+    learns on the MLP's pretrained features. This is what the trainer's critic is against its teacher (a copy, or the
+    frozen teacher plus a zero-initialised LoRA adapter: equal at the first step); a plain MLP copy here starts off R
+    by the init's own regression error, which no amount of critic training removes from x̂_fake − x̂_real."""
+    def __init__(self, mix, net):
+        super().__init__()
+        self.mix, self.net = mix, copy.deepcopy(net)
+        self.start = [copy.deepcopy(net).requires_grad_(False)]   # in a list: not a submodule, not in parameters()
+
+    def forward(self, x, t, ctx):
+        with torch.no_grad():
+            fixed = exact_velocity(self.mix, x, t, ctx) - self.start[0](x, t, ctx)
+        return self.net(x, t, ctx) + fixed
+
+
 def pretrain(net, mix, iters=1500, batch=256, lr=2e-3, seed=0):
     """The stand-in for "initialised from the teacher": regress the exact velocity at x_t of mixture samples,
     t ~ U(0, 1000), conditional only (G and F only ever see a class). AdamW, cosine lr. -> final mse."""
@@ -485,6 +502,9 @@ def parse_args(argv=None):
     p.add_argument("--depth", type=int, default=3, help="hidden layers of the MLP")
     p.add_argument("--fake-hidden", type=int, default=0, help="0: the critic starts as a copy of the init (as the "
                    "trainer's); N: its own MLP of width N, regressed like the init (a wider critic, issue 15)")
+    p.add_argument("--critic", choices=["copy", "residual"], default="copy", help="copy: the critic is that MLP (the "
+                   "init's copy, or --fake-hidden's); residual: R + (MLP - its frozen start), equal to R at the start "
+                   "as the trainer's critic is to its teacher (ResidualCritic)")
     p.add_argument("--exits", choices=["uniform", "last"], default="uniform", help="the rollout's exit step "
                    "(last = train_dmd's last_step_only)")
     p.add_argument("--lr-scheduler", choices=["constant", "cosine"], default="constant", help="both lrs over the "
@@ -518,6 +538,8 @@ def main(argv=None):
         return res
     teacher, fit = init_net(mix, a.hidden, a.depth, a.pretrain, a.seed)
     critic, fit_f = init_net(mix, a.fake_hidden, a.depth, a.pretrain, a.seed + 1) if a.fake_hidden else (None, fit)
+    if a.critic == "residual":
+        critic = ResidualCritic(mix, critic or teacher)
     print(f"{torch.get_num_threads()} threads | init of G and F: MLP regressed on the exact velocity, {a.pretrain} steps, "
           f"mse {fit:.4f} / {fit_f:.4f} ({time.perf_counter() - t0:.1f} s)")
     labels = torch.arange(a.eval_n) % mix["classes"]
