@@ -300,7 +300,8 @@ def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, f
     f_opt = torch.optim.AdamW(Fk.parameters(), lr=fake_lr, betas=betas, weight_decay=weight_decay)
     cosine = lr_scheduler == "cosine"
     decay = lambda i: 0.5 * (1 + math.cos(math.pi * min(1.0, i / iters))) if cosine else 1.0   # noqa: E731
-    scheds = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in (g_opt, f_opt)]
+    stepped = (g_opt,) if isinstance(Fk, ExactCritic) else (g_opt, f_opt)   # the exact critic never steps
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in stepped]
     shape = (batch, mix["mu"].shape[1], 1, 1, 1)
     neg = torch.zeros(batch, 1, mix["classes"])
     loss = g = torch.full((), float("nan"))

@@ -68,6 +68,17 @@ def test_png_and_mmd(tmp_path):
     assert quality.min_mode_share({"p": [4, 0, 0], "q": [0, 0, 4]}, ref) == 0.0          # a mode lost
 
 
+def test_more_students_steps():
+    """A student's DMD steps: dmd_steps x its more_students_steps factor; other students and the headline at
+    dmd_steps; a malformed entry is one line."""
+    c = {"dmd_steps": 600, "more_students_steps": "w3=2,causal=0.5"}
+    assert [demo.dmd_steps_of(c, n) for n in ("dmd", "dmd_w3", "dmd_causal", "dmd_other")] == [600, 1200, 300, 600]
+    assert demo.dmd_steps_of(dict(c, dmd_steps=2), "dmd_w3") == 4                      # a quick run stays quick
+    for bad in ("w3", "w3=x", "w3=0", "w3=-1"):
+        with pytest.raises(SystemExit, match="more_students_steps"):
+            demo.dmd_steps_of(dict(c, more_students_steps=bad), "dmd")
+
+
 def test_mode_shares_and_more_students(tmp_path):
     """modes_under_half counts the caption x mode cells below half their reference share (a lost mode too, a mode
     the reference never made not at all); bench_quality's --more_students parses NAME=PATH and refuses the rest."""
