@@ -65,7 +65,7 @@ dmd_steps = 600                # its DMD trainer steps (max_train_steps)
 # "demo_") and scored in the table beside the teachers at its own guidance (standard CFG = its
 # real_score_guidance_scale + 1): the student at the seed's guidance and the causal student. "" = the headline only
 more_students = "config/demo_w3.py,config/demo_causal.py"  # config files of the students trained beside it
-more_students_steps = "w3=2"   # NAME=FACTOR,...: such a student trains FACTOR x dmd_steps (w = 3: a lower lr, longer)
+more_students_steps = "w3=4"   # NAME=FACTOR,...: such a student trains FACTOR x dmd_steps (w = 3: a lower lr, longer)
 ode_seeds = 16                 # causal student's ODE init: teacher trajectories per caption
 ode_teacher_steps = 48         # UniPC steps of those trajectories
 ode_steps = 600                # regression steps on them before DMD
