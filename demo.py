@@ -65,6 +65,7 @@ dmd_steps = 600                # its DMD trainer steps (max_train_steps)
 # "demo_") and scored in the table beside the teachers at its own guidance (standard CFG = its
 # real_score_guidance_scale + 1): the student at the seed's guidance and the causal student. "" = the headline only
 more_students = "config/demo_w3.py,config/demo_causal.py"  # config files of the students trained beside it
+more_students_steps = "w3=4"   # NAME=FACTOR,...: such a student trains FACTOR x dmd_steps (w = 3: a lower lr, longer)
 ode_seeds = 16                 # causal student's ODE init: teacher trajectories per caption
 ode_teacher_steps = 48         # UniPC steps of those trajectories
 ode_steps = 600                # regression steps on them before DMD
@@ -260,19 +261,35 @@ def make_student(c, out, latents, times, extra="", name="dmd"):
         T = latents.shape[2]
         here = os.path.dirname(os.path.abspath(__file__))
         files = c["dmd_config"].split(",") + ([extra] if extra else [])
+        steps = dmd_steps_of(c, name)
         dc = train_dmd.config([os.path.join(here, f) for f in files] + [
             f"--{k}={v}" for k, v in dict(pretrained_model_name_or_path=os.path.join(out, "teacher"), output_dir=dmd_dir,
                                           prompts_file=os.path.join(out, "prompts.txt"), height=c["size"], width=c["size"],
-                                          num_training_frames=T, max_train_steps=c["dmd_steps"], seed=c["seed"], device=c["device"],
+                                          num_training_frames=T, max_train_steps=steps, seed=c["seed"], device=c["device"],
                                           threads=c["threads"],
                                           validation_resolution=f"{c['size']}x{c['size']}",
                                           validation_num_video_frames=c["num_frames"], validation_prompt=quality.captions()[0],
-                                          checkpoint_step_interval=c["dmd_steps"], validation_step_interval=c["dmd_steps"]).items()])
+                                          checkpoint_step_interval=steps, validation_step_interval=steps).items()])
         if dc["causal"]:
             dc["generator_init"] = ode_init(dc, c, out)
         train_dmd.train(dc)
     times[name] = time.perf_counter() - t0
     print(f"(4) DMD student: {dmd_dir}/transformer [{times[name]:.0f}s]")
+
+
+def dmd_steps_of(c, name):
+    """A student's DMD trainer steps: dmd_steps times its more_students_steps factor (default 1); a malformed
+    more_students_steps is one line (main checks it before any work)."""
+    factors = {}
+    for item in filter(None, c["more_students_steps"].split(",")):
+        key, _, val = item.partition("=")
+        try:
+            factors[key] = float(val)
+        except ValueError:
+            factors[key] = 0.0
+        if factors[key] <= 0:
+            raise SystemExit(f"more_students_steps: '{item}' is not NAME=FACTOR with a factor > 0")
+    return max(1, round(c["dmd_steps"] * factors.get(name.removeprefix("dmd_"), 1.0)))
 
 
 def extra_students(c):
@@ -336,6 +353,8 @@ def main(c):
     torch.set_num_threads(n)
     print(f"torch threads: {n} ({why})")
     c = dict(c, threads=n)   # train_dmd gets the same count
+    for name, _ in extra_students(c):   # a malformed more_students_steps fails here, before any work
+        dmd_steps_of(c, name)
     out, times = c["out_dir"], {}
     videos, caps, bands = make_dataset(c, out, times)
     latents = make_vae(c, out, videos, caps, bands, times)

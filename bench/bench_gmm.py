@@ -156,6 +156,53 @@ class MLP(torch.nn.Module):
         return self.net(torch.cat([x.reshape(B, -1), ctx.sum(1), f.sin(), f.cos()], dim=1)).view(x.shape)
 
 
+class ResidualCritic(torch.nn.Module):
+    """The fake score as the exact teacher plus a learned difference: F = R + (M - M_0), M a trainable copy of an MLP
+    regressed on R (the init, or --fake-hidden's) and M_0 its frozen starting point, so F starts equal to R and
+    learns on the MLP's pretrained features. This is what the trainer's critic is against its teacher (a copy, or the
+    frozen teacher plus a zero-initialised LoRA adapter: equal at the first step); a plain MLP copy here starts off R
+    by the init's own regression error, which no amount of critic training removes from x̂_fake − x̂_real."""
+    def __init__(self, mix, net):
+        super().__init__()
+        self.mix, self.net = mix, copy.deepcopy(net)
+        self.start = [copy.deepcopy(net).requires_grad_(False)]   # in a list: not a submodule, not in parameters()
+
+    def forward(self, x, t, ctx):
+        with torch.no_grad():
+            fixed = exact_velocity(self.mix, x, t, ctx) - self.start[0](x, t, ctx)
+        return self.net(x, t, ctx) + fixed
+
+
+class ExactCritic(torch.nn.Module):
+    """A perfect critic: E[x0 | x_t] of the generator's own distribution, exact for a bank of n fresh samples per class
+    (the exits' outputs in equal parts, the mixture the trainer's critic learns), redrawn from G at every critic step
+    in place of a gradient step (train_gmm_dmd calls refresh). What DMD does when the critic is not the limit."""
+    def __init__(self, mix, n=6000):
+        super().__init__()
+        self.mix, self.n, self.bank = mix, n, None
+        self.unused = torch.nn.Parameter(torch.zeros(()))   # the optimiser wants one
+
+    def refresh(self, G):
+        per_exit = self.n // len(STEPS)
+        with torch.no_grad():
+            self.bank = []
+            for k in range(self.mix["classes"]):
+                ctx = context(self.mix, torch.full((per_exit,), k))
+                xs = [flow.rollout(lambda x, t: G(x, t, ctx), torch.randn(per_exit, 2, 1, 1, 1), STEPS, e)[0]
+                      for e in range(len(STEPS))]
+                self.bank.append(torch.cat(xs).reshape(-1, 2).double())
+
+    def forward(self, x, t, ctx):
+        B = x.shape[0]
+        s = (t.double() / 1000).view(B, 1, 1)
+        xf, labels, x0 = x.reshape(B, 1, -1).double(), ctx.sum(1).argmax(1), torch.empty(B, 2, dtype=torch.float64)
+        for k, ref in enumerate(self.bank):
+            rows = labels == k
+            logits = -(xf[rows] - (1 - s[rows]) * ref[None]).square().sum(-1) / (2 * s[rows, :, 0] ** 2)   # (b,M)
+            x0[rows] = logits.softmax(1) @ ref
+        return ((xf[:, 0] - x0) / s[:, 0]).to(x.dtype).view(x.shape)
+
+
 def pretrain(net, mix, iters=1500, batch=256, lr=2e-3, seed=0):
     """The stand-in for "initialised from the teacher": regress the exact velocity at x_t of mixture samples,
     t ~ U(0, 1000), conditional only (G and F only ever see a class). AdamW, cosine lr. -> final mse."""
@@ -246,12 +293,15 @@ def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, f
             raise ValueError(f"{name} must be one of {ok}, got {val!r}")
     torch.manual_seed(seed)
     G, Fk, R = copy.deepcopy(teacher), copy.deepcopy(fake_init or teacher), real_score(mix)
+    if isinstance(Fk, ExactCritic):
+        Fk.refresh(G)
     G_ema = copy.deepcopy(G).requires_grad_(False)
     g_opt = torch.optim.AdamW(G.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
     f_opt = torch.optim.AdamW(Fk.parameters(), lr=fake_lr, betas=betas, weight_decay=weight_decay)
     cosine = lr_scheduler == "cosine"
     decay = lambda i: 0.5 * (1 + math.cos(math.pi * min(1.0, i / iters))) if cosine else 1.0   # noqa: E731
-    scheds = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in (g_opt, f_opt)]
+    stepped = (g_opt,) if isinstance(Fk, ExactCritic) else (g_opt, f_opt)   # the exact critic never steps
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in stepped]
     shape = (batch, mix["mu"].shape[1], 1, 1, 1)
     neg = torch.zeros(batch, 1, mix["classes"])
     loss = g = torch.full((), float("nan"))
@@ -273,8 +323,12 @@ def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, f
             with torch.no_grad():
                 eps = torch.randn(shape)
                 x_g, t_from, t_to = flow.rollout(lambda x, t: G(x, t, ctx), eps, STEPS, exit_step(exits))
-        loss_f, _ = dmd.critic_loss(Fk, x_g, score_t(batch, t_from, t_to, window), ctx)   # x_g detached inside
-        opt_step(Fk, f_opt, loss_f, grad_clip)
+        if isinstance(Fk, ExactCritic):   # its bank of G's samples redrawn in place of a gradient step
+            Fk.refresh(G)
+            loss_f = torch.zeros(())
+        else:
+            loss_f, _ = dmd.critic_loss(Fk, x_g, score_t(batch, t_from, t_to, window), ctx)   # x_g detached inside
+            opt_step(Fk, f_opt, loss_f, grad_clip)
         for sc in scheds:   # per trainer step, whatever the interval (train_dmd.py does the same)
             sc.step()
         if every and (step + 1) % every == 0:
@@ -485,6 +539,10 @@ def parse_args(argv=None):
     p.add_argument("--depth", type=int, default=3, help="hidden layers of the MLP")
     p.add_argument("--fake-hidden", type=int, default=0, help="0: the critic starts as a copy of the init (as the "
                    "trainer's); N: its own MLP of width N, regressed like the init (a wider critic, issue 15)")
+    p.add_argument("--critic", choices=["copy", "residual", "exact"], default="copy", help="copy: the critic is that MLP (the "
+                   "init's copy, or --fake-hidden's); residual: R + (MLP - its frozen start), equal to R at the start "
+                   "as the trainer's critic is to its teacher (ResidualCritic); exact: a perfect critic (ExactCritic, "
+                   "6000 fresh G samples per class each step)")
     p.add_argument("--exits", choices=["uniform", "last"], default="uniform", help="the rollout's exit step "
                    "(last = train_dmd's last_step_only)")
     p.add_argument("--lr-scheduler", choices=["constant", "cosine"], default="constant", help="both lrs over the "
@@ -518,6 +576,10 @@ def main(argv=None):
         return res
     teacher, fit = init_net(mix, a.hidden, a.depth, a.pretrain, a.seed)
     critic, fit_f = init_net(mix, a.fake_hidden, a.depth, a.pretrain, a.seed + 1) if a.fake_hidden else (None, fit)
+    if a.critic == "residual":
+        critic = ResidualCritic(mix, critic or teacher)
+    elif a.critic == "exact":
+        critic = ExactCritic(mix)
     print(f"{torch.get_num_threads()} threads | init of G and F: MLP regressed on the exact velocity, {a.pretrain} steps, "
           f"mse {fit:.4f} / {fit_f:.4f} ({time.perf_counter() - t0:.1f} s)")
     labels = torch.arange(a.eval_n) % mix["classes"]

@@ -68,6 +68,17 @@ def test_png_and_mmd(tmp_path):
     assert quality.min_mode_share({"p": [4, 0, 0], "q": [0, 0, 4]}, ref) == 0.0          # a mode lost
 
 
+def test_more_students_steps():
+    """A student's DMD steps: dmd_steps x its more_students_steps factor; other students and the headline at
+    dmd_steps; a malformed entry is one line."""
+    c = {"dmd_steps": 600, "more_students_steps": "w3=2,causal=0.5"}
+    assert [demo.dmd_steps_of(c, n) for n in ("dmd", "dmd_w3", "dmd_causal", "dmd_other")] == [600, 1200, 300, 600]
+    assert demo.dmd_steps_of(dict(c, dmd_steps=2), "dmd_w3") == 4                      # a quick run stays quick
+    for bad in ("w3", "w3=x", "w3=0", "w3=-1"):
+        with pytest.raises(SystemExit, match="more_students_steps"):
+            demo.dmd_steps_of(dict(c, more_students_steps=bad), "dmd")
+
+
 def test_mode_shares_and_more_students(tmp_path):
     """modes_under_half counts the caption x mode cells below half their reference share (a lost mode too, a mode
     the reference never made not at all); bench_quality's --more_students parses NAME=PATH and refuses the rest."""
@@ -76,6 +87,13 @@ def test_mode_shares_and_more_students(tmp_path):
     assert quality.modes_under_half({"p": [2, 2, 0], "q": [1, 1, 2]}, ref) == 0          # as the teacher, fewer samples
     assert quality.modes_under_half({"p": [3, 1, 0], "q": [2, 2, 4]}, ref) == 0          # exactly half is not under
     assert quality.modes_under_half({"p": [7, 1, 0], "q": [0, 1, 7]}, ref) == 2          # p's 2nd mode, q's 1st (lost)
+    # the floor: a teacher-like student's count under redraws. Large samples of even modes: never under half
+    assert quality.under_half_floor({"p": [400, 400]}, {"p": [400, 400]}) == (0.0, 1.0)
+    # a rare mode of 2 in 20 beside 20 student samples: under half whenever the student draws none of it (~0.12) or
+    # the reference draws many; exact binomial arithmetic bounds the redraws' answer
+    mean, none = quality.under_half_floor({"p": [18, 2]}, {"p": [18, 2]}, draws=4000)
+    assert 0.12 < mean < 0.5 and abs(none - (1 - mean)) < 1e-9                       # one cell: count is 0 or 1
+    assert quality.under_half_floor({"p": [0, 0]}, {"p": [18, 2]}) == (0.0, 1.0)        # no valid samples: no cell
     import bench_quality as bq
     assert bq.more_students(f"a={tmp_path},b2={tmp_path}") == [("a", str(tmp_path)), ("b2", str(tmp_path))]
     assert bq.more_students("") == []

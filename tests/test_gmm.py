@@ -255,3 +255,27 @@ def test_critic_options_and_critic_error():
     assert all(e != s for e, s in trained.values()), trained
     with pytest.raises(ValueError, match="lr_scheduler"):
         bg.train_gmm_dmd(mix, teacher, 0.0, iters=1, lr_scheduler="linear")
+
+
+def test_residual_and_exact_critics():
+    """--critic residual starts equal to the exact velocity and trains only its copy; --critic exact (the perfect
+    critic) is E[x0 | x_t] of its bank: with a bank of exact mixture samples it is the closed form (the yardstick of
+    test_empirical_x0_is_the_closed_form_on_mixture_samples), per-sample t and classes mixed in one batch."""
+    mix = bg.make_mixture()
+    torch.manual_seed(0)
+    net = bg.MLP(2, 3, hidden=16, depth=1)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(300) % 3
+    t, ctx = 50 + 900 * torch.rand(300, generator=g), bg.context(mix, labels)
+    s = (t / 1000).view(-1, 1, 1, 1, 1)
+    x = (1 - s) * bg.sample_mixture(mix, labels, g) + s * torch.randn(300, 2, 1, 1, 1, generator=g)   # x_t of the mixture
+    res = bg.ResidualCritic(mix, net)
+    assert torch.allclose(res(x, t, ctx), bg.exact_velocity(mix, x, t, ctx), atol=1e-6)
+    assert [n for n, _ in res.named_parameters()] == \
+        ["net." + n for n, _ in net.named_parameters()]                     # the frozen start is not trained
+    ex = bg.ExactCritic(mix)
+    ex.bank = [bg.sample_mixture(mix, torch.full((20000,), k), g).reshape(-1, 2).double() for k in range(3)]
+    err = (ex(x, t, ctx) - bg.exact_velocity(mix, x, t, ctx)) * s                # in x0 terms
+    assert err.square().sum(1).mean().item() < 2e-4
+    ex.refresh(lambda x, t, c: bg.exact_velocity(mix, x, t, c))              # a bank from a "generator": 2000 per exit
+    assert [b.shape for b in ex.bank] == [(6000, 2)] * 3
