@@ -1,6 +1,5 @@
 """WanDiT against diffusers' WanTransformer3DModel (fp32), the loaders in every layout, presets, gradients."""
 import json
-import os
 
 import pytest
 import torch
@@ -117,7 +116,6 @@ def test_sharded_original_folder(ref_dit, tmp_path):
 
 
 def test_pipeline_root_and_dtype(ref_dit, tmp_path):
-    from diffusers import WanTransformer3DModel
     ref_dit.to(torch.bfloat16).save_pretrained(tmp_path / "transformer")
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
     m = mw.load_dit(tmp_path)
