@@ -93,8 +93,8 @@ def load_student(dit, path, adapter="student", kind=None, sparse=None):
     (diffusers/PEFT keys or ours) becomes adapter `adapter` of `dit` (replacing one of that name) and is selected;
     a full-weights file (either layout) replaces the base weights of `dit`. kind: "adapter" or "full" to refuse the
     other before anything is touched. sparse: (attention_sparsity, sparse_cube, sparse_remainder), default
-    student_sparsity(path): a
-    sparse student (or one whose file holds VSA gates) gets sparse attention for its forwards -> "adapter" or "full"."""
+    student_sparsity(path): a sparse student (or one whose file holds VSA gates) gets sparse attention for its
+    forwards -> "adapter" or "full"."""
     path = student_file(path)
     sd = readers.load_safetensors(path)
     found = "adapter" if any(".lora_A" in k for k in sd) else "full"
