@@ -161,7 +161,7 @@ class ResidualCritic(torch.nn.Module):
     regressed on R (the init, or --fake-hidden's) and M_0 its frozen starting point, so F starts equal to R and
     learns on the MLP's pretrained features. This is what the trainer's critic is against its teacher (a copy, or the
     frozen teacher plus a zero-initialised LoRA adapter: equal at the first step); a plain MLP copy here starts off R
-    by the init's own regression error, which no amount of critic training removes from x̂_fake − x̂_real."""
+    by the init's own regression error. Measured: no better (bench/README.md, "What limits the student's MMD")."""
     def __init__(self, mix, net):
         super().__init__()
         self.mix, self.net = mix, copy.deepcopy(net)
@@ -539,8 +539,8 @@ def parse_args(argv=None):
     p.add_argument("--depth", type=int, default=3, help="hidden layers of the MLP")
     p.add_argument("--fake-hidden", type=int, default=0, help="0: the critic starts as a copy of the init (as the "
                    "trainer's); N: its own MLP of width N, regressed like the init (a wider critic, issue 15)")
-    p.add_argument("--critic", choices=["copy", "residual", "exact"], default="copy", help="copy: the critic is that MLP (the "
-                   "init's copy, or --fake-hidden's); residual: R + (MLP - its frozen start), equal to R at the start "
+    p.add_argument("--critic", choices=["copy", "residual", "exact"], default="copy", help="copy: the critic is "
+                   "that MLP (the init's copy, or --fake-hidden's); residual: R + (MLP - its frozen start), equal to R at the start "
                    "as the trainer's critic is to its teacher (ResidualCritic); exact: a perfect critic (ExactCritic, "
                    "6000 fresh G samples per class each step)")
     p.add_argument("--exits", choices=["uniform", "last"], default="uniform", help="the rollout's exit step "
