@@ -78,6 +78,8 @@ timestep_shift = 1.0                   # shift applied to score timesteps (1 = n
 last_step_only = False                 # always exit the rollout at the last step
 real_data_loss_weight = 0.0            # flow-matching term of G on dataset latents, added to the DMD loss (needs datasets
                                        # or teacher_data_samples)
+ode_regression_weight = 0.0            # DMD's regression term (Yin et al. 2024, λ_reg): + this x the ODE-init regression
+                                       # on teacher trajectories (datasets = a --make_ode_pairs folder) per generator step
 teacher_data_samples = 0               # > 0: those latents are teacher samples, this many seeds per training prompt,
 teacher_data_steps = 50                # made once (UniPC steps, CFG w+1) into output_dir/teacher_data (dmd.md §6)
 flow_schedule_shift = 5.0              # shift of the real-data flow-matching timesteps
@@ -434,9 +436,10 @@ def next_batch(r):
         idx = torch.randint(len(r.train_emb), (B,)).tolist()
         return text_encoders.pad_context([r.train_emb[i] for i in idx]).to(r.dev, r.dtype), None, None
     b = next(r.batches)
-    traj, Fr = b.get("trajectory"), c["num_training_frames"]
-    if r.ode and (traj is None or traj.shape[3] != Fr or not torch.allclose(b["trajectory_t"][0], torch.tensor(r.steps))):
-        raise ValueError(f"objective='ode_init': {b['file'][0]} has " + ("no trajectory" if traj is None else
+    traj, Fr, who = b.get("trajectory"), c["num_training_frames"], "objective='ode_init'" if r.ode else "ode_regression_weight > 0"
+    if (r.ode or c["ode_regression_weight"] > 0) and (traj is None or traj.shape[3] != Fr or not torch.allclose(
+            b["trajectory_t"][0], torch.tensor(r.steps))):
+        raise ValueError(f"{who}: {b['file'][0]} has " + ("no trajectory" if traj is None else
                          f"{traj.shape[3]} latent frames at t={b['trajectory_t'][0].tolist()}, this run has "
                          f"{Fr} at {r.steps}") + ": make the ODE pairs with this config (python data.py CONFIG "
                          "--make_ode_pairs=prompts.txt)")
@@ -498,16 +501,21 @@ def generator_step(r, rec):
             t = dmd.score_timesteps(c["train_batch_size"], t_from, t_to, c, r.dev)
             loss, g, st = dmd.dmd_loss(x_g, t, r.R, r.Fk, ctx, r.neg_ctx, dmd.guidance(c, r.step, t),
                                    c["fake_score_guidance_scale"])
-        real = flow.flow_matching_loss(r.G, x0, ctx, c["flow_schedule_shift"]) if c["real_data_loss_weight"] > 0 else None
-        total = loss if real is None else loss + c["real_data_loss_weight"] * real
-        return total, loss, (t, g, st, real)
+        # DMD's optional anchors (§6): flow matching on data latents, regression on the teacher's trajectories
+        weight = {"real_data_loss": c["real_data_loss_weight"], "ode_regression_loss": 0 if r.ode else c["ode_regression_weight"]}
+        terms = {}
+        if weight["real_data_loss"] > 0:
+            terms["real_data_loss"] = flow.flow_matching_loss(r.G, x0, ctx, c["flow_schedule_shift"])
+        if weight["ode_regression_loss"] > 0:
+            terms["ode_regression_loss"] = dmd.ode_regression_loss(r.G, traj.to(r.dev), x0, ctx, r.steps, r.starts)[0]
+        return loss + sum(weight[k] * v for k, v in terms.items()), loss, (t, g, st, terms)
     r.g_opt.zero_grad(set_to_none=True)
     loss, extras = parallel.accumulate(r.env, c["gradient_accumulation_steps"], r.G, [r.gen], lambda: step_batch(r, True),
                                        micro)
     t, g, st, _ = extras[-1]
-    reals = [e[3] for e in extras if e[3] is not None]
     # the statistics stay device tensors (no sync) until a log line reads them (log_step), which may come steps later
-    r.gen_stats = {"gen_step": r.step + 1, **({"real_data_loss": torch.stack(reals).detach().mean()} if reals else {})}
+    r.gen_stats = {"gen_step": r.step + 1, **{k: torch.stack([e[3][k] for e in extras]).detach().mean()
+                                              for k in extras[-1][3]}}
     if not torch.isfinite(loss):
         rec["ode_loss" if r.ode else "dmd_loss"] = float("nan")
         r.gen_stats["ode_loss" if r.ode else "dmd_loss"] = float("nan")

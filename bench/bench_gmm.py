@@ -129,6 +129,34 @@ def exact_sample(mix, labels, n_steps, w, seed, shift=3.0):
     return flow.unipc_sample(guided(real_score(mix), context(mix, labels), w), x, sigmas, timesteps)
 
 
+def exact_trajectories(mix, labels, w, seed, n_steps=400):
+    """The teacher's ODE pairs as `python data.py --make_ode_pairs` makes them for train_dmd: from noise at t = 1000,
+    the exact (guided) ODE solved by Heun on n_steps uniform σ steps plus the student's STEPS -> (traj (B,K,C,1,1,1):
+    the states at STEPS, x0 (B,C,1,1,1): the end, ctx). Heun at 400 steps samples as exactly as UniPC at 50."""
+    x, _ = noise(mix, len(labels), seed)
+    ctx = context(mix, labels)
+    f, x = guided(real_score(mix), ctx, w), x.double()
+    grid = torch.cat([torch.linspace(1, 0, n_steps + 1, dtype=torch.float64),
+                      torch.tensor(STEPS, dtype=torch.float64) / 1000]).unique().flip(0)
+    states = {}
+    for s0, s1 in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        states.update({t: x.float() for t in STEPS if abs(s0 - t / 1000) < 1e-9})
+        v0 = f(x, torch.full((len(x),), 1000 * s0)).double()
+        v1 = f(x + (s1 - s0) * v0, torch.full((len(x),), 1000 * s1)).double()
+        x = x + (s1 - s0) * 0.5 * (v0 + v1)
+    return torch.stack([states[t] for t in STEPS], 1), x.float(), ctx
+
+
+def ode_anchor(pairs, weight, batch):
+    """train_dmd's ode_regression_weight term on the pairs of exact_trajectories: G -> weight x dmd.ode_regression_loss
+    on a random batch of them (a random student step per sample)."""
+    traj, x0, ctx = pairs
+    def loss(G):
+        i = torch.randint(len(x0), (batch,))
+        return weight * dmd.ode_regression_loss(G, traj[i], x0[i], ctx[i], STEPS, [0])[0]
+    return loss
+
+
 def few_step_sample(vel, mix, labels, seed, w=0.0):
     """The DMD student's sampler (flow.rollout exiting at the last step: x0 prediction, re-noise) at STEPS over
     f(x, t, ctx)."""
@@ -272,7 +300,7 @@ def opt_step(net, opt, loss, grad_clip):
 def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, fake_lr=1e-3, betas=(0.0, 0.999),
                   weight_decay=0.01, grad_clip=1.0, ema=0.99, seed=0, every=0, callback=None, window="ours",
                   critic_samples="fresh", normaliser="ours", exits="uniform", lr_scheduler="constant", fake_init=None,
-                  nets=None):
+                  nets=None, anchor=None):
     """DMD as train_dmd.train's loop runs it, on train_dmd's own functions. G and F start as copies of `teacher`,
     R is the closed form, the negative context is zeros. Every step: a critic step on a fresh no-grad rollout;
     every `interval` steps first a generator step. Exit steps uniform over STEPS, score timesteps as §4 with
@@ -285,7 +313,8 @@ def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, f
     exits "uniform" | "last" (exit_step). lr_scheduler "constant" | "cosine": both lrs, per trainer step to 0 at
     `iters`, as train_dmd's lr_scheduler = fake_score_lr_scheduler = "cosine" without warmup. fake_init: the critic's
     initial network (None: a copy of `teacher`, as the trainer starts it). nets: a dict that receives the final G
-    (not the EMA) and F as "G" and "F"."""
+    (not the EMA) and F as "G" and "F". anchor: G -> a loss added to each generator step's (ode_anchor: train_dmd's
+    ode_regression_weight term)."""
     for name, val, ok in (("window", window, ("ours", "uniform")), ("critic_samples", critic_samples,
                           ("fresh", "generator")), ("normaliser", normaliser, ("ours", "none", "batch")),
                           ("exits", exits, ("uniform", "last")), ("lr_scheduler", lr_scheduler, ("constant", "cosine"))):
@@ -313,7 +342,7 @@ def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, f
             x_g, t_from, t_to = flow.rollout(lambda x, t: G(x, t, ctx), eps, STEPS, exit_step(exits))
             loss, g, stats = dmd.dmd_loss(x_g, score_t(batch, t_from, t_to, window), R, Fk, ctx, neg, w, 0.0)
             loss, g = renormalise(x_g, loss, g, stats, normaliser)
-            opt_step(G, g_opt, loss, grad_clip)
+            opt_step(G, g_opt, loss if anchor is None else loss + anchor(G), grad_clip)
             with torch.no_grad():
                 for e, p in zip(G_ema.parameters(), G.parameters()):
                     e.lerp_(p, 1 - ema)
@@ -336,6 +365,23 @@ def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, f
                                        "fake_score_loss": loss_f.item()})
     if nets is not None:
         nets.update(G=G, F=Fk)
+    return G_ema
+
+
+def train_gmm_ode(teacher, pairs, gen_steps, batch=128, lr=1e-3, betas=(0.0, 0.999), weight_decay=0.01, grad_clip=1.0,
+                  ema=0.99, seed=0):
+    """The regression alone (train_dmd's objective="ode_init") on the pairs of exact_trajectories, with the generator
+    settings of train_gmm_dmd, for gen_steps steps -> the EMA generator."""
+    torch.manual_seed(seed)
+    G = copy.deepcopy(teacher)
+    G_ema = copy.deepcopy(G).requires_grad_(False)
+    opt = torch.optim.AdamW(G.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    anchor = ode_anchor(pairs, 1.0, batch)
+    for _ in range(gen_steps):
+        opt_step(G, opt, anchor(G), grad_clip)
+        with torch.no_grad():
+            for e, p in zip(G_ema.parameters(), G.parameters()):
+                e.lerp_(p, 1 - ema)
     return G_ema
 
 # -----------------------------------------------------------------------------
@@ -552,6 +598,10 @@ def parse_args(argv=None):
     p.add_argument("--pretrain", type=int, default=1500, help="steps of velocity regression for the shared G/F init")
     p.add_argument("--eval-n", type=int, default=3000, help="samples per row (the classes in turn); the target has 2x")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ode-regression", type=float, default=0.0, help="train_dmd's ode_regression_weight: DMD plus this "
+                   "x the regression on exact ODE trajectories (DMD's regression loss); adds a row for the regression "
+                   "alone (objective='ode_init') at as many generator steps. 0: off")
+    p.add_argument("--ode-pairs", type=int, default=20000, help="trajectories of --ode-regression (classes in turn)")
     p.add_argument("--critic-error", action="store_true", help="after each DMD run: the critic's x0 error against "
                    "the generator's own distribution beside the signal (critic_error)")
     p.add_argument("--log", action="store_true", help="print a DMD log line with the mode metrics at every check")
@@ -563,6 +613,41 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads (the tiny MLPs gain nothing from more, and "
                    "2 threads on a busy 2-core machine ran 50x slower here)")
     return p.parse_args(argv)
+
+
+def dmd_rows(a, mix, teacher, critic, w, interval, tgt, labels):
+    """The DMD student of one (w, interval) run -> its table rows [(w, name, metrics)]. With --ode-regression: DMD
+    plus that term on --ode-pairs exact trajectories, and a row for the regression alone at as many generator steps."""
+    history, rows, anchor = [], [], None   # history: mode metrics of the EMA generator at 20 checks through training
+    ev = lambda G: evaluate(mix, few_step_sample(G, mix, labels, a.seed + 1), labels, tgt)   # noqa: E731
+
+    def check(step, G, rec):
+        mm = mode_metrics(mix, few_step_sample(G, mix, labels, a.seed + 1), labels, tgt["weights"])
+        history.append((step, mm))
+        if a.log:
+            print(f"  w {w:g} interval {interval} step {step:5d} | dmd {rec['dmd_loss']:.3e} | "
+                  f"|g| {rec['g_abs']:.3f} | fake {rec['fake_score_loss']:.3f} | precision {mm['precision']:.3f} | "
+                  f"min weight ratio {mm['min_weight_ratio']:.2f} | coverage {mm['coverage']:.2f}", flush=True)
+    if a.ode_regression > 0:
+        t1 = time.perf_counter()
+        pairs = exact_trajectories(mix, torch.arange(a.ode_pairs) % mix["classes"], w, a.seed + 2000)
+        G = train_gmm_ode(teacher, pairs, -(-a.steps // interval), a.batch, a.lr, seed=a.seed)
+        rows.append((w, f"ODE regression alone, {a.ode_pairs} pairs ({time.perf_counter() - t1:.0f} s)", ev(G)))
+        anchor = ode_anchor(pairs, a.ode_regression, a.batch)
+    t1 = time.perf_counter()
+    nets = {}
+    G = train_gmm_dmd(mix, teacher, w, a.steps, interval, a.batch, a.lr, a.fake_lr, seed=a.seed,
+                      every=max(1, a.steps // 20), callback=check, exits=a.exits, lr_scheduler=a.lr_scheduler,
+                      fake_init=critic, nets=nets, anchor=anchor)
+    if a.critic_error:
+        print(f"  w {w:g} interval {interval}: critic x0 error / signal at t = " + ", ".join(
+            f"{t}: {e:.4f} / {sg:.4f}" for t, (e, sg) in critic_error(mix, nets["G"], nets["F"]).items()))
+    r = ev(G)
+    late = [mm for step, mm in history if step > a.steps // 2]
+    r["late"] = (min(mm["coverage"] for mm in late), min(mm["min_weight_ratio"] for mm in late))
+    plus = f" + {a.ode_regression:g} x ODE regression" if anchor else ""
+    rows.append((w, f"DMD student, interval {interval}{plus} ({time.perf_counter() - t1:.0f} s)", r))
+    return rows
 
 
 def main(argv=None):
@@ -599,27 +684,7 @@ def main(argv=None):
             rows.append((w, "exact UniPC 3 steps", ev(exact_sample(mix, labels, 3, w, seed))))
             rows.append((w, "exact velocity, student sampler", ev(few_step_sample(real_score(mix), mix, labels, seed, w))))
             rows.append((w, "init MLP, student sampler", ev(few_step_sample(teacher, mix, labels, seed, w))))
-        history = []   # mode metrics of the EMA generator at 20 checks through training
-
-        def check(step, G, rec):
-            mm = mode_metrics(mix, few_step_sample(G, mix, labels, a.seed + 1), labels, targets[w]["weights"])
-            history.append((step, mm))
-            if a.log:
-                print(f"  w {w:g} interval {interval} step {step:5d} | dmd {rec['dmd_loss']:.3e} | "
-                      f"|g| {rec['g_abs']:.3f} | fake {rec['fake_score_loss']:.3f} | precision {mm['precision']:.3f} | "
-                      f"min weight ratio {mm['min_weight_ratio']:.2f} | coverage {mm['coverage']:.2f}", flush=True)
-        t1 = time.perf_counter()
-        nets = {}
-        G = train_gmm_dmd(mix, teacher, w, a.steps, interval, a.batch, a.lr, a.fake_lr, seed=a.seed,
-                          every=max(1, a.steps // 20), callback=check, exits=a.exits, lr_scheduler=a.lr_scheduler,
-                          fake_init=critic, nets=nets)
-        if a.critic_error:
-            print(f"  w {w:g} interval {interval}: critic x0 error / signal at t = " + ", ".join(
-                f"{t}: {e:.4f} / {sg:.4f}" for t, (e, sg) in critic_error(mix, nets["G"], nets["F"]).items()))
-        r = evaluate(mix, few_step_sample(G, mix, labels, a.seed + 1), labels, targets[w])
-        late = [mm for step, mm in history if step > a.steps // 2]
-        r["late"] = (min(mm["coverage"] for mm in late), min(mm["min_weight_ratio"] for mm in late))
-        rows.append((w, f"DMD student, interval {interval} ({time.perf_counter() - t1:.0f} s)", r))
+        rows += dmd_rows(a, mix, teacher, critic, w, interval, targets[w], labels)
     print(f"\n3 classes x 4 modes, {a.eval_n} samples per row, target {2 * a.eval_n}; DMD {a.steps} steps, batch "
           f"{a.batch}; student sampler = x0 + re-noise at {','.join(f'{s:g}' for s in STEPS)}; late = worst of the 10 "
           "checks in the second half of training\n")

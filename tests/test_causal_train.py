@@ -177,6 +177,10 @@ def test_training_rollout_exiting_last_equals_sample_student():
     (["--sp_size=2"], "sequence parallelism"),
     (["--rollout_mode=data"], "rollout_mode"),
     (["--objective=ode_init"], "make_ode_pairs"),
+    (["--ode_regression_weight=0.25"], "make_ode_pairs"),
+    (["--objective=ode_init", "--ode_regression_weight=0.25",
+      "--datasets=[{'dataset_type': 'latents', 'cache_dir': 'x'}]"], "ode_regression_weight is a DMD term"),
+    (["--ode_regression_weight=-1"], ">= 0"),
     (["--objective=ode"], "objective"),
 ])
 def test_config_errors(overrides, match):
@@ -240,6 +244,11 @@ def test_ode_init_then_dmd_end_to_end(tmp_path):
               "--lora_rank=0", "--max_train_steps=2", "--validation_step_interval=2", "--num_training_frames=6",
               "--dmd_loss_frames=4", "--independent_first_frame=False")
     assert "step      2 | dmd" in out
+    # (d) DMD with the regression on the same trajectories as an added term (ode_regression_weight): both logged
+    run("train_dmd.py", *TINY, f"--output_dir={tmp_path / 'anchored'}", ds, "--ode_regression_weight=0.5",
+        "--max_train_steps=2", "--validation_step_interval=1000", "--log_interval=1")
+    recs = [json.loads(line) for line in open(tmp_path / "anchored" / "log.jsonl")]
+    assert all(r["dmd_loss"] > 0 and r["ode_regression_loss"] > 0 and "fake_score_loss" in r for r in recs), recs
     exported = load_file(tmp_path / "dmd" / "student_ema.safetensors")
     assert any(not torch.equal(v, init[k]) for k, v in exported.items())
     conf = json.load(open(tmp_path / "dmd" / "config.json"))
