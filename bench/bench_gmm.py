@@ -8,8 +8,10 @@ sampling.
   python bench/bench_gmm.py                        # w = 0 and w = 2 at interval 5, and the seed's w = 3, interval 1
   python bench/bench_gmm.py --guidance 0 1 --interval 1 --steps 6000 --log
   python bench/bench_gmm.py --ablate --guidance 0    # issue 15: ours -> plain DMD2 one change at a time, 3 seeds
-  # issue 15, the best measured (2.59x the exact 50-step MMD over 3 seeds; the default 3.31x):
+  # issue 15, DMD alone at its best (2.59x the exact 50-step MMD over 3 seeds; the default 3.31x):
   python bench/bench_gmm.py --guidance 0 --no-seed-setting --batch 512 --interval 2 --steps 6000 --lr-scheduler cosine --fake-hidden 256 --critic-error
+  # issue 15's goal met: DMD plus DMD's regression term (train_dmd's ode_regression_weight) on exact ODE pairs
+  python bench/bench_gmm.py --guidance 0 --no-seed-setting --steps 15000 --ode-regression 4
 
 The mixture: 3 classes x 4 isotropic modes (std 0.2) on a circle of radius 3 in 2 channels, the classes
 interleaved around the circle, weights 4:3:2:1 within a class. Latents are (B, 2, 1, 1, 1), so train_dmd's
