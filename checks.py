@@ -22,16 +22,18 @@ def check_config(c):
         for k in ("real_data_loss_weight", "ode_regression_weight"):
             if c[k] > 0:
                 raise ValueError(f"{k} is a DMD term: set it to 0 with objective='ode_init'")
-    elif c["ode_regression_weight"] > 0 and not any(d.get("dataset_type") == "latents" for d in c["datasets"]):
-        raise ValueError("ode_regression_weight > 0 regresses on teacher ODE trajectories: datasets=[dict(dataset_type="
-                         "'latents', cache_dir=...)] with the folder of `python data.py CONFIG --make_ode_pairs=prompts.txt`")
+    elif c["ode_regression_weight"] > 0 and c["teacher_data_samples"] <= 0 and not any(
+            d.get("dataset_type") == "latents" for d in c["datasets"]):
+        raise ValueError("ode_regression_weight > 0 regresses on teacher ODE trajectories: teacher_data_samples > 0 "
+                         "(made once from the training prompts), or datasets=[dict(dataset_type='latents', cache_dir=...)] "
+                         "with the folder of `python data.py CONFIG --make_ode_pairs=prompts.txt`")
     if c["real_data_loss_weight"] < 0 or c["ode_regression_weight"] < 0:
         raise ValueError("real_data_loss_weight and ode_regression_weight are weights of added losses: >= 0")
     if c["rollout_mode"] not in ("backward", "data"):
         raise ValueError(f"rollout_mode must be 'backward' or 'data', got {c['rollout_mode']!r}")
-    if c["teacher_data_samples"] > 0 and (c["datasets"] or c["real_data_loss_weight"] <= 0):
-        raise ValueError("teacher_data_samples > 0 makes the real-data term's latents from the training prompts: it "
-                         "needs real_data_loss_weight > 0 and no `datasets`")
+    if c["teacher_data_samples"] > 0 and (c["datasets"] or max(c["real_data_loss_weight"], c["ode_regression_weight"]) <= 0):
+        raise ValueError("teacher_data_samples > 0 makes the real-data and regression terms' data from the training "
+                         "prompts: it needs real_data_loss_weight > 0 or ode_regression_weight > 0, and no `datasets`")
     videos = [d for d in c["datasets"] if d.get("dataset_type", "video") in ("video", "latents")]
     needs = c["real_data_loss_weight"] > 0 or c["rollout_mode"] == "data"
     if needs and not videos and c["teacher_data_samples"] <= 0:

@@ -483,15 +483,18 @@ def training_inputs(c, prompts, te, vae, env, dev, dtype):
 
 
 def teacher_anchor(c, rank=0, world_size=1):
-    """train_dmd's teacher_data_samples > 0: the real-data term's latents are the teacher's own samples (DMD1's
-    regression anchor, dmd.md §6), made once: every training prompt x teacher_data_samples seeds, flow UniPC
-    teacher_data_steps steps at the real score's guidance (standard CFG real_score_guidance_scale + 1), written by
-    make_teacher_data into output_dir/teacher_data (this rank's share; resumable, reused by a rerun) -> the
-    `datasets` entry that reads them (every rank must have finished its share before they are read)."""
+    """train_dmd's teacher_data_samples > 0: the teacher's own samples (DMD1's regression anchor, dmd.md §6) feed the
+    real-data term, and with ode_regression_weight > 0 they are ODE pairs (their trajectories at the student's steps)
+    for the regression term. Made once: every training prompt x teacher_data_samples seeds, flow UniPC
+    teacher_data_steps steps at the real score's guidance (standard CFG real_score_guidance_scale + 1, only at t <=
+    real_score_guidance_max_timestep), written by make_teacher_data into output_dir/teacher_data (teacher_ode for
+    pairs; this rank's share; resumable, reused by a rerun) -> the `datasets` entry that reads them (every rank must
+    have finished its share before they are read)."""
     prompts = read_prompts(dict(c, datasets=[]))[0] * c["teacher_data_samples"]   # line i has seed c["seed"] + i
-    out = os.path.join(c["output_dir"], "teacher_data")
+    pairs = c["ode_regression_weight"] > 0
+    out = os.path.join(c["output_dir"], "teacher_ode" if pairs else "teacher_data")
     make_teacher_data(c, prompts, out, c["teacher_data_steps"], c["real_score_guidance_scale"] + 1, rank=rank,
-                      world_size=world_size)
+                      world_size=world_size, ode_pairs=pairs, guidance_max_t=c["real_score_guidance_max_timestep"])
     return dict(dataset_type="latents", cache_dir=out)
 
 
@@ -530,7 +533,7 @@ def ode_schedule(n, shift, layout, record):
 
 @torch.no_grad()
 def make_teacher_data(c, prompts_file, out_dir, steps=50, guidance=5.0, shift=None, mp4=False, rank=0, world_size=1,
-                      ode_pairs=False):
+                      ode_pairs=False, guidance_max_t=1000.0):
     """Teacher samples (sample.py's UniPC sampler with CFG) of every prompt, written as cache entries
     out_dir/teacher_<i>_<hash>.safetensors {latents (16, T, h, w), context (n, D)} + caption, at the config's
     height x width x num_training_frames, seed c["seed"] + i. Resumable: entries already written are skipped.
@@ -538,7 +541,8 @@ def make_teacher_data(c, prompts_file, out_dir, steps=50, guidance=5.0, shift=No
     ode_pairs: also the trajectory (the causal student's ODE init, CausVid/Self-Forcing): "trajectory" (K, 16, T,
     h, w), the sampler's state at each of the K student timesteps (flow.rollout_steps, as train_dmd rolls out: warp
     included; the schedule of ode_schedule passes through them: the state is the one the teacher is evaluated at),
-    and "trajectory_t" (K,) those timesteps; "latents" stays the final x0."""
+    and "trajectory_t" (K,) those timesteps; "latents" stays the final x0. guidance_max_t < 1000: CFG only at t <=
+    it (flow.guided), as DMD's real score with real_score_guidance_max_timestep."""
     if isinstance(prompts_file, (list, tuple)):   # the prompts themselves (teacher_anchor)
         prompts = list(prompts_file)
     else:
@@ -567,13 +571,13 @@ def make_teacher_data(c, prompts_file, out_dir, steps=50, guidance=5.0, shift=No
     written = 0
     for i, p in tqdm(todo, desc=f"teacher data (rank {rank})", dynamic_ncols=True):
         key = digest(p, c["seed"] + i, steps, guidance, shift, H, W, Fn, model_id, text_id, neg if guidance > 1 else None,
-                     *([record] if record else []))
+                     *([record] if record else []), *([guidance_max_t] if guidance_max_t < 1000 else []))
         path = os.path.join(out_dir, f"{'ode' if record else 'teacher'}_{i:06d}_{key}.safetensors")
         if entry_ok(path):
             continue
         ctx = te.encode([p]).to(dev)
         x, _ = flow.initial_noise(1, Fn, H, W, c["seed"] + i, dev)
-        velocity = flow.guided(dit, ctx, neg_ctx, guidance)
+        velocity = flow.guided(dit, ctx, neg_ctx, guidance, guidance_max_t)
         states, ticks = [], [0]
         if record:   # the state at each recorded step is the x the sampler evaluates the teacher at
             def velocity(x_, t_, v=velocity):
@@ -605,6 +609,8 @@ if __name__ == "__main__":
                     teacher_steps=50,       # UniPC steps of the teacher's sampler
                     teacher_guidance=5.0,   # the teacher's CFG scale, standard form: uncond + g*(cond - uncond)
                     teacher_shift=None,     # flow shift of its schedule; None: the teacher's own (scheduler config)
+                    teacher_guidance_max_timestep=1000.0,   # CFG only at t <= this (0-1000), conditional above: the
+                                                            # config's real_score_guidance_max_timestep for DMD's pairs
                     teacher_mp4=False)      # also decode each sample to an mp4 beside it (to look at them)
     trainer = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_dmd.py")
     defaults = script_defaults(trainer)
@@ -616,6 +622,7 @@ if __name__ == "__main__":
         stem = os.path.basename(prompts) if prompts.startswith("hf://") else prompts   # hf://: here, not in the hub cache
         out = c["teacher_out"] or stem + (".ode" if c["make_ode_pairs"] else ".teacher")
         make_teacher_data(c, hub_file(prompts), out, c["teacher_steps"], c["teacher_guidance"], c["teacher_shift"],
-                          c["teacher_mp4"], rank, world, ode_pairs=bool(c["make_ode_pairs"]))
+                          c["teacher_mp4"], rank, world, ode_pairs=bool(c["make_ode_pairs"]),
+                          guidance_max_t=c["teacher_guidance_max_timestep"])
     else:
         cache_datasets(c, rank, world)

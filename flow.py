@@ -111,11 +111,13 @@ def flow_matching_loss(net, x0, ctx, shift):
 # -----------------------------------------------------------------------------
 # the teacher's samplers
 
-def guided(dit, ctx, neg_ctx, scale):
-    """Velocity function with classifier-free guidance: two passes (cond, uncond), uncond + g·(cond − uncond)."""
+def guided(dit, ctx, neg_ctx, scale, max_t=1000.0):
+    """Velocity function with classifier-free guidance: two passes (cond, uncond), uncond + g·(cond − uncond).
+    Guidance only at timesteps t <= max_t (0-1000; Kynkäänniemi et al. 2024), the conditional pass alone above it:
+    the sampler's form of train_dmd's real_score_guidance_max_timestep. t (B,) holds one timestep (the samplers')."""
     def velocity(x, t):
         v = dit(x, t, ctx)
-        if neg_ctx is None:
+        if neg_ctx is None or (max_t < 1000 and float(t.max()) > max_t):
             return v
         v_u = dit(x, t, neg_ctx)
         return v_u + scale * (v - v_u)

@@ -79,8 +79,9 @@ last_step_only = False                 # always exit the rollout at the last ste
 real_data_loss_weight = 0.0            # flow-matching term of G on dataset latents, added to the DMD loss (needs datasets
                                        # or teacher_data_samples)
 ode_regression_weight = 0.0            # DMD's regression term (Yin et al. 2024, λ_reg): + this x the ODE-init regression
-                                       # on teacher trajectories (datasets = a --make_ode_pairs folder) per generator step
-teacher_data_samples = 0               # > 0: those latents are teacher samples, this many seeds per training prompt,
+                                       # on teacher trajectories per generator step (datasets = a --make_ode_pairs folder,
+                                       # or teacher_data_samples: made once with the real score's guidance)
+teacher_data_samples = 0               # > 0: those latents (pairs) are teacher samples, this many seeds per prompt,
 teacher_data_steps = 50                # made once (UniPC steps, CFG w+1) into output_dir/teacher_data (dmd.md §6)
 flow_schedule_shift = 5.0              # shift of the real-data flow-matching timesteps
 # causal student (Self-Forcing, dmd.md §9; README "Causal student"): the generator denoises blocks of latent
@@ -365,7 +366,7 @@ def setup(c, steps):
     r.say(f"torch threads: {n} ({why})")
     if c["optimizer"] == "adamw_bf16":
         r.say("notice: optimizer adamw_bf16 -> AdamW with fp32 master weights (the same updates, more exact)")
-    if c["teacher_data_samples"] > 0:   # the teacher's samples of the prompts become the real-data latents
+    if c["teacher_data_samples"] > 0:   # the teacher's samples (ODE pairs) of the prompts: the anchors' data
         c = r.c = dict(c, datasets=[data.teacher_anchor(c, env.rank, env.world)])
         parallel.barrier(env)
     parallel.seed_all(c["seed"])   # the same on every rank: identical networks (tiny teacher, adapter init)

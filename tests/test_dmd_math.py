@@ -161,6 +161,20 @@ def test_nan_to_num_when_normaliser_is_zero():
 
 # 4. guidance in the DMD2 form
 
+def test_sampler_guidance_interval():
+    """flow.guided with max_t: CFG at t <= max_t, the conditional pass alone above it (no unconditional call); the
+    default 1000 guides everywhere."""
+    calls = []
+    def net(x, t, ctx):
+        calls.append(float(ctx.sum()))
+        return x * 0 + ctx.sum()
+    cond, neg, x = torch.ones(1, 1, 1), torch.zeros(1, 1, 1), torch.zeros(1, 1)
+    v = flow.guided(net, cond, neg, 4.0, max_t=500.0)
+    assert v(x, torch.tensor([600.0])).item() == 1.0 and calls == [1.0]
+    assert v(x, torch.tensor([500.0])).item() == 4.0 and calls == [1.0, 1.0, 0.0]
+    assert flow.guided(net, cond, neg, 4.0)(x, torch.tensor([999.0])).item() == 4.0
+
+
 def test_guided_x0_dmd2_form_and_single_call_without_guidance():
     net = AnalyticNet()
     x_t = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(4))

@@ -21,6 +21,7 @@ import flow
 import cache
 import dmd
 import checks
+import data
 import train_dmd
 import validation
 import publish
@@ -351,6 +352,33 @@ def test_teacher_data_anchor_one_key_away(tmp_path):
     assert {n: os.stat(out / "teacher_data" / n).st_mtime_ns for n in entries} == stamps   # made once
     with pytest.raises(ValueError, match="teacher_data_samples"):
         checks.check_config(tiny_cfg(tmp_path, "--teacher_data_samples=2"))   # without real_data_loss_weight
+
+
+def test_teacher_ode_pairs_one_key_away(tmp_path):
+    """teacher_data_samples with ode_regression_weight: the teacher's ODE pairs of the training prompts are made once
+    into output_dir/teacher_ode with the real score's guidance interval (a bound gives other entries than none), and
+    the regression term trains on them."""
+    out = tmp_path / "run"
+    args = ["--teacher_data_samples=2", "--teacher_data_steps=4", "--ode_regression_weight=0.5",
+            "--validation_diversity_seeds=0", "--real_score_guidance_max_timestep=600"]
+    run(out, "--max_train_steps=2", *args)
+    entries = sorted(n for n in os.listdir(out / "teacher_ode") if n.startswith("ode_"))
+    assert len(entries) == 2 and not os.path.exists(out / "teacher_data")
+    t = cache.read_entry(str(out / "teacher_ode" / entries[0]))[1]
+    assert t["trajectory"].shape == (3, 16, 3, 8, 8) and t["trajectory_t"].tolist() == [1000.0, 757.0, 522.0]
+    recs = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert all(r["ode_regression_loss"] > 0 and "real_data_loss" not in r for r in recs)
+    c = tiny_cfg(tmp_path, *args)
+    made = {name: data.make_teacher_data(c, ["a red circle"], str(tmp_path / name), 4, g, ode_pairs=True,
+                                         guidance_max_t=m) for name, g, m in (("cond", 1.0, 1000.0),
+                                         ("everywhere", 4.0, 1000.0), ("bounded", 4.0, 600.0))}
+    names = {k: os.listdir(d)[0] for k, d in made.items()}
+    assert len(set(names.values())) == 3   # the bound is part of the entry's key
+    t = {k: cache.read_entry(os.path.join(made[k], n))[1] for k, n in names.items()}
+    # t = 1000 and 757: the conditional pass alone above the bound; below it guided, so another sample
+    torch.testing.assert_close(t["bounded"]["trajectory"][:2], t["cond"]["trajectory"][:2])
+    assert not torch.allclose(t["bounded"]["trajectory"][1], t["everywhere"]["trajectory"][1])
+    assert not torch.allclose(t["bounded"]["latents"], t["cond"]["latents"])
 
 
 class FakeWandb:   # stands in for the wandb module: records what the run logs
