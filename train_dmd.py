@@ -437,7 +437,8 @@ def next_batch(r):
         idx = torch.randint(len(r.train_emb), (B,)).tolist()
         return text_encoders.pad_context([r.train_emb[i] for i in idx]).to(r.dev, r.dtype), None, None
     b = next(r.batches)
-    traj, Fr, who = b.get("trajectory"), c["num_training_frames"], "objective='ode_init'" if r.ode else "ode_regression_weight > 0"
+    traj, Fr = b.get("trajectory"), c["num_training_frames"]
+    who = "objective='ode_init'" if r.ode else "ode_regression_weight > 0"
     if (r.ode or c["ode_regression_weight"] > 0) and (traj is None or traj.shape[3] != Fr or not torch.allclose(
             b["trajectory_t"][0], torch.tensor(r.steps))):
         raise ValueError(f"{who}: {b['file'][0]} has " + ("no trajectory" if traj is None else
@@ -503,7 +504,8 @@ def generator_step(r, rec):
             loss, g, st = dmd.dmd_loss(x_g, t, r.R, r.Fk, ctx, r.neg_ctx, dmd.guidance(c, r.step, t),
                                    c["fake_score_guidance_scale"])
         # DMD's optional anchors (§6): flow matching on data latents, regression on the teacher's trajectories
-        weight = {"real_data_loss": c["real_data_loss_weight"], "ode_regression_loss": 0 if r.ode else c["ode_regression_weight"]}
+        weight = {"real_data_loss": c["real_data_loss_weight"],
+                  "ode_regression_loss": 0 if r.ode else c["ode_regression_weight"]}   # ode_init: it is the loss
         terms = {}
         if weight["real_data_loss"] > 0:
             terms["real_data_loss"] = flow.flow_matching_loss(r.G, x0, ctx, c["flow_schedule_shift"])
