@@ -49,16 +49,17 @@ def read_log(out_dir):
 
 # panels of loss_curve.png, left to right then top to bottom: (title, [(label, log.jsonl key), ...]); the last two
 # are the validations' collapse signal (validation.py), one marked point per validation
-PANELS = [("dmd loss", [("dmd", "dmd_loss"), ("ode", "ode_loss")]), ("fake score loss", [("critic", "fake_score_loss")]),
+PANELS = [("dmd loss", [("dmd", "dmd_loss"), ("ode", "ode_loss"), ("+ ode regression", "ode_regression_loss"),
+                        ("+ real data", "real_data_loss")]), ("fake score loss", [("critic", "fake_score_loss")]),
           ("|g|", [("|g|", "g_abs")]), ("grad norm", [("G generator", "g_grad_norm"), ("F critic", "f_grad_norm")]),
           ("val diversity / teacher", [("mean", "diversity_ratio"), ("worst", "diversity_ratio_min")]),
           ("val diversity", [("student", "diversity"), ("teacher", "teacher_diversity")])]
 
 
 def loss_curve(records):
-    """log.jsonl records -> uint8 image of the PANELS in a 2x3 grid, each with its legend (the first panel
-    holds the DMD loss, or the ODE-init regression loss of objective="ode_init"). A record's generator statistics
-    are placed at the step they come from (gen_step), drawn once each."""
+    """log.jsonl records -> uint8 image of the PANELS in a 2x3 grid, each with its legend (the first panel holds the
+    DMD loss and its added terms, or the ODE-init regression loss of objective="ode_init"). A record's generator
+    statistics are placed at the step they come from (gen_step), drawn once each."""
     panels = []
     for i, (title, keys) in enumerate(PANELS):
         series = []
@@ -70,7 +71,7 @@ def loss_curve(records):
     return np.concatenate([np.concatenate(panels[:3], 1), np.concatenate(panels[3:], 1)], 0)
 
 
-GENERATOR_KEYS = ("dmd_loss", "ode_loss", "g_abs", "g_grad_norm")   # drawn at gen_step
+GENERATOR_KEYS = ("dmd_loss", "ode_loss", "ode_regression_loss", "real_data_loss", "g_abs", "g_grad_norm")   # at gen_step
 
 
 def videos_of(folder):
@@ -577,6 +578,8 @@ class Publisher:
             return "-" if v is None else format(v, spec)
         mem = f" | mem {rec['peak_mem_gb']:.1f} GB" if rec.get("peak_mem_gb") else ""   # CUDA only
         gen = f" G@{rec['gen_step']}" if "gen_step" in rec else ""   # the generator step the G statistics are from
+        gen += "".join(f" + {name} {f(k, '.3e')}" for name, k in (("ode reg", "ode_regression_loss"),
+                                                                  ("real", "real_data_loss")) if k in rec)
         tqdm.write(f"step {step:6d} | {objective} {f(objective + '_loss', '.3e')}{gen} | fake {f('fake_score_loss', '.4f')} "
                    f"| |g| {f('g_abs', '.3e')} | gnorm G {f('g_grad_norm', '.2e')} F {f('f_grad_norm', '.2e')} "
                    f"| lr {rec['lr']:.2e} | t {f('score_t', '5.1f')} | {rec['s_per_step']:.2f} s/step{mem}")
