@@ -244,12 +244,6 @@ def test_ode_init_then_dmd_end_to_end(tmp_path):
               "--lora_rank=0", "--max_train_steps=2", "--validation_step_interval=2", "--num_training_frames=6",
               "--dmd_loss_frames=4", "--independent_first_frame=False")
     assert "step      2 | dmd" in out
-    # (d) DMD with the regression on the same trajectories as an added term (ode_regression_weight): both logged
-    out = run("train_dmd.py", *TINY, f"--output_dir={tmp_path / 'anchored'}", ds, "--ode_regression_weight=0.5",
-              "--max_train_steps=2", "--validation_step_interval=1000", "--log_interval=1")
-    assert "step      2 | dmd" in out and "+ ode reg" in out   # the console line shows the term
-    recs = [json.loads(line) for line in open(tmp_path / "anchored" / "log.jsonl")]
-    assert all(r["dmd_loss"] > 0 and r["ode_regression_loss"] > 0 and "fake_score_loss" in r for r in recs), recs
     exported = load_file(tmp_path / "dmd" / "student_ema.safetensors")
     assert any(not torch.equal(v, init[k]) for k, v in exported.items())
     conf = json.load(open(tmp_path / "dmd" / "config.json"))
@@ -259,6 +253,12 @@ def test_ode_init_then_dmd_end_to_end(tmp_path):
     assert sample.read_causal_config(str(tmp_path / "dmd")) == {"num_frame_per_block": 2, "independent_first_frame": False,
                                                                  "context_noise": 0.0, "window": 6,
                                                                  "dmd_denoising_steps": "1000.0,757.0,522.0"}
+    # (d) DMD with the regression on the same trajectories as an added term (ode_regression_weight): both logged
+    out = run("train_dmd.py", *TINY, f"--output_dir={tmp_path / 'anchored'}", ds, "--ode_regression_weight=0.5",
+              "--max_train_steps=2", "--validation_step_interval=1000", "--log_interval=1")
+    assert "step      2 | dmd" in out and "+ ode reg" in out   # the console line shows the term
+    recs = [json.loads(line) for line in open(tmp_path / "anchored" / "log.jsonl")]
+    assert all(r["dmd_loss"] > 0 and r["ode_regression_loss"] > 0 and "fake_score_loss" in r for r in recs), recs
 
 
 @pytest.mark.slow
