@@ -212,3 +212,18 @@ def test_bench_quality_scores_several_students_on_one_teacher_set(tmp_path):
     assert list(table) == ["student-3", "student-3 b"]
     assert {k: v for k, v in table["student-3"].items() if k != "seconds"} == \
         {k: v for k, v in table["student-3 b"].items() if k != "seconds"}
+
+
+def test_demo_student_configs_pass_the_checks():
+    """Every config/demo_*.py on top of config/demo_dmd.py (demo_w3_reg.py on demo_w3.py, as its command line has
+    it) passes train_dmd's config checks: a config file's mistake shows here, not minutes into a demo run."""
+    import glob
+    import checks
+    import train_dmd
+    files = sorted(glob.glob(os.path.join(ROOT, "config", "demo_*.py")))
+    assert any(f.endswith("demo_w3_reg.py") for f in files)
+    for f in files:
+        if f.endswith("demo_dmd.py"):
+            continue
+        under = ["demo_dmd.py"] + (["demo_w3.py"] if f.endswith("demo_w3_reg.py") else [])
+        checks.check_config(train_dmd.config([os.path.join(ROOT, "config", n) for n in under] + [f]))
