@@ -82,7 +82,8 @@ ode_regression_weight = 0.0            # DMD's regression term (Yin et al. 2024,
                                        # on teacher trajectories per generator step (datasets = a --make_ode_pairs folder,
                                        # or teacher_data_samples: made once with the real score's guidance)
 teacher_data_samples = 0               # > 0: those latents (pairs) are teacher samples, this many seeds per prompt,
-teacher_data_steps = 50                # made once (UniPC steps, CFG w+1) into output_dir/teacher_data (dmd.md §6)
+teacher_data_steps = 50                # made once (UniPC steps, CFG w+1) into output_dir/teacher_data (dmd.md §6),
+                                       # teacher_ode when they are ODE pairs (ode_regression_weight > 0)
 flow_schedule_shift = 5.0              # shift of the real-data flow-matching timesteps
 # causal student (Self-Forcing, dmd.md §9; README "Causal student"): the generator denoises blocks of latent
 # frames one after another with a KV cache; teacher and critic stay bidirectional. causal=False: the keys below must
