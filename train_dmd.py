@@ -505,8 +505,7 @@ def generator_step(r, rec):
             loss, g, st = dmd.dmd_loss(x_g, t, r.R, r.Fk, ctx, r.neg_ctx, dmd.guidance(c, r.step, t),
                                    c["fake_score_guidance_scale"])
         # DMD's optional anchors (§6): flow matching on data latents, regression on the teacher's trajectories
-        weight = {"real_data_loss": c["real_data_loss_weight"],
-                  "ode_regression_loss": 0 if r.ode else c["ode_regression_weight"]}   # ode_init: it is the loss
+        weight = {"real_data_loss": c["real_data_loss_weight"], "ode_regression_loss": c["ode_regression_weight"]}
         terms = {}
         if weight["real_data_loss"] > 0:
             terms["real_data_loss"] = flow.flow_matching_loss(r.G, x0, ctx, c["flow_schedule_shift"])

@@ -132,9 +132,10 @@ def exact_sample(mix, labels, n_steps, w, seed, shift=3.0):
 
 
 def exact_trajectories(mix, labels, w, seed, n_steps=400):
-    """The teacher's ODE pairs as `python data.py --make_ode_pairs` makes them for train_dmd: from noise at t = 1000,
-    the exact (guided) ODE solved by Heun on n_steps uniform σ steps plus the student's STEPS -> (traj (B,K,C,1,1,1):
-    the states at STEPS, x0 (B,C,1,1,1): the end, ctx). Heun at 400 steps samples as exactly as UniPC at 50."""
+    """The teacher's ODE pairs in the form `python data.py --make_ode_pairs` writes them for train_dmd (the states at
+    the student's steps and the end), here of the exact (guided) ODE from noise at t = 1000, solved by Heun on n_steps
+    uniform σ steps plus STEPS (data.py runs UniPC on a schedule snapped onto them) -> (traj (B,K,C,1,1,1), x0
+    (B,C,1,1,1), ctx). Its ends agree with exact UniPC-50's (tests/test_gmm.py)."""
     x, _ = noise(mix, len(labels), seed)
     ctx = context(mix, labels)
     f, x = guided(real_score(mix), ctx, w), x.double()
@@ -299,6 +300,13 @@ def opt_step(net, opt, loss, grad_clip):
     opt.step()
 
 
+@torch.no_grad()
+def ema_step(G_ema, G, decay):
+    """The generator's EMA after one of its steps: G_ema <- decay·G_ema + (1 − decay)·G."""
+    for e, p in zip(G_ema.parameters(), G.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
 def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, fake_lr=1e-3, betas=(0.0, 0.999),
                   weight_decay=0.01, grad_clip=1.0, ema=0.99, seed=0, every=0, callback=None, window="ours",
                   critic_samples="fresh", normaliser="ours", exits="uniform", lr_scheduler="constant", fake_init=None,
@@ -345,9 +353,7 @@ def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, f
             loss, g, stats = dmd.dmd_loss(x_g, score_t(batch, t_from, t_to, window), R, Fk, ctx, neg, w, 0.0)
             loss, g = renormalise(x_g, loss, g, stats, normaliser)
             opt_step(G, g_opt, loss if anchor is None else loss + anchor(G), grad_clip)
-            with torch.no_grad():
-                for e, p in zip(G_ema.parameters(), G.parameters()):
-                    e.lerp_(p, 1 - ema)
+            ema_step(G_ema, G, ema)
             fresh = critic_samples == "fresh"
         if fresh:   # critic step on a fresh no-grad rollout
             ctx = context(mix, torch.randint(mix["classes"], (batch,)))
@@ -381,9 +387,7 @@ def train_gmm_ode(teacher, pairs, gen_steps, batch=128, lr=1e-3, betas=(0.0, 0.9
     anchor = ode_anchor(pairs, 1.0, batch)
     for _ in range(gen_steps):
         opt_step(G, opt, anchor(G), grad_clip)
-        with torch.no_grad():
-            for e, p in zip(G_ema.parameters(), G.parameters()):
-                e.lerp_(p, 1 - ema)
+        ema_step(G_ema, G, ema)
     return G_ema
 
 # -----------------------------------------------------------------------------
