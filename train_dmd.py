@@ -26,7 +26,6 @@ import os
 import signal
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -45,6 +44,7 @@ import simpletuner
 import text_encoders
 import validation
 from configurator import configure, default_keys, pick_threads, redact
+from run_state import Run
 
 # -----------------------------------------------------------------------------
 # defaults; override with config files (python train_dmd.py CONFIG.py) and --key=value
@@ -345,17 +345,15 @@ def apply_optimizer_settings(r):
 
 
 # -----------------------------------------------------------------------------
-# setting up a run: r, one namespace of everything the loop's phases read and write (no trainer class)
+# setting up a run: r, the Run (run_state.py) that every phase of the loop reads and writes (no trainer class)
 
 def new_run(c, steps):
-    """The run's namespace before any network: devices (torchrun: process groups), dtype, counters."""
+    """The run before any network: devices (torchrun: process groups), dtype, counters."""
     dev = mw.pick_device(c["device"])
     env, dev = parallel.setup(c["sp_size"], dev, c["fsdp"])   # torchrun: process groups; one process: nothing
     dtype = mw.pick_dtype(c["mixed_precision"], dev)
-    return SimpleNamespace(c=c, env=env, dev=dev, dtype=dtype, autocast=mw.autocast_fn(dtype, dev), steps=steps,
-                           say=print if env.main else (lambda *a, **k: None), step=0, gen_steps=0, bad_in_row=0,
-                           gen_stats={}, ode=c["objective"] == "ode_init", loader=None, batches=None, last_good=None,
-                           kept=[], run_id=os.urandom(6).hex())   # run_id: the tracker's (wandb), kept by the checkpoints
+    return Run(c=c, env=env, dev=dev, dtype=dtype, autocast=mw.autocast_fn(dtype, dev), steps=steps,
+               say=print if env.main else (lambda *a, **k: None))
 
 
 def setup(c, steps):
@@ -439,8 +437,9 @@ def next_batch(r):
         return text_encoders.pad_context([r.train_emb[i] for i in idx]).to(r.dev, r.dtype), None, None
     b = next(r.batches)
     traj, Fr = b.get("trajectory"), c["num_training_frames"]
-    who = "objective='ode_init'" if r.ode else "ode_regression_weight > 0"
-    if (r.ode or c["ode_regression_weight"] > 0) and (traj is None or traj.shape[3] != Fr or not torch.allclose(
+    ode_init = c["objective"] == "ode_init"
+    who = "objective='ode_init'" if ode_init else "ode_regression_weight > 0"
+    if (ode_init or c["ode_regression_weight"] > 0) and (traj is None or traj.shape[3] != Fr or not torch.allclose(
             b["trajectory_t"][0], torch.tensor(r.steps))):
         raise ValueError(f"{who}: {b['file'][0]} has " + ("no trajectory" if traj is None else
                          f"{traj.shape[3]} latent frames at t={b['trajectory_t'][0].tolist()}, this run has "
@@ -457,8 +456,7 @@ def step_batch(r, generator):
     if not generator:
         return r.kept.pop(0) if r.kept else next_batch(r)
     b = next_batch(r)
-    if not r.ode:   # ODE init: no critic step takes it
-        r.kept.append(b)
+    r.kept.append(b)
     return b
 
 
@@ -490,21 +488,38 @@ def clip(params, method, value):
     return torch.nn.utils.clip_grad_norm_(params, value)
 
 
+def update_generator(r, draw, micro):
+    """The generator's optimiser step, the same for DMD and the ODE init: micro's loss accumulated over the
+    micro-batches that draw() gives, then (when finite) clip, AdamW step and EMA -> (loss, the last micro-batch's
+    extras, the gradient norm; None when the loss is non-finite: the update is skipped). The added loss terms
+    (extras' last item) go into r.gen_stats, kept for the next log line."""
+    c = r.c
+    r.g_opt.zero_grad(set_to_none=True)
+    loss, extras = parallel.accumulate(r.env, c["gradient_accumulation_steps"], r.G, [r.gen], draw, micro)
+    # the statistics stay device tensors (no sync) until a log line reads them (log_step), which may come steps later
+    r.gen_stats = {"gen_step": r.step + 1, **{k: torch.stack([e[-1][k] for e in extras]).detach().mean()
+                                              for k in extras[-1][-1]}}
+    if not torch.isfinite(loss):
+        return loss, extras[-1], None
+    g_norm = clip(r.g_params, c["grad_clip_method"], c["max_grad_norm"])
+    r.g_opt.step()
+    r.gen_steps += 1
+    ema_update(r)
+    r.g_opt.zero_grad(set_to_none=True)   # free the gradients before the critic step
+    return loss, extras[-1], g_norm
+
+
 def generator_step(r, rec):
-    """One generator update: DMD (§4, + the optional real-data term of §6), or the ODE-init regression (then no
-    critic and no teacher forward); EMA after it. Its statistics into r.gen_stats, kept for the next log line."""
+    """One DMD generator update: the distribution-matching gradient (docs/method.md), + the optional real-data and
+    regression terms; EMA after it. Its statistics into r.gen_stats, kept for the next log line."""
     c, k = r.c, exit_step(r, 0)
 
     def micro(ctx, x0, traj):
-        if r.ode:
-            loss, t = dmd.ode_regression_loss(r.G, traj.to(r.dev), x0, ctx, r.steps, r.starts)
-            g = st = None
-        else:
-            x_g, t_from, t_to = student(r, ctx, x0, k)
-            t = dmd.score_timesteps(c["train_batch_size"], t_from, t_to, c, r.dev)
-            loss, g, st = dmd.dmd_loss(x_g, t, r.R, r.Fk, ctx, r.neg_ctx, dmd.guidance(c, r.step, t),
+        x_g, t_from, t_to = student(r, ctx, x0, k)
+        t = dmd.score_timesteps(c["train_batch_size"], t_from, t_to, c, r.dev)
+        loss, g, st = dmd.dmd_loss(x_g, t, r.R, r.Fk, ctx, r.neg_ctx, dmd.guidance(c, r.step, t),
                                    c["fake_score_guidance_scale"])
-        # DMD's optional anchors (§6): flow matching on data latents, regression on the teacher's trajectories
+        # DMD's optional anchors: flow matching on data latents, regression on the teacher's trajectories
         weight = {"real_data_loss": c["real_data_loss_weight"], "ode_regression_loss": c["ode_regression_weight"]}
         terms = {}
         if weight["real_data_loss"] > 0:
@@ -512,28 +527,27 @@ def generator_step(r, rec):
         if weight["ode_regression_loss"] > 0:
             terms["ode_regression_loss"] = dmd.ode_regression_loss(r.G, traj.to(r.dev), x0, ctx, r.steps, r.starts)[0]
         return loss + sum(weight[k] * v for k, v in terms.items()), loss, (t, g, st, terms)
-    r.g_opt.zero_grad(set_to_none=True)
-    loss, extras = parallel.accumulate(r.env, c["gradient_accumulation_steps"], r.G, [r.gen], lambda: step_batch(r, True),
-                                       micro)
-    t, g, st, _ = extras[-1]
-    # the statistics stay device tensors (no sync) until a log line reads them (log_step), which may come steps later
-    r.gen_stats = {"gen_step": r.step + 1, **{k: torch.stack([e[3][k] for e in extras]).detach().mean()
-                                              for k in extras[-1][3]}}
-    if not torch.isfinite(loss):
-        rec["ode_loss" if r.ode else "dmd_loss"] = float("nan")
-        r.gen_stats["ode_loss" if r.ode else "dmd_loss"] = float("nan")
+    loss, (t, g, st, _), g_norm = update_generator(r, lambda: step_batch(r, True), micro)
+    if g_norm is None:
+        rec["dmd_loss"] = r.gen_stats["dmd_loss"] = float("nan")
         return
-    g_norm = clip(r.g_params, c["grad_clip_method"], c["max_grad_norm"])
-    r.g_opt.step()
-    r.gen_steps += 1
-    ema_update(r)
-    r.g_opt.zero_grad(set_to_none=True)   # free the gradients before the critic step
-    if r.ode:
-        r.gen_stats.update(ode_loss=parallel.mean(r.env, loss), ode_t=t.mean(), g_grad_norm=parallel.local(g_norm))
-    else:   # losses averaged over ranks, the other statistics are rank 0's
-        r.gen_stats.update(dmd_loss=parallel.mean(r.env, loss), g_abs=g.abs().mean(), score_t=t.mean(),
-                           exit_step=k if r.causal else k[0], g_grad_norm=parallel.local(g_norm),
-                           **{f"{n}_{s}": getattr(v, s)() for n, v in st.items() for s in ("mean", "std")})
+    # losses averaged over ranks, the other statistics are rank 0's
+    r.gen_stats.update(dmd_loss=parallel.mean(r.env, loss), g_abs=g.abs().mean(), score_t=t.mean(),
+                       exit_step=k if r.causal else k[0], g_grad_norm=parallel.local(g_norm),
+                       **{f"{n}_{s}": getattr(v, s)() for n, v in st.items() for s in ("mean", "std")})
+
+
+def ode_init_step(r, rec):
+    """One ODE-init generator update: the regression of the student's steps on the teacher's ODE trajectories (no
+    critic, no teacher forward: the trajectories are data). Its statistics into r.gen_stats."""
+    def micro(ctx, x0, traj):
+        loss, t = dmd.ode_regression_loss(r.G, traj.to(r.dev), x0, ctx, r.steps, r.starts)
+        return loss, loss, (t, {})
+    loss, (t, _), g_norm = update_generator(r, lambda: next_batch(r), micro)
+    if g_norm is None:
+        rec["ode_loss"] = r.gen_stats["ode_loss"] = float("nan")
+        return
+    r.gen_stats.update(ode_loss=parallel.mean(r.env, loss), ode_t=t.mean(), g_grad_norm=parallel.local(g_norm))
 
 
 def generator_record(r):
@@ -583,12 +597,11 @@ def critic_step(r, rec, log_now):
     return loss_f
 
 
-def check_finite(r, rec, loss_f):
-    """Count non-finite steps in a row (their updates were skipped, each named); abort after max_nonfinite_steps,
-    naming the last good checkpoint."""
-    key = "ode_loss" if r.ode else "dmd_loss"
+def check_finite(r, rec, key, loss_f=None):
+    """Count non-finite steps in a row (their updates were skipped, each named): the generator's loss rec[key], the
+    critic's loss_f (None: no critic step); abort after max_nonfinite_steps, naming the last good checkpoint."""
     bad = {"generator": f"{key[:-5]} {rec.get(key)}"} if not math.isfinite(rec.get(key, 0.0)) else {}
-    if not torch.isfinite(loss_f):
+    if loss_f is not None and not torch.isfinite(loss_f):
         bad["critic"] = f"critic {loss_f.item()}"
     r.bad_in_row = r.bad_in_row + 1 if bad else 0
     if bad:
@@ -616,7 +629,7 @@ def log_step(r, pub, rec):
                peak_reserved_gb=torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0)
     r.t_last = now
     rec.update(generator_record(r))
-    pub.log(rec, r.step, "ode" if r.ode else "dmd")
+    pub.log(rec, r.step, "ode" if r.c["objective"] == "ode_init" else "dmd")
 
 
 def end_of_step(r, pub, stop, validated):
@@ -674,10 +687,27 @@ def train(c):
     return out
 
 
+def dmd_trainer_step(r, rec, log_now):
+    """One DMD trainer step: a generator step every generator_update_interval steps (after the critic's warmup),
+    a critic step, the count of non-finite losses."""
+    c, warm = r.c, r.c["fake_score_warmup_steps"]
+    if r.step >= warm and (r.step - warm) % c["generator_update_interval"] == 0:
+        generator_step(r, rec)
+    check_finite(r, rec, "dmd_loss", critic_step(r, rec, log_now))
+
+
+def ode_init_trainer_step(r, rec, log_now):
+    """One ODE-init trainer step (objective="ode_init"): the generator's regression alone, every step."""
+    ode_init_step(r, rec)
+    check_finite(r, rec, "ode_loss")
+
+
 def train_loop(c, pub, steps):
-    """The DMD loop: per trainer step a generator step (every generator_update_interval steps), a critic step,
-    the scheduler, a log line, then checkpoint / validation / signal handling."""
+    """The training loop, the same for DMD and the ODE init: per trainer step the objective's step
+    (dmd_trainer_step or ode_init_trainer_step), the schedulers, a log line, then checkpoint / validation / signal
+    handling."""
     r = setup(c, steps)
+    trainer_step = ode_init_trainer_step if c["objective"] == "ode_init" else dmd_trainer_step
     stop = {"signal": None}
     caller = {sig: signal.signal(sig, lambda s, _: stop.update(signal=s)) for sig in (signal.SIGINT, signal.SIGTERM)}
     pub.open_log(r.step, r.run_id)
@@ -694,11 +724,7 @@ def train_loop(c, pub, steps):
         if c["sparsity_warmup_steps"] and c["attention_sparsity"]:   # this step's VSA stage (dmd.sparsity)
             mw.enable_sparse_attention(r.gen, dmd.sparsity(c, r.step), tuple(c["sparse_cube"]), r.g_adapter,
                                        c["sparse_remainder"])
-        warm = c["fake_score_warmup_steps"]
-        if r.step >= warm and (r.step - warm) % c["generator_update_interval"] == 0 or r.ode:
-            generator_step(r, rec)
-        loss_f = torch.zeros(()) if r.ode else critic_step(r, rec, log_now)   # ODE init trains the generator alone
-        check_finite(r, rec, loss_f)
+        trainer_step(r, rec, log_now)
         r.g_sched.step()   # per trainer step: warmup and decay count the steps of max_train_steps, whatever the interval
         r.f_sched.step()
         r.step += 1
