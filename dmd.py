@@ -1,5 +1,5 @@
 """
-The DMD objective (shared/design/dmd.md §3-§6, §9): small pure functions over networks passed in as velocity
+The DMD objective (docs/method.md, arXiv:2311.18828, arXiv:2405.14867): small pure functions over networks passed in as velocity
 functions f(x, t, ctx) -> v. train_dmd.py's loop calls them; tests and bench/bench_gmm.py check them against closed
 forms. The student's few-step rollout itself is flow.rollout (bidirectional) and flow.causal_rollout (block-wise),
 the same code sample.py runs.
@@ -20,7 +20,7 @@ def data_rollout(gen, x0, ctx, steps, k_exit):
 
 
 def exit_steps(seed, step, salt, n_steps, n_blocks, same=True, last_only=False):
-    """The rollout's exit step per block (dmd.md §3, §9), identical on every rank without a broadcast: drawn from
+    """The rollout's exit step per block (docs/method.md#the-rollout), identical on every rank without a broadcast: drawn from
     a generator seeded by (seed, trainer step, salt: 0 generator / 1 critic). same: one draw shared by all blocks
     (the bidirectional student is one block: the same draw as before the causal mode); last_only: the last step."""
     if last_only:

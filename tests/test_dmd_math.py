@@ -1,4 +1,4 @@
-"""The pure DMD functions of train_dmd.py (shared/design/dmd.md §3-§5) against closed forms and analytic networks.
+"""The pure DMD functions of train_dmd.py (docs/method.md) against closed forms and analytic networks.
 
 Networks are velocity functions f(x, t, ctx) -> v with x (B,C,F,H,W), t (B,) on 0-1000, v = eps - x0, and
 x_t = (1-σ)x0 + σ·eps with σ = t/1000. Every random draw inside the functions comes from torch's global RNG, so the
