@@ -213,7 +213,7 @@ def causal_rollout(block, noise, steps, exits, starts, context_noise=0.0, grad_f
     pass on x̂0 noised to t = context_noise (fresh noise; clean at 0) that rewrites the block's cache entries for
     the later blocks (the cache holds detached k/v: no gradient crosses blocks; the last block's pass is skipped,
     nothing reads it). Inference: every exit at the last step, no grad.
-    noise (B,C,F,H,W) -> (x̂0 (B,C,F,H,W), t_from, t_to): the score window of §4 spans every block's exit,
+    noise (B,C,F,H,W) -> (x̂0 (B,C,F,H,W), t_from, t_to): the score window (docs/method.md#the-score-window) spans every block's exit,
     t_from = the largest exit timestep, t_to = the smallest next timestep."""
     B, Fr = noise.shape[0], noise.shape[2]
     out, windows = [], []

@@ -491,7 +491,7 @@ def clip(params, method, value):
 
 
 def generator_step(r, rec):
-    """One generator update: DMD (§4, + the optional real-data term of §6), or the ODE-init regression (then no
+    """One generator update: DMD (docs/method.md, + the optional real-data term), or the ODE-init regression (then no
     critic and no teacher forward); EMA after it. Its statistics into r.gen_stats, kept for the next log line."""
     c, k = r.c, exit_step(r, 0)
 
@@ -504,7 +504,7 @@ def generator_step(r, rec):
             t = dmd.score_timesteps(c["train_batch_size"], t_from, t_to, c, r.dev)
             loss, g, st = dmd.dmd_loss(x_g, t, r.R, r.Fk, ctx, r.neg_ctx, dmd.guidance(c, r.step, t),
                                    c["fake_score_guidance_scale"])
-        # DMD's optional anchors (§6): flow matching on data latents, regression on the teacher's trajectories
+        # DMD's optional anchors (docs/method.md#the-regression-term): flow matching on data latents, regression on the teacher's trajectories
         weight = {"real_data_loss": c["real_data_loss_weight"], "ode_regression_loss": c["ode_regression_weight"]}
         terms = {}
         if weight["real_data_loss"] > 0:
@@ -555,7 +555,7 @@ def ema_update(r):
 
 
 def critic_step(r, rec, log_now):
-    """One critic update (§5) on fresh no-grad rollouts of the step's batch (step_batch) -> its loss (a tensor). On
+    """One critic update (docs/method.md#the-critic) on fresh no-grad rollouts of the step's batch (step_batch) -> its loss (a tensor). On
     log steps: the critic loss per score-timestep bin of 250, to catch collapse early."""
     c = r.c
 

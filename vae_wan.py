@@ -18,9 +18,9 @@ from readers import load_safetensors, read_json
 #
 # Parameter layout: diffusers' AutoencoderKLWan (encoder.conv_in, encoder.down_blocks.N, quant_conv,
 # post_quant_conv, decoder.up_blocks.N.resnets.M, ...), so a diffusers vae/ folder loads as it is;
-# the original Wan2.1_VAE.pth keys are renamed on load (vae_key_from_original, §8.5).
+# the original Wan2.1_VAE.pth keys are renamed on load (vae_key_from_original, docs/wan21.md#weight-key-maps).
 #
-# The causal cache (§8.3). A clip is encoded in chunks of 1, 4, 4, ... frames and decoded one latent
+# The causal cache (docs/wan21.md#the-vae). A clip is encoded in chunks of 1, 4, 4, ... frames and decoded one latent
 # frame at a time. Every conv with a time kernel sees, in place of its front zero padding, the last
 # CACHE_T frames of its own INPUT from the previous chunk, so the chunks add up to one causal pass.
 # The time down/upsampling exists only in this chunked path. The cache is a plain dict made fresh by

@@ -313,7 +313,7 @@ def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, f
                   nets=None, anchor=None):
     """DMD as train_dmd.train's loop runs it, on train_dmd's own functions. G and F start as copies of `teacher`,
     R is the closed form, the negative context is zeros. Every step: a critic step on a fresh no-grad rollout;
-    every `interval` steps first a generator step. Exit steps uniform over STEPS, score timesteps as §4 with
+    every `interval` steps first a generator step. Exit steps uniform over STEPS, score timesteps as docs/method.md#the-score-window with
     train_dmd's defaults, fake guidance off, AdamW, grad-norm clip. EMA of G after every generator step.
     -> the EMA generator. Every `every` steps: callback(step, G_ema, {dmd_loss, g_abs, fake_score_loss}).
     Ablation switches (the defaults are the trainer's behaviour): window "ours" | "uniform" (score_t, both

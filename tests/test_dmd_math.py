@@ -54,7 +54,7 @@ NEG = torch.tensor([0.0, 0.0])
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 1. the generator loss: ∂L/∂x_g = g / numel, L = 0.5·mean(g²), g as defined in §4
+# 1. the generator loss: ∂L/∂x_g = g / numel, L = 0.5·mean(g²), g as defined in docs/method.md#the-generators-loss
 
 def test_dmd_loss_gradient_is_g_over_numel_and_matches_section4():
     real, fake = AnalyticNet(0.3, 0.2, 0.05), AnalyticNet(-0.1, 0.5, -0.2)
