@@ -1,5 +1,5 @@
 """
-The causal (block-wise autoregressive) student's pieces (shared/design/dmd.md §9): blocks of latent frames, their
+The causal (block-wise autoregressive) student's pieces (docs/method.md#the-causal-student): blocks of latent frames, their
 block-causal attention mask and the KV cache of earlier frames' self-attention k/v. model_wan.WanDiT.forward
 (causal=, kv_cache=) uses them; model_wan re-exports them (mw.block_starts, mw.KVCache).
 """

@@ -90,7 +90,7 @@ def check_config(c):
 
 def check_causal(c):
     """The causal keys: their bidirectional values unless causal=True; every block geometry error before any model
-    is built (the seed's 121 frames -> 31 latent, dmd.md §8.11)."""
+    is built (the quickstart's 121 frames -> 31 latent, docs/keys.md)."""
     Fr, L = c["num_training_frames"], c["dmd_loss_frames"] or c["num_training_frames"]
     if not c["causal"]:
         bidir = {"num_frame_per_block": c["num_frame_per_block"] in (0, None, Fr),

@@ -68,7 +68,7 @@ DEFAULTS = dict(
     compress_disk_cache=False,         # gzip the cache entries (readers detect it, so toggling it keeps the cache)
     vae_batch_size=1,                  # clips per VAE encode call while caching
 )
-LATER_KEYS = {"disable_bucket_pruning", "id"}   # the seed's: id is a label; pruning is noticed below
+LATER_KEYS = {"disable_bucket_pruning", "id"}   # SimpleTuner's dataset keys: id is a label; pruning is noticed below
 WAN_AREAS = {480: 480 * 832, 720: 720 * 1280}   # Wan 2.1's 480p and 720p sizes
 
 # -----------------------------------------------------------------------------
@@ -483,7 +483,7 @@ def training_inputs(c, prompts, te, vae, env, dev, dtype):
 
 
 def teacher_anchor(c, rank=0, world_size=1):
-    """train_dmd's teacher_data_samples > 0: the teacher's own samples (DMD1's regression anchor, dmd.md §6) feed the
+    """train_dmd's teacher_data_samples > 0: the teacher's own samples (DMD1's regression anchor, docs/method.md#the-regression-term) feed the
     real-data term, and with ode_regression_weight > 0 they are ODE pairs (their trajectories at the student's steps)
     for the regression term. Made once: every training prompt x teacher_data_samples seeds, flow UniPC
     teacher_data_steps steps at the real score's guidance (standard CFG real_score_guidance_scale + 1, only at t <=

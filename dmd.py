@@ -1,5 +1,5 @@
 """
-The DMD objective (shared/design/dmd.md §3-§6, §9): small pure functions over networks passed in as velocity
+The DMD objective (docs/method.md, arXiv:2311.18828, arXiv:2405.14867): small pure functions over networks passed in as velocity
 functions f(x, t, ctx) -> v. train_dmd.py's loop calls them; tests and bench/bench_gmm.py check them against closed
 forms. The student's few-step rollout itself is flow.rollout (bidirectional) and flow.causal_rollout (block-wise),
 the same code sample.py runs.
@@ -20,7 +20,7 @@ def data_rollout(gen, x0, ctx, steps, k_exit):
 
 
 def exit_steps(seed, step, salt, n_steps, n_blocks, same=True, last_only=False):
-    """The rollout's exit step per block (dmd.md §3, §9), identical on every rank without a broadcast: drawn from
+    """The rollout's exit step per block (docs/method.md#the-rollout), identical on every rank without a broadcast: drawn from
     a generator seeded by (seed, trainer step, salt: 0 generator / 1 critic). same: one draw shared by all blocks
     (the bidirectional student is one block: the same draw as before the causal mode); last_only: the last step."""
     if last_only:
@@ -46,7 +46,7 @@ def keep_last_frames(x_g, n, vae=None):
 
 
 def ode_regression_loss(gen, traj, x0, ctx, steps, starts):
-    """ODE-init regression (CausVid §4.3, Self-Forcing's initialisation): per sample and block a random index i of
+    """ODE-init regression (CausVid, arXiv:2412.07772; Self-Forcing's initialisation): per sample and block a random index i of
     the student's steps; the block's frames are the teacher trajectory's state at steps[i] and its t is steps[i]
     (teacher forcing: one whole-clip causal pass with per-frame t); loss mean (x̂0 − x0_teacher)².
     traj (B,K,C,F,H,W) states at the K student timesteps; x0 (B,C,F,H,W) the teacher's final sample."""
@@ -79,7 +79,7 @@ def guidance(c, step, t=None):
 
 
 def score_timesteps(batch, t_from, t_to, c, device):
-    """Score timesteps of §4: uniform in the window, then shift, then the min/max ratio clamp -> (B,) float."""
+    """Score timesteps (docs/method.md#the-score-window): uniform in the window, then shift, then the min/max ratio clamp -> (B,) float."""
     lo = t_to if c["ts_schedule"] else c["min_score_timestep"]
     hi = t_from if c["ts_schedule_max"] else 1000.0
     t = lo + (hi - lo) * torch.rand(batch, device=device)
@@ -100,7 +100,7 @@ def guided_x0(net, x_t, t, ctx, neg_ctx, w):
 
 
 def dmd_loss(x_g, t, real, fake, ctx, neg_ctx, w_real, w_fake):
-    """Generator loss of §4. Everything but x_g is no-grad; ∂L/∂x_g = g / numel exactly.
+    """Generator loss (docs/method.md#the-generators-loss). Everything but x_g is no-grad; ∂L/∂x_g = g / numel exactly.
     -> (loss, g, stats) with g = nan_to_num((x̂_fake − x̂_real) / mean|x_g − x̂_real|) per sample."""
     with torch.no_grad():
         xg = x_g.detach().float()
@@ -116,7 +116,7 @@ def dmd_loss(x_g, t, real, fake, ctx, neg_ctx, w_real, w_fake):
 
 
 def critic_loss(fake, x_g, t, ctx):
-    """Flow matching on the student's samples (§5): mean (F(x_t, t) − (ε − x_g))², x_g detached."""
+    """Flow matching on the student's samples (docs/method.md#the-critic): mean (F(x_t, t) − (ε − x_g))², x_g detached."""
     x_g = x_g.detach().float()
     sig = (t / 1000).view(-1, 1, 1, 1, 1)
     eps = torch.randn_like(x_g)

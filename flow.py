@@ -4,9 +4,9 @@ v(x, t) -> (B,16,F,H,W) with t on the 0-1000 scale and σ = t/1000, x_σ = (1 �
 x0 = x_σ − σ·v. Everything here is a pure function of v, used alike by training (train_dmd.py), inference
 (sample.py), teacher-made data (data.py) and the benchmarks:
 
-- schedules: the shift, the warp of the student's steps, the teacher's n-step schedule (wan21.md §7.2);
+- schedules: the shift, the warp of the student's steps, the teacher's n-step schedule (docs/wan21.md#the-scheduler);
 - the teacher's samplers: flow UniPC (the reference) and Euler, classifier-free guidance;
-- THE few-step rollout of the DMD student (dmd.md §3), and its block-wise form for the causal student (§9):
+- THE few-step rollout of the DMD student (docs/method.md#the-rollout), and its block-wise form for the causal student:
   training exits at a drawn step with the gradient there only; inference is the same rollout exiting at the
   last step. There is no second copy of it anywhere.
 """
@@ -50,7 +50,7 @@ def rollout_steps(steps, warp, shift):
 
 
 def flow_schedule(n, shift, layout="diffusers"):
-    """Teacher schedule (wan21.md §7.2) -> sigmas (n+1,) float32 ending in 0, timesteps (n,) int64 = int(1000σ).
+    """Teacher schedule (docs/wan21.md#the-scheduler) -> sigmas (n+1,) float32 ending in 0, timesteps (n,) int64 = int(1000σ).
     diffusers: linspace(1, 1/1000, n+1)[:-1], shifted, σ0 nudged below 1 by 1e-6; original: linspace(0.999, 0, n+1)[:-1]."""
     base = np.linspace(1, 1 / 1000, n + 1)[:-1] if layout == "diffusers" else np.linspace(0.999, 0, n + 1)[:-1]
     sig = shift_sigmas(base, shift)
@@ -101,7 +101,7 @@ def initial_noise(batch, num_frames, height, width, seed, device):
     return torch.randn(shape, generator=g, dtype=torch.float32).to(device), g
 
 def flow_matching_loss(net, x0, ctx, shift):
-    """Plain flow-matching loss on data latents (the demo's teacher; DMD's optional real-data term, dmd.md §6):
+    """Plain flow-matching loss on data latents (the demo's teacher; DMD's optional real-data term, docs/method.md#the-regression-term):
     σ = shift(u), u ~ U(0,1), mean (net(x_σ, 1000σ, ctx) − (ε − x0))²."""
     sig = shift_sigmas(torch.rand(x0.shape[0], device=x0.device), shift)
     eps = torch.randn_like(x0)
@@ -183,7 +183,7 @@ def randn_as(x, generator=None):
 
 
 def rollout(velocity, noise, steps, k_exit=None, generator=None, progress=None):
-    """The DMD student's few-step rollout (dmd.md §3, backward simulation). At each timestep t_k: predict
+    """The DMD student's few-step rollout (docs/method.md#the-rollout, backward simulation). At each timestep t_k: predict
     x̂0 = x − σ_k·v(x, t_k), then re-noise x̂0 to σ_{k+1} with fresh noise. The steps before k_exit run without
     gradient; the step at k_exit is the only forward with gradient (as the caller's grad mode allows) and ends the
     rollout. Inference: k_exit None = the last step, every step with the pipeline's CPU generator.
@@ -206,14 +206,14 @@ def rollout(velocity, noise, steps, k_exit=None, generator=None, progress=None):
 
 def causal_rollout(block, noise, steps, exits, starts, context_noise=0.0, grad_from=0, generator=None,
                    on_block=None, progress=None):
-    """The causal student's rollout, block by block (dmd.md §9, Self-Forcing). block(x, t, start_frame) runs one
+    """The causal student's rollout, block by block (docs/method.md#the-causal-student, Self-Forcing). block(x, t, start_frame) runs one
     block of latent frames against the caller's KV cache (fresh or reset: it attends to itself and the cached
     earlier frames). Per block b (frames [starts[b], starts[b+1])): `rollout` exiting at exits[b] (with gradient
     there, none for blocks starting before grad_from), on_block(start_frame, x̂0) when given, then one no-grad
     pass on x̂0 noised to t = context_noise (fresh noise; clean at 0) that rewrites the block's cache entries for
     the later blocks (the cache holds detached k/v: no gradient crosses blocks; the last block's pass is skipped,
     nothing reads it). Inference: every exit at the last step, no grad.
-    noise (B,C,F,H,W) -> (x̂0 (B,C,F,H,W), t_from, t_to): the score window of §4 spans every block's exit,
+    noise (B,C,F,H,W) -> (x̂0 (B,C,F,H,W), t_from, t_to): the score window (docs/method.md#the-score-window) spans every block's exit,
     t_from = the largest exit timestep, t_to = the smallest next timestep."""
     B, Fr = noise.shape[0], noise.shape[2]
     out, windows = [], []

@@ -6,7 +6,7 @@ Parameter layout: the ORIGINAL Wan layout (Wan-Video/Wan2.1 `WanModel`: `blocks.
 modules. Diffusers checkpoints (`WanTransformer3DModel`) are converted on load with
 `diffusers_to_original_key`, and `original_to_diffusers_key` converts back for export.
 
-Numerics follow ../shared/design/wan21.md §2-§4:
+Numerics follow the reference implementations (docs/wan21.md#numerics):
 - the timestep sinusoid is diffusers' fp32 recipe ([cos, sin]); RoPE tables are built in float64
   and applied in fp32 on interleaved pairs (no complex numbers);
 - the residual stream, the modulation adds/gates, every LayerNorm and the head's modulation run
@@ -16,7 +16,7 @@ Numerics follow ../shared/design/wan21.md §2-§4:
 Sequence parallelism (Ulysses, off by default): `enable_sequence_parallel(model, group)` splits the tokens
 over a process group; two all-to-alls around self-attention are the only other change (parallel.py sets it up).
 
-Causal student (dmd.md §9, off by default): `forward(..., causal=(num_frame_per_block, independent_first_frame))`
+Causal student (docs/method.md#the-causal-student, off by default): `forward(..., causal=(num_frame_per_block, independent_first_frame))`
 runs the whole clip under a block-causal SDPA mask (t per sample or per latent frame); with `kv_cache=` too it runs
 one block against a KVCache of earlier frames (causal.py: block_starts, block_causal_mask, KVCache; WanDiT.new_kv_cache).
 No mask is built and no other op added when neither is given. (FlexAttention is not used: SDPA + a boolean mask.)
@@ -385,7 +385,7 @@ class WanDiT(nn.Module):
     def forward(self, x, t, context, causal=None, kv_cache=None, start_frame=0):
         """x (B,C,F,H,W) latents; t (B,) float timesteps in [0,1000]; context (B,Lc,text_dim) text
         embeddings with padded rows zero -> velocity (B,C,F,H,W) in fp32.
-        Causal student (dmd.md §9):
+        Causal student (docs/method.md#the-causal-student):
         - causal=(num_frame_per_block, independent_first_frame), no kv_cache: the whole clip in one pass with the
           block-causal mask; t is (B,) or (B,F) per latent frame.
         - kv_cache too: x is ONE block starting at absolute latent frame start_frame, t is (B,). Its k/v are written
@@ -486,7 +486,7 @@ def enable_sequence_parallel(model, group):
     return model
 
 # -----------------------------------------------------------------------------
-# key maps between the original (native) and diffusers layouts (wan21.md §5)
+# key maps between the original (native) and diffusers layouts (docs/wan21.md#weight-key-maps)
 
 _O2D_GLOBAL = [
     ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),

@@ -240,7 +240,7 @@ def mode_share_ratios(found, ref):
 
 
 def min_mode_share(found, ref):
-    """The worst-kept mode: the smallest of mode_share_ratios; issue 15's goal is every mode at least half its
+    """The worst-kept mode: the smallest of mode_share_ratios; the goal is every mode at least half its
     teacher share (>= 0.5). One cell decides it, so it is noise-bound: teacher-50's own row is its floor."""
     ratios = mode_share_ratios(found, ref)
     return float(min(ratios)) if ratios else None

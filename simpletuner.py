@@ -1,5 +1,5 @@
 """
-The seed's SimpleTuner config.json (SimpleTuner's DMD quickstart for Wan 2.1) read as train_dmd.py keys, so that
+SimpleTuner's config.json (its DMD quickstart for Wan 2.1) read as train_dmd.py keys, so that
 
     python train_dmd.py config/config.json
 

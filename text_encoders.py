@@ -1,5 +1,5 @@
 """
-Text encoders: Wan's UMT5-XXL through transformers (wan21.md §6), and the demo's TinyTextEncoder (a fixed random
+Text encoders: Wan's UMT5-XXL through transformers (docs/wan21.md#the-text-encoder), and the demo's TinyTextEncoder (a fixed random
 vector per word). Both give (B, 512, D) contexts whose rows after the prompt are exactly zero; trim_context and
 pad_context move between that and the trimmed (n, D) rows the caches store.
 """
@@ -12,7 +12,7 @@ import quant
 import readers
 from model_wan import load_dit, looks_like_hub_id, resolve_hub
 
-# UMT5 text encoder (wan21.md §6): transformers' UMT5EncoderModel + the pipeline's tokenizer
+# UMT5 text encoder (docs/wan21.md#the-text-encoder): transformers' UMT5EncoderModel + the pipeline's tokenizer
 
 # Wan's default negative prompt (W shared_config.sample_neg_prompt), used when none is given
 WAN_NEGATIVE_PROMPT = (
@@ -71,7 +71,7 @@ def pad_context(rows, length=512):
 
 
 def _t5_original_to_hf(key):
-    """models_t5_umt5-xxl-enc-bf16.pth keys -> UMT5EncoderModel keys (wan21.md §6.3)."""
+    """models_t5_umt5-xxl-enc-bf16.pth keys -> UMT5EncoderModel keys (docs/wan21.md#weight-key-maps)."""
     if key == "token_embedding.weight":
         return "shared.weight"
     if key == "norm.weight":

@@ -1,10 +1,10 @@
 """
-DMD distillation of a Wan 2.1 teacher into a few-step student (shared/design/dmd.md §3-§6):
+DMD distillation of a Wan 2.1 teacher into a few-step student (docs/method.md):
 generator G (student), fake score F (critic) and the frozen real score R (teacher).
 
-  python train_dmd.py config/wan_dmd_3step.py                 # the seed's 1.3B run
+  python train_dmd.py config/wan_dmd_3step.py                 # SimpleTuner's DMD quickstart, 1.3B
   python train_dmd.py config/tiny.py --max_train_steps=20     # tiny random teacher on CPU, no downloads
-  python train_dmd.py path/to/simpletuner/config.json         # the seed's SimpleTuner config, mapped
+  python train_dmd.py path/to/simpletuner/config.json         # the quickstart's SimpleTuner config, mapped
   python train_dmd.py --help
   torchrun --nproc_per_node=8 train_dmd.py config/wan_dmd_3step.py    # DDP; FSDP2 and sequence parallelism: parallel.py
 
@@ -55,12 +55,12 @@ output_dir = "out/wan_dmd"             # checkpoints, log.jsonl, validation samp
 prompts_file = ""                      # training prompts, one per line (data-free DMD); empty: validation prompts
 datasets = []                          # data.py dataset dicts; given: cached latents + captions replace prompts_file
 dataloader_num_workers = 0             # worker processes reading the cached dataset entries (0: in the training process)
-rollout_mode = "backward"              # "backward": data-free rollout from noise; "data": noise dataset latents (dmd.md)
+rollout_mode = "backward"              # "backward": data-free rollout from noise; "data": noise dataset latents (docs/keys.md)
 negative_prompt = None                 # None: Wan's default negative prompt; "": the empty prompt
 height = 480                           # training resolution (pixels) of the generated samples
 width = 832                            # training width (pixels)
 num_training_frames = 21               # latent frames of a generated sample (21 latent = 81 video frames)
-# DMD (dmd.md §3-§7)
+# DMD (docs/method.md, docs/keys.md)
 dmd_denoising_steps = "1000,757,522"   # rollout and inference timesteps, σ = t/1000
 warp_denoising_step = False            # Self-Forcing: t_k <- 1000*shift(t_k/1000) with timestep_shift
 generator_update_interval = 1          # generator step every N trainer steps; the critic steps every step
@@ -82,10 +82,10 @@ ode_regression_weight = 0.0            # DMD's regression term (Yin et al. 2024,
                                        # on teacher trajectories per generator step (datasets = a --make_ode_pairs folder,
                                        # or teacher_data_samples: made once with the real score's guidance)
 teacher_data_samples = 0               # > 0: those latents (pairs) are teacher samples, this many seeds per prompt,
-teacher_data_steps = 50                # made once (UniPC steps, CFG w+1) into output_dir/teacher_data (dmd.md §6),
+teacher_data_steps = 50                # made once (UniPC steps, CFG w+1) into output_dir/teacher_data (docs/method.md),
                                        # teacher_ode when they are ODE pairs (ode_regression_weight > 0)
 flow_schedule_shift = 5.0              # shift of the real-data flow-matching timesteps
-# causal student (Self-Forcing, dmd.md §9; README "Causal student"): the generator denoises blocks of latent
+# causal student (Self-Forcing, docs/method.md#the-causal-student): the generator denoises blocks of latent
 # frames one after another with a KV cache; teacher and critic stay bidirectional. causal=False: the keys below must
 # keep their bidirectional values (one block, one exit step, no context noise), anything else is an error.
 causal = False                         # block-causal generator (model_wan forward(causal=, kv_cache=))
@@ -133,7 +133,7 @@ compile = False                        # torch.compile each DiT block
 fsdp = False                           # FSDP2: shard teacher, generator and critic per block (sharded checkpoints)
 sp_size = 1                            # Ulysses sequence parallelism: ranks per sample (divides heads and tokens)
 # optimisation
-optimizer = "adamw"                    # "adamw"; the seed's "adamw_bf16" maps to fp32 master weights (same updates)
+optimizer = "adamw"                    # "adamw"; SimpleTuner's "adamw_bf16" maps to fp32 master weights (same updates)
 learning_rate = 2e-5                   # generator lr (scheduled by lr_scheduler)
 adam_beta1 = 0.9                       # generator AdamW beta1
 adam_beta2 = 0.999                     # generator AdamW beta2
@@ -145,7 +145,7 @@ lr_min_ratio = 0.1                     # cosine_with_min_lr: final lr = learning
 fake_score_lr_scheduler = "constant"   # the critic's fake_score_lr schedule: the same choices and warmup as lr_scheduler
 max_grad_norm = 1.0                    # generator gradient clip: max norm, or max |value| (grad_clip_method)
 grad_clip_method = "norm"              # "norm" or "value": the generator's; the critic always clips its norm to
-                                       # fake_score_grad_clip (the seed's DMDDistiller does the same)
+                                       # fake_score_grad_clip (SimpleTuner's DMDDistiller does the same)
 fake_score_lr = 1e-5                   # critic lr (scheduled by fake_score_lr_scheduler)
 fake_score_weight_decay = 0.01         # critic AdamW weight decay
 fake_score_betas = (0.9, 0.999)        # critic AdamW betas
@@ -199,7 +199,7 @@ threads = 0                            # torch CPU threads; 0: OMP_NUM_THREADS, 
 # config and networks
 
 def config(argv=None):
-    """Defaults, then config files (plain Python, or the seed's SimpleTuner .json, mapped) and --key=value, in the
+    """Defaults, then config files (plain Python, or SimpleTuner's config.json, mapped) and --key=value, in the
     order given -> the resolved config dict (sys.argv[1:] when argv is None)."""
     say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a: None)
     return configure(dict(DEFAULTS), __file__, argv, json_map=lambda p: simpletuner.read_config(p, DEFAULTS, say))
@@ -450,7 +450,7 @@ def next_batch(r):
 
 def step_batch(r, generator):
     """The trainer step's next micro-batch: the generator step draws it (next_batch) and keeps it, the critic step
-    of the same trainer step takes the kept ones in order (DMD2, FastVideo, Self-Forcing and the seed do the same: a
+    of the same trainer step takes the kept ones in order (DMD2, FastVideo, Self-Forcing and SimpleTuner do the same: a
     dataset is read once per step, and with rollout_mode="data" the critic learns the clips the generator was rolled
     out from); a critic-only step (warmup, generator_update_interval > 1) draws its own."""
     if not generator:
@@ -519,7 +519,8 @@ def generator_step(r, rec):
         t = dmd.score_timesteps(c["train_batch_size"], t_from, t_to, c, r.dev)
         loss, g, st = dmd.dmd_loss(x_g, t, r.R, r.Fk, ctx, r.neg_ctx, dmd.guidance(c, r.step, t),
                                    c["fake_score_guidance_scale"])
-        # DMD's optional anchors: flow matching on data latents, regression on the teacher's trajectories
+        # DMD's optional anchors (docs/method.md#the-regression-term): flow matching on data latents, regression on
+        # the teacher's trajectories
         weight = {"real_data_loss": c["real_data_loss_weight"], "ode_regression_loss": c["ode_regression_weight"]}
         terms = {}
         if weight["real_data_loss"] > 0:
@@ -569,7 +570,7 @@ def ema_update(r):
 
 
 def critic_step(r, rec, log_now):
-    """One critic update (§5) on fresh no-grad rollouts of the step's batch (step_batch) -> its loss (a tensor). On
+    """One critic update (docs/method.md#the-critic) on fresh no-grad rollouts of the step's batch (step_batch) -> its loss (a tensor). On
     log steps: the critic loss per score-timestep bin of 250, to catch collapse early."""
     c = r.c
 

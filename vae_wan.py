@@ -1,5 +1,5 @@
 """
-The Wan 2.1 causal 3-D VAE (wan21.md §8) in plain PyTorch, and its loaders (diffusers vae/ folder, original
+The Wan 2.1 causal 3-D VAE (docs/wan21.md#the-vae) in plain PyTorch, and its loaders (diffusers vae/ folder, original
 Wan2.1_VAE.pth, hub id). Run by the data cache (encode), sampling and validation (decode).
 """
 import json
@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from model_wan import resolve_hub
 from readers import load_safetensors, read_json
 
-# VAE: the Wan 2.1 causal 3-D VAE (wan21.md §8)
+# VAE: the Wan 2.1 causal 3-D VAE (docs/wan21.md#the-vae)
 #
 # Parameter layout: diffusers' AutoencoderKLWan (encoder.conv_in, encoder.down_blocks.N, quant_conv,
 # post_quant_conv, decoder.up_blocks.N.resnets.M, ...), so a diffusers vae/ folder loads as it is;
-# the original Wan2.1_VAE.pth keys are renamed on load (vae_key_from_original, §8.5).
+# the original Wan2.1_VAE.pth keys are renamed on load (vae_key_from_original, docs/wan21.md#weight-key-maps).
 #
-# The causal cache (§8.3). A clip is encoded in chunks of 1, 4, 4, ... frames and decoded one latent
+# The causal cache (docs/wan21.md#the-vae). A clip is encoded in chunks of 1, 4, 4, ... frames and decoded one latent
 # frame at a time. Every conv with a time kernel sees, in place of its front zero padding, the last
 # CACHE_T frames of its own INPUT from the previous chunk, so the chunks add up to one causal pass.
 # The time down/upsampling exists only in this chunked path. The cache is a plain dict made fresh by
@@ -270,7 +270,7 @@ class WanVAE(nn.Module):
         return self.post_quant_conv.weight.dtype
 
     def latent_stats(self, device):
-        """(mean, std), each (1,z_dim,1,1,1) fp32: latents = (mu - mean) / std (wan21.md §8.4)."""
+        """(mean, std), each (1,z_dim,1,1,1) fp32: latents = (mu - mean) / std (docs/wan21.md#the-vae)."""
         z = self.cfg.z_dim
         return (torch.tensor(self.cfg.latents_mean, device=device).view(1, z, 1, 1, 1),
                 torch.tensor(self.cfg.latents_std, device=device).view(1, z, 1, 1, 1))
@@ -366,7 +366,7 @@ def _blend_weights(n, lead, trail, ramp, device):
             w[-ramp:] = torch.minimum(w[-ramp:], r.flip(0)[-n:])
     return w
 
-# original Wan2.1_VAE.pth -> diffusers keys (wan21.md §8.5); the decoder's flat upsamples are regrouped
+# original Wan2.1_VAE.pth -> diffusers keys (docs/wan21.md#weight-key-maps); the decoder's flat upsamples are regrouped
 _VAE_O2D = [
     (r"^conv1\.", "quant_conv."), (r"^conv2\.", "post_quant_conv."),
     (r"^(encoder|decoder)\.conv1\.", r"\1.conv_in."),

@@ -1,6 +1,6 @@
 """
 Validation during a train_dmd.py run: the student's samples of the validation prompts as mp4s, and a live collapse
-signal that needs no known modes (issue 15 §3).
+signal that needs no known modes.
 
 The signal: at each validation the student samples `validation_diversity_seeds` seeds of every validation prompt
 (seeds validation_seed + k, the first one is the mp4), and its diversity is the mean pairwise RMS distance between

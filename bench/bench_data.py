@@ -1,5 +1,5 @@
 """
-Data-loading throughput (issue 5 §8): decode + resize of an 81-frame 480p clip on CPU (data.py's PyAV path:
+Data-loading throughput: decode + resize of an 81-frame 480p clip on CPU (data.py's PyAV path:
 MediaDataset -> load_frames -> resize to the 480x832 bucket), and reading cached entries back
 (CachedDataset.__getitem__: safetensors load + context zero-padding) for a 1.3B-sized entry
 (latents (16,21,60,104) fp32, context (n=40, 4096)).

@@ -41,7 +41,7 @@ BENCH = {
 
 
 def forward_flops(cfg, L, T=TEXT_LEN):
-    """Model FLOPs of one forward, batch 1, as in shared/design/perf.md (FLOPs = 2 x multiply-adds):
+    """Model FLOPs of one forward, batch 1, as in docs/memory.md#flops (FLOPs = 2 x multiply-adds):
     per video token and block, 2*(4E^2 + 2E^2 + 2*E*Fd) for the self-attention q,k,v,o, cross-attention q,o
     and FFN projections, + 4*L*E for self-attention (QK^T and PV) + 4*T*E for cross-attention; per block
     and sample 4*T*E^2 for the text k,v projections. Embeddings and head are left out (<0.1% at 1.3B/480p;
@@ -230,8 +230,8 @@ def time_rounds(models, fns, repeats, backward, dev, mem):
 def report(cfg, L, card_name, cuda, models, times, mem, mem_how, backward):
     """The table (median seconds, TFLOP/s and MFU on CUDA, peak memory) and the ratios to diffusers."""
     fwd = forward_flops(cfg, L)
-    peak_tf = 788.0 if "H200" in card_name else 798.0   # perf.md: measured bf16 matmul peaks, H200 and H100
-    print(f"model FLOPs (perf.md formula): forward {fwd / 1e12:.4g} TFLOP, fwd+bwd 3x = {3 * fwd / 1e12:.4g} TFLOP"
+    peak_tf = 788.0 if "H200" in card_name else 798.0   # docs/memory.md#flops: measured bf16 matmul peaks, H200 and H100
+    print(f"model FLOPs (docs/memory.md formula): forward {fwd / 1e12:.4g} TFLOP, fwd+bwd 3x = {3 * fwd / 1e12:.4g} TFLOP"
           + (f"; MFU vs {peak_tf:.0f} TFLOP/s bf16 peak" if cuda else ""))
     hdr = f"{'model':<16}{'fwd+bwd s':>11}{'TFLOP/s':>9}{'MFU':>7}{'fwd s':>9}{'TFLOP/s':>9}{'MFU':>7}{'peak mem':>12}"
     print(hdr + "\n" + "-" * len(hdr))

@@ -50,7 +50,7 @@ BENCH = {   # name -> (config, (latent frames, height, width in pixels)); latent
     "t2v-1.3B": (mw.PRESETS["t2v-1.3B"], (21, 480, 832)),                                          # L=32760
     "t2v-14B": (mw.PRESETS["t2v-14B"], (21, 480, 832)),
 }
-# the issue's goals for the LoRA step at 480x832x21: a 24 GB card (RTX 4090 class, 23.99 GiB total) and an
+# the goals for the LoRA step at 480x832x21: a 24 GB card (RTX 4090 class, 23.99 GiB total) and an
 # 80 GB card (H100: 79.2 GiB total); usable = total minus ~0.5 GiB CUDA context, compared with peak RESERVED
 GOALS = {"t2v-1.3B": ("24 GB", 23.5), "t2v-14B": ("80 GB", 78.5)}
 LABELS = {
@@ -323,7 +323,7 @@ def report(a, results, cuda):
 
 
 def goals(a, results, cuda, heads):
-    """Does the measured step fit the issue's cards (CUDA), or the note that a CPU run cannot say."""
+    """Does the measured step fit the goal's cards (CUDA), or the note that a CPU run cannot say."""
     if cuda and a.preset in GOALS:
         card_name, usable = GOALS[a.preset]
         at_size = a.size == BENCH[a.preset][1]
@@ -331,7 +331,7 @@ def goals(a, results, cuda, heads):
         for m in a.modes:
             r = results[m]
             ok = "oom" not in r and r["reserved"] / 2**30 <= usable
-            print(f"goal ({'the issue' if m == 'lora' else 'for comparison'}): {a.preset} {heads[m]} DMD step fits a {card_name} "
+            print(f"goal ({'the target' if m == 'lora' else 'for comparison'}): {a.preset} {heads[m]} DMD step fits a {card_name} "
                   f"card (peak reserved <= {usable} GiB): {'YES' if ok else 'NO'} ({gb(r['reserved'])})"
                   + ("" if at_size else f" [measured at {Fr}x{H}x{W}, the goal is at {BENCH[a.preset][1]}]"))
     elif not cuda:

@@ -1,16 +1,16 @@
 """
-DMD against a closed form (issue 7 §3). A class-conditional Gaussian mixture whose exact flow-matching
+DMD against a closed form. A class-conditional Gaussian mixture whose exact flow-matching
 velocity is known is the real score R; the trainer's own pure functions (flow.rollout, train_dmd's
 score_timesteps, dmd_loss, critic_loss) distil a small MLP generator into a 3-step sampler (steps 1000,757,522).
 Its samples are scored against exact samples of the target beside the exact 50-step sampler and plain 3-step
 sampling.
 
-  python bench/bench_gmm.py                        # w = 0 and w = 2 at interval 5, and the seed's w = 3, interval 1
+  python bench/bench_gmm.py                        # w = 0 and w = 2 at interval 5, and the quickstart's w = 3, interval 1
   python bench/bench_gmm.py --guidance 0 1 --interval 1 --steps 6000 --log
-  python bench/bench_gmm.py --ablate --guidance 0    # issue 15: ours -> plain DMD2 one change at a time, 3 seeds
-  # issue 15, DMD alone at its best (2.59x the exact 50-step MMD over 3 seeds; the default 3.31x):
+  python bench/bench_gmm.py --ablate --guidance 0    # ours -> plain DMD2 one change at a time, 3 seeds
+  # DMD alone at its best (2.59x the exact 50-step MMD over 3 seeds; the default 3.31x):
   python bench/bench_gmm.py --guidance 0 --no-seed-setting --batch 512 --interval 2 --steps 6000 --lr-scheduler cosine --fake-hidden 256 --critic-error
-  # issue 15's goal met: DMD plus DMD's regression term (train_dmd's ode_regression_weight) on exact ODE pairs
+  # every mode kept: DMD plus DMD's regression term (train_dmd's ode_regression_weight) on exact ODE pairs
   python bench/bench_gmm.py --guidance 0 --no-seed-setting --steps 15000 --ode-regression 4
 
 The mixture: 3 classes x 4 isotropic modes (std 0.2) on a circle of radius 3 in 2 channels, the classes
@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flow  # noqa: E402
 import dmd  # noqa: E402
 
-STEPS = [1000.0, 757.0, 522.0]   # the seed's dmd_denoising_steps
+STEPS = [1000.0, 757.0, 522.0]   # SimpleTuner's DMD quickstart's dmd_denoising_steps
 SCORE_T = dict(ts_schedule=True, ts_schedule_max=False, min_score_timestep=0, timestep_shift=1.0,
                min_timestep_ratio=0.02, max_timestep_ratio=0.98)   # train_dmd's defaults for the score timesteps
 
@@ -274,7 +274,7 @@ def score_t(batch, t_from, t_to, window):
 
 
 def exit_step(exits):
-    """The rollout's exit step k*: "uniform" over STEPS (dmd.md §3) or "last" (last_step_only)."""
+    """The rollout's exit step k*: "uniform" over STEPS (docs/method.md#the-rollout) or "last" (last_step_only)."""
     return int(torch.randint(len(STEPS), ())) if exits == "uniform" else len(STEPS) - 1
 
 
@@ -313,7 +313,7 @@ def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, f
                   nets=None, anchor=None):
     """DMD as train_dmd.train's loop runs it, on train_dmd's own functions. G and F start as copies of `teacher`,
     R is the closed form, the negative context is zeros. Every step: a critic step on a fresh no-grad rollout;
-    every `interval` steps first a generator step. Exit steps uniform over STEPS, score timesteps as §4 with
+    every `interval` steps first a generator step. Exit steps uniform over STEPS, score timesteps as docs/method.md#the-score-window with
     train_dmd's defaults, fake guidance off, AdamW, grad-norm clip. EMA of G after every generator step.
     -> the EMA generator. Every `every` steps: callback(step, G_ema, {dmd_loss, g_abs, fake_score_loss}).
     Ablation switches (the defaults are the trainer's behaviour): window "ours" | "uniform" (score_t, both
@@ -463,7 +463,7 @@ def empirical_x0(ref, x_t, t):
 
 
 def critic_error(mix, G, Fk, n_ref=20000, n_q=1000, ts=(30, 100, 250, 500, 750, 950), seed=0):
-    """How well the critic knows the generator (issue 15): at each t, the mean squared x0 error of F on noised samples
+    """How well the critic knows the generator: at each t, the mean squared x0 error of F on noised samples
     of G's 3-step rollout against E[x0 | x_t] of G's own distribution (empirical over n_ref other samples, per
     class), beside the signal, the same distance for the exact R. F's error near the signal = a DMD gradient of
     mostly critic error. -> {t: (F error, signal)}, averaged over the classes."""
@@ -484,7 +484,7 @@ def critic_error(mix, G, Fk, n_ref=20000, n_q=1000, ts=(30, 100, 250, 500, 750, 
     return {t: tuple(v) for t, v in out.items()}
 
 # -----------------------------------------------------------------------------
-# ablation (issue 15): ours -> plain DMD2, one change at a time
+# ablation: ours -> plain DMD2, one change at a time
 
 ABLATIONS = [   # (row, train_gmm_dmd overrides, also in the long run); "lr" / "fake_lr": factors on --lr / --fake-lr
     ("ours (trainer defaults)", {}, True),
@@ -538,7 +538,7 @@ def ablation_run(a, mix, teacher, tgt, w, interval, steps, seed, kw):
 
 
 def ablate(a, mix):
-    """--ablate: every ABLATIONS row at each --guidance (at --interval) and the seed setting (w = 3, interval 1),
+    """--ablate: every ABLATIONS row at each --guidance (at --interval) and the quickstart's setting (w = 3, interval 1),
     --steps each; then the rows marked long at w = 0, --interval, --ablate-long x --steps (as many generator
     steps as interval 1). Over --ablate-seeds seeds, the teacher, target and exact sampler per seed as the main
     table builds them. Prints one markdown table of mean (min-max) over the seeds -> {setting: {row: [dicts]}}."""
@@ -585,12 +585,12 @@ def parse_args(argv=None):
                    help="real_score_guidance_scale w values (DMD2 form)")
     p.add_argument("--interval", type=int, default=5, help="generator_update_interval of the --guidance runs")
     p.add_argument("--seed-setting", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run the seed's w = 3 at interval 1 (dmd.md §11: collapse-prone)")
+                   help="also run the quickstart's w = 3 at interval 1 (collapse-prone: docs/method.md#guidance-and-mode-coverage)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--hidden", type=int, default=128, help="width of the MLP of G and F (and of the init)")
     p.add_argument("--depth", type=int, default=3, help="hidden layers of the MLP")
     p.add_argument("--fake-hidden", type=int, default=0, help="0: the critic starts as a copy of the init (as the "
-                   "trainer's); N: its own MLP of width N, regressed like the init (a wider critic, issue 15)")
+                   "trainer's); N: its own MLP of width N, regressed like the init (a wider critic)")
     p.add_argument("--critic", choices=["copy", "residual", "exact"], default="copy", help="copy: the critic is "
                    "that MLP (the init's copy, or --fake-hidden's); residual: R + (MLP - its frozen start), equal to R at the start "
                    "as the trainer's critic is to its teacher (ResidualCritic); exact: a perfect critic (ExactCritic, "
@@ -611,8 +611,8 @@ def parse_args(argv=None):
     p.add_argument("--critic-error", action="store_true", help="after each DMD run: the critic's x0 error against "
                    "the generator's own distribution beside the signal (critic_error)")
     p.add_argument("--log", action="store_true", help="print a DMD log line with the mode metrics at every check")
-    p.add_argument("--ablate", action="store_true", help="instead of the table: the ablation of issue 15 (ours -> "
-                   "plain DMD2 one change at a time, ABLATIONS) at each --guidance (at --interval) and the seed setting")
+    p.add_argument("--ablate", action="store_true", help="instead of the table: the ablation (ours -> "
+                   "plain DMD2 one change at a time, ABLATIONS) at each --guidance (at --interval) and the quickstart's setting")
     p.add_argument("--ablate-seeds", type=int, default=3, help="seeds of --ablate, from --seed on")
     p.add_argument("--ablate-long", type=int, default=5, help="--ablate's long run at w = 0: this many x --steps "
                    "(5: as many generator steps at interval 5 as --steps at interval 1); 1 = none")

@@ -106,7 +106,7 @@ def memory(c, mode, par, gpus, sp, L, latent_numel):
     return weights, states, activations(c["cfg"], L, latent_numel, sp)
 
 
-TARGETS = {"t2v-1.3B": 12e9, "t2v-14B": 48e9}   # issue 19's targets for one GPU, LoRA, 480x832x81 (bytes)
+TARGETS = {"t2v-1.3B": 12e9, "t2v-14B": 48e9}   # the targets for one GPU, LoRA, 480x832x81 (bytes)
 VARIANTS = (("bf16", 4, False), ("int8", 4, False), ("bf16", 2, False), ("int8", 2, False), ("int8", 4, True),
             ("int8", 2, True))   # (base storage, residual bytes, activation offload)
 

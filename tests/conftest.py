@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny diffusers reference modules built offline (wan21.md §12); the suite's own environment."""
+"""Shared fixtures: tiny diffusers reference modules built offline (docs/wan21.md#testing-against-diffusers); the suite's own environment."""
 import atexit
 import os
 import shutil

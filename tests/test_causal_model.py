@@ -1,4 +1,4 @@
-"""Causal (block-wise) Wan student, issue 9 §1, §4, §5: block mask, KV cache, per-frame t, rolling window,
+"""Causal (block-wise) Wan student: block mask, KV cache, per-frame t, rolling window,
 streamed VAE decode and the causal sample.py path. Tiny fp32 models with random weights (no path hidden)."""
 import json
 

@@ -1,4 +1,4 @@
-"""Causal student training, issue 9 §2, §3, §5 (train side): the block-wise rollout (gradient only at each block's
+"""Causal student training (train side): the block-wise rollout (gradient only at each block's
 exit forward, none across blocks), the keys' documented effects, config errors, exit steps on 2 gloo ranks, and
 a tiny end-to-end ODE init (teacher trajectories + regression) followed by DMD from it."""
 import json
@@ -102,7 +102,7 @@ def test_gradient_only_at_exit_steps_and_none_across_blocks():
 
 def test_exit_steps_keys():
     n = 3
-    # same_step_across_blocks: one draw for all blocks; bidirectional (1 block): the seed trainer's draw
+    # same_step_across_blocks: one draw for all blocks; bidirectional (1 block): the bidirectional trainer's draw
     for step in range(20):
         ks = dmd.exit_steps(42, step, 0, n, 7, same=True)
         assert len(set(ks)) == 1

@@ -1,4 +1,4 @@
-"""The pure DMD functions of train_dmd.py (shared/design/dmd.md §3-§5) against closed forms and analytic networks.
+"""The pure DMD functions of train_dmd.py (docs/method.md) against closed forms and analytic networks.
 
 Networks are velocity functions f(x, t, ctx) -> v with x (B,C,F,H,W), t (B,) on 0-1000, v = eps - x0, and
 x_t = (1-σ)x0 + σ·eps with σ = t/1000. Every random draw inside the functions comes from torch's global RNG, so the
@@ -54,7 +54,7 @@ NEG = torch.tensor([0.0, 0.0])
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 1. the generator loss: ∂L/∂x_g = g / numel, L = 0.5·mean(g²), g as defined in §4
+# 1. the generator loss: ∂L/∂x_g = g / numel, L = 0.5·mean(g²), g as defined in docs/method.md#the-generators-loss
 
 def test_dmd_loss_gradient_is_g_over_numel_and_matches_section4():
     real, fake = AnalyticNet(0.3, 0.2, 0.05), AnalyticNet(-0.1, 0.5, -0.2)

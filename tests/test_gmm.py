@@ -1,4 +1,4 @@
-"""DMD against a closed form (issue 7 §3; bench/bench_gmm.py): a class-conditional Gaussian mixture with an exact
+"""DMD against a closed form (bench/bench_gmm.py): a class-conditional Gaussian mixture with an exact
 flow-matching velocity is the real score, and dmd.py's functions distil a 3-step MLP generator from it.
 
 1. the closed-form velocity against Monte Carlo and against the known marginal density (autograd of log p_t);
@@ -150,7 +150,7 @@ def test_dmd_generator_reaches_the_mixture_in_3_steps():
 
 
 def test_ablation_window_uniform_ignores_the_exit_step():
-    """bench_gmm.score_t (issue 15): "ours" draws in [t_to, 1000) clamped to [20, 980], so an exit at step 0 (t_from
+    """bench_gmm.score_t: "ours" draws in [t_to, 1000) clamped to [20, 980], so an exit at step 0 (t_from
     1000, t_to 757) only ever sees t >= 757; "uniform" draws U[20, 980) whatever the exit step, the same numbers
     for every (t_from, t_to) at one RNG state. "last" exits always leave at the last step."""
     n = 20000
@@ -217,7 +217,7 @@ def test_ablation_normalisers():
 
 
 def test_empirical_x0_is_the_closed_form_on_mixture_samples():
-    """bench_gmm.empirical_x0, the yardstick of critic_error (issue 15): over 20000 exact samples of class 0 it gives
+    """bench_gmm.empirical_x0, the yardstick of critic_error: over 20000 exact samples of class 0 it gives
     the closed-form E[x0 | x_t] to a mean squared error under 2e-4 at every t of critic_error (measured 3e-5 to 1e-4;
     the critic errors it measures are 7e-4 and up) and under 5% of |x_t − E[x0 | x_t]|² (1.3% at t = 30, under
     0.1% from t = 100 on)."""
@@ -236,7 +236,7 @@ def test_empirical_x0_is_the_closed_form_on_mixture_samples():
 
 
 def test_critic_options_and_critic_error():
-    """train_gmm_dmd's issue-15 options: fake_init starts the critic from its own (here narrower) net and leaves it
+    """train_gmm_dmd's critic options: fake_init starts the critic from its own (here narrower) net and leaves it
     untouched, nets hands back the trained G and F, lr_scheduler "cosine" runs; critic_error with the exact velocity
     as the critic reports its error equal to the signal (the same x0 distance), and a trained F differs."""
     mix = bg.make_mixture()
@@ -304,8 +304,8 @@ def test_exact_trajectories_and_the_regression_term():
 
 
 @pytest.mark.slow
-def test_dmd_with_the_regression_term_meets_issue_15():
-    """Issue 15's goal on the mixture: DMD plus 4 x the regression on exact ODE pairs (train_dmd's
+def test_dmd_with_the_regression_term_keeps_every_mode():
+    """Every mode kept on the mixture: DMD plus 4 x the regression on exact ODE pairs (train_dmd's
     ode_regression_weight), 15000 trainer steps at interval 5, within 1.5x the exact 50-step sampler's MMD. Measured
     (seeds 0-2, bench/README.md "DMD's regression term"): 1.32x at seed 0, where DMD alone is at 2.4x."""
     mix = bg.make_mixture()

@@ -1,4 +1,4 @@
-"""The shape of the code (shared/design/style.md): the import graph runs one way, down the layers below (no circle,
+"""The shape of the code (README.md "Files"): the import graph runs one way, down the layers below (no circle,
 nothing sideways), and files and functions stay a size a person reads on one screen. Pure source checks (ast), no
 imports of the project: they run in a second."""
 import ast

@@ -9,7 +9,7 @@ import model_wan as mw
 import lora
 from conftest import run_offline_hub, TINY_D, randomize_
 
-# the original -> diffusers rename of diffusers' convert script (wan21.md §5), restated independently of
+# the original -> diffusers rename of diffusers' convert script (docs/wan21.md#weight-key-maps), restated independently of
 # model_wan's own map: ordered str.replace, head.modulation before modulation, norm2/norm3 swap via a placeholder
 CONVERT_RENAME = [
     ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),

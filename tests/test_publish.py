@@ -431,7 +431,7 @@ def test_failure_and_config_errors(tmp_path):
     with pytest.raises(ValueError, match="hub_model_id"):
         train_dmd.train(tiny_cfg(tmp_path / "b", "--push_to_hub=True"))
     assert not (tmp_path / "b").exists()   # before anything was written
-    # the seed's SimpleTuner keys map by name (strings from JSON converted)
+    # the quickstart's SimpleTuner keys map by name (strings from JSON converted)
     hook_cfg = {"webhook_type": "raw", "callback_url": "http://127.0.0.1:1/x"}
     st = {"push_to_hub": "true", "push_checkpoints_to_hub": False, "hub_model_id": "me/x", "model_card_private": "false",
           "webhook_config": hook_cfg, "report_to": "none", "tracker_project_name": "p", "tracker_run_name": "r"}

@@ -1,4 +1,4 @@
-"""Issue 16, under bad input: bad files and bad text are one-line errors that name the file (readers.py); a start that
+"""Under bad input: bad files and bad text are one-line errors that name the file (readers.py); a start that
 fails leaves an existing run's files alone; the suite passes in a user's environment as it is; the critic trains on
 the generator step's batch."""
 import os

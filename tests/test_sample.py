@@ -36,7 +36,7 @@ def test_text_encoder_matches_diffusers(tiny_pipeline, pipe_dir):
     assert empty[0, 0].abs().sum() > 0 and empty[0, 1:].abs().max() == 0
 
 
-# Wan's original T5 names (wan21.md §6.3), restated independently of model_wan: HF -> original
+# Wan's original T5 names (docs/wan21.md#weight-key-maps), restated independently of model_wan: HF -> original
 def hf_to_original_t5(key):
     if key == "shared.weight":
         return "token_embedding.weight"
@@ -109,7 +109,7 @@ def test_unipc_matches_diffusers_scheduler(n, shift, layout):
     sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
     if layout == "diffusers":
         sched.set_timesteps(n)
-    else:   # the original Wan schedule through diffusers' class (wan21.md §7.2)
+    else:   # the original Wan schedule through diffusers' class (docs/wan21.md#the-scheduler)
         sched.set_timesteps(sigmas=np.linspace(0.999, 0, n + 1)[:-1])
     sigmas, timesteps = flow.flow_schedule(n, shift, layout)
     assert torch.equal(timesteps, sched.timesteps)
@@ -218,7 +218,7 @@ def test_configurator(tmp_path, capsys):
 
 def test_student_steps_as_trained(tmp_path):
     """sample.py samples a student on the timesteps it was trained on (its train_dmd config.json, warped when
-    warp_denoising_step was set), the seed's 1000,757,522 without one."""
+    warp_denoising_step was set), SimpleTuner's DMD quickstart's 1000,757,522 without one."""
     import json
     assert sample.student_steps(str(tmp_path)) == sample.STUDENT_STEPS.replace(",", ".0,") + ".0"
     json.dump({"dmd_denoising_steps": "1000,750,500,250"}, open(tmp_path / "config.json", "w"))

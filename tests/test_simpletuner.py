@@ -1,4 +1,4 @@
-"""The seed's SimpleTuner config.json (tests/fixtures/simpletuner/config/: the JSON of SimpleTuner's DMD quickstart
+"""SimpleTuner's config.json (tests/fixtures/simpletuner/config/: the JSON of SimpleTuner's DMD quickstart
 for Wan 2.1, documentation/distillation/FASTWAN_DMD.md at bghira/SimpleTuner bc8e6ab, with the
 fake_score_lr_scheduler / min_lr_ratio its October 2025 version had and a shorter validation prompt; its
 multidatabackend in the format of SimpleTuner's Wan quickstart, a prompt library and a webhook file) read by
@@ -39,7 +39,7 @@ def test_seed_config_every_key_mapped_or_named(capsys):
     assert (c["causal"], c["num_frame_per_block"], c["same_step_across_blocks"]) == (False, 0, True)
     assert "NOTICE: num_frame_per_block=3" in out and "--causal=True --num_frame_per_block=3" in out
     assert (c["base_model_precision"], c["text_encoder_1_precision"], c["quantize_via"]) == ("int8-quanto", "int8-quanto", "cpu")
-    checks.check_config(c)   # the seed's 8-bit settings are ours: int8 base and UMT5, quantised on the CPU
+    checks.check_config(c)   # the quickstart's 8-bit settings are ours: int8 base and UMT5, quantised on the CPU
     assert (c["lora_rank"], c["fake_score_lora_rank"], c["lr_scheduler"], c["fake_score_lr_scheduler"],
             c["lr_min_ratio"]) == (128, 128, "cosine_with_min_lr", "cosine_with_min_lr", 0.5)
     assert (c["height"], c["width"], c["grad_clip_method"], c["seed"]) == (480, 832, "value", 1000)
@@ -86,7 +86,7 @@ def test_print_config_exits_before_output_dir(tmp_path, capsys):
 
 
 def test_seed_config_tiny_run(tmp_path, monkeypatch):
-    """The seed's file unchanged, then config/tiny.py's model sizes and the outputs' switches on the command line;
+    """The quickstart's file unchanged, then config/tiny.py's model sizes and the outputs' switches on the command line;
     the data backend points at tiny clips (its sizes are the data's)."""
     from test_data import moving_square, write_video
     shutil.copytree(os.path.dirname(SEED), tmp_path / "config")

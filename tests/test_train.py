@@ -187,7 +187,7 @@ def test_config_errors(tmp_path, capsys):
                        ("--grad_clip_method=foo", "grad_clip_method")):
         with pytest.raises(ValueError, match=match):
             checks.check_config(tiny_cfg(tmp_path, bad))
-    # a SimpleTuner config.json: implemented keys mapped, the rest named in one line (tests/test_simpletuner.py: the seed's)
+    # a SimpleTuner config.json: implemented keys mapped, the rest named in one line (tests/test_simpletuner.py: the quickstart's)
     st = {"--model_family": "wan", "dmd_denoising_steps": "1000,757,522", "generator_update_interval": 1,
           "real_score_guidance_scale": 3.0, "fake_score_betas": [0.9, 0.999], "--validation_steps": 50,
           "optimizer": "adamw_bf16", "base_model_precision": "int8", "num_frame_per_block": 1}

@@ -79,7 +79,7 @@ def test_real_config_on_meta():
         m = vae_wan.WanVAE()
     assert mw.num_params(m) == 126_892_531
     sd = m.state_dict()
-    assert len(sd) == 194   # wan21.md §8.5: 194 tensors each side
+    assert len(sd) == 194   # docs/wan21.md#weight-key-maps: 194 tensors each side
     orig = {to_original_key(k, 2) for k in sd}
     assert {"decoder.upsamples.4.shortcut.weight", "decoder.upsamples.11.resample.1.weight",
             "encoder.downsamples.8.time_conv.weight", "decoder.middle.1.to_qkv.weight", "conv2.bias"} <= orig
@@ -88,7 +88,7 @@ def test_real_config_on_meta():
     assert sd["decoder.up_blocks.2.upsamplers.0.resample.1.weight"].shape == (96, 192, 3, 3)
 
 
-# diffusers -> original keys (wan21.md §8.5), restated here independently of model_wan's regex map
+# diffusers -> original keys (docs/wan21.md#weight-key-maps), restated here independently of model_wan's regex map
 def to_original_key(key, R):
     """R residual blocks per encoder stage; decoder stages hold R+1 residual blocks and one upsampler."""
     parts = key.split(".")
