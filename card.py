@@ -9,7 +9,7 @@ import os
 import shlex
 
 import quant
-from configurator import hub_file
+from configurator import hub_file, redact
 
 DIFFUSERS_BASES = {"Wan-AI/Wan2.1-T2V-1.3B": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
                    "Wan-AI/Wan2.1-T2V-14B": "Wan-AI/Wan2.1-T2V-14B-Diffusers"}
@@ -112,7 +112,7 @@ def model_card(c, steps, records, env, files, prompts, at=None):
     if os.path.exists(os.path.join(c["output_dir"], "preview.gif")) or "preview.gif" in files:
         L += ["![validation samples](preview.gif)", "", "Validation prompts: " + "; ".join(f"*{p}*" for p in prompts), ""]
     if c.get("model_card_note"):
-        L += [c["model_card_note"], ""]
+        L += [redact(c["model_card_note"], "model_card_note"), ""]   # a token or webhook in it never reaches the hub
     L += ["## Method", "", "| | |", "|---|---|",
           f"| base model (teacher) | `{base or src}` |",
           f"| method | DMD (DMD2 form), backward-simulation rollout (`rollout_mode={c['rollout_mode']}`) |",
@@ -171,18 +171,18 @@ def card_usage(c, steps, files, repo, pipe_id, prompt):
           "noise (`FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)` on the sigmas below), guidance_scale 1.", "",
           "```python", "import torch", "from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline",
           "from diffusers.utils import export_to_video", "",
-          f'pipe = WanPipeline.from_pretrained("{pipe_id}", torch_dtype=torch.bfloat16)']
+          f'pipe = WanPipeline.from_pretrained({json.dumps(pipe_id)}, torch_dtype=torch.bfloat16)']
     if c["lora_rank"] > 0 and adapter in files:
-        L += [f'pipe.load_lora_weights("{repo}", weight_name="{adapter}")   # the LoRA student (EMA weights)']
+        L += [f'pipe.load_lora_weights({json.dumps(repo)}, weight_name="{adapter}")   # the LoRA student (EMA weights)']
         if merged:
             L += ["# or the merged student:", "# from diffusers import WanTransformer3DModel",
-                  f'# pipe.transformer = WanTransformer3DModel.from_pretrained("{repo}", subfolder="transformer", '
+                  f'# pipe.transformer = WanTransformer3DModel.from_pretrained({json.dumps(repo)}, subfolder="transformer", '
                   "torch_dtype=torch.bfloat16)"]
     else:
         L = L[:-1] + ["from diffusers import WanTransformer3DModel",
-                      f'transformer = WanTransformer3DModel.from_pretrained("{repo}", subfolder="transformer", '
+                      f'transformer = WanTransformer3DModel.from_pretrained({json.dumps(repo)}, subfolder="transformer", '
                       "torch_dtype=torch.bfloat16)",
-                      f'pipe = WanPipeline.from_pretrained("{pipe_id}", transformer=transformer, torch_dtype=torch.bfloat16)']
+                      f'pipe = WanPipeline.from_pretrained({json.dumps(pipe_id)}, transformer=transformer, torch_dtype=torch.bfloat16)']
     L += ['pipe.to("cuda")',
           "pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, stochastic_sampling=True)",
           "set_timesteps = pipe.scheduler.set_timesteps   # the pipeline asks for N steps: give it the student's sigmas",
@@ -190,9 +190,11 @@ def card_usage(c, steps, files, repo, pipe_id, prompt):
           f'video = pipe({json.dumps(prompt)}, num_inference_steps={len(steps)}, guidance_scale=1.0,',
           f"             height={H}, width={W}, num_frames={Fn}).frames[0]",
           'export_to_video(video, "student.mp4", fps=16)', "```", ""]
-    get = [f"hf download {repo} --local-dir student"] if c["hub_model_id"] else []   # else: the run folder itself
+    get = [f"hf download {shlex.quote(repo)} --local-dir student"] if c["hub_model_id"] else []   # else: the run folder
+    # itself; every path the snippets insert is quoted (a folder named with ; or $(...) runs nothing when pasted)
     L += ["## Use it with wan-dmd", "", "```bash", *get,
-          f'python sample.py --model={pipe_id} --ckpt={"student" if get else repo} --denoising_steps={fmt_steps(steps)} \\',
+          f'python sample.py --model={shlex.quote(pipe_id)} --ckpt={shlex.quote("student" if get else repo)} '
+          f'--denoising_steps={fmt_steps(steps)} \\',
           f'    --height={H} --width={W} --num_frames={Fn} --prompt={shlex.quote(prompt)}', "```", ""]
     return L
 

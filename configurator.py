@@ -251,7 +251,7 @@ def configure(g, script_path, argv=None, json_map=None, commands=None):
                 fail(prog, f"{value}: {e}")
     g.update(cfg)
     if show:
-        print(json.dumps(cfg, indent=2, default=str, ensure_ascii=False))
+        print(json.dumps(redact(cfg), indent=2, default=str, ensure_ascii=False))
         sys.exit(0)
     return cfg
 
@@ -320,7 +320,8 @@ REDACTED = "<redacted>"
 
 def redact(value, key=""):
     """A copy of a config value (dict, list, tuple, inline JSON, an argv item "--key=value", text) without secrets:
-    the value of a secret-named key (a URL keeps its scheme and host), any URL's user:password@, hf_ tokens. Every
+    the value of a secret-named key (a URL keeps its scheme and host), the path of any webhook's URL (a "hook" in its
+    host or path: Discord's, Slack's, ...) wherever it appears, any URL's user:password@, hf_ tokens. Every
     written copy of the config and argv goes through it (config.json, checkpoints, env.json, wandb, printed URLs)."""
     if isinstance(value, dict):
         return {k: redact(v, str(k)) for k, v in value.items()}
@@ -339,6 +340,6 @@ def redact(value, key=""):
     secret = bool(SECRET_KEY.search(key))
     if secret and value and not URL.match(value):
         return REDACTED
-    value = URL.sub(lambda m: m[1] + (REDACTED + "@" if m[2] else "") + m[3]
-                    + ("/" + REDACTED if secret and m[4] else m[4]), value)
+    value = URL.sub(lambda m: m[1] + (REDACTED + "@" if m[2] else "") + m[3]   # a webhook's URL: its path is the token
+                    + ("/" + REDACTED if (secret or "hook" in (m[3] + m[4]).lower()) and m[4] else m[4]), value)
     return HF_TOKEN.sub("hf_" + REDACTED, value)

@@ -22,6 +22,7 @@ Cache (section 4, cache.py): VAE latents and text embeddings, computed once and 
     python data.py --help                                            # these commands' flags
 """
 import csv
+import errno
 import json
 import math
 import os
@@ -63,7 +64,9 @@ DEFAULTS = dict(
     repeats=0,                         # every sample is seen 1 + repeats times per epoch
     caption_dropout_probability=0.0,   # caption -> "" (the empty prompt) with this probability
     aspect_bucket_rounding=2,          # decimals of the aspect ratio (W/H) used for bucketing
-    delete_problematic_images=False,   # delete media files that fail (never caption files)
+    delete_problematic_images=False,   # delete damaged media files (zero bytes, undecodable, truncated); files skipped for
+                                       # a setting (too small, too short), their format (16-bit, alpha, no video stream),
+                                       # their caption or a bad symlink are never deleted
     cache_dir="",                      # latents + text embeddings; "" -> <instance_data_dir>/.cache (<prompts_file>.cache)
     compress_disk_cache=False,         # gzip the cache entries (readers detect it, so toggling it keeps the cache)
     vae_batch_size=1,                  # clips per VAE encode call while caching
@@ -165,6 +168,12 @@ def scan_folder(c, warn):
             warn(path, f"unsupported file type {ext or '(none)'}", media=False)
             continue
         try:
+            os.stat(path)
+        except OSError as e:   # never deleted: the link is the user's
+            warn(path, "a symlink loop" if e.errno == errno.ELOOP else f"a dangling symlink (to {os.readlink(path)!r})"
+                 if os.path.islink(path) else f"unreadable ({e.strerror})", media=False)
+            continue
+        try:
             side = os.path.splitext(path)[0] + ".txt"
             caption = read_caption(side) if os.path.exists(side) else meta.get(os.path.relpath(path, root))
             if caption is None:
@@ -175,15 +184,14 @@ def scan_folder(c, warn):
         try:
             is_image = ext in IMAGE_EXT
             h, w, n = probe(path, is_image)
-            m = c["minimum_image_size"]
-            if h * w < m * m:
-                raise BadFile(f"too small ({w}x{h} = {w * h} px < minimum_image_size² = {m}² px; lower "
-                              "minimum_image_size to keep it)")
-            nf = 1 if is_image else c["num_frames"]
-            if n < (nf - 1) * c["frame_interval"] + 1:
-                raise BadFile(f"too short ({n} frames < {nf} at interval {c['frame_interval']})")
-        except BadFile as e:
-            warn(path, str(e), media=True)
+        except BadFile as e:   # damaged (zero bytes, undecodable, truncated): the only kind ever deleted
+            warn(path, str(e), media=any(w in str(e) for w in ("zero-byte", "undecodable", "truncated")))
+            continue
+        m, nf = c["minimum_image_size"], 1 if is_image else c["num_frames"]
+        if h * w < m * m or n < (nf - 1) * c["frame_interval"] + 1:   # a setting's reason, not damage: kept
+            warn(path, f"too small ({w}x{h} = {w * h} px < minimum_image_size² = {m}² px; lower minimum_image_size to "
+                 "keep it)" if h * w < m * m else f"too short ({n} frames < {nf} at interval {c['frame_interval']})",
+                 media=False)
             continue
         H, W = bucket_size(h, w, c["resolution"], c["aspect_bucket_rounding"])
         samples.append(dict(file=path, caption=caption, bucket=(H, W, nf), n_src=n))

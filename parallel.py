@@ -31,6 +31,7 @@ import torch.nn as nn
 
 import model_wan as mw
 import lora
+import run_dir
 
 try:   # public from torch 2.6; torch 2.5 has it under _composable
     from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -111,6 +112,12 @@ def all_finite(env, tensors):
     """True on every rank when every tensor is finite on every rank (a DTensor: this rank's shard, no gather)."""
     ok = all(bool(torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all()) for t in tensors)
     return all_true(env, ok)
+
+
+def local_norm(tensors):
+    """The L2 norm of this rank's part of `tensors` (a DTensor: its shard) as a float (divergence checks)."""
+    ts = [(t.to_local() if hasattr(t, "to_local") else t).detach().float().norm() for t in tensors]
+    return float(torch.stack(ts).norm()) if ts else 0.0
 
 
 def mean(env, x):
@@ -278,9 +285,10 @@ def set_rng_state(st):
 
 
 def save_checkpoint(out_dir, state, limit, env=Dist(), rank_state=None, sharded=None):
-    """Write checkpoint-{step}/ via a temporary folder and a rename; keep the newest `limit`. state.pt comes
-    from rank 0; with several processes rank r > 0 adds rank{r}.pt (its RNG and data position) and FSDP adds
-    the sharded weights and optimiser states under sharded/ (torch.distributed.checkpoint, every rank)."""
+    """Write checkpoint-{step}/ via a temporary folder and a rename; keep the newest `limit` of this run (run_dir:
+    rotation sees only the run's own, complete checkpoints). state.pt comes from rank 0; with several processes rank
+    r > 0 adds rank{r}.pt (its RNG and data position) and FSDP adds the sharded weights and optimiser states under
+    sharded/ (torch.distributed.checkpoint, every rank); the checksums of every file go in last (run_dir)."""
     final = os.path.join(out_dir, f"checkpoint-{state['step']:07d}")
     tmp = final + ".tmp"
     if env.main:
@@ -294,14 +302,32 @@ def save_checkpoint(out_dir, state, limit, env=Dist(), rank_state=None, sharded=
     barrier(env)
     if env.main:
         torch.save(state, os.path.join(tmp, "state.pt"))
+        run_dir.write_checksums(tmp, state.get("run_id"), state["step"])
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        done = sorted(d for d in os.listdir(out_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp"))
-        for d in done[: max(0, len(done) - max(1, limit))]:
-            shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
+        run_dir.rotate(out_dir, limit, state.get("run_id"))
     barrier(env)
     return final
 
+
+def read_checkpoint(env, ckpt):
+    """-> (state.pt, this rank's rank{r}.pt or state.pt): every rank reads its files, then all agree before any goes
+    on (a bad rank1.pt stops every rank alike, named in one line, never a torch.load text advising an unsafe load)."""
+    st = rs = err = None
+    try:
+        st = run_dir.load(os.path.join(ckpt, "state.pt"))
+        own = env.rank and st.get("world", 1) == env.world
+        rs = run_dir.load(os.path.join(ckpt, f"rank{env.rank}.pt")) if own else st
+    except ValueError as e:
+        err = e
+    if not all_true(env, err is None):
+        raise err or ValueError(f"{ckpt}: a file of it cannot be read on another rank (named there)")
+    return st, rs
+
+
+# the trainable weights' norm growing more than this factor between two checkpoints is divergence (train_dmd aborts
+# naming the last good checkpoint; the weights reach |w| = 1e10 while the losses are still finite)
+DIVERGED = 100.0
 
 # train_dmd keys a run cannot change when it resumes (its checkpoint holds state made with the old value): the
 # networks' shapes and starting weights, the student's definition (its steps; the causal student's blocks and
@@ -320,27 +346,36 @@ def resume_changes(saved, new, ckpt):
     """The config a checkpoint was written with vs this run's (both as JSON values) -> {key: (old, new)} of the
     changed keys; a ValueError naming every one that cannot change (RESUME_FIXED, use_ema turned on)."""
     changed = {k: (saved[k], v) for k, v in new.items() if k in saved and saved[k] != v and k != "resume_from_checkpoint"}
-    fixed = [k for k, (_, v) in changed.items() if k in RESUME_FIXED or (k == "use_ema" and v)]
+    fixed = [k for k, (_, v) in changed.items() if k in RESUME_FIXED or (k == "use_ema" and v)
+             or (k == "timestep_shift" and (new.get("warp_denoising_step") or saved.get("warp_denoising_step")))]
     if fixed:
         raise ValueError(f"{ckpt} was written with {', '.join(f'{k}={changed[k][0]!r}' for k in fixed)}, this config "
                          f"has {', '.join(f'{k}={changed[k][1]!r}' for k in fixed)}: these cannot change when a run "
-                         "resumes; keep the checkpoint's values, or start a new run (another output_dir, or "
-                         "resume_from_checkpoint='')")
+                         "resumes; keep the checkpoint's values, or start a new run in another output_dir")
     return changed
 
 
-def find_checkpoint(out_dir, spec):
-    """spec: "latest" (None when there is none), "" (None), "checkpoint-N" (N unpadded too: out_dir's) or a folder."""
+def find_checkpoint(out_dir, spec, env=Dist(), say=print):
+    """spec: "latest" (None when there is none), "" (None), "checkpoint-N" (N unpadded too: out_dir's) or a folder.
+    Its checksums verified by rank 0 (run_dir.verify), every rank agreeing: a damaged `latest` falls back to the
+    previous complete checkpoint with a warning, a damaged explicit one is a ValueError naming the file."""
     if not spec:
         return None
     name = os.path.basename(os.path.normpath(spec))
     if spec != "latest" and not os.path.exists(spec) and name.startswith("checkpoint-") and name[11:].isdigit():
         spec = os.path.join(out_dir, f"checkpoint-{int(name[11:]):07d}")
-    if spec != "latest":
-        if not os.path.exists(os.path.join(spec, "state.pt")):
-            raise FileNotFoundError(f"resume_from_checkpoint={spec!r}: no state.pt there")
-        return spec
-    if not os.path.isdir(out_dir):
-        return None
-    done = sorted(d for d in os.listdir(out_dir) if d.startswith("checkpoint-") and not d.endswith(".tmp"))
-    return os.path.join(out_dir, done[-1]) if done else None
+    if spec != "latest" and not os.path.exists(os.path.join(spec, "state.pt")):
+        raise FileNotFoundError(f"resume_from_checkpoint={spec!r}: no state.pt there")
+    last_bad = None
+    for ckpt in reversed(run_dir.checkpoints(out_dir)) if spec == "latest" else [spec]:
+        bad = run_dir.verify(ckpt) if env.main else None
+        if all_true(env, bad is None):
+            return ckpt
+        last_bad = bad or f"{ckpt}: a file failed its checksum (named on rank 0)"
+        if spec != "latest":
+            raise ValueError(f"{last_bad}: resume from another checkpoint (resume_from_checkpoint=checkpoint-N)")
+        say(f"warning: {last_bad}: falling back to the previous complete checkpoint")
+    if last_bad:   # every checkpoint of out_dir damaged: never a fresh start over them
+        raise ValueError(f"{last_bad}: no undamaged checkpoint left in {out_dir}: resume one by path, or give this "
+                         "run another output_dir")
+    return None

@@ -35,16 +35,14 @@ import lora
 import media
 import model_wan as mw
 import readers
+import run_dir
 from card import duration, model_card, run_name
 from configurator import redact
 
 
-def read_log(out_dir):
-    path = os.path.join(out_dir, "log.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_log(out_dir, say=lambda *a: None):
+    """log.jsonl's records; a partial line (a kill or a full disk mid-write) is left out (said by open_log)."""
+    return run_dir.read_jsonl(os.path.join(out_dir, "log.jsonl"), say)
 
 
 # panels of loss_curve.png, left to right then top to bottom: (title, [(label, log.jsonl key), ...]); the last two
@@ -115,6 +113,8 @@ def export(c, gen, g_adapter, ema, step):
         save_file({k: v.contiguous() for k, v in mw.to_diffusers_state_dict(gen).items()}, path, metadata=meta)
         merged = None
     mw.save_dit(gen, os.path.join(c["output_dir"], "transformer"), layout="diffusers", state_dict=merged)
+    for p in [path] + glob.glob(os.path.join(c["output_dir"], "transformer", "*")):
+        os.chmod(p, 0o666 & ~run_dir.umask())   # safetensors writes 0600: the mode of any other file the run writes
     print(f"exported {path} and {os.path.join(c['output_dir'], 'transformer')}/ (step {step})")
 
 
@@ -548,11 +548,10 @@ class Publisher:
             self.wandb = wandb.init(project=self.c["tracker_project_name"], name=self.c["tracker_run_name"] or None,
                                     config=redact(self.c), id=run_id, resume="allow")
         path = os.path.join(self.c["output_dir"], "log.jsonl")
-        if os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        if os.path.exists(path):   # a partial last line is dropped with a warning
+            kept = [rec for rec in read_log(self.c["output_dir"], print) if rec.get("step", 0) <= step]
             with open(path, "w") as f:
-                f.writelines(kept)
+                f.writelines(json.dumps(rec) + "\n" for rec in kept)
         self.log_f = open(path, "a")
 
     def write_run_files(self):

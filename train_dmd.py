@@ -39,6 +39,7 @@ import lora
 import model_wan as mw
 import parallel
 import publish
+import run_dir
 import sample
 import simpletuner
 import text_encoders
@@ -166,6 +167,7 @@ ema_validation = "ema_only"            # none | ema_only | comparison
 checkpoint_step_interval = 200         # a checkpoint every N trainer steps (and at the end / on SIGINT, SIGTERM)
 checkpoints_total_limit = 3            # keep the newest N checkpoints (older ones deleted)
 resume_from_checkpoint = "latest"      # "latest", a checkpoint folder, or "" for a fresh start
+overwrite_output_dir = False           # True: a fresh start into a folder holding a run moves that run aside (never deleted)
 export_from = ""                       # "checkpoint-N", a checkpoint folder or "latest": export that checkpoint's student
                                        # (EMA when kept) into output_dir as a run's end does, no training
 # validation and logging
@@ -279,7 +281,7 @@ def checkpoint_state(r):
 
 def load_checkpoint(r, ckpt):
     """The inverse of checkpoint_state (+ the sharded part and this rank's file): restores exactly what it wrote."""
-    st = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=True)
+    st, rs = parallel.read_checkpoint(r.env, ckpt)   # state.pt and this rank's file, every rank agreeing
     changed = parallel.resume_changes(json.loads(st["config"]), json.loads(json.dumps(redact(r.c), default=str)), ckpt)
     if st.get("world", 1) != r.env.world:
         r.say(f"warning: {ckpt} was written by {st.get('world', 1)} process(es), this run has {r.env.world}: weights "
@@ -290,7 +292,7 @@ def load_checkpoint(r, ckpt):
         for name, params in (("generator", r.g_params), ("critic", r.f_params)):
             if [tuple(v.shape) for v in st[name]] != [tuple(p.shape) for p in params]:
                 raise ValueError(f"{ckpt}: its {name} does not match this config's (LoRA rank or full mode changed?); "
-                                 "use another output_dir or resume_from_checkpoint=''")
+                                 "start a new run in another output_dir")
         with torch.no_grad():
             for p, v in zip(r.g_params, st["generator"]):
                 p.copy_(v)
@@ -307,8 +309,6 @@ def load_checkpoint(r, ckpt):
     r.gen_stats = st.get("gen_stats", {})
     apply_optimizer_settings(r)
     if st.get("world", 1) == r.env.world:   # this rank's random streams and data position
-        rs = torch.load(os.path.join(ckpt, f"rank{r.env.rank}.pt"), map_location="cpu", weights_only=True) \
-            if r.env.rank > 0 else st
         if r.loader is not None:
             r.loader.load_state_dict(rs["data"])
         parallel.set_rng_state(rs["rng"])
@@ -420,9 +420,10 @@ def setup_training(r):
     # FSDP: weights, EMA and optimiser states are sharded tensors, saved by torch.distributed.checkpoint
     r.named = {"generator": lora.named_trainable(r.gen, r.g_adapter), "critic": lora.named_trainable(r.critic, r.f_adapter)}
     r.opts = {"g_opt": (r.gen, r.g_opt), "f_opt": (r.critic, r.f_opt)}
-    ckpt = parallel.find_checkpoint(c["output_dir"], c["resume_from_checkpoint"])
+    ckpt = parallel.find_checkpoint(c["output_dir"], c["resume_from_checkpoint"], env, r.say)
     if ckpt:
         load_checkpoint(r, ckpt)
+    r.norm_ref = parallel.local_norm(r.g_params + r.f_params)   # divergence: the weights' norm at the last good state
 
 
 # -----------------------------------------------------------------------------
@@ -619,7 +620,12 @@ def nonfinite_state(r):
     opt = lambda o: [v for st in o.state.values() for v in st.values() if torch.is_tensor(v)]   # noqa: E731
     parts = {"generator weights": r.g_params, "critic weights": r.f_params, "EMA": r.ema or [],
              "generator optimiser state": opt(r.g_opt), "critic optimiser state": opt(r.f_opt)}
-    return [k for k, ts in parts.items() if not parallel.all_finite(r.env, ts)]
+    bad = [k for k, ts in parts.items() if not parallel.all_finite(r.env, ts)]
+    norm = parallel.local_norm(r.g_params + r.f_params)   # divergence shows in the weights before the losses
+    if not bad and not parallel.all_true(r.env, norm <= parallel.DIVERGED * r.norm_ref):
+        raise RuntimeError(f"step {r.step}: diverging (the weights' norm grew {norm / max(r.norm_ref, 1e-30):.3g}x since the "
+                           f"last checkpoint): lower the learning rates; the last good checkpoint: {r.last_good or 'none written'}")
+    return bad
 
 
 def log_step(r, pub, rec):
@@ -650,7 +656,7 @@ def end_of_step(r, pub, stop, validated):
                                c["checkpoints_total_limit"], env, None if env.main else rank_state(r),
                                parallel.sharded_state(r.named, r.opts, r.ema) if c["fsdp"] else None)
         r.say(f"checkpoint {path}")
-        r.last_good = path
+        r.last_good, r.norm_ref = path, parallel.local_norm(r.g_params + r.f_params)
         pub.checkpoint(step, path)
     if validated:
         pub.validation(step)
@@ -659,17 +665,25 @@ def end_of_step(r, pub, stop, validated):
               f"{r.last_good or 'none written'}")
         pub.close_log()
         close_run(r)
-        sys.exit(0)
+        sys.exit(128 + (stop["signal"] or signal.SIGTERM))   # 130 / 143: a scheduler sees an interrupted run
 
 # -----------------------------------------------------------------------------
 # the run
 
 def train(c):
     """train_loop with publishing around it (publish.py, rank 0 only): env.json, webhook messages at start,
-    validation, checkpoint, failure (then re-raised) and finish; loss curve, contact sheets, model card, hub."""
+    validation, checkpoint, failure (then re-raised) and finish; loss curve, contact sheets, model card, hub. Rank 0
+    holds output_dir's lock throughout (run_dir: one run per folder, never a fresh start over an old run)."""
     steps = flow.rollout_steps(checks.check_config(c), c["warp_denoising_step"], c["timestep_shift"])   # config errors first
-    if c["export_from"]:
-        return export_checkpoint(c, steps)
+    lock = run_dir.claim(c, main=int(os.environ.get("RANK", "0")) == 0)   # one run per output_dir; never over an old run
+    try:
+        return export_checkpoint(c, steps) if c["export_from"] else train_published(c, steps)
+    finally:
+        if lock:
+            lock.release()
+
+
+def train_published(c, steps):   # train's body, inside the output_dir lock
     pub = publish.Publisher(c, main=int(os.environ.get("RANK", "0")) == 0)
     stdout = sys.stdout   # train_loop routes prints above its bar; restored here whatever happens
     try:

@@ -1,0 +1,261 @@
+"""
+The run folder (output_dir) of train_dmd.py: one run at a time, never lost, never mixed with another.
+
+- A lock: output_dir/run.lock, created atomically (O_EXCL, also on a filesystem that several nodes share) by rank 0,
+  holding host, pid and start time; its mtime is a heartbeat refreshed every HEARTBEAT_S. A second start refuses in
+  one line naming the holder. A stale lock is taken over with a notice: on this host when its process is gone (or
+  its heartbeat stopped: the pid was reused), from another host only when its heartbeat is older than STALE_S.
+- A start that resumes nothing, into a folder holding a run (numbered checkpoints, or log.jsonl when
+  resume_from_checkpoint=''), refuses with the safe choices; overwrite_output_dir=True moves the old run aside into
+  a sibling folder (a timestamp suffix), never deleting it.
+- The trainer's own checkpoints: checkpoint-NNNNNNN folders holding CHECKSUMS, written last into the temporary
+  folder before its rename: the run's id and a sha256 per file. `latest` and rotation see only those (rotation only
+  this run's); any other folder (checkpoint-best, a copy) is left alone. A resume verifies the sums first.
+- log.jsonl: a partial last line (a kill or a full disk mid-write) is dropped with a warning.
+"""
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import threading
+import time
+
+import torch
+
+LOCK = "run.lock"
+CHECKSUMS = "checksums.json"     # the completeness marker of a checkpoint folder (written last, before the rename)
+NUMBERED = re.compile(r"^checkpoint-(\d{7})$")
+HEARTBEAT_S = 60                 # the holder refreshes its lock's mtime this often
+STALE_S = 10 * HEARTBEAT_S       # a lock from another host whose heartbeat is older than this is taken over
+
+# -----------------------------------------------------------------------------
+# the lock
+
+class Lock:
+    """output_dir/run.lock, held by this process until release() (a heartbeat thread keeps its mtime fresh)."""
+
+    def __init__(self, out_dir, say=print):
+        self.path = os.path.join(out_dir, LOCK)
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(),
+                   "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "token": os.urandom(8).hex()}
+        os.makedirs(out_dir, exist_ok=True)
+        while not self._create():
+            holder = self._read()
+            why = stale(holder, self.path)
+            if why is None:
+                raise RuntimeError(f"output_dir {out_dir} is in use by another run: pid {holder.get('pid')} on host "
+                                   f"{holder.get('host')}, started {holder.get('started')} ({self.path}); wait for "
+                                   "it to end, or give this run another output_dir")
+            say(f"notice: taking over the stale lock {self.path} ({why})")
+            if self._read() == holder:   # still the stale one (another starter may have taken it over meanwhile)
+                _remove(self.path)
+        self.done = threading.Event()
+        threading.Thread(target=self._beat, daemon=True).start()
+
+    def _create(self):
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.me, f)
+        return True
+
+    def _read(self):
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):   # a lock half written by a killed starter: stale when its mtime is old
+            return {"host": "?", "pid": -1, "started": "?"}
+
+    def _beat(self):
+        while not self.done.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self):
+        """Remove the lock if it is still this process's."""
+        self.done.set()
+        if self._read().get("token") == self.me["token"]:
+            _remove(self.path)
+
+
+def stale(holder, path):
+    """-> why the lock `holder` (its JSON) at `path` is stale, or None while its holder may be alive."""
+    if not holder:
+        return "removed meanwhile"
+    try:
+        age = time.time() - os.path.getmtime(path)
+    except OSError:
+        return "removed meanwhile"
+    if holder.get("host") != socket.gethostname():
+        return f"its heartbeat stopped {age:.0f} s ago" if age > STALE_S else None
+    pid = holder.get("pid", -1)
+    if pid == os.getpid():
+        return "left by this process"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"pid {pid} is gone"
+    except (PermissionError, OverflowError, ValueError, TypeError):
+        pass
+    return f"pid {pid} alive but its heartbeat stopped {age:.0f} s ago (a reused pid)" if age > STALE_S else None
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+# -----------------------------------------------------------------------------
+# the start: lock, then the fresh-start check
+
+def claim(c, main=True, say=print):
+    """Rank 0 (main) takes output_dir's lock, then refuses a start that would write a fresh run over an old one (or
+    moves the old one aside with overwrite_output_dir) -> the Lock (None on other ranks): release() it at the end."""
+    if not main:
+        return None
+    out = c["output_dir"]
+    lock = Lock(out, say)
+    try:
+        if not c.get("export_from"):
+            fresh_start_check(out, c["resume_from_checkpoint"], c.get("overwrite_output_dir", False), say)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def fresh_start_check(out, spec, overwrite, say=print):
+    """A start that resumes nothing (spec '' or `latest` with no checkpoint of its own) into a folder holding a run:
+    numbered checkpoint folders, or (spec '') log.jsonl. Refuse in one line, or with overwrite move the run aside."""
+    if spec and spec != "latest" or spec == "latest" and checkpoints(out):
+        return
+    held = sorted(d for d in os.listdir(out) if NUMBERED.match(d)) + (
+        ["log.jsonl"] if not spec and os.path.exists(os.path.join(out, "log.jsonl")) else [])
+    if not held:
+        return
+    if not overwrite:
+        legacy = [d for d in held if d != "log.jsonl" and not os.path.exists(os.path.join(out, d, CHECKSUMS))]
+        raise FileExistsError(
+            f"output_dir {out} holds a run ({', '.join(held[-3:])}): a fresh start would mix with it. Resume it "
+            "(resume_from_checkpoint='latest' or a checkpoint folder), give this run another output_dir, or "
+            "overwrite_output_dir=True (moves the old run into a sibling folder, deletes nothing)"
+            + (f"; {legacy[-1]} has no {CHECKSUMS} (an older version wrote it): resume_from_checkpoint="
+               f"{os.path.join(out, legacy[-1])} resumes it" if legacy and not spec else ""))
+    aside = f"{os.path.normpath(out)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    while os.path.exists(aside):
+        aside += "_"
+    os.makedirs(aside)
+    for name in os.listdir(out):
+        if name != LOCK:
+            os.rename(os.path.join(out, name), os.path.join(aside, name))
+    say(f"overwrite_output_dir: the old run in {out} moved to {aside}")
+
+# -----------------------------------------------------------------------------
+# checkpoints: the trainer's own, their checksums
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_checksums(folder, run_id, step):
+    """The completeness marker of a checkpoint folder: the run's id, its step, the sha256 of every file in it."""
+    files = {}
+    for d, _, names in os.walk(folder):
+        for n in names:
+            p = os.path.join(d, n)
+            files[os.path.relpath(p, folder)] = sha256(p)
+    with open(os.path.join(folder, CHECKSUMS), "w") as f:
+        json.dump({"run_id": run_id, "step": step, "files": dict(sorted(files.items()))}, f, indent=1)
+
+
+def marker(folder):
+    """-> a checkpoint folder's CHECKSUMS record, or None (no marker, or an unreadable one)."""
+    try:
+        with open(os.path.join(folder, CHECKSUMS)) as f:
+            m = json.load(f)
+        return m if isinstance(m, dict) and isinstance(m.get("files"), dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def checkpoints(out_dir, run_id=None):
+    """The trainer's own complete checkpoint folders in out_dir (of run `run_id` when given), oldest first."""
+    if not os.path.isdir(out_dir):
+        return []
+    found = []
+    for d in sorted(os.listdir(out_dir)):
+        m = NUMBERED.match(d) and marker(os.path.join(out_dir, d))
+        if m and (run_id is None or m.get("run_id") == run_id):
+            found.append(os.path.join(out_dir, d))
+    return found
+
+
+def rotate(out_dir, limit, run_id):
+    """Keep the newest `limit` (at least 1) checkpoints of this run; nothing else in out_dir is touched."""
+    own = checkpoints(out_dir, run_id)
+    for d in own[: max(0, len(own) - max(1, limit))]:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def verify(folder):
+    """-> None when every file CHECKSUMS lists has its sum, else one line naming the first bad file; a folder
+    without CHECKSUMS (an explicit path: a copy, an older version's checkpoint) is not verified."""
+    m = marker(folder)
+    if m is None:
+        return None
+    for rel, digest in m["files"].items():
+        p = os.path.join(folder, rel)
+        if not os.path.exists(p):
+            return f"{p}: missing"
+        if sha256(p) != digest:
+            return f"{p}: damaged (its sha256 differs from the one recorded when it was written)"
+    return None
+
+
+def load(path):
+    """torch.load(weights_only=True) of a checkpoint file; unreadable: a ValueError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing") from None
+    except Exception as e:   # noqa: BLE001 -- truncated, zeroed, empty: torch's own text advises an unsafe load
+        raise ValueError(f"{path}: cannot be read ({type(e).__name__}: truncated or damaged)") from None
+
+# -----------------------------------------------------------------------------
+# log.jsonl
+
+def read_jsonl(path, say=print):
+    """The records of a JSONL log; a line that is not JSON (a partial last line) is dropped with a warning."""
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path, errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                say(f"warning: {path}: line {i} is not a complete record (a kill or a full disk mid-write): dropped")
+    return out
+
+
+def umask():
+    """The process's umask (read without changing it where /proc says it)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        old = os.umask(0o022)
+        os.umask(old)
+        return old
