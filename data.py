@@ -27,6 +27,8 @@ import json
 import math
 import os
 import random
+import sys
+import textwrap
 from collections import Counter, defaultdict
 
 import torch
@@ -611,6 +613,9 @@ if __name__ == "__main__":
     # its share. The commands below are data.py's own (python data.py --help lists them).
     from configurator import configure, script_defaults
     import simpletuner
+    if {"-h", "--help"} & set(sys.argv[1:]):   # first the keys of a dataset dict, as DEFAULTS above lists them
+        keys = open(__file__).read().split("\nDEFAULTS = dict(\n", 1)[1].split("\n)\n", 1)[0]
+        print("a dataset dict's keys (train_dmd.py's `datasets = [dict(...), ...]`):\n" + textwrap.dedent(keys) + "\n")
     commands = dict(make_teacher_data="",   # a prompts file (or hf://datasets/...): write teacher samples instead of caching `datasets`
                     make_ode_pairs="",      # the same, with the trajectories at the student's steps (causal ODE init)
                     teacher_out="",         # their cache_dir (default: <prompts file>.teacher or .ode, in the working folder for hf://)

@@ -1,24 +1,36 @@
 """Under bad input: bad files and bad text are one-line errors that name the file (readers.py); a start that
 fails leaves an existing run's files alone; the suite passes in a user's environment as it is; the critic trains on
 the generator step's batch."""
+import ast
+import json
+import math
 import os
+import shlex
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+import card
 import data
 import dmd
 import lora
 import model_wan as mw
+import parallel
 import publish
 import readers
+import run_dir
 import sample
 import text_encoders
 import train_dmd
 import vae_wan
+from configurator import redact
 from test_data import solid, write_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -196,3 +208,248 @@ def test_critic_trains_on_the_generator_steps_batch(tmp_path, monkeypatch):
     for i in (0, 6):   # generator steps 1 and 3: the critic's contexts are the generator's
         assert ctx[i + 2] is ctx[i] and ctx[i + 3] is ctx[i + 1]
         assert ctx[i + 4] is not ctx[i] and ctx[i + 4] is not ctx[i + 1]
+
+# -----------------------------------------------------------------------------
+# a run's folder is never lost or mixed, and every bad state names a good way back (run_dir.py)
+
+def steps_logged(out):
+    return [r["step"] for r in run_dir.read_jsonl(out / "log.jsonl", lambda *a: None)]
+
+
+def test_one_run_per_output_dir(tmp_path, capsys):
+    """A second start into a folder in use refuses in one line naming the holder (host, pid, start time); a stale lock
+    (its process gone; another host's whose heartbeat stopped) is taken over with a notice. Before: both ran, and
+    log.jsonl interleaved the two runs."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", f"import run_dir, time; run_dir.Lock({str(out)!r}); "
+                               "print('held', flush=True); time.sleep(120)"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match=f"in use by another run: pid {holder.pid} on host "
+                                               f"{socket.gethostname()}, started 20"):
+            train_dmd.train(tiny_cfg(out, "--max_train_steps=1"))
+        assert not (out / "log.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    train_dmd.train(tiny_cfg(out, "--max_train_steps=1"))   # its holder is gone: taken over, said so
+    assert f"taking over the stale lock {out / 'run.lock'} (pid {holder.pid} is gone)" in capsys.readouterr().out
+    assert not (out / "run.lock").exists()   # released at the end
+    # another host's lock: refused while its heartbeat is fresh, taken over once it is older than run_dir.STALE_S
+    (out / "run.lock").write_text(json.dumps({"host": "node-7", "pid": 1, "started": "2026-01-01 00:00:00 +0000"}))
+    with pytest.raises(RuntimeError, match="pid 1 on host node-7, started 2026-01-01"):
+        train_dmd.train(tiny_cfg(out, "--max_train_steps=2"))
+    old = time.time() - run_dir.STALE_S - 5
+    os.utime(out / "run.lock", (old, old))
+    train_dmd.train(tiny_cfg(out, "--max_train_steps=2"))
+    assert "taking over the stale lock" in capsys.readouterr().out and steps_logged(out) == [1, 2]
+
+
+def test_fresh_start_never_eats_an_old_run(tmp_path, capsys):
+    """resume_from_checkpoint='' into a folder holding a run refuses, naming the safe choices, and changes nothing;
+    overwrite_output_dir=True moves the old run into a sibling folder and says where. Before: it overwrote
+    checkpoint-0000002, rewrote log.jsonl, config.json and the student, and a later `latest` mixed the two runs."""
+    out = tmp_path / "run"
+    train_dmd.train(tiny_cfg(out, "--max_train_steps=2", "--checkpoint_step_interval=1"))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match="holds a run .*resume_from_checkpoint='latest'.*another output_dir.*"
+                                              "overwrite_output_dir=True"):
+        train_dmd.train(tiny_cfg(out, "--max_train_steps=1", "--resume_from_checkpoint="))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    capsys.readouterr()
+    train_dmd.train(tiny_cfg(out, "--max_train_steps=1", "--resume_from_checkpoint=", "--overwrite_output_dir=True"))
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and f"moved to {aside[0]}" in capsys.readouterr().out
+    assert {aside[0] / p.relative_to(out): b for p, b in before.items()} == {
+        p: p.read_bytes() for p in aside[0].rglob("*") if p.is_file()}   # the old run, every byte
+    assert steps_logged(out) == [1] and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0000001"]
+    # the resume error no longer advises a fresh start into the folder
+    with pytest.raises(ValueError, match="another output_dir") as e:
+        parallel.resume_changes({"lora_rank": 8}, {"lora_rank": 4}, "ckpt")
+    assert "resume_from_checkpoint=''" not in str(e.value)
+
+
+def test_only_the_trainers_own_checkpoints(tmp_path, capsys):
+    """A copy named checkpoint-best and a numbered folder the trainer did not complete: `latest` and rotation ignore
+    them, an explicit path still resumes. Before: every start resumed checkpoint-best, and rotation deleted the real
+    checkpoints."""
+    out = tmp_path / "run"
+    common = ["--checkpoint_step_interval=1", "--checkpoints_total_limit=2"]
+    train_dmd.train(tiny_cfg(out, "--max_train_steps=2", *common))
+    shutil.copytree(out / "checkpoint-0000002", out / "checkpoint-best")
+    (out / "checkpoint-0000099").mkdir()
+    (out / "checkpoint-0000099" / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    train_dmd.train(tiny_cfg(out, "--max_train_steps=4", *common))
+    assert f"resumed from {out / 'checkpoint-0000002'} at step 2" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0000003", "checkpoint-0000004",
+                                                                "checkpoint-0000099", "checkpoint-best"]
+    assert (out / "checkpoint-0000099" / "notes.txt").read_text() == "mine"
+    train_dmd.train(tiny_cfg(out, "--max_train_steps=2", *common, f"--resume_from_checkpoint={out / 'checkpoint-best'}"))
+    assert f"resumed from {out / 'checkpoint-best'} at step 2" in capsys.readouterr().out
+
+
+def test_a_blow_up_names_a_good_checkpoint(tmp_path):
+    """At lr 1e10 the weights reach |w| ~ 1e10 while the losses are still finite: the divergence is noticed at the
+    next checkpoint, none is written, the abort names the newest checkpoint from before it (kept, even with
+    checkpoints_total_limit=1), and that one resumes at a sane lr with finite losses. Before: checkpoints were written
+    with the blown-up weights, rotated the good ones away, and the abort named a bad one."""
+    out = tmp_path / "run"
+    common = ["--checkpoint_step_interval=1", "--checkpoints_total_limit=1"]
+    train_dmd.train(tiny_cfg(out, "--max_train_steps=2", *common))
+    with pytest.raises(RuntimeError, match=f"diverging .*the last good checkpoint: {out / 'checkpoint-0000002'}$"):
+        train_dmd.train(tiny_cfg(out, "--max_train_steps=8", *common, "--learning_rate=1e10", "--fake_score_lr=1e10"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0000002"]
+    train_dmd.train(tiny_cfg(out, "--max_train_steps=4", *common,
+                             f"--resume_from_checkpoint={out / 'checkpoint-0000002'}"))
+    recs = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert all(math.isfinite(r[k]) for r in recs[2:] for k in ("dmd_loss", "fake_score_loss"))
+
+
+def test_delete_problematic_images_help_names_what_it_deletes():
+    p = subprocess.run([sys.executable, "data.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    line = next(l for l in p.stdout.splitlines() if "delete_problematic_images" in l)
+    assert "damaged" in line and "zero bytes, undecodable, truncated" in line
+
+
+def corrupt(path, how):
+    raw = path.read_bytes()
+    if how == "flipped":   # a value of the generator's weights changed, the file still a valid checkpoint
+        st = torch.load(path, weights_only=True)
+        st["generator"][0].view(-1)[0] += 1.0
+        torch.save(st, path)
+        return
+    path.write_bytes({"truncated": raw[: len(raw) // 2], "zeroed": bytes(len(raw)), "empty": b""}[how])
+
+
+def test_corrupt_checkpoints_fall_back_naming_the_file(tmp_path, capsys):
+    """A truncated, zeroed or empty state.pt, or one with a flipped value: named in one line, and the run falls back
+    to the previous complete checkpoint with a warning (checksums recorded when written, verified on resume); named
+    explicitly, it is a one-line error; an unverified file that cannot be read never advises weights_only=False.
+    Before: a traceback naming no file (the zeroed case advising weights_only=False); a flipped value trained on."""
+    base = tmp_path / "base"
+    train_dmd.train(tiny_cfg(base, "--max_train_steps=2", "--checkpoint_step_interval=1"))
+    for how in ("truncated", "zeroed", "empty", "flipped"):
+        out = tmp_path / how
+        shutil.copytree(base, out)
+        corrupt(out / "checkpoint-0000002" / "state.pt", how)
+        capsys.readouterr()
+        train_dmd.train(tiny_cfg(out, "--max_train_steps=3", "--checkpoint_step_interval=1"))
+        said = capsys.readouterr().out
+        assert f"warning: {out / 'checkpoint-0000002' / 'state.pt'}: damaged" in said, how
+        assert f"resumed from {out / 'checkpoint-0000001'} at step 1" in said, how
+        assert steps_logged(out) == [1, 2, 3]
+    bad = tmp_path / "zeroed" / "checkpoint-0000003" / "state.pt"
+    corrupt(bad, "zeroed")
+    with pytest.raises(ValueError, match=f"^{bad}: damaged .*resume from another checkpoint"):
+        train_dmd.train(tiny_cfg(tmp_path / "zeroed", "--max_train_steps=3", f"--resume_from_checkpoint={bad.parent}"))
+    os.remove(bad.parent / run_dir.CHECKSUMS)   # no checksums (an older version's checkpoint): read, named, safe advice
+    with pytest.raises(ValueError, match=f"^{bad}: cannot be read") as e:
+        train_dmd.train(tiny_cfg(tmp_path / "zeroed", "--max_train_steps=3", f"--resume_from_checkpoint={bad.parent}"))
+    assert "weights_only" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_a_bad_rank_file_behaves_the_same_on_every_rank(tmp_path):
+    """2 processes: checkpoint-0000002/rank1.pt damaged: both ranks fall back to checkpoint-0000001 together. Before:
+    rank 0 resumed from checkpoint 2 and waited on gloo."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "train_dmd.py", TINY,
+           f"--output_dir={out}", "--checkpoint_step_interval=1", "--validation_step_interval=1000",
+           "--validation_diversity_seeds=0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd + ["--max_train_steps=2"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    corrupt(out / "checkpoint-0000002" / "rank1.pt", "truncated")
+    p = subprocess.run(cmd + ["--max_train_steps=3"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert f"{out / 'checkpoint-0000002' / 'rank1.pt'}: damaged" in p.stdout
+    assert f"resumed from {out / 'checkpoint-0000001'} at step 1" in p.stdout and steps_logged(out) == [1, 2, 3]
+
+
+def test_a_partial_log_line_is_dropped_with_a_warning(tmp_path, capsys):
+    """What a kill or a full disk leaves: before, every resume stopped with a bare JSONDecodeError."""
+    out = tmp_path / "run"
+    train_dmd.train(tiny_cfg(out, "--max_train_steps=2", "--checkpoint_step_interval=1"))
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "dmd_lo')
+    capsys.readouterr()
+    train_dmd.train(tiny_cfg(out, "--max_train_steps=3", "--checkpoint_step_interval=1"))
+    assert f"warning: {out / 'log.jsonl'}: line 3 is not a complete record" in capsys.readouterr().out
+    assert steps_logged(out) == [1, 2, 3]
+
+
+def test_dataset_scans_skip_bad_symlinks(tmp_path, capsys):
+    """A symlink loop and a dangling symlink are skipped and named like any bad file, never deleted. Before: the
+    whole scan aborted with an OSError."""
+    write_image(tmp_path / "good.png", solid(32, 32, (1, 2, 3))[0])
+    os.symlink(tmp_path / "loop_b.png", tmp_path / "loop_a.png")
+    os.symlink(tmp_path / "loop_a.png", tmp_path / "loop_b.png")
+    os.symlink(tmp_path / "gone.png", tmp_path / "dangling.png")
+    ds = data.MediaDataset(dict(instance_data_dir=str(tmp_path), resolution=32, num_frames=1,
+                                delete_problematic_images=True))
+    out = capsys.readouterr().out
+    assert [os.path.basename(s["file"]) for s in ds.samples] == ["good.png"]
+    assert f"{tmp_path / 'loop_a.png'}: a symlink loop" in out and f"{tmp_path / 'dangling.png'}: a dangling symlink" in out
+    assert all(os.path.islink(tmp_path / n) for n in ("loop_a.png", "loop_b.png", "dangling.png"))
+
+
+def test_secrets_redacted_wherever_written_or_printed(tmp_path, capsys):
+    """--print_config, an argv, a model card note: whole webhook paths and tokens redacted; the card's snippets quote
+    the paths they insert. Before: --print_config printed an inline webhook in full, a webhook URL in free text kept
+    its path, the note landed verbatim in the card, and a folder named with ; or $(...) ran when pasted."""
+    hook = "https://discord.com/api/webhooks/123/SECRETTOKEN"
+    with pytest.raises(SystemExit):
+        tiny_cfg(tmp_path, "--webhook_config=" + json.dumps({"webhook_type": "discord", "webhook_url": hook}),
+                 "--print_config")
+    printed = capsys.readouterr().out
+    assert "SECRETTOKEN" not in printed and "https://discord.com/<redacted>" in printed
+    note = f"ping {hook}, mirror http://me:pw@example.com/x, token hf_abcdefghijkl"
+    argv = str(redact(["x.py", f"--model_card_note={note}"]))   # what env.json records
+    assert "SECRETTOKEN" not in argv and "pw@" not in argv and "hf_abcdefghijkl" not in argv
+    out = str(tmp_path / "a;b $(touch PWNED) 'c'")
+    c = dict(train_dmd.DEFAULTS, output_dir=out, model_card_note=note, pretrained_model_name_or_path="tiny")
+    text = card.model_card(c, [1000.0, 757.0, 522.0], [], {}, ["student_ema.safetensors", "transformer/config.json"],
+                           ["a cat"])
+    assert "SECRETTOKEN" not in text and "pw@" not in text and "hf_abcdefghijkl" not in text
+    bash = next(l for l in text.splitlines() if l.startswith("python sample.py"))
+    assert f"--ckpt={out}" in shlex.split(bash.rstrip("\\"))
+    py = next(l for l in text.splitlines() if l.startswith("pipe.load_lora_weights("))
+    assert ast.literal_eval(ast.parse(py).body[0].value.args[0]) == out
+
+
+def test_keys_that_define_the_student_stay_fixed_on_resume():
+    """With warp_denoising_step=True, timestep_shift changes the student's steps: refused like dmd_denoising_steps.
+    Before: announced and applied ([1000, 940, 845] -> [1000, 757, 522])."""
+    with pytest.raises(ValueError, match="timestep_shift=3.0.*cannot change"):
+        parallel.resume_changes({"warp_denoising_step": True, "timestep_shift": 3.0},
+                                {"warp_denoising_step": True, "timestep_shift": 1.0}, "ckpt")
+    assert parallel.resume_changes({"warp_denoising_step": False, "timestep_shift": 3.0},
+                                   {"warp_denoising_step": False, "timestep_shift": 1.0}, "ckpt") == {
+        "timestep_shift": (3.0, 1.0)}   # without the warp it is a score-timestep setting: it may change
+
+
+def test_sigint_exits_130_after_its_checkpoint_and_exports_are_readable(tmp_path):
+    """SIGINT: a clean checkpoint, then exit status 130 (SIGTERM: 143, tests/test_train.py), so a scheduler records
+    an interrupted run. The exported .safetensors get the mode of any other file (0644 under umask 022). Before: exit
+    0, and mode 0600."""
+    out = tmp_path / "run"
+    train_dmd.train(tiny_cfg(out, "--max_train_steps=1"))
+    mode = 0o666 & ~run_dir.umask()
+    for p in [out / "student_ema.safetensors", *out.glob("transformer/*"), out / "config.json"]:
+        assert os.stat(p).st_mode & 0o777 == mode, p
+    proc = subprocess.Popen([sys.executable, "train_dmd.py", TINY, f"--output_dir={out}", "--max_train_steps=100000",
+                             "--checkpoint_step_interval=100000", "--validation_step_interval=100000"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while len(steps_logged(out)) < 2:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    said, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, said[-3000:]
+    assert "exiting at step" in said and run_dir.checkpoints(out)[-1].endswith(f"{steps_logged(out)[-1]:07d}")
+    assert not (out / "run.lock").exists()
