@@ -388,6 +388,8 @@ def test_dataset_scans_skip_bad_symlinks(tmp_path, capsys):
     os.symlink(tmp_path / "loop_b.png", tmp_path / "loop_a.png")
     os.symlink(tmp_path / "loop_a.png", tmp_path / "loop_b.png")
     os.symlink(tmp_path / "gone.png", tmp_path / "dangling.png")
+    for name in ("loop_a", "loop_b", "dangling"):
+        (tmp_path / f"{name}.txt").write_text("a caption")   # captioned: the scan reaches the media itself
     ds = data.MediaDataset(dict(instance_data_dir=str(tmp_path), resolution=32, num_frames=1,
                                 delete_problematic_images=True))
     out = capsys.readouterr().out
