@@ -59,6 +59,9 @@ class Lock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
+        except OSError as e:   # a read-only folder, a full disk
+            raise OSError(f"output_dir {os.path.dirname(self.path)}: cannot write there ({e.strerror}): give the "
+                          "run a writable output_dir") from None
         with os.fdopen(fd, "w") as f:
             json.dump(self.me, f)
         return True

@@ -622,7 +622,7 @@ def nonfinite_state(r):
              "generator optimiser state": opt(r.g_opt), "critic optimiser state": opt(r.f_opt)}
     bad = [k for k, ts in parts.items() if not parallel.all_finite(r.env, ts)]
     norm = parallel.local_norm(r.g_params + r.f_params)   # divergence shows in the weights before the losses
-    if not bad and not parallel.all_true(r.env, norm <= parallel.DIVERGED * r.norm_ref):
+    if not bad and not parallel.all_true(r.env, norm <= parallel.DIVERGED * r.norm_ref or not r.norm_ref):
         raise RuntimeError(f"step {r.step}: diverging (the weights' norm grew {norm / max(r.norm_ref, 1e-30):.3g}x since the "
                            f"last checkpoint): lower the learning rates; the last good checkpoint: {r.last_good or 'none written'}")
     return bad
