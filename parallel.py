@@ -17,6 +17,7 @@ Many GPUs for train_dmd.py, with PyTorch's own engine only (torch.distributed, l
   and split its tokens (model_wan.enable_sequence_parallel). Their parameter gradients are partial sums, so
   the loss is scaled by P before the world-wide averaging of DDP/FSDP: the result is the data-parallel mean.
 """
+import math
 import os
 import random
 import shutil
@@ -118,6 +119,17 @@ def local_norm(tensors):
     """The L2 norm of this rank's part of `tensors` (a DTensor: its shard) as a float (divergence checks)."""
     ts = [(t.to_local() if hasattr(t, "to_local") else t).detach().float().norm() for t in tensors]
     return float(torch.stack(ts).norm()) if ts else 0.0
+
+
+def growth(env, tensors, ref):
+    """How many times the norm of `tensors` grew since it was `ref` (local_norm), the largest over the ranks (each
+    compares its own shards); 0 where it is not finite (non-finite states are caught by all_finite) or ref is 0."""
+    g = local_norm(tensors) / ref if ref else 0.0
+    g = torch.tensor(g if math.isfinite(g) else 0.0)
+    if env.world > 1:
+        g = g.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(g, op=dist.ReduceOp.MAX)
+    return float(g)
 
 
 def mean(env, x):
@@ -355,17 +367,18 @@ def resume_changes(saved, new, ckpt):
     return changed
 
 
-def find_checkpoint(out_dir, spec, env=Dist(), say=print):
-    """spec: "latest" (None when there is none), "" (None), "checkpoint-N" (N unpadded too: out_dir's) or a folder.
-    Its checksums verified by rank 0 (run_dir.verify), every rank agreeing: a damaged `latest` falls back to the
-    previous complete checkpoint with a warning, a damaged explicit one is a ValueError naming the file."""
+def find_checkpoint(out_dir, spec, env=Dist(), say=print, key="resume_from_checkpoint"):
+    """spec (the value of `key`): "latest" (None when there is none), "" (None), "checkpoint-N" (N unpadded too:
+    out_dir's) or a folder. Its checksums verified by rank 0 (run_dir.verify), every rank agreeing: a damaged
+    `latest` falls back to the previous complete checkpoint with a warning, a damaged explicit one is a ValueError
+    naming the file."""
     if not spec:
         return None
-    name = os.path.basename(os.path.normpath(spec))
+    given, name = spec, os.path.basename(os.path.normpath(spec))
     if spec != "latest" and not os.path.exists(spec) and name.startswith("checkpoint-") and name[11:].isdigit():
         spec = os.path.join(out_dir, f"checkpoint-{int(name[11:]):07d}")
     if spec != "latest" and not os.path.exists(os.path.join(spec, "state.pt")):
-        raise FileNotFoundError(f"resume_from_checkpoint={spec!r}: no state.pt there")
+        raise FileNotFoundError(f"{key}={given!r}: no state.pt there ({spec})")
     last_bad = None
     for ckpt in reversed(run_dir.checkpoints(out_dir)) if spec == "latest" else [spec]:
         bad = run_dir.verify(ckpt) if env.main else None

@@ -13,6 +13,7 @@ The run folder (output_dir) of train_dmd.py: one run at a time, never lost, neve
   this run's); any other folder (checkpoint-best, a copy) is left alone. A resume verifies the sums first.
 - log.jsonl: a partial last line (a kill or a full disk mid-write) is dropped with a warning.
 """
+import functools
 import hashlib
 import json
 import os
@@ -262,3 +263,16 @@ def umask():
         old = os.umask(0o022)
         os.umask(old)
         return old
+
+
+def locked(train):
+    """A decorator: while train(c) runs, rank 0 holds c["output_dir"]'s lock (claim), released however it ends."""
+    @functools.wraps(train)
+    def run(c, *args, **kwargs):
+        lock = claim(c, main=int(os.environ.get("RANK", "0")) == 0)
+        try:
+            return train(c, *args, **kwargs)
+        finally:
+            if lock is not None:
+                lock.release()
+    return run

@@ -31,6 +31,7 @@ class Run:
     run_id: str = field(default_factory=lambda: os.urandom(6).hex())   # the tracker's run id, kept
                                               # by the checkpoints so a resumed run logs into the same wandb run
     last_good: Optional[str] = None           # the newest checkpoint written or resumed from (named by errors)
+    norm_ref: float = 0.0                     # the trainable weights' norm there (this rank's shards): divergence
     kept: list = field(default_factory=list)  # this trainer step's generator batches, for its critic step
     t_last: float = 0.0                       # perf_counter of the previous log line (s/step)
     # --- setup: networks, prompts, data ---------------------------------------------------------------------------

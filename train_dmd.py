@@ -620,12 +620,11 @@ def nonfinite_state(r):
     opt = lambda o: [v for st in o.state.values() for v in st.values() if torch.is_tensor(v)]   # noqa: E731
     parts = {"generator weights": r.g_params, "critic weights": r.f_params, "EMA": r.ema or [],
              "generator optimiser state": opt(r.g_opt), "critic optimiser state": opt(r.f_opt)}
-    bad = [k for k, ts in parts.items() if not parallel.all_finite(r.env, ts)]
-    norm = parallel.local_norm(r.g_params + r.f_params)   # divergence shows in the weights before the losses
-    if not bad and not parallel.all_true(r.env, norm <= parallel.DIVERGED * r.norm_ref or not r.norm_ref):
-        raise RuntimeError(f"step {r.step}: diverging (the weights' norm grew {norm / max(r.norm_ref, 1e-30):.3g}x since the "
-                           f"last checkpoint): lower the learning rates; the last good checkpoint: {r.last_good or 'none written'}")
-    return bad
+    growth = parallel.growth(r.env, r.g_params + r.f_params, r.norm_ref)   # divergence shows in the weights first
+    if growth > parallel.DIVERGED:
+        raise RuntimeError(f"step {r.step}: diverging (the weights' norm grew {growth:.3g}x since the last checkpoint): "
+                           f"lower the learning rates; the last good checkpoint: {r.last_good or 'none written'}")
+    return [k for k, ts in parts.items() if not parallel.all_finite(r.env, ts)]
 
 
 def log_step(r, pub, rec):
@@ -670,20 +669,13 @@ def end_of_step(r, pub, stop, validated):
 # -----------------------------------------------------------------------------
 # the run
 
+@run_dir.locked   # rank 0 holds output_dir's lock throughout: one run per folder, never a fresh start over an old run
 def train(c):
     """train_loop with publishing around it (publish.py, rank 0 only): env.json, webhook messages at start,
-    validation, checkpoint, failure (then re-raised) and finish; loss curve, contact sheets, model card, hub. Rank 0
-    holds output_dir's lock throughout (run_dir: one run per folder, never a fresh start over an old run)."""
+    validation, checkpoint, failure (then re-raised) and finish; loss curve, contact sheets, model card, hub."""
     steps = flow.rollout_steps(checks.check_config(c), c["warp_denoising_step"], c["timestep_shift"])   # config errors first
-    lock = run_dir.claim(c, main=int(os.environ.get("RANK", "0")) == 0)   # one run per output_dir; never over an old run
-    try:
-        return export_checkpoint(c, steps) if c["export_from"] else train_published(c, steps)
-    finally:
-        if lock:
-            lock.release()
-
-
-def train_published(c, steps):   # train's body, inside the output_dir lock
+    if c["export_from"]:
+        return export_checkpoint(c, steps)
     pub = publish.Publisher(c, main=int(os.environ.get("RANK", "0")) == 0)
     stdout = sys.stdout   # train_loop routes prints above its bar; restored here whatever happens
     try:
@@ -776,10 +768,7 @@ def export_student(r):
 def export_checkpoint(c, steps):
     """--export_from=CHECKPOINT: that checkpoint's student exported into output_dir as the end of a run exports it
     (the same files; the model card names its step), without training: the networks, then the checkpoint loaded."""
-    try:
-        ckpt = parallel.find_checkpoint(c["output_dir"], c["export_from"])
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"export_from={c['export_from']!r}: {str(e).split(': ', 1)[-1]}") from None
+    ckpt = parallel.find_checkpoint(c["output_dir"], c["export_from"], key="export_from")
     if ckpt is None:
         raise FileNotFoundError(f"export_from={c['export_from']!r}: no checkpoint in {c['output_dir']}")
     r = new_run(c, steps)
