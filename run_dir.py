@@ -41,6 +41,10 @@ class Lock:
         self.path = os.path.join(out_dir, LOCK)
         self.me = {"host": socket.gethostname(), "pid": os.getpid(),
                    "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "token": os.urandom(8).hex()}
+        self.made, d = [], os.path.abspath(out_dir)   # the folders this start creates: removed again if left empty
+        while not os.path.exists(d):
+            self.made.append(d)
+            d = os.path.dirname(d)
         os.makedirs(out_dir, exist_ok=True)
         while not self._create():
             holder = self._read()
@@ -84,10 +88,16 @@ class Lock:
                 pass
 
     def release(self):
-        """Remove the lock if it is still this process's."""
+        """Remove the lock if it is still this process's, and the folders this start made if they stayed empty (a
+        start that failed on a config error leaves nothing behind)."""
         self.done.set()
         if self._read().get("token") == self.me["token"]:
             _remove(self.path)
+        for d in self.made:
+            try:
+                os.rmdir(d)
+            except OSError:   # not empty: the run wrote into it
+                break
 
 
 def stale(holder, path):
