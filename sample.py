@@ -70,7 +70,7 @@ threads = 0                  # torch CPU threads; 0: OMP_NUM_THREADS, else the f
 # the size it was trained at) unless given on the command line; its steps, warp and causal blocks always apply.
 # -----------------------------------------------------------------------------
 
-STUDENT_STEPS = "1000,757,522"   # the FastWan / seed 3-step schedule, when the ckpt has no train_dmd config.json
+STUDENT_STEPS = "1000,757,522"   # the 3-step schedule of FastWan and SimpleTuner's DMD quickstart, when the ckpt has no train_dmd config.json
 
 # -----------------------------------------------------------------------------
 # the student: its weights, its settings (train_dmd.py's config.json beside them) and its sampler

@@ -15,7 +15,7 @@ import checks
 import train_dmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEED = os.path.join(ROOT, "tests", "fixtures", "simpletuner", "config", "config.json")
+QUICKSTART = os.path.join(ROOT, "tests", "fixtures", "simpletuner", "config", "config.json")
 
 
 def write(tmp_path, d, name="st.json"):
@@ -24,12 +24,12 @@ def write(tmp_path, d, name="st.json"):
 
 
 def test_seed_config_every_key_mapped_or_named(capsys):
-    c = train_dmd.config([SEED])
+    c = train_dmd.config([QUICKSTART])
     out = capsys.readouterr().out
     ignored = [line for line in out.splitlines() if line.startswith("SimpleTuner keys ignored:")]
     assert len(ignored) == 1
-    seed = json.load(open(SEED))
-    keys = set(seed) - {"distillation_config"} | set(seed["distillation_config"])
+    qs = json.load(open(QUICKSTART))
+    keys = set(qs) - {"distillation_config"} | set(qs["distillation_config"])
     read = {k for k in keys if simpletuner.RENAMES.get(k, k) in train_dmd.DEFAULTS} | set(simpletuner.DATASET_GLOBALS)
     read |= {"data_backend_config", "model_type"}
     assert all(k in ignored[0] for k in keys - read), sorted(k for k in keys - read if k not in ignored[0])
@@ -43,7 +43,7 @@ def test_seed_config_every_key_mapped_or_named(capsys):
     assert (c["lora_rank"], c["fake_score_lora_rank"], c["lr_scheduler"], c["fake_score_lr_scheduler"],
             c["lr_min_ratio"]) == (128, 128, "cosine_with_min_lr", "cosine_with_min_lr", 0.5)
     assert (c["height"], c["width"], c["grad_clip_method"], c["seed"]) == (480, 832, "value", 1000)
-    assert c["negative_prompt"] == seed["validation_negative_prompt"] and c["optimizer"] == "adamw"
+    assert c["negative_prompt"] == qs["validation_negative_prompt"] and c["optimizer"] == "adamw"
     # the multidatabackend JSON: the video backend with the globals as defaults; SimpleTuner's flow-matching term
     (ds,) = c["datasets"]
     assert ds["instance_data_dir"] == "datasets/wan-dmd" and ds["num_frames"] == 121 and ds["resolution"] == 480
@@ -78,7 +78,7 @@ def test_simpletuner_variants(tmp_path, capsys):
 
 def test_print_config_exits_before_output_dir(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        train_dmd.config([SEED, f"--output_dir={tmp_path / 'never'}", "--print_config"])
+        train_dmd.config([QUICKSTART, f"--output_dir={tmp_path / 'never'}", "--print_config"])
     assert e.value.code == 0 and not (tmp_path / "never").exists()
     text = capsys.readouterr().out
     resolved = json.loads(text[text.index("\n{") + 1:])
@@ -89,7 +89,7 @@ def test_seed_config_tiny_run(tmp_path, monkeypatch):
     """The quickstart's file unchanged, then config/tiny.py's model sizes and the outputs' switches on the command line;
     the data backend points at tiny clips (its sizes are the data's)."""
     from test_data import moving_square, write_video
-    shutil.copytree(os.path.dirname(SEED), tmp_path / "config")
+    shutil.copytree(os.path.dirname(QUICKSTART), tmp_path / "config")
     backends = json.load(open(tmp_path / "config" / "wan" / "multidatabackend.json"))
     backends[0].update(resolution=32, video=dict(backends[0]["video"], num_frames=9, min_frames=9))
     (tmp_path / "config" / "wan" / "multidatabackend.json").write_text(json.dumps(backends))
