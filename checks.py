@@ -42,9 +42,9 @@ def check_config(c):
     if videos and len(videos) != len(c["datasets"]) and needs:
         raise ValueError("real_data_loss_weight > 0 / rollout_mode='data' need latents in every batch: drop the "
                          "prompt-only datasets from `datasets`")
-    if c["validation_guidance"] != 1.0:
+    if c["validation_guidance"] not in (None, 1.0):
         raise ValueError("validation_guidance must be 1.0: the student sampler takes no CFG")
-    if c["validation_num_inference_steps"] != len(steps):
+    if c["validation_num_inference_steps"] not in (None, len(steps)):
         raise ValueError(f"validation_num_inference_steps={c['validation_num_inference_steps']} must equal the "
                          f"number of dmd_denoising_steps ({len(steps)}): validation runs the training rollout's sampler")
     schedulers = ("constant", "cosine", "cosine_with_min_lr")

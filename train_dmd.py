@@ -117,10 +117,9 @@ attention_sparsity = 0.0               # VSA (sparse_attn.py) in the generator's
                                        # each query cube skips (FastWan: 0.8 for 1.3B, 0.9 for 14B); 0 = dense
 sparse_cube = (4, 4, 4)                # VSA cube in patch tokens (latent frames, latent height/2, latent width/2): 64 tokens
 sparse_remainder = True                # VSA's fine softmax also over the unselected cubes, one mean key/value each (ours, not
-                                       # VSA's: C extra keys per query); demo at 0.8: within noise of dense with 1x1x2 cubes
-                                       # (bench/README.md "At 48 tokens"); False: VSA as published
+                                       # VSA's: C extra keys per query; docs/method.md); False: VSA as published
 sparsity_warmup_steps = 0              # attention_sparsity reached in 10 stages over these trainer steps, from 0 (all cubes:
-                                       # the student starts dense); 0: sparse from the first step (demo: 300 of 600 was worse)
+                                       # the student starts dense); 0: sparse from the first step
 mixed_precision = "bf16"               # "bf16": bf16 base weights + autocast on CUDA; "no": fp32 (always fp32 on CPU)
 base_model_precision = "no"            # the frozen base (teacher; base of the LoRA generator and critic) stored in 8 bits:
                                        # "int8" / "fp8" weight-only, per-row scales (quant.py; SimpleTuner's "int8-quanto",
@@ -173,8 +172,9 @@ validation_step_interval = 200         # validation samples and the collapse sig
 validation_prompt = "A cat walks on the grass, realistic style." # the first validation prompt (also the training prompt without prompts_file / datasets)
 validation_prompt_library = ""         # JSON file: {"name": "prompt", ...} or ["prompt", ...]
 validation_seed = 42                   # validation noise: seed k of a prompt is validation_seed + k
-validation_num_inference_steps = 3     # must equal the number of dmd_denoising_steps
-validation_guidance = 1.0              # the student sampler takes no CFG: must be 1.0
+validation_num_inference_steps = None  # derived: the number of dmd_denoising_steps (validation runs the student's own
+                                       # rollout); a value given (SimpleTuner's config.json has one) must equal it
+validation_guidance = None             # derived: 1.0, the student sampler takes no CFG; a value given must be 1.0
 validation_resolution = "832x480"      # WxH
 validation_num_video_frames = 81       # video frames of a validation sample (4k+1)
 validation_diversity_seeds = 4         # collapse signal (validation.py): seeds per prompt whose spread is compared
