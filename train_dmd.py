@@ -43,7 +43,7 @@ import sample
 import simpletuner
 import text_encoders
 import validation
-from configurator import configure, default_keys, pick_threads, redact
+from configurator import configure, default_keys, fail, pick_threads, redact
 from run_state import Run
 
 # -----------------------------------------------------------------------------
@@ -717,7 +717,8 @@ def train_loop(c, pub, steps):
         torch.cuda.reset_peak_memory_stats()
     r.t_last = time.perf_counter()
     stdout = sys.stdout   # every print of the loop (log lines, validation, hub, webhooks) goes above the bar, not into it
-    bar = tqdm(total=c["max_train_steps"], initial=r.step, desc="dmd", dynamic_ncols=True, disable=not r.env.main, file=stdout)
+    bar = tqdm(total=c["max_train_steps"], initial=r.step, desc="dmd", dynamic_ncols=True, file=stdout,
+               disable=True if not r.env.main else None)   # None: no bar when stdout is not a terminal (a log file)
     sys.stdout = DummyTqdmFile(stdout)
     while r.step < c["max_train_steps"]:
         rec = {"step": r.step + 1}
@@ -792,4 +793,12 @@ def close_run(r):
 DEFAULTS = {k: v for k, v in dict(globals()).items() if k in set(default_keys(__file__))}
 
 if __name__ == "__main__":
-    train(config())
+    cfg = config()
+    try:   # every mistake of the config, its files, its teacher: one line before any model loads
+        checks.check_config(cfg)
+        checks.check_inputs(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        fail("train_dmd.py", str(e))
+    train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("\n".join(publish.next_commands(cfg, sys.argv[1:])))
