@@ -72,11 +72,9 @@ def check_config(c):
         if not isinstance(c[k], int) or c[k] < 1:   # 0 would be a modulo by zero deep in the loop
             raise ValueError(f"{k} must be a positive integer, got {c[k]!r}" + (" (a run validates at its end too: a "
                              "large interval validates only there)" if k == "validation_step_interval" else ""))
-    if not isinstance(c["max_train_steps"], int) or c["max_train_steps"] < 0:
-        raise ValueError(f"max_train_steps must be an integer >= 0 (0: export the initial student), got "
-                         f"{c['max_train_steps']!r}")
-    if not isinstance(c["sp_size"], int) or c["sp_size"] < 1:
-        raise ValueError(f"sp_size must be a positive integer, got {c['sp_size']!r}")
+    for k, lo in (("sp_size", 1), ("max_train_steps", 0)):   # max_train_steps=0: export the initial student
+        if not isinstance(c[k], int) or c[k] < lo:
+            raise ValueError(f"{k} must be an integer >= {lo}, got {c[k]!r}")
     if (c["push_to_hub"] or c["push_checkpoints_to_hub"]) and not c["hub_model_id"]:
         raise ValueError("push_to_hub / push_checkpoints_to_hub need hub_model_id ('user/name' on the hub)")
     if not isinstance(c["validation_diversity_seeds"], int) or c["validation_diversity_seeds"] < 0 \
