@@ -96,8 +96,8 @@ def check_config(c):
 
 
 def check_inputs(c):
-    """What the config names outside itself, before any model loads: the prompts file and the validation prompt
-    library (present, UTF-8, not empty), the teacher (a local folder, or a hub id this machine can read) and wandb
+    """What the config names outside itself, before any model loads: the prompts file, the validation prompt
+    library and the webhook file (present, UTF-8, not empty, JSON), the teacher (a local folder, or a hub id this machine can read) and wandb
     when report_to asks for it. Each fault: one ValueError / FileNotFoundError naming the key and the fix."""
     if c["report_to"] == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ValueError("report_to='wandb' but wandb is not installed: pip install wandb (and wandb login), or "
@@ -112,6 +112,8 @@ def check_inputs(c):
             raise ValueError(f"prompts_file: {e}") from None
     if c["validation_prompt_library"]:
         readers.read_json(c["validation_prompt_library"], "validation_prompt_library")
+    if isinstance(c["webhook_config"], str) and c["webhook_config"] and not c["webhook_config"].lstrip().startswith("{"):
+        readers.read_json(c["webhook_config"], "webhook_config")   # a file (inline JSON is read by publish.py)
     check_teacher(c["pretrained_model_name_or_path"], "pretrained_model_name_or_path")
 
 

@@ -329,7 +329,7 @@ def check_memory(s, batch, dev):
         have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
     if need > have:
         raise ValueError(f"size {s['Fn']}x{s['H']}x{s['W']} (frames x height x width): its " + (
-            "decoded video alone" if s["decode"] else "latents alone") + f" take {need / 2**30:,.0f} GiB, more than "
+            "decoded video alone" if s["decode"] else "latents alone") + f" takes {need / 2**30:,.0f} GiB, more than "
             f"{where} ({have / 2**30:,.0f} GiB): sample a smaller --height, --width or --num_frames")
 
 

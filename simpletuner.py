@@ -79,9 +79,9 @@ def find_companions(d, json_path):
     missing = [f"{k}={named[k]!r}" for k, v in found.items() if v is None]
     if missing:
         here = os.path.dirname(os.path.abspath(json_path))
+        places = list(dict.fromkeys([os.getcwd(), here, os.path.dirname(here)]))   # SimpleTuner's folder, the JSON's
         raise FileNotFoundError(f"{json_path}: {len(missing)} file(s) it names not found: {', '.join(missing)} (looked "
-                                f"in the working folder {os.getcwd()}, in {here} and in its parent): copy them there, "
-                                "or give their paths")
+                                f"in {', '.join(places)}): copy them there, or give their paths")
     return found
 
 

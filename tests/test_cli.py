@@ -345,6 +345,7 @@ def test_mistakes_are_one_line_before_any_model(tmp_path, monkeypatch, capsys):
         (tiny + ["--dmd_denoising_steps=1000,2000"], "dmd_denoising_steps must decrease within (0, 1000], got '1000,2000'"),
         (tiny + ["--report_to=wandb"], "report_to='wandb' but wandb is not installed: pip install wandb"),
         (tiny + ["--max_train_steps=-5"], "max_train_steps must be an integer >= 0"),
+        (tiny + ["--webhook_config=no_hook.json"], "webhook_config 'no_hook.json': no such file"),
     ]
     for argv, says in cases:
         code, out, err = run_main("train_dmd.py", argv, monkeypatch, capsys)
