@@ -7,6 +7,7 @@ validation step, preview.gif, drawn by media.py: no PIL or matplotlib at run tim
 
   python publish.py OUTPUT_DIR --dry_run     # build OUTPUT_DIR/.hub_staging/final (the exact upload) and list it
   python publish.py OUTPUT_DIR               # push a finished run (e.g. one trained offline) to its hub_model_id
+  python publish.py OUTPUT_DIR --hub_model_id=me/name --model_card_private=True   # the publishing keys given here
 
 train_dmd.train makes one `Publisher` per run; on ranks other than 0 every method is a no-op. Nothing here
 raises into training once it has started: a failing hub or webhook endpoint costs one warning, not the run.
