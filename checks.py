@@ -11,7 +11,7 @@ import model_wan as mw
 import quant
 import readers
 import sparse_attn
-from configurator import hub_file
+from configurator import fail, hub_file
 
 
 def check_config(c):
@@ -93,6 +93,17 @@ def check_config(c):
     if c["attention_sparsity"] and c["causal"]:
         raise ValueError("attention_sparsity > 0: sparse attention does not support the causal student (causal=True)")
     return steps
+
+
+def preflight(c, prog):
+    """check_config and check_inputs for an entry script: a mistake is one line (exit status 2), no traceback, before
+    any model loads -> c."""
+    try:
+        check_config(c)
+        check_inputs(c)
+    except (ValueError, FileNotFoundError) as e:
+        fail(prog, str(e))
+    return c
 
 
 def check_inputs(c):

@@ -174,6 +174,12 @@ def next_commands(c, argv):
             " (me: your hub user name; --model_card_private=True for a private repo)" if not c["hub_model_id"] else ""))
     return ["next:"] + ["  " + line for line in lines]
 
+
+def print_next_commands(c, argv):
+    """next_commands, printed by rank 0 at the end of `python train_dmd.py ...`."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("\n".join(next_commands(c, argv)))
+
 # -----------------------------------------------------------------------------
 # environment
 
