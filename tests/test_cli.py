@@ -2,6 +2,7 @@
 teacher and size), one-line errors for missing weights, torch's thread count, the terminal log line."""
 import json
 import os
+import re
 import runpy
 import shlex
 import signal
@@ -233,9 +234,11 @@ def test_packaging_installs_dependencies_only():
 
 def shell_commands(markdown):
     """The commands of a markdown text's shell code blocks (```bash, ```sh, ```shell or untagged), each as printed
-    (a line continued by a trailing backslash joined with the next)."""
+    (a line continued by a trailing backslash joined with the next), and its inline `python ...` spans."""
     out, block, lang = [], None, ""
     for line in markdown.splitlines():
+        if block is None:
+            out += re.findall(r"`(python [^`]+)`", line)
         if line.lstrip().startswith("```"):
             if block is None:
                 block, lang = [], line.strip()[3:].strip()
