@@ -430,6 +430,14 @@ def test_tiny_run_publishes(tmp_path, capsys, monkeypatch):
     assert final.keys() == staged.keys()
     for k in staged:
         assert final[k] == staged[k], k
+    # the tiny teacher written beside the student is the one it was trained on (rebuilt from the seed), VAE included
+    import data
+    import model_wan as mw
+    import vae_wan
+    base, vae, _ = data.load_teacher(c, torch.device("cpu"), torch.float32, text=False)
+    for got, want in ((mw.load_dit(str(out / "tiny_teacher")), base), (vae_wan.load_vae(str(out / "tiny_teacher")), vae)):
+        sd = got.state_dict()
+        assert all(torch.equal(sd[k], v) for k, v in want.state_dict().items() if ".lora_" not in k)
     # publish.py takes the publishing keys on its command line: another repo, public, a note; config.json unchanged
     saved = (out / "config.json").read_text()
     monkeypatch.setattr(sys, "argv", ["publish.py", str(out), "--hub_model_id=me/again", "--model_card_private=False",
