@@ -67,7 +67,8 @@ device = "auto"              # auto: cuda if available, else cpu
 dtype = "auto"               # DiT and text-encoder dtype; auto: bfloat16 on cuda, float32 on cpu (the VAE stays fp32)
 threads = 0                  # torch CPU threads; 0: OMP_NUM_THREADS, else the free cores (cores - load)
 # With ckpt = a train_dmd output folder, its config.json sets model, height, width and num_frames (the teacher and
-# the size it was trained at) unless given on the command line; its steps, warp and causal blocks always apply.
+# the size it was trained at; a "tiny" teacher: the folder's tiny_teacher/) unless given on the command line; its
+# steps, warp and causal blocks always apply.
 # -----------------------------------------------------------------------------
 
 STUDENT_STEPS = "1000,757,522"   # the FastWan / seed 3-step schedule, when the ckpt has no train_dmd config.json
