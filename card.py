@@ -190,8 +190,11 @@ def card_usage(c, steps, files, repo, pipe_id, prompt):
           f'video = pipe({json.dumps(prompt)}, num_inference_steps={len(steps)}, guidance_scale=1.0,',
           f"             height={H}, width={W}, num_frames={Fn}).frames[0]",
           'export_to_video(video, "student.mp4", fps=16)', "```", ""]
-    get = [f"hf download {repo} --local-dir student"] if c["hub_model_id"] else []   # else: the run folder itself
     built = c["pretrained_model_name_or_path"] == "tiny" or c["pretrained_model_name_or_path"].startswith("random:")
+    if built:   # no diffusers pipeline (UMT5, VAE) behind a teacher built from a seed: the snippet would load another
+        L = ["## Use it with diffusers", "", f"Not this student: its teacher `{c['pretrained_model_name_or_path']}` is "
+             "built by wan-dmd from the run's seed (no diffusers pipeline behind it); sample it with wan-dmd below.", ""]
+    get = [f"hf download {repo} --local-dir student"] if c["hub_model_id"] else []   # else: the run folder itself
     model = "" if built else f"--model={pipe_id} "   # a tiny teacher: the folder's tiny_teacher/, found by sample.py
     L += ["## Use it with wan-dmd", "", "```bash", *get,
           f'python sample.py {model}--ckpt={"student" if get else repo} --denoising_steps={fmt_steps(steps)} \\',

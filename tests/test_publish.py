@@ -404,6 +404,7 @@ def test_tiny_run_publishes(tmp_path, capsys, monkeypatch):
     assert (out / "preview.gif").read_bytes()[:6] == b"GIF89a"
     card = (out / "README.md").read_text()
     assert "pipeline_tag: text-to-video" in card and "LoRA rank 8" in card and "me/tiny-dmd" in card
+    assert "WanPipeline" not in card and "Not this student: its teacher `tiny`" in card   # no diffusers pipeline
     # the webhook transcript
     events = [json.loads(r["body"]) for r in hook.requests]
     assert [e["message_type"] for e in events] == ["start", "checkpoint", "validation", "checkpoint", "validation", "finish"]
