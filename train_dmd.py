@@ -706,7 +706,7 @@ def ode_init_trainer_step(r, rec, log_now):
 def train_loop(c, pub, steps):
     """The training loop, the same for DMD and the ODE init: per trainer step the objective's step
     (dmd_trainer_step or ode_init_trainer_step), the schedulers, a log line, then checkpoint / validation / signal
-    handling."""
+    handling. Its bar is drawn on a terminal only (a log file gets the step lines)."""
     r = setup(c, steps)
     trainer_step = ode_init_trainer_step if c["objective"] == "ode_init" else dmd_trainer_step
     stop = {"signal": None}
@@ -717,7 +717,7 @@ def train_loop(c, pub, steps):
         torch.cuda.reset_peak_memory_stats()
     r.t_last = time.perf_counter()
     stdout = sys.stdout   # every print of the loop (log lines, validation, hub, webhooks) goes above the bar, not into it
-    bar = tqdm(total=c["max_train_steps"], initial=r.step, desc="dmd", dynamic_ncols=True, disable=not r.env.main, file=stdout)
+    bar = tqdm(total=c["max_train_steps"], initial=r.step, desc="dmd", dynamic_ncols=True, disable=not r.env.main or None, file=stdout)
     sys.stdout = DummyTqdmFile(stdout)
     while r.step < c["max_train_steps"]:
         rec = {"step": r.step + 1}
@@ -792,4 +792,6 @@ def close_run(r):
 DEFAULTS = {k: v for k, v in dict(globals()).items() if k in set(default_keys(__file__))}
 
 if __name__ == "__main__":
-    train(config())
+    cfg = checks.preflight(config(), "train_dmd.py")   # every mistake of the config, its files, its teacher: one line
+    train(cfg)
+    publish.print_next_commands(cfg, sys.argv[1:])   # rank 0: what to type next
