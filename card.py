@@ -190,11 +190,15 @@ def card_usage(c, steps, files, repo, pipe_id, prompt):
           f'video = pipe({json.dumps(prompt)}, num_inference_steps={len(steps)}, guidance_scale=1.0,',
           f"             height={H}, width={W}, num_frames={Fn}).frames[0]",
           'export_to_video(video, "student.mp4", fps=16)', "```", ""]
+    built = c["pretrained_model_name_or_path"] == "tiny" or c["pretrained_model_name_or_path"].startswith("random:")
+    if built:   # no diffusers pipeline (UMT5, VAE) behind a teacher built from a seed: the snippet would load another
+        L = ["## Use it with diffusers", "", f"Not this student: its teacher `{c['pretrained_model_name_or_path']}` is "
+             "built by wan-dmd from the run's seed (no diffusers pipeline behind it); sample it with wan-dmd below.", ""]
+    # every path the snippets insert is quoted (a folder named with ; or $(...) runs nothing when pasted)
     get = [f"hf download {shlex.quote(repo)} --local-dir student"] if c["hub_model_id"] else []   # else: the run folder
-    # itself; every path the snippets insert is quoted (a folder named with ; or $(...) runs nothing when pasted)
+    model = "" if built else f"--model={shlex.quote(pipe_id)} "   # a tiny teacher: the folder's tiny_teacher/, found by sample.py
     L += ["## Use it with wan-dmd", "", "```bash", *get,
-          f'python sample.py --model={shlex.quote(pipe_id)} --ckpt={shlex.quote("student" if get else repo)} '
-          f'--denoising_steps={fmt_steps(steps)} \\',
+          f'python sample.py {model}--ckpt={shlex.quote("student" if get else repo)} --denoising_steps={fmt_steps(steps)} \\',
           f'    --height={H} --width={W} --num_frames={Fn} --prompt={shlex.quote(prompt)}', "```", ""]
     return L
 
@@ -208,7 +212,8 @@ def card_files(files):
             "config.json": "the resolved training config (train_dmd.py keys)",
             "env.json": "versions of python, torch, CUDA, the GPUs and the wan-dmd commit",
             "log.jsonl": "training metrics, one record per logged step", "loss_curve.png": "dmd_loss, fake_score_loss, mean abs(g), grad norms of G and F, validation diversity",
-            "preview.gif": "validation samples (downscaled)", "samples/": "validation videos of the last step"}
+            "preview.gif": "validation samples (downscaled)", "samples/": "validation videos of the last step",
+            "tiny_teacher/": "the tiny teacher the student was trained on (built from the run's seed; sample.py loads it)"}
     shown = {f.split("/")[0] + "/" if "/" in f else f for f in files}
     L += [f"| `{k}` | {v} |" for k, v in what.items() if k in shown]
     return L

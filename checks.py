@@ -1,11 +1,17 @@
 """
 train_dmd.py's config checks: every key error, and every block-geometry error of the causal student, before any
-model is built (a bad run stops in a second with one line, not after the teacher has loaded).
+model is built (a bad run stops in a second with one line, not after the teacher has loaded); check_inputs: the
+files and the teacher a config names, and the packages it needs, found before any model loads.
 """
+import importlib.util
+import os
+
 import flow
 import model_wan as mw
 import quant
+import readers
 import sparse_attn
+from configurator import fail, hub_file
 
 
 def check_config(c):
@@ -42,9 +48,9 @@ def check_config(c):
     if videos and len(videos) != len(c["datasets"]) and needs:
         raise ValueError("real_data_loss_weight > 0 / rollout_mode='data' need latents in every batch: drop the "
                          "prompt-only datasets from `datasets`")
-    if c["validation_guidance"] != 1.0:
+    if c["validation_guidance"] not in (None, 1.0):
         raise ValueError("validation_guidance must be 1.0: the student sampler takes no CFG")
-    if c["validation_num_inference_steps"] != len(steps):
+    if c["validation_num_inference_steps"] not in (None, len(steps)):
         raise ValueError(f"validation_num_inference_steps={c['validation_num_inference_steps']} must equal the "
                          f"number of dmd_denoising_steps ({len(steps)}): validation runs the training rollout's sampler")
     schedulers = ("constant", "cosine", "cosine_with_min_lr")
@@ -66,8 +72,9 @@ def check_config(c):
         if not isinstance(c[k], int) or c[k] < 1:   # 0 would be a modulo by zero deep in the loop
             raise ValueError(f"{k} must be a positive integer, got {c[k]!r}" + (" (a run validates at its end too: a "
                              "large interval validates only there)" if k == "validation_step_interval" else ""))
-    if not isinstance(c["sp_size"], int) or c["sp_size"] < 1:
-        raise ValueError(f"sp_size must be a positive integer, got {c['sp_size']!r}")
+    for k, lo in (("sp_size", 1), ("max_train_steps", 0)):   # max_train_steps=0: export the initial student
+        if not isinstance(c[k], int) or c[k] < lo:
+            raise ValueError(f"{k} must be an integer >= {lo}, got {c[k]!r}")
     if (c["push_to_hub"] or c["push_checkpoints_to_hub"]) and not c["hub_model_id"]:
         raise ValueError("push_to_hub / push_checkpoints_to_hub need hub_model_id ('user/name' on the hub)")
     if not isinstance(c["validation_diversity_seeds"], int) or c["validation_diversity_seeds"] < 0 \
@@ -86,6 +93,59 @@ def check_config(c):
     if c["attention_sparsity"] and c["causal"]:
         raise ValueError("attention_sparsity > 0: sparse attention does not support the causal student (causal=True)")
     return steps
+
+
+def preflight(c, prog):
+    """check_config and check_inputs for an entry script: a mistake is one line (exit status 2), no traceback, before
+    any model loads -> c."""
+    try:
+        check_config(c)
+        check_inputs(c)
+    except (ValueError, FileNotFoundError) as e:
+        fail(prog, str(e))
+    return c
+
+
+def check_inputs(c):
+    """What the config names outside itself, before any model loads: the prompts file, the validation prompt
+    library and the webhook file (present, UTF-8, not empty, JSON), the teacher (a local folder, or a hub id this machine can read) and wandb
+    when report_to asks for it. Each fault: one ValueError / FileNotFoundError naming the key and the fix."""
+    if c["report_to"] == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ValueError("report_to='wandb' but wandb is not installed: pip install wandb (and wandb login), or "
+                         "--report_to=none")
+    if c["prompts_file"] and not c["datasets"]:
+        try:
+            readers.read_lines(hub_file(c["prompts_file"]))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"prompts_file: {e}; give a file of one prompt per line (a path from the working "
+                                    f"folder {os.getcwd()}, or hf://datasets/OWNER/NAME/file.txt)") from None
+        except ValueError as e:
+            raise ValueError(f"prompts_file: {e}") from None
+    if c["validation_prompt_library"]:
+        readers.read_json(c["validation_prompt_library"], "validation_prompt_library")
+    if isinstance(c["webhook_config"], str) and c["webhook_config"] and not c["webhook_config"].lstrip().startswith("{"):
+        readers.read_json(c["webhook_config"], "webhook_config")   # a file (inline JSON is read by publish.py)
+    check_teacher(c["pretrained_model_name_or_path"], "pretrained_model_name_or_path")
+
+
+def check_teacher(src, key):
+    """A teacher source -> None when it can be read: "tiny", "random:<preset>", a local folder, or a hub id whose
+    small files this machine finds in the hub cache or downloads; else one FileNotFoundError with the fix."""
+    if src == "tiny" or src.startswith("random:") or os.path.isdir(src):
+        return
+    if not mw.looks_like_hub_id(src):
+        raise FileNotFoundError(f"{key}={src!r}: no such folder (a Wan 2.1 diffusers or original-layout folder, a "
+                                "hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or 'tiny')")
+    try:
+        mw.resolve_hub(src, ["model_index.json", "config.json"])
+    except FileNotFoundError:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
+        name = src.split("/")[-1]
+        raise FileNotFoundError(
+            f"{key}={src!r}: not a local folder and not in the hub cache ("
+            + ("HF_HUB_OFFLINE is set" if offline else "the hub could not be reached") + f"): download it once where "
+            f"the hub is reachable (hf download {src} --local-dir /data/{name}) and give that folder, "
+            f"--{key}=/data/{name}") from None
 
 
 def check_causal(c):

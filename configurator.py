@@ -21,6 +21,7 @@ file a run writes holds of its config and command line (no secret); `hub_file` r
 "hf://datasets/OWNER/NAME/path" through the hub cache.
 """
 import ast
+import contextlib
 import difflib
 import io
 import json
@@ -200,7 +201,10 @@ def _read_file(path, json_map, prog):
                    "as UTF-8")
     if path.endswith(".json"):
         if json_map:
-            return json_map(path)
+            try:
+                return json_map(path)
+            except (ValueError, OSError) as e:   # a foreign config's own mistakes (missing files, bad JSON): one line
+                fail(prog, str(e))
         try:
             return json.loads(text)
         except ValueError as e:
@@ -238,6 +242,18 @@ def configure(g, script_path, argv=None, json_map=None, commands=None):
         sys.exit(0)
     show = "--print_config" in argv
     cfg = {**defaults, **extra}
+    with contextlib.redirect_stdout(sys.stderr if show else sys.stdout):   # --print_config: stdout is the JSON alone
+        _apply(cfg, defaults, argv, json_map, prog)
+    g.update(cfg)
+    if show:
+        print(json.dumps(redact(cfg), indent=2, default=str, ensure_ascii=False))
+        sys.exit(0)
+    return cfg
+
+
+def _apply(cfg, defaults, argv, json_map, prog):
+    """Config files and --key=value into cfg, in the order given (configure)."""
+    keys = list(defaults)
     for key, value in read_argv([a for a in argv if a != "--print_config"], cfg, prog):
         if key is not None:
             cfg[key] = value
@@ -249,11 +265,6 @@ def configure(g, script_path, argv=None, json_map=None, commands=None):
                 cfg[k] = _check(k, v, defaults[k])
             except TypeError as e:
                 fail(prog, f"{value}: {e}")
-    g.update(cfg)
-    if show:
-        print(json.dumps(redact(cfg), indent=2, default=str, ensure_ascii=False))
-        sys.exit(0)
-    return cfg
 
 
 def command_flags(path, name, argv=None, usage=""):

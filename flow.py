@@ -39,7 +39,8 @@ def parse_steps(text, name="denoising steps"):
     except ValueError:
         steps = []
     if not steps or steps != sorted(steps, reverse=True) or not all(0 < s <= 1000 for s in steps):
-        raise ValueError(f"{name} must decrease within (0, 1000], got {text!r}")
+        raise ValueError(f"{name} must decrease within (0, 1000], got {text!r}: the student's timesteps from the first "
+                         "step to the last, e.g. 1000,757,522")
     return steps
 
 

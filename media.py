@@ -353,7 +353,9 @@ def line_plot(title, series, size=(200, 360), markers=False):
     log = bool((ally > 0).all())
     f = np.log10 if log else (lambda v: v)
     lo, hi = float(f(ally).min()), float(f(ally).max())
-    hi = hi if hi > lo else lo + (abs(lo) or 1.0)
+    mid, half = (lo + hi) / 2, (0.01 if log else 0.025 * abs((lo + hi) / 2)) or 0.5
+    if hi - lo < 2 * half:   # a (nearly) constant series: drawn flat at mid height, the axis +-2.5% around it
+        lo, hi = mid - half, mid + half
     xa, xb = float(allx.min()), float(allx.max())
     xb = xb if xb > xa else xa + 1
     label = (lambda v: f"{10 ** v:.2e}") if log else (lambda v: f"{v:.2e}")

@@ -74,7 +74,7 @@ PRESETS = {
     # tiny random-weight model for CPU tests and the offline demo
     "tiny": WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32),
     # the teacher demo.py trains on 2 CPU cores in ~2 min (text_encoders.TinyTextEncoder's 32-d words). Width 64 reached
-    # 22% precision, 128 reaches 97% (bench/README.md); 16 context rows (5 words + EOS fit) run 5x faster than 512
+    # 22% precision, 128 reaches 97% (bench/HISTORY.md); 16 context rows (5 words + EOS fit) run 5x faster than 512
     "demo": WanConfig(dim=128, ffn_dim=512, num_heads=2, num_layers=4, text_dim=32, text_len=16),
     # the same teacher on 1x1x1 patches: 4x the tokens (3x4x4 = 48 on the demo's 3x4x4 latent) without a new VAE, the
     # geometry of the sparse-attention (VSA) demo student (config/demo_vsa.py)

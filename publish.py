@@ -7,6 +7,7 @@ validation step, preview.gif, drawn by media.py: no PIL or matplotlib at run tim
 
   python publish.py OUTPUT_DIR --dry_run     # build OUTPUT_DIR/.hub_staging/final (the exact upload) and list it
   python publish.py OUTPUT_DIR               # push a finished run (e.g. one trained offline) to its hub_model_id
+  python publish.py OUTPUT_DIR --hub_model_id=me/name --model_card_private=True   # the publishing keys given here
 
 train_dmd.train makes one `Publisher` per run; on ranks other than 0 every method is a no-op. Nothing here
 raises into training once it has started: a failing hub or webhook endpoint costs one warning, not the run.
@@ -17,6 +18,7 @@ import json
 import os
 import platform
 import queue
+import shlex
 import shutil
 import subprocess
 import sys
@@ -36,6 +38,9 @@ import media
 import model_wan as mw
 import readers
 import run_dir
+import sample
+import text_encoders
+import vae_wan
 from card import duration, model_card, run_name
 from configurator import redact
 
@@ -113,9 +118,33 @@ def export(c, gen, g_adapter, ema, step):
         save_file({k: v.contiguous() for k, v in mw.to_diffusers_state_dict(gen).items()}, path, metadata=meta)
         merged = None
     mw.save_dit(gen, os.path.join(c["output_dir"], "transformer"), layout="diffusers", state_dict=merged)
-    for p in [path] + glob.glob(os.path.join(c["output_dir"], "transformer", "*")):
-        os.chmod(p, 0o666 & ~run_dir.umask())   # safetensors writes 0600: the mode of any other file the run writes
+    if c["pretrained_model_name_or_path"] == "tiny":
+        write_tiny_teacher(c)
+    for p in [path] + glob.glob(os.path.join(c["output_dir"], "transformer", "*")) + glob.glob(
+            os.path.join(c["output_dir"], sample.TINY_TEACHER, "*", "*")):
+        if os.path.isfile(p):
+            os.chmod(p, 0o666 & ~run_dir.umask())   # safetensors writes 0600: the mode of any other file the run writes
     print(f"exported {path} and {os.path.join(c['output_dir'], 'transformer')}/ (step {step})")
+
+
+def write_tiny_teacher(c):
+    """The "tiny" teacher exists only in memory, built from the run's seed: written beside its student as a teacher
+    folder (OUTPUT_DIR/tiny_teacher: DiT, VAE, the TinyTextEncoder marker; about 1 MB), so that the run folder
+    samples on its own (sample.py --ckpt=OUTPUT_DIR). A real teacher (hub id or folder) is never copied."""
+    import torch
+    folder = os.path.join(c["output_dir"], sample.TINY_TEACHER)
+    with torch.random.fork_rng(devices=[]):   # the build seeds torch: the caller's random stream stays as it was
+        base, vae, _ = data.load_teacher(dict(c, base_model_precision="no"), torch.device("cpu"), torch.float32,
+                                         text=False)
+    mw.save_dit(base, os.path.join(folder, "transformer"), layout="diffusers")
+    vae_wan.save_vae(vae, os.path.join(folder, "vae"))
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    shift = flow.teacher_layout_shift("tiny")[1]
+    for name, text in (("model_index.json", json.dumps({"_class_name": "WanPipeline (train_dmd.py tiny teacher)"})),
+                       (os.path.join("scheduler", "scheduler_config.json"), json.dumps({"flow_shift": shift})),
+                       (text_encoders.TINY_TEXT_MARKER, "prompts are embedded by text_encoders.TinyTextEncoder\n")):
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(text)
 
 
 def exported_step(out):
@@ -128,6 +157,30 @@ def exported_step(out):
                 step = (f.metadata() or {}).get("step")
             return int(step) if step else None
     return None
+
+
+def next_commands(c, argv):
+    """What to type after a run (rank 0 prints them): sample the student, export an earlier checkpoint's, publish.
+    argv: the run's command-line words (secrets redacted) -> lines."""
+    q, out = shlex.quote, c["output_dir"]
+    ckpts = sorted(n for n in os.listdir(out) if n.startswith("checkpoint-") and n[11:].isdigit()) if os.path.isdir(out) else []
+    words = [w for w in redact(list(argv)) if not w.startswith("--export_from")]
+    lines = [f"python sample.py --ckpt={q(out)} --prompt={q(c['validation_prompt'])}   # sample the student"]
+    if len(ckpts) > 1:
+        lines.append(f"python train_dmd.py {shlex.join(words)} --export_from={ckpts[0]}   # export an earlier "
+                     "checkpoint's student instead")
+    lines.append(f"python publish.py {q(out)} --dry_run   # build and list the hub upload (model card, student, samples)")
+    if not c["push_to_hub"]:
+        hub = c["hub_model_id"] or f"me/{os.path.basename(os.path.normpath(out))}"
+        lines.append(f"python publish.py {q(out)} --hub_model_id={q(hub)}   # push it to the hub" + (
+            " (me: your hub user name; --model_card_private=True for a private repo)" if not c["hub_model_id"] else ""))
+    return ["next:"] + ["  " + line for line in lines]
+
+
+def print_next_commands(c, argv):
+    """next_commands, printed by rank 0 at the end of `python train_dmd.py ...`."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("\n".join(next_commands(c, argv)))
 
 # -----------------------------------------------------------------------------
 # environment
@@ -414,6 +467,9 @@ def write_card(c, steps=None):
                  "loss_curve.png", "preview.gif"):
         if os.path.exists(os.path.join(out, name)):
             files[name] = os.path.join(out, name)
+    for p in glob.glob(os.path.join(out, sample.TINY_TEACHER, "**", "*"), recursive=True):   # a tiny run's teacher
+        if os.path.isfile(p):
+            files[os.path.relpath(p, out)] = p
     if c.get("push_merged_to_hub", True) or c["lora_rank"] == 0:
         for p in glob.glob(os.path.join(out, "transformer", "*")):
             files[f"transformer/{os.path.basename(p)}"] = p
@@ -599,15 +655,26 @@ class Publisher:
             self.hub.close(timeout=30)
 
 
-if __name__ == "__main__":   # python publish.py OUTPUT_DIR [--dry_run]
+if __name__ == "__main__":   # python publish.py OUTPUT_DIR [--dry_run] [--hub_model_id=user/name ...]
     from configurator import command_flags, fail
-    # the flags, read from this line by command_flags (default and description):
-    flags = dict(dry_run=False)   # build OUTPUT_DIR/.hub_staging/final (the exact upload) and list it; push nothing
-    flags, args = command_flags(__file__, "flags", usage="OUTPUT_DIR [--dry_run]   (push a finished run to its hub_model_id)")
+    # the flags, read from this line by command_flags (default and description); the publishing keys given here
+    # replace config.json's for this push (the file is left as it is)
+    flags = dict(dry_run=False,   # build OUTPUT_DIR/.hub_staging/final (the exact upload) and list it; push nothing
+                 hub_model_id="",   # "user/name" on the hub (created if needed); default: config.json's
+                 model_card_private=False,   # create the hub repo private; default: config.json's
+                 model_card_note="",   # a paragraph added to the model card; default: config.json's
+                 push_merged_to_hub=True)   # with LoRA: also upload the merged transformer/; default: config.json's
+    argv = sys.argv[1:]
+    flags, args = command_flags(__file__, "flags", argv, usage="OUTPUT_DIR [--dry_run] [--hub_model_id=user/name] "
+                                "[--model_card_private] ...   (push a finished run to the hub)")
     if len(args) != 1 or not os.path.isfile(os.path.join(args[0], "config.json")):
         fail("publish.py", f"expected one train_dmd.py output folder (with config.json), got {args}")
-    with open(os.path.join(args[0], "config.json")) as f:
-        cfg = {**json.load(f), "output_dir": args[0]}
+    try:
+        cfg = {**readers.read_json(os.path.join(args[0], "config.json"), "run config"), "output_dir": args[0]}
+    except (ValueError, FileNotFoundError) as e:
+        fail("publish.py", str(e))
+    given = {w[2:].split("=")[0].replace("-", "_") for w in argv if w.startswith("--")}
+    cfg.update({k: v for k, v in flags.items() if k in given and k != "dry_run"})
     if flags["dry_run"]:
         staged = stage_final(cfg)
         for root, _, names in sorted(os.walk(staged)):
@@ -615,10 +682,14 @@ if __name__ == "__main__":   # python publish.py OUTPUT_DIR [--dry_run]
                 p = os.path.join(root, n)
                 print(f"{os.path.getsize(p):>12,d}  {os.path.relpath(p, staged)}")
     else:
-        if not cfg.get("hub_model_id"):
-            sys.exit("config.json has no hub_model_id")
+        if not cfg.get("hub_model_id") or str(cfg["hub_model_id"]).count("/") != 1:
+            fail("publish.py", f"{os.path.join(args[0], 'config.json')} has no hub_model_id: give --hub_model_id=USER/NAME"
+                 if not cfg.get("hub_model_id") else f"--hub_model_id={cfg['hub_model_id']!r}: the hub's USER/NAME form")
         hub = HubUploader(cfg["hub_model_id"], cfg.get("model_card_private", False), os.path.join(args[0], ".hub_staging"))
         stage_final(cfg, hub)
         hub.kick()
         hub.close()
-        sys.exit(0 if not hub.pending() else 1)
+        if hub.pending():
+            sys.exit(f"publish.py: the upload to {cfg['hub_model_id']} did not finish: it stays staged in "
+                     f"{hub.staging}; run the same command again")
+        print(f"hub: {cfg['hub_model_id']} holds the student and its model card")

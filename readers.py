@@ -41,7 +41,7 @@ def read_json(path, what="file"):
     try:
         return json.loads(read_text(path, what))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{what} {path!r}: not valid JSON ({e.msg} on line {e.lineno})") from None
+        raise ValueError(f"{what} {path!r}: not valid JSON ({e.msg} on line {e.lineno}, column {e.colno})") from None
 
 
 def safetensors_problem(path, error):

@@ -67,10 +67,12 @@ device = "auto"              # auto: cuda if available, else cpu
 dtype = "auto"               # DiT and text-encoder dtype; auto: bfloat16 on cuda, float32 on cpu (the VAE stays fp32)
 threads = 0                  # torch CPU threads; 0: OMP_NUM_THREADS, else the free cores (cores - load)
 # With ckpt = a train_dmd output folder, its config.json sets model, height, width and num_frames (the teacher and
-# the size it was trained at) unless given on the command line; its steps, warp and causal blocks always apply.
+# the size it was trained at; a "tiny" teacher: the folder's tiny_teacher/) unless given on the command line; its
+# steps, warp and causal blocks always apply.
 # -----------------------------------------------------------------------------
 
-STUDENT_STEPS = "1000,757,522"   # the FastWan / seed 3-step schedule, when the ckpt has no train_dmd config.json
+STUDENT_STEPS = "1000,757,522"   # the 3-step schedule of FastWan and SimpleTuner's DMD quickstart, when the ckpt has no train_dmd config.json
+TINY_TEACHER = "tiny_teacher"    # the folder beside a student of the "tiny" teacher where train_dmd.py writes that teacher
 
 # -----------------------------------------------------------------------------
 # the student: its weights, its settings (train_dmd.py's config.json beside them) and its sampler
@@ -128,13 +130,24 @@ def load_student(dit, path, adapter="student", kind=None, sparse=None):
 
 def student_config(ckpt):
     """The train_dmd config.json beside a student (its output folder, or the folder of a .safetensors file) -> dict,
-    or {} when there is none."""
-    folder = ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt))
-    path = os.path.join(folder, "config.json")
+    or {} when there is none; a file that is not a JSON object is one ValueError naming it."""
+    path = student_config_path(ckpt)
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        cfg = readers.read_json(path, "the student's config.json")
+    except ValueError as e:
+        raise ValueError(f"{e}: train_dmd.py writes it beside the student; move the broken file aside to sample "
+                         "without it (then give --model, --height, --width, --num_frames)") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"the student's config.json {path!r} holds a JSON {type(cfg).__name__}, not the object of "
+                         "train_dmd.py keys it writes beside the student: move it aside to sample without it")
+    return cfg
+
+
+def student_config_path(ckpt):
+    folder = ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt))
+    return os.path.join(folder, "config.json")
 
 
 def student_sparsity(ckpt, sparsity=None, cube=None, remainder=None):
@@ -191,12 +204,32 @@ def sample_student(dit, ctx, noise, steps, causal=None, generator=None, on_block
     return flow.causal_rollout(block, noise, steps, [len(steps) - 1] * len(starts), starts, causal["context_noise"],
                                generator=generator, on_block=on_block, progress=progress)[0]
 
-def student_defaults(ckpt):
-    """The sample.py keys a student's config.json fixes: its teacher (unless built by train_dmd: "tiny", "random:"),
-    its training height x width and frames (num_training_frames latent -> 4(T-1)+1 video frames) -> dict."""
+def student_defaults(ckpt, given=()):
+    """The sample.py keys a student's config.json fixes: its teacher (a "tiny" one: the folder's tiny_teacher/, which
+    train_dmd.py writes beside it), its training height x width and frames (num_training_frames latent -> 4(T-1)+1
+    video frames) -> dict. given: the keys the command line sets; a config.json lacking one of the others, or a
+    teacher that cannot be found from it, is one ValueError."""
     cfg, out = student_config(ckpt), {}
+    path = student_config_path(ckpt)
+    need = {"pretrained_model_name_or_path": "model", "height": "height", "width": "width",
+            "num_training_frames": "num_frames"}
+    lacking = [k for k, ours in need.items() if k not in cfg and ours not in given]
+    if os.path.exists(path) and lacking:
+        raise ValueError(f"the student's config.json {path!r} lacks {', '.join(lacking)} (train_dmd.py writes them): "
+                         f"give {', '.join('--' + need[k] for k in lacking)} on the command line, or restore the "
+                         "run's own config.json")
     teacher = str(cfg.get("pretrained_model_name_or_path", ""))
-    if teacher and teacher != "tiny" and not teacher.startswith("random:"):
+    tiny = os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt)), TINY_TEACHER)
+    if teacher == "tiny" and os.path.isdir(tiny):
+        out["model"] = tiny
+    elif (teacher == "tiny" or teacher.startswith("random:")) and "model" not in given:
+        raise ValueError(f"{ckpt}: trained on the {teacher!r} teacher train_dmd.py builds from its seed, and the "
+                         f"folder has no {TINY_TEACHER}/ beside it" + (
+                             ": write it by exporting the run again with its config, e.g. python train_dmd.py "
+                             f"config/tiny.py --output_dir={ckpt} --export_from=latest"
+                             if teacher == "tiny" else " (random weights at real size: a memory and speed check, "
+                             "nothing to sample): give --model=TEACHER to try the student on another base"))
+    elif teacher and teacher != "tiny" and not teacher.startswith("random:"):
         out["model"] = teacher
     if "height" in cfg and "width" in cfg:
         out.update(height=int(cfg["height"]), width=int(cfg["width"]))
@@ -210,11 +243,17 @@ def student_defaults(ckpt):
 def config(argv=None):
     """Defaults, config files and --key=value (sys.argv[1:] when None); with ckpt a student whose folder has a
     config.json, student_defaults replace the defaults first, so the command line still wins -> the config dict."""
-    from configurator import configure
+    from configurator import configure, fail
     argv = sys.argv[1:] if argv is None else argv
-    first = [a for a in argv if a != "--print_config"]
-    ckpt = configure(dict(globals()), __file__, first)["ckpt"]
-    fixed = student_defaults(ckpt) if ckpt else {}
+    first = configure(dict(globals()), __file__, [a for a in argv if a != "--print_config"])
+    ckpt = first["ckpt"]
+    if ckpt and not os.path.exists(ckpt):
+        fail("sample.py", f"--ckpt={ckpt!r}: no such file or folder (a train_dmd.py output folder such as "
+                          "out/tiny_dmd, or a student .safetensors)")
+    try:
+        fixed = student_defaults(ckpt, {k for k in first if first[k] != globals()[k]}) if ckpt else {}
+    except ValueError as e:
+        fail("sample.py", str(e))
     c = configure({**globals(), **fixed}, __file__, argv)
     used = {k: v for k, v in fixed.items() if c[k] == v}
     if used:
@@ -242,6 +281,7 @@ def settings(c):
     s["decode"] = bool(c.get("decode", True))
     if not s["decode"] and (not c["save_latents"] or s["stream"]):
         raise ValueError("decode=False writes latents only: it needs save_latents=True and stream=False")
+    check_memory(s, min(c["batch_size"], len(s["prompts"])), dev)
     if causal is not None:
         T = 1 + (s["Fn"] - 1) // 4
         try:
@@ -260,6 +300,10 @@ def settings(c):
         s["src"], s["layout"] = flow.resolve_model_dir(c["model"])
     except FileNotFoundError:   # one line, not a traceback: what is missing and how to point at a local copy
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        if c["model"] == "tiny" or c["model"].startswith("random:"):
+            raise SystemExit(f"sample.py: --model={c['model']}: train_dmd.py builds that teacher from its seed; a tiny "
+                             f"run writes it beside its student: --ckpt=OUTPUT_DIR (e.g. out/tiny_dmd) samples the "
+                             f"student on it, --model=OUTPUT_DIR/{TINY_TEACHER} the teacher") from None
         raise SystemExit(f"sample.py: teacher {c['model']!r} is not a local folder and not in the hub cache" +
                          (" (HF_HUB_OFFLINE is set)" if offline else ", and the hub could not be reached") +
                          ": point --model at a local copy (a Wan 2.1 diffusers or original-layout folder), "
@@ -273,6 +317,21 @@ def settings(c):
     if s["via"] not in ("accelerator", "cpu"):
         raise ValueError(f"quantize_via must be 'accelerator' or 'cpu', got {s['via']!r}")
     return s
+
+
+def check_memory(s, batch, dev):
+    """Refuse a size that cannot fit before anything is allocated: at least the latents and (decode=True) the
+    decoded fp32 video must fit in the device's memory (RAM on the CPU); the DiT and the VAE need more on top."""
+    T, h, w = 1 + (s["Fn"] - 1) // 4, s["H"] // 8, s["W"] // 8
+    need = batch * 4 * (16 * T * h * w + (3 * s["Fn"] * s["H"] * s["W"] if s["decode"] else 0))
+    if dev.type == "cuda":
+        have, where = torch.cuda.get_device_properties(dev).total_memory, f"{dev} memory"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
+    if need > have:
+        raise ValueError(f"size {s['Fn']}x{s['H']}x{s['W']} (frames x height x width): its " + (
+            "decoded video alone" if s["decode"] else "latents alone") + f" takes {need / 2**30:,.0f} GiB, more than "
+            f"{where} ({have / 2**30:,.0f} GiB): sample a smaller --height, --width or --num_frames")
 
 
 def sampling_dit(c, s):
@@ -303,10 +362,11 @@ def denoise(c, s, dit, ctx, neg_ctx, x, gen, bar, on_block=None):
             else flow.euler_sample(velocity, x, sigmas, bar))
 
 
-def generate(cfg):
-    """Run sampling for a resolved config dict -> list of written mp4 paths (decode=False: the latents files)."""
+def generate(cfg, s=None):
+    """Run sampling for a resolved config dict (s: its settings, when already checked) -> list of written mp4 paths
+    (decode=False: the latents files)."""
     c = dict(cfg)
-    s = settings(c)
+    s = settings(c) if s is None else s
     n, why = pick_threads(c.get("threads", 0))
     torch.set_num_threads(n)
     dev, dt, student, stream = s["dev"], s["dtype"], s["steps"] is not None, s["stream"]
@@ -385,4 +445,10 @@ def report(dev, stream, t_text, t_dit, t_vae, t_first, paths, latents, out):
 
 
 if __name__ == "__main__":
-    generate(config())
+    cfg = config()
+    try:   # every mistake of the command line and its files: one line before any model loads
+        checked = settings(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        from configurator import fail
+        fail("sample.py", str(e))
+    generate(cfg, checked)

@@ -21,7 +21,10 @@ with the reason; where SimpleTuner's meaning differs from ours the value is conv
 - base_model_precision / text_encoder_1_precision / quantize_via are ours by name: "int8-quanto", "fp8-torchao", ...
   map to our weight-only int8 / fp8 (quant.py).
 Paths in the file (data_backend_config, validation_prompt_library, webhook_config) are SimpleTuner's, relative to
-the folder it runs in: looked up there, then beside the JSON and one folder up (config/config.json -> config/...).
+the folder it runs in: looked up there, then beside the JSON and one folder up (config/config.json -> config/...);
+every one missing is named in one line. A backend's instance_data_dir and cache_dir are relative to the working
+folder, as in SimpleTuner: made absolute, with a notice. validation_negative_prompt becomes the training negative
+prompt and optimizer adamw_bf16 our fp32-master AdamW, each announced as the conversions above are.
 """
 import json
 import os
@@ -57,20 +60,55 @@ BLOCK_KEYS = {"num_frame_per_block": 0, "independent_first_frame": False, "same_
 
 def find_path(path, json_path):
     """A SimpleTuner relative path -> an existing path: as given (from the working folder), beside the JSON, or one
-    folder above it; a one-line error otherwise."""
+    folder above it; None when it is in none of them."""
     if not isinstance(path, str) or path.lstrip().startswith("{") or os.path.isabs(path) or os.path.exists(path):
         return path
     here = os.path.dirname(os.path.abspath(json_path))
     for base in (here, os.path.dirname(here)):
         if os.path.exists(os.path.join(base, path)):
             return os.path.join(base, path)
-    raise FileNotFoundError(f"{json_path}: {path!r} not found (looked in {os.getcwd()}, {here} and its parent)")
+    return None
+
+
+def find_companions(d, json_path):
+    """The files the config names (data_backend_config, validation_prompt_library, webhook_config) -> {key: found
+    path}; the missing ones all named in one FileNotFoundError."""
+    named = {k: d[k] for k in ("data_backend_config", "validation_prompt_library", "webhook_config")
+             if isinstance(d.get(k), str) and d[k]}
+    found = {k: find_path(v, json_path) for k, v in named.items()}
+    missing = [f"{k}={named[k]!r}" for k, v in found.items() if v is None]
+    if missing:
+        here = os.path.dirname(os.path.abspath(json_path))
+        places = list(dict.fromkeys([os.getcwd(), here, os.path.dirname(here)]))   # SimpleTuner's folder, the JSON's
+        raise FileNotFoundError(f"{json_path}: {len(missing)} file(s) it names not found: {', '.join(missing)} (looked "
+                                f"in {', '.join(places)}): copy them there, or give their paths")
+    return found
+
+
+def load_json(path, say=print):
+    """A JSON file -> its value; bad JSON is one ValueError with the line, the column and that line's text; a key
+    given twice in one object (json keeps the last, as SimpleTuner does) is announced."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+
+    def pairs(items):
+        seen = [k for i, (k, _) in enumerate(items) if k in [k2 for k2, _ in items[:i]]]
+        if seen:
+            say(f"notice: {path}: {', '.join(repr(k) for k in seen)} given twice in one object: the last value is used")
+        return dict(items)
+    try:
+        return json.loads(text, object_pairs_hook=pairs)
+    except json.JSONDecodeError as e:
+        line = text.splitlines()[e.lineno - 1].strip() if e.lineno <= len(text.splitlines()) else ""
+        raise ValueError(f"{path}, line {e.lineno}, column {e.colno}: not valid JSON: {e.msg} (the line: {line[:80]!r})"
+                         ) from None
 
 
 def read_config(json_path, defaults, say=print):
     """SimpleTuner config.json -> {our key: value}. Notices and the one ignored-keys line go through `say`."""
-    with open(json_path) as f:
-        d = json.load(f)
+    d = load_json(json_path, say)
+    if not isinstance(d, dict):
+        raise ValueError(f"{json_path}: a SimpleTuner config is a JSON object of keys, not a {type(d).__name__}")
     d = {k.lstrip("-"): v for k, v in d.items()}   # SimpleTuner also accepts CLI-style "--key" names in its JSON
     d.update({k.lstrip("-"): v for k, v in (d.pop("distillation_config", None) or {}).items()})
     for key, want in (("distillation_method", "dmd"), ("model_family", "wan")):
@@ -79,10 +117,11 @@ def read_config(json_path, defaults, say=print):
     if d.get("lora_type", "standard") != "standard":
         raise ValueError(f"{json_path}: lora_type={d['lora_type']!r}: only 'standard' LoRA is implemented")
     out, ignored = {}, {}
+    found = find_companions(d, json_path)
     for k, v in d.items():
         ours = RENAMES.get(k, k)
         if k == "data_backend_config":
-            out["datasets"] = read_backends(find_path(v, json_path), d, ignored)
+            out["datasets"] = read_backends(found[k], d, ignored, say)
         elif k in DATASET_GLOBALS:   # read into every dataset by read_backends; resolution also sets height x width
             if "data_backend_config" not in d and k != "resolution":
                 ignored.setdefault("a dataset key, and no data_backend_config", []).append(k)
@@ -99,7 +138,7 @@ def read_config(json_path, defaults, say=print):
             ignored.setdefault("no built-in prompt library here", []).append(k)
             out[k] = defaults[k]
         elif out.get(k):
-            out[k] = find_path(out[k], json_path)
+            out[k] = found.get(k, out[k])
     meaning(d, out, defaults, say)
     if ignored:
         say("SimpleTuner keys ignored: " + "; ".join(f"{', '.join(sorted(set(ks)))} ({why})" for why, ks in ignored.items()))
@@ -138,6 +177,12 @@ def meaning(d, out, defaults, say):
                 "independently with a bidirectional Wan and delivers a bidirectional student: trained here as the "
                 "bidirectional student (one block). For the causal Self-Forcing student instead (better after the "
                 f"ODE init of README 'Causal student'): add --causal=True {keys} --validation_num_video_frames=81")
+    if d.get("validation_negative_prompt") is not None:
+        say("notice: SimpleTuner validation_negative_prompt -> negative_prompt: the unconditional prompt of the "
+            "teacher's guidance in every training step here (the student samples without CFG: no validation use)")
+    if d.get("optimizer") == "adamw_bf16":
+        say("notice: SimpleTuner optimizer=adamw_bf16 -> adamw: AdamW with fp32 master weights (the same updates, "
+            "more exact)")
     r = int(d.get("resolution", 0) or 0)
     if r:   # the data-free rollout's size: Wan's own for 480/720, else 480p's shape at that area
         out["height"], out["width"] = WAN_SIZES.get(r, (r // 16 * 16, round(r * 832 / 480 / 16) * 16))
@@ -158,13 +203,15 @@ def meaning(d, out, defaults, say):
             "real_data_loss_weight=1.0 (--real_data_loss_weight=0 for data-free DMD on the captions)")
 
 
-def read_backends(path, d, ignored):
-    """SimpleTuner's multidatabackend JSON (a list of backends) -> our `datasets`: one video dataset per enabled
-    image/video backend (its text/image embed caches are ours per dataset, so skipped)."""
-    with open(path) as f:
-        backends = json.load(f)
-    if not isinstance(backends, list):
-        raise ValueError(f"{path}: a SimpleTuner data backend config is a JSON list of backends")
+def read_backends(path, d, ignored, say=print):
+    """SimpleTuner's multidatabackend JSON (a list of backends, or one backend object) -> our `datasets`: one video
+    dataset per enabled image/video backend (its text/image embed caches are ours per dataset, so skipped). Its
+    relative folders are the working folder's, as SimpleTuner reads them: made absolute, and announced."""
+    backends = load_json(path, say)
+    if isinstance(backends, dict):
+        backends = [backends]
+    if not isinstance(backends, list) or not all(isinstance(b, dict) for b in backends):
+        raise ValueError(f"{path}: a SimpleTuner data backend config is a JSON list of backend objects (or one object)")
     out = []
     for b in backends:
         if b.get("disabled") or b.get("dataset_type", "image") not in ("image", "video"):
@@ -182,6 +229,12 @@ def read_backends(path, d, ignored):
                 ignored.setdefault("a SimpleTuner data-loader detail", []).append(k)
         if ds.get("crop") is True:
             ds["crop"] = "random" if b.get("crop_style") == "random" else "center"
+        rel = {k: ds[k] for k in ("instance_data_dir", "cache_dir") if isinstance(ds.get(k), str) and ds[k]
+               and not os.path.isabs(ds[k])}
+        if rel:
+            ds.update({k: os.path.abspath(v) for k, v in rel.items()})
+            say(f"notice: {path}: backend {ds.get('id', '?')!r}: " + ", ".join(f"{k} {v!r} -> {ds[k]}" for k, v in
+                rel.items()) + " (relative to the working folder, as SimpleTuner reads them)")
         out.append(ds)
     if not out:
         raise ValueError(f"{path}: no enabled image or video backend")

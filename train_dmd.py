@@ -118,10 +118,9 @@ attention_sparsity = 0.0               # VSA (sparse_attn.py) in the generator's
                                        # each query cube skips (FastWan: 0.8 for 1.3B, 0.9 for 14B); 0 = dense
 sparse_cube = (4, 4, 4)                # VSA cube in patch tokens (latent frames, latent height/2, latent width/2): 64 tokens
 sparse_remainder = True                # VSA's fine softmax also over the unselected cubes, one mean key/value each (ours, not
-                                       # VSA's: C extra keys per query); demo at 0.8: within noise of dense with 1x1x2 cubes
-                                       # (bench/README.md "At 48 tokens"); False: VSA as published
+                                       # VSA's: C extra keys per query; docs/method.md); False: VSA as published
 sparsity_warmup_steps = 0              # attention_sparsity reached in 10 stages over these trainer steps, from 0 (all cubes:
-                                       # the student starts dense); 0: sparse from the first step (demo: 300 of 600 was worse)
+                                       # the student starts dense); 0: sparse from the first step
 mixed_precision = "bf16"               # "bf16": bf16 base weights + autocast on CUDA; "no": fp32 (always fp32 on CPU)
 base_model_precision = "no"            # the frozen base (teacher; base of the LoRA generator and critic) stored in 8 bits:
                                        # "int8" / "fp8" weight-only, per-row scales (quant.py; SimpleTuner's "int8-quanto",
@@ -175,8 +174,9 @@ validation_step_interval = 200         # validation samples and the collapse sig
 validation_prompt = "A cat walks on the grass, realistic style." # the first validation prompt (also the training prompt without prompts_file / datasets)
 validation_prompt_library = ""         # JSON file: {"name": "prompt", ...} or ["prompt", ...]
 validation_seed = 42                   # validation noise: seed k of a prompt is validation_seed + k
-validation_num_inference_steps = 3     # must equal the number of dmd_denoising_steps
-validation_guidance = 1.0              # the student sampler takes no CFG: must be 1.0
+validation_num_inference_steps = None  # derived: the number of dmd_denoising_steps (validation runs the student's own
+                                       # rollout); a value given (SimpleTuner's config.json has one) must equal it
+validation_guidance = None             # derived: 1.0, the student sampler takes no CFG; a value given must be 1.0
 validation_resolution = "832x480"      # WxH
 validation_num_video_frames = 81       # video frames of a validation sample (4k+1)
 validation_diversity_seeds = 4         # collapse signal (validation.py): seeds per prompt whose spread is compared
@@ -712,7 +712,7 @@ def ode_init_trainer_step(r, rec, log_now):
 def train_loop(c, pub, steps):
     """The training loop, the same for DMD and the ODE init: per trainer step the objective's step
     (dmd_trainer_step or ode_init_trainer_step), the schedulers, a log line, then checkpoint / validation / signal
-    handling."""
+    handling. Its bar is drawn on a terminal only (a log file gets the step lines)."""
     r = setup(c, steps)
     trainer_step = ode_init_trainer_step if c["objective"] == "ode_init" else dmd_trainer_step
     stop = {"signal": None}
@@ -723,7 +723,7 @@ def train_loop(c, pub, steps):
         torch.cuda.reset_peak_memory_stats()
     r.t_last = time.perf_counter()
     stdout = sys.stdout   # every print of the loop (log lines, validation, hub, webhooks) goes above the bar, not into it
-    bar = tqdm(total=c["max_train_steps"], initial=r.step, desc="dmd", dynamic_ncols=True, disable=not r.env.main, file=stdout)
+    bar = tqdm(total=c["max_train_steps"], initial=r.step, desc="dmd", dynamic_ncols=True, disable=not r.env.main or None, file=stdout)
     sys.stdout = DummyTqdmFile(stdout)
     while r.step < c["max_train_steps"]:
         rec = {"step": r.step + 1}
@@ -795,4 +795,6 @@ def close_run(r):
 DEFAULTS = {k: v for k, v in dict(globals()).items() if k in set(default_keys(__file__))}
 
 if __name__ == "__main__":
-    train(config())
+    cfg = checks.preflight(config(), "train_dmd.py")   # every mistake of the config, its files, its teacher: one line
+    train(cfg)
+    publish.print_next_commands(cfg, sys.argv[1:])   # rank 0: what to type next

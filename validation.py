@@ -90,7 +90,7 @@ def teacher_diversity(r):
     scale = c["real_score_guidance_scale"] + 1                       # DMD2's w is standard CFG w + 1
     per, S = [], c["validation_diversity_seeds"]
     bar = tqdm(total=len(r.val_emb) * S * c["validation_teacher_steps"], desc="teacher diversity (once)", leave=False,
-               disable=not r.env.main)
+               disable=not r.env.main or None)   # None: no bar when stderr is not a terminal (a log file)
     for e in r.val_emb:
         ctx = text_encoders.pad_context([e]).to(r.dev, r.dtype)
         velocity = flow.guided(r.R, ctx, r.neg_ctx[:1] if scale > 1 else None, scale)
@@ -116,7 +116,7 @@ def validate(r, step):
     modes = {"none": ["raw"], "ema_only": ["ema"], "comparison": ["raw", "ema"]}[c["ema_validation"] if r.ema is not None else "none"]
     out = os.path.join(c["output_dir"], "validation", f"step_{step}")
     S, per = max(1, c["validation_diversity_seeds"]), []
-    bar = tqdm(total=len(modes) * len(r.val_prompts), desc="validation", unit="prompt", leave=False, disable=not env.main)
+    bar = tqdm(total=len(modes) * len(r.val_prompts), desc="validation", unit="prompt", leave=False, disable=not env.main or None)
     for mode in modes:
         old = swap_in(r.g_params, r.ema) if mode == "ema" else None
         per = []   # the signal of the last mode (the exported weights)

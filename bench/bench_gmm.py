@@ -192,7 +192,7 @@ class ResidualCritic(torch.nn.Module):
     regressed on R (the init, or --fake-hidden's) and M_0 its frozen starting point, so F starts equal to R and
     learns on the MLP's pretrained features. This is what the trainer's critic is against its teacher (a copy, or the
     frozen teacher plus a zero-initialised LoRA adapter: equal at the first step); a plain MLP copy here starts off R
-    by the init's own regression error. Measured: no better (bench/README.md, "What limits the student's MMD")."""
+    by the init's own regression error. Measured: no better (bench/HISTORY.md, "What limits the student's MMD")."""
     def __init__(self, mix, net):
         super().__init__()
         self.mix, self.net = mix, copy.deepcopy(net)

@@ -2,8 +2,11 @@
 teacher and size), one-line errors for missing weights, torch's thread count, the terminal log line."""
 import json
 import os
+import re
 import runpy
+import shlex
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -69,7 +72,11 @@ def test_sample_missing_teacher_is_one_line(tmp_path):
     assert "\n" not in str(e.value)
     json.dump({"pretrained_model_name_or_path": "tiny", "height": 64, "width": 64, "num_training_frames": 3},
               open(tmp_path / "config.json", "w"))
-    assert sample.student_defaults(str(tmp_path)) == dict(height=64, width=64, num_frames=9)   # no folder: no model
+    with pytest.raises(ValueError, match="no tiny_teacher/ beside it: write it by exporting the run again"):
+        sample.student_defaults(str(tmp_path))   # a tiny run from before tiny_teacher/: the way to write it
+    assert sample.student_defaults(str(tmp_path), {"model"}) == dict(height=64, width=64, num_frames=9)
+    os.makedirs(tmp_path / "tiny_teacher")
+    assert sample.student_defaults(str(tmp_path))["model"] == str(tmp_path / "tiny_teacher")
 
 
 def test_pick_threads(monkeypatch):
@@ -145,7 +152,8 @@ def test_entry_points_have_their_own_help(capsys):
                                "--make_teacher_data", "p.txt", "--teacher_mp4"], commands=(os.path.join(ROOT, "data.py"), "commands"))
     assert (c["make_teacher_data"], c["teacher_mp4"], c["teacher_steps"], c["pretrained_model_name_or_path"]) == ("p.txt", True, 50, "tiny")
     publish_py = os.path.join(ROOT, "publish.py")
-    assert configurator.command_flags(publish_py, "flags", ["out/x", "--dry-run"]) == ({"dry_run": True}, ["out/x"])
+    flags, words = configurator.command_flags(publish_py, "flags", ["out/x", "--dry-run", "--hub-model-id=me/x"])
+    assert (flags["dry_run"], flags["hub_model_id"], flags["model_card_private"], words) == (True, "me/x", False, ["out/x"])
     with pytest.raises(SystemExit):
         configurator.command_flags(publish_py, "flags", ["out/x", "--dryrun"])
     assert "did you mean '--dry_run'" in capsys.readouterr().err
@@ -222,3 +230,153 @@ def test_packaging_installs_dependencies_only():
         head = f.read(200).split()
     assert head[:4] == ["Apache", "License", "Version", "2.0,"]
     assert project["project"]["optional-dependencies"]["wandb"] == ["wandb"]
+
+
+def shell_commands(markdown):
+    """The commands of a markdown text's shell code blocks (```bash, ```sh, ```shell or untagged), each as printed
+    (a line continued by a trailing backslash joined with the next), and its inline `python ...` spans."""
+    out, block, lang = [], None, ""
+    for line in markdown.splitlines():
+        if block is None:
+            out += re.findall(r"`(python [^`]+)`", line)
+        if line.lstrip().startswith("```"):
+            if block is None:
+                block, lang = [], line.strip()[3:].strip()
+            else:
+                if lang in ("", "bash", "sh", "shell"):
+                    joined = "\n".join(block).replace("\\\n", " ")
+                    out += [c.strip() for c in joined.splitlines() if c.strip() and not c.strip().startswith("#")]
+                block = None
+            continue
+        if block is not None:
+            block.append(line)
+    return out
+
+
+def sandbox(tmp_path):
+    """A folder laid out as a fresh clone (the root scripts, config/, prompts/ linked) to run commands in."""
+    box = tmp_path / "clone"
+    box.mkdir()
+    for name in os.listdir(ROOT):
+        if name.endswith(".py") or name in ("config", "prompts"):
+            os.symlink(os.path.join(ROOT, name), box / name)
+    return box
+
+
+def run_printed(cmd, cwd, **env):
+    """A printed command run by bash as printed, `python` being this interpreter -> CompletedProcess."""
+    assert cmd.startswith("python "), cmd
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **env}
+    return subprocess.run(["bash", "-c", f"{shlex.quote(sys.executable)} {cmd[len('python '):]}"], cwd=cwd, env=e,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_printed_commands_work(tmp_path):
+    """Every cheap command the README prints (the tiny config, sample.py / publish.py --dry_run on its run folder),
+    the commands a tiny run ends with and the ones its model card prints run as printed, in a fresh clone's layout,
+    offline: the tiny run samples from its folder alone (its teacher in tiny_teacher/)."""
+    box = sandbox(tmp_path)
+    readme = shell_commands(open(os.path.join(ROOT, "README.md")).read())
+    def cheap(c):   # the tiny config alone, and sample.py / publish.py --dry_run on its folder (a push needs the hub)
+        w = c.split()
+        return (w[:3] == ["python", "train_dmd.py", "config/tiny.py"] and not (len(w) > 3 and w[3].endswith(".py"))
+                or w[:2] in (["python", "sample.py"], ["python", "publish.py"]) and "out/tiny_dmd" in c
+                and (w[1] == "sample.py" or "--dry_run" in c))
+    tiny = [c for c in readme if cheap(c)]
+    assert any(c.startswith("python train_dmd.py config/tiny.py") for c in tiny), "README: no tiny training command"
+    tiny.sort(key=lambda c: not c.startswith("python train_dmd.py config/tiny.py"))   # the run first, then its users
+    ran = {}
+    for cmd in tiny:
+        p = run_printed(cmd, box)
+        assert p.returncode == 0, f"README command failed: {cmd}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+        ran.setdefault(cmd.split()[1], p)
+    assert "\r" not in ran["train_dmd.py"].stdout + ran["train_dmd.py"].stderr   # a log file: step lines, no bars
+    # the model card's wan-dmd commands (the card of the run folder, not pushed)
+    card = shell_commands(open(box / "out" / "tiny_dmd" / "README.md").read())
+    assert any(c.startswith("python sample.py") for c in card), card
+    for cmd in card:
+        p = run_printed(cmd, box)
+        assert p.returncode == 0, f"model card command failed: {cmd}\n{p.stderr[-2000:]}"
+        assert "1 mp4 in out/samples" in p.stdout
+    # the run's own closing lines: the next commands, each run as printed (the push against a hub that is down)
+    nxt = ran["train_dmd.py"].stdout.split("\nnext:\n")[1].splitlines()
+    cmds = [line.strip() for line in nxt if line.startswith("  python ")]
+    assert [c.split()[1] for c in cmds] == ["sample.py", "train_dmd.py", "publish.py", "publish.py"], cmds
+    for cmd in cmds:
+        if "--hub_model_id=" in cmd:
+            p = run_printed(cmd, box, HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9", HF_TOKEN="hf_" + "x" * 20)
+            assert p.returncode == 1 and "did not finish" in p.stderr, p.stderr   # flags taken; only the network failed
+            continue
+        p = run_printed(cmd, box)
+        assert p.returncode == 0, f"next command failed: {cmd}\n{p.stderr[-2000:]}"
+    assert "--export_from=checkpoint-" in cmds[1]
+
+
+def run_main(script, argv, monkeypatch, capsys):
+    """`python SCRIPT ARGV...` in this process -> (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    code = 0
+    try:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=sys.stderr)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_mistakes_are_one_line_before_any_model(tmp_path, monkeypatch, capsys):
+    """Each mistake a newcomer makes: one line on stderr naming the key or file and the fix, exit status 1 or 2,
+    nothing built (the output folder never made), no traceback."""
+    import huggingface_hub.constants
+    import importlib.util
+    monkeypatch.chdir(ROOT)   # the configs' prompts/ paths, as from a clone
+    tiny = ["config/tiny.py", f"--output_dir={tmp_path / 'never'}"]
+    (tmp_path / "empty.txt").write_text("\n \n")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cases = [   # (argv, what the line must say)
+        (tiny + ["--prompts_file=no_such_prompts.txt"], "prompts_file: prompts file 'no_such_prompts.txt': no such file"),
+        (tiny + [f"--prompts_file={tmp_path / 'empty.txt'}"], "has no prompt (empty or blank lines only): write one"),
+        (["config/wan_dmd_3step.py", f"--output_dir={tmp_path / 'never'}"],
+         "pretrained_model_name_or_path='Wan-AI/Wan2.1-T2V-1.3B-Diffusers': not a local folder and not in the hub cache "
+         "(HF_HUB_OFFLINE is set): download it once"),
+        (tiny + ["--height=50"], "height and width must be multiples of 16, got 50x64"),
+        (tiny + ["--dmd_denoising_steps=1000,2000"], "dmd_denoising_steps must decrease within (0, 1000], got '1000,2000'"),
+        (tiny + ["--report_to=wandb"], "report_to='wandb' but wandb is not installed: pip install wandb"),
+        (tiny + ["--max_train_steps=-5"], "max_train_steps must be an integer >= 0"),
+        (tiny + ["--webhook_config=no_hook.json"], "webhook_config 'no_hook.json': no such file"),
+    ]
+    for argv, says in cases:
+        code, out, err = run_main("train_dmd.py", argv, monkeypatch, capsys)
+        assert code == 2 and out == "" and err.count("\n") == 1 and says in err, (argv, code, out, err)
+        assert not (tmp_path / "never").exists()
+    # sample.py: a --ckpt that is not there is named (not the teacher); a student folder's broken config.json
+    code, out, err = run_main("sample.py", [f"--ckpt={tmp_path / 'no_run'}"], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and f"--ckpt='{tmp_path / 'no_run'}': no such file or folder" in err
+    run = tmp_path / "run"
+    run.mkdir()
+    for text, says in (("{}", "lacks pretrained_model_name_or_path, height, width, num_training_frames"),
+                       ("{\"height\": 32,\n", "not valid JSON"), ("[1, 2]", "holds a JSON list")):
+        (run / "config.json").write_text(text)
+        code, out, err = run_main("sample.py", [f"--ckpt={run}"], monkeypatch, capsys)
+        assert code == 2 and err.count("\n") == 1 and str(run / "config.json") in err and says in err, err
+    # a size that cannot fit is refused before anything is allocated
+    json.dump({"pretrained_model_name_or_path": str(tmp_path), "height": 32, "width": 32, "num_training_frames": 3},
+              open(run / "config.json", "w"))
+    code, out, err = run_main("sample.py", [f"--ckpt={run}", "--height=100000", "--width=100000", "--device=cpu"],
+                              monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "size 9x100000x100000" in err and "smaller --height" in err, err
+    assert "GiB" in err and "this machine's RAM" in err
+
+
+def test_print_config_is_json_alone(tmp_path, monkeypatch, capsys):
+    """--print_config > run.json gives a file that parses: the notices of a config's reading go to stderr."""
+    st = tmp_path / "st.json"
+    st.write_text(json.dumps({"real_score_guidance_scale": 3.0, "optimizer": "adamw_bf16", "lr_warmup_steps": "5"}))
+    code, out, err = run_main("train_dmd.py", [str(st), os.path.join(ROOT, "config", "tiny.py"), "--print_config"],
+                              monkeypatch, capsys)
+    assert code == 0 and json.loads(out)["real_score_guidance_scale"] == 2.0 and "notice: SimpleTuner" in err

@@ -307,7 +307,7 @@ def test_exact_trajectories_and_the_regression_term():
 def test_dmd_with_the_regression_term_keeps_every_mode():
     """Every mode kept on the mixture: DMD plus 4 x the regression on exact ODE pairs (train_dmd's
     ode_regression_weight), 15000 trainer steps at interval 5, within 1.5x the exact 50-step sampler's MMD. Measured
-    (seeds 0-2, bench/README.md "DMD's regression term"): 1.32x at seed 0, where DMD alone is at 2.4x."""
+    (seeds 0-2, bench/HISTORY.md "DMD's regression term"): 1.32x at seed 0, where DMD alone is at 2.4x."""
     mix = bg.make_mixture()
     teacher, _ = bg.init_net(mix, 128, 3, 1500, 0)
     labels = torch.arange(N_EVAL) % 3

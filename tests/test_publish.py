@@ -6,6 +6,7 @@ import email.policy
 import http.server
 import json
 import re
+import runpy
 import os
 import shutil
 import socket
@@ -166,6 +167,16 @@ def test_png_gif_and_loss_curve(tmp_path):
     legend = publish.loss_curve(recs)[200:400, :360][4:14]   # the grad-norm panel's title row: G and F swatches
     assert np.all(legend == media.COLORS[0], axis=-1).sum() >= 64 and np.all(legend == media.COLORS[1], axis=-1).sum() >= 64
     assert media.fit("abcdefgh", 5) == "abc.." and media.fit("abc", 5) == "abc"
+
+
+def test_constant_series_is_drawn_flat():
+    """A constant loss (or one whose last digits jitter) is a flat line across the middle, between distinct axis
+    labels, not a diagonal from label to equal label."""
+    for ys in ([0.697] * 20, [0.697 + 1e-9 * (i % 2) for i in range(20)], [-2.0] * 20, [0.0] * 20):
+        img = media.line_plot("dmd loss", [("dmd", list(range(1, 21)), ys)])
+        rows = np.nonzero(np.all(img[20:-22, 73:-9] == media.COLORS[0], axis=-1))[0]
+        assert len(rows) > 200 and rows.max() - rows.min() <= 1, ys   # one horizontal line
+        assert abs((rows.min() + 20) - (20 + 178) / 2) <= 2   # at mid height
 
 
 def card_cfg(**kw):
@@ -393,6 +404,7 @@ def test_tiny_run_publishes(tmp_path, capsys, monkeypatch):
     assert (out / "preview.gif").read_bytes()[:6] == b"GIF89a"
     card = (out / "README.md").read_text()
     assert "pipeline_tag: text-to-video" in card and "LoRA rank 8" in card and "me/tiny-dmd" in card
+    assert "WanPipeline" not in card and "Not this student: its teacher `tiny`" in card   # no diffusers pipeline
     # the webhook transcript
     events = [json.loads(r["body"]) for r in hook.requests]
     assert [e["message_type"] for e in events] == ["start", "checkpoint", "validation", "checkpoint", "validation", "finish"]
@@ -410,11 +422,32 @@ def test_tiny_run_publishes(tmp_path, capsys, monkeypatch):
     mp4 = sorted(os.listdir(out / "validation" / "step_4"))[0]
     assert sorted(staged) == sorted(["README.md", "config.json", "env.json", "log.jsonl", "loss_curve.png", "preview.gif",
                                      "student_ema.safetensors", "transformer/config.json",
-                                     "transformer/diffusion_pytorch_model.safetensors", f"samples/{mp4}"])
+                                     "transformer/diffusion_pytorch_model.safetensors", f"samples/{mp4}"]
+                                    + [f"tiny_teacher/{f}" for f in ("model_index.json", "tiny_text_encoder",
+                                       "scheduler/scheduler_config.json", "transformer/config.json",
+                                       "transformer/diffusion_pytorch_model.safetensors", "vae/config.json",
+                                       "vae/diffusion_pytorch_model.safetensors")])
     final = {k: v for k, v in hub.files.items() if not k.startswith("checkpoints/")}
     assert final.keys() == staged.keys()
     for k in staged:
         assert final[k] == staged[k], k
+    # the tiny teacher written beside the student is the one it was trained on (rebuilt from the seed), VAE included
+    import data
+    import model_wan as mw
+    import vae_wan
+    base, vae, _ = data.load_teacher(c, torch.device("cpu"), torch.float32, text=False)
+    for got, want in ((mw.load_dit(str(out / "tiny_teacher")), base), (vae_wan.load_vae(str(out / "tiny_teacher")), vae)):
+        sd = got.state_dict()
+        assert all(torch.equal(sd[k], v) for k, v in want.state_dict().items() if ".lora_" not in k)
+    # publish.py takes the publishing keys on its command line: another repo, public, a note; config.json unchanged
+    saved = (out / "config.json").read_text()
+    monkeypatch.setattr(sys, "argv", ["publish.py", str(out), "--hub_model_id=me/again", "--model_card_private=False",
+                                      "--model_card_note=second push"])
+    runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(publish.__file__)), "publish.py"), run_name="__main__")
+    assert "hub: me/again holds the student" in capsys.readouterr().out
+    assert hub.repos["me/again"] == "public" and hub.files["README.md"] == (out / "README.md").read_bytes()
+    assert "second push" in (out / "README.md").read_text() and "me/again" in (out / "README.md").read_text()
+    assert (out / "config.json").read_text() == saved
     hub.close()
     hook.close()
 

@@ -412,7 +412,7 @@ def test_secrets_redacted_wherever_written_or_printed(tmp_path, capsys):
     argv = str(redact(["x.py", f"--model_card_note={note}"]))   # what env.json records
     assert "SECRETTOKEN" not in argv and "pw@" not in argv and "hf_abcdefghijkl" not in argv
     out = str(tmp_path / "a;b $(touch PWNED) 'c'")
-    c = dict(train_dmd.DEFAULTS, output_dir=out, model_card_note=note, pretrained_model_name_or_path="tiny")
+    c = dict(train_dmd.DEFAULTS, output_dir=out, model_card_note=note)   # the Wan 1.3B teacher: both snippets
     text = card.model_card(c, [1000.0, 757.0, 522.0], [], {}, ["student_ema.safetensors", "transformer/config.json"],
                            ["a cat"])
     assert "SECRETTOKEN" not in text and "pw@" not in text and "hf_abcdefghijkl" not in text

@@ -15,7 +15,7 @@ import checks
 import train_dmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEED = os.path.join(ROOT, "tests", "fixtures", "simpletuner", "config", "config.json")
+QUICKSTART = os.path.join(ROOT, "tests", "fixtures", "simpletuner", "config", "config.json")
 
 
 def write(tmp_path, d, name="st.json"):
@@ -24,12 +24,12 @@ def write(tmp_path, d, name="st.json"):
 
 
 def test_seed_config_every_key_mapped_or_named(capsys):
-    c = train_dmd.config([SEED])
+    c = train_dmd.config([QUICKSTART])
     out = capsys.readouterr().out
     ignored = [line for line in out.splitlines() if line.startswith("SimpleTuner keys ignored:")]
     assert len(ignored) == 1
-    seed = json.load(open(SEED))
-    keys = set(seed) - {"distillation_config"} | set(seed["distillation_config"])
+    qs = json.load(open(QUICKSTART))
+    keys = set(qs) - {"distillation_config"} | set(qs["distillation_config"])
     read = {k for k in keys if simpletuner.RENAMES.get(k, k) in train_dmd.DEFAULTS} | set(simpletuner.DATASET_GLOBALS)
     read |= {"data_backend_config", "model_type"}
     assert all(k in ignored[0] for k in keys - read), sorted(k for k in keys - read if k not in ignored[0])
@@ -43,11 +43,15 @@ def test_seed_config_every_key_mapped_or_named(capsys):
     assert (c["lora_rank"], c["fake_score_lora_rank"], c["lr_scheduler"], c["fake_score_lr_scheduler"],
             c["lr_min_ratio"]) == (128, 128, "cosine_with_min_lr", "cosine_with_min_lr", 0.5)
     assert (c["height"], c["width"], c["grad_clip_method"], c["seed"]) == (480, 832, "value", 1000)
-    assert c["negative_prompt"] == seed["validation_negative_prompt"] and c["optimizer"] == "adamw"
+    assert c["negative_prompt"] == qs["validation_negative_prompt"] and c["optimizer"] == "adamw"
     # the multidatabackend JSON: the video backend with the globals as defaults; SimpleTuner's flow-matching term
     (ds,) = c["datasets"]
-    assert ds["instance_data_dir"] == "datasets/wan-dmd" and ds["num_frames"] == 121 and ds["resolution"] == 480
-    assert ds["cache_dir"] == "cache/vae/wan/wan-dmd" and ds["caption_dropout_probability"] == 0.1
+    # its folders are the working folder's (as SimpleTuner reads them): made absolute and announced
+    assert ds["instance_data_dir"] == os.path.abspath("datasets/wan-dmd") and ds["num_frames"] == 121
+    assert ds["cache_dir"] == os.path.abspath("cache/vae/wan/wan-dmd") and ds["caption_dropout_probability"] == 0.1
+    assert ds["resolution"] == 480 and "relative to the working folder, as SimpleTuner reads them" in out
+    # the other conversions are announced as these are: the negative prompt, the optimizer
+    assert "validation_negative_prompt -> negative_prompt" in out and "adamw_bf16 -> adamw" in out
     assert c["real_data_loss_weight"] == 1.0
     for k in ("validation_prompt_library", "webhook_config"):   # SimpleTuner's relative paths, found beside the JSON
         assert os.path.isfile(c[k])
@@ -67,21 +71,43 @@ def test_simpletuner_variants(tmp_path, capsys):
     c = train_dmd.config([causal])
     assert (c["causal"], c["num_frame_per_block"], c["same_step_across_blocks"]) == (True, 3, False)
     checks.check_config(c)
-    with pytest.raises(FileNotFoundError, match="multi.json"):
-        train_dmd.config([write(tmp_path, {"data_backend_config": "config/multi.json"})])
-    with pytest.raises(ValueError, match="DMD only"):
-        train_dmd.config([write(tmp_path, {"distillation_method": "lcm"})])
-    with pytest.raises(ValueError, match="caption_strategy"):
-        backends = write(tmp_path, [{"dataset_type": "video", "caption_strategy": "filename"}], "b.json")
-        train_dmd.config([write(tmp_path, {"data_backend_config": backends})])
+    capsys.readouterr()
+
+    def error(d):   # a mistake in the file: one line on stderr, exit status 2
+        with pytest.raises(SystemExit) as e:
+            train_dmd.config([write(tmp_path, d) if not isinstance(d, str) else d])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("train_dmd.py: error: "), err
+        return err
+    # every missing companion file named in one line
+    err = error({"data_backend_config": "config/multi.json", "validation_prompt_library": "lib.json",
+                 "webhook_config": "hook.json"})
+    assert all(f"{k}='{v}'" in err for k, v in (("data_backend_config", "config/multi.json"),
+                                                 ("validation_prompt_library", "lib.json"), ("webhook_config", "hook.json")))
+    assert "3 file(s)" in err and os.getcwd() in err
+    assert "DMD only" in error({"distillation_method": "lcm"})
+    backends = write(tmp_path, [{"dataset_type": "video", "caption_strategy": "filename"}], "b.json")
+    assert "caption_strategy" in error({"data_backend_config": backends})
+    # SimpleTuner's quickstart dataset block as printed: one object, a duplicated "repeats", a missing comma
+    quick = '{\n  "id": "wan-dmd",\n  "type": "local",\n  "repeats": 0,\n  "repeats": 2\n  "dataset_type": "video"\n}\n'
+    (tmp_path / "quick.json").write_text(quick)
+    err = error({"data_backend_config": str(tmp_path / "quick.json")})
+    assert "quick.json, line 6, column 3: not valid JSON: Expecting ',' delimiter" in err and '"dataset_type"' in err
+    (tmp_path / "quick.json").write_text(quick.replace("2\n", "2,\n"))   # comma fixed: one object, read as one backend
+    (tmp_path / "clips").mkdir()
+    c = train_dmd.config([write(tmp_path, {"data_backend_config": str(tmp_path / "quick.json")})])
+    assert [d["repeats"] for d in c["datasets"]] == [2] and "'repeats' given twice" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text('{"learning_rate": 1e-5,}')
+    assert "bad.json, line 1, column 24: not valid JSON" in error(str(tmp_path / "bad.json"))
 
 
 def test_print_config_exits_before_output_dir(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        train_dmd.config([SEED, f"--output_dir={tmp_path / 'never'}", "--print_config"])
+        train_dmd.config([QUICKSTART, f"--output_dir={tmp_path / 'never'}", "--print_config"])
     assert e.value.code == 0 and not (tmp_path / "never").exists()
-    text = capsys.readouterr().out
-    resolved = json.loads(text[text.index("\n{") + 1:])
+    out, err = capsys.readouterr()
+    resolved = json.loads(out)   # stdout is the JSON alone (--print_config > run.json parses); notices on stderr
+    assert "SimpleTuner keys ignored:" in err
     assert resolved["output_dir"] == str(tmp_path / "never") and resolved["real_score_guidance_scale"] == 2.0
 
 
@@ -89,7 +115,7 @@ def test_seed_config_tiny_run(tmp_path, monkeypatch):
     """The quickstart's file unchanged, then config/tiny.py's model sizes and the outputs' switches on the command line;
     the data backend points at tiny clips (its sizes are the data's)."""
     from test_data import moving_square, write_video
-    shutil.copytree(os.path.dirname(SEED), tmp_path / "config")
+    shutil.copytree(os.path.dirname(QUICKSTART), tmp_path / "config")
     backends = json.load(open(tmp_path / "config" / "wan" / "multidatabackend.json"))
     backends[0].update(resolution=32, video=dict(backends[0]["video"], num_frames=9, min_frames=9))
     (tmp_path / "config" / "wan" / "multidatabackend.json").write_text(json.dumps(backends))

@@ -199,6 +199,18 @@ def test_config_errors(tmp_path, capsys):
     checks.check_config(c)
 
 
+def test_validation_steps_and_guidance_are_derived(tmp_path):
+    """validation_num_inference_steps and validation_guidance follow from the student (its steps, no CFG): unset by
+    default, and a value given (SimpleTuner's config.json sets both) must be the derived one."""
+    c = tiny_cfg(tmp_path, "--dmd_denoising_steps=1000,500")
+    assert (c["validation_num_inference_steps"], c["validation_guidance"]) == (None, None)
+    checks.check_config(c)
+    checks.check_config(tiny_cfg(tmp_path, "--dmd_denoising_steps=1000,500", "--validation_num_inference_steps=2",
+                                 "--validation_guidance=1.0"))
+    with pytest.raises(ValueError, match="must equal the number of dmd_denoising_steps"):
+        checks.check_config(tiny_cfg(tmp_path, "--dmd_denoising_steps=1000,500", "--validation_num_inference_steps=3"))
+
+
 def test_data_rollout_and_flow_matching_loss():
     """Data-latent mode: one forward with gradient at t_k* on the noised data latent; FM loss closed form."""
     x0 = torch.randn(2, 16, 1, 4, 4)
