@@ -26,6 +26,7 @@ import errno
 import json
 import math
 import os
+import time
 import random
 import sys
 import textwrap
@@ -578,7 +579,7 @@ def make_teacher_data(c, prompts_file, out_dir, steps=50, guidance=5.0, shift=No
         record = flow.rollout_steps(flow.parse_steps(c["dmd_denoising_steps"]), c["warp_denoising_step"], c["timestep_shift"])
         sigmas, timesteps, rec_idx = ode_schedule(steps, shift, layout, record)
     todo = [(i, p) for i, p in enumerate(prompts) if i % world_size == rank]
-    written = 0
+    written, t0 = 0, time.perf_counter()
     for i, p in tqdm(todo, desc=f"teacher data (rank {rank})", dynamic_ncols=True):
         key = digest(p, c["seed"] + i, steps, guidance, shift, H, W, Fn, model_id, text_id, neg if guidance > 1 else None,
                      *([record] if record else []), *([guidance_max_t] if guidance_max_t < 1000 else []))
@@ -603,7 +604,8 @@ def make_teacher_data(c, prompts_file, out_dir, steps=50, guidance=5.0, shift=No
         if mp4:
             media.write_mp4(path[: -len(".safetensors")] + ".mp4", vae.decode(lat.float())[0])
         written += 1
-    print(f"data: teacher {'ODE pairs' if record else 'data'}: {written} written, {len(todo) - written} already there -> {out_dir}")
+    print(f"data: teacher {'ODE pairs' if record else 'data'}: {written} written, {len(todo) - written} already there -> "
+          f"{out_dir} [{time.perf_counter() - t0:.0f}s]")
     return out_dir
 
 

@@ -1,11 +1,15 @@
 """
 The whole story offline on a CPU in minutes: a synthetic captioned video dataset (real mp4s) -> a tiny Wan VAE
-and a tiny Wan DiT teacher trained here by flow matching -> DMD distillation to a 3-step student
-(train_dmd.train) -> side-by-side samples (teacher 50 steps, teacher 3 steps, student 3 steps) as mp4s and
-one contact-sheet PNG -> the quality table of quality.py (precision, coverage, mode TV, MMD).
+and a tiny Wan DiT teacher trained here by flow matching -> DMD distillation to a 3-step student with the
+recipe of config/wan_dmd_3step.py at SimpleTuner's quickstart guidance (train_dmd.train; docs/recipe.md) ->
+side-by-side samples (teacher 50 steps, teacher 3 steps, student 3 steps) as mp4s and one contact-sheet PNG ->
+the quality table of quality.py (precision, coverage, mode TV, MMD).
 
   python demo.py                                  # out/demo/, every stage skipped when its output exists
   python demo.py --dmd_steps=100 --out_dir=out/d2 # override any key below; python demo.py --help
+  python demo.py --more_students=config/demo_causal.py   # a causal student beside it (more rows, more minutes)
+  python demo.py --dmd_config=config/demo_dmd.py --dmd_steps=600 --guidance_scale=2 --out_dir=out/demo_w1
+                                                  # plain DMD at low guidance (w = 1), no recipe
 
 The world and the detector are quality.py's: "a <colour> <shape> moving <direction>" (24 captions), 3 modes per
 caption (the band the shape travels in), read back from decoded pixels by quality.detect.
@@ -59,18 +63,21 @@ flow_shift = 3.0               # shift of the training timesteps and of the teac
 # steps). A causal student ("config/demo_dmd.py,config/demo_causal.py") first gets the ODE init of README "Causal
 # student": teacher trajectories (ode_seeds per caption, ode_teacher_steps UniPC steps with CFG), then ode_steps of
 # regression, then DMD from there
-dmd_config = "config/demo_dmd.py"  # the headline student's config file(s)
-dmd_steps = 600                # its DMD trainer steps (max_train_steps)
+dmd_config = "config/demo_dmd.py,config/demo_recipe.py"  # the headline student's config file(s)
+dmd_steps = 2400               # its DMD trainer steps (max_train_steps)
+dmd_pairs = 0                  # > 0: the ODE pairs per caption of the regression term (teacher_data_samples) instead
+                               # of dmd_config's (32); they are made before DMD and take part of its time
 # more students, each a config file on top of dmd_config, trained into out/dmd_<name> (name: the file's stem without
 # "demo_") and scored in the table beside the teachers at its own guidance (standard CFG = its
-# real_score_guidance_scale + 1): the student at the seed's guidance and the causal student. "" = the headline only
-more_students = "config/demo_w3.py,config/demo_causal.py"  # config files of the students trained beside it
-more_students_steps = "w3=4"   # NAME=FACTOR,...: such a student trains FACTOR x dmd_steps (w = 3: a lower lr, longer)
+# real_score_guidance_scale + 1), e.g. config/demo_causal.py. "" = the headline only (the README's command)
+more_students = ""             # config files of the students trained beside it, comma-separated
+more_students_steps = ""       # NAME=FACTOR,...: such a student trains FACTOR x dmd_steps
 ode_seeds = 16                 # causal student's ODE init: teacher trajectories per caption
 ode_teacher_steps = 48         # UniPC steps of those trajectories
 ode_steps = 600                # regression steps on them before DMD
 # (5) samples and (6) the quality benchmark
-guidance_scale = 2.0           # teacher CFG (standard form); DMD's real_score_guidance_scale is set in dmd_config
+guidance_scale = 4.0           # teacher CFG (standard form) of the samples and the table: the headline student's
+                               # real_score_guidance_scale + 1 (set in dmd_config)
 sample_prompts = 4             # captions shown in the contact sheet (rows: prompt x sampler)
 bench_seeds = 16               # samples per caption and sampler in the quality table
 # -----------------------------------------------------------------------------
@@ -269,7 +276,8 @@ def make_student(c, out, latents, times, extra="", name="dmd"):
                                           threads=c["threads"],
                                           validation_resolution=f"{c['size']}x{c['size']}",
                                           validation_num_video_frames=c["num_frames"], validation_prompt=quality.captions()[0],
-                                          checkpoint_step_interval=steps, validation_step_interval=steps).items()])
+                                          checkpoint_step_interval=steps, validation_step_interval=steps).items()]
+                                      + ([f"--teacher_data_samples={c['dmd_pairs']}"] if c["dmd_pairs"] > 0 else []))
         if dc["causal"]:
             dc["generator_init"] = ode_init(dc, c, out)
         train_dmd.train(dc)

@@ -140,6 +140,7 @@ def read_config(json_path, defaults, say=print):
         elif out.get(k):
             out[k] = found.get(k, out[k])
     meaning(d, out, defaults, say)
+    recipe_notice(d, out, say)
     if ignored:
         say("SimpleTuner keys ignored: " + "; ".join(f"{', '.join(sorted(set(ks)))} ({why})" for why, ks in ignored.items()))
     return out
@@ -201,6 +202,20 @@ def meaning(d, out, defaults, say):
         out["real_data_loss_weight"] = 1.0
         say("notice: SimpleTuner's DMD adds the ordinary flow-matching loss on each data batch -> "
             "real_data_loss_weight=1.0 (--real_data_loss_weight=0 for data-free DMD on the captions)")
+
+
+# what config/wan_dmd_3step.py adds to the quickstart (docs/recipe.md); SimpleTuner has none of these keys
+RECIPE = {"real_score_guidance_max_timestep": 650.0, "ode_regression_weight": 0.25, "teacher_data_samples": 8}
+
+
+def recipe_notice(d, out, say):
+    """One notice naming the recipe's keys the file lacks: it trains with SimpleTuner's meaning, without them (with
+    video data only the guidance interval applies: the regression's pairs come from a data-free run)."""
+    lacks = {k: v for k, v in RECIPE.items() if k not in d and k not in out
+             and (k == "real_score_guidance_max_timestep" or not out.get("datasets"))}
+    if lacks:
+        say(f"notice: SimpleTuner has no {', '.join(lacks)}: trained without them, as SimpleTuner would; our recipe "
+            f"adds {' '.join(f'--{k}={v:g}' for k, v in lacks.items())} (docs/recipe.md)")
 
 
 def read_backends(path, d, ignored, say=print):

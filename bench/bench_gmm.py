@@ -45,21 +45,24 @@ SCORE_T = dict(ts_schedule=True, ts_schedule_max=False, min_score_timestep=0, ti
 # -----------------------------------------------------------------------------
 # the mixture, its exact velocity, exact samplers
 
-def make_mixture(classes=3, modes=4, dim=2, radius=3.0, std=0.2):
+def make_mixture(classes=3, modes=4, dim=2, radius=3.0, std=0.2, repeat=1, shift=3.0):
     """classes x modes isotropic Gaussians N(mu_i, std² I) in `dim` channels. The means sit on a circle in the first
-    two channels, component i in class i % classes, so each class spans the whole circle; within a class the
-    weights fall linearly (4:3:2:1 for 4 modes) so that wrong weights show.
-    -> dict mu (N, dim) float64, weights (K, N) p(component | class), cls (N,), std, classes."""
-    n = classes * modes
+    two channels (repeated in the next pairs of channels when repeat > 1: the same picture at a higher resolution,
+    its modes sqrt(repeat) x farther apart), component i in class i % classes, so each class spans the whole circle;
+    within a class the weights fall linearly (4:3:2:1 for 4 modes) so that wrong weights show. shift: the world's
+    sampling shift (the exact samplers' flow shift; Wan 2.1's diffusers scheduler: 3).
+    -> dict mu (N, dim) float64, weights (K, N) p(component | class), cls (N,), std, classes, shift."""
+    n, dim = classes * modes, max(dim, 2 * repeat)
     ang = 2 * math.pi * torch.arange(n, dtype=torch.float64) / n
     mu = torch.zeros(n, dim, dtype=torch.float64)
-    mu[:, 0], mu[:, 1] = radius * ang.cos(), radius * ang.sin()
+    for j in range(repeat):
+        mu[:, 2 * j], mu[:, 2 * j + 1] = radius * ang.cos(), radius * ang.sin()
     cls = torch.arange(n) % classes
     within = torch.arange(modes, 0, -1, dtype=torch.float64)
     weights = torch.zeros(classes, n, dtype=torch.float64)
     for k in range(classes):
         weights[k, cls == k] = within / within.sum()
-    return {"mu": mu, "weights": weights, "cls": cls, "std": std, "classes": classes}
+    return {"mu": mu, "weights": weights, "cls": cls, "std": std, "classes": classes, "shift": shift}
 
 
 def context(mix, labels):
@@ -109,13 +112,16 @@ def sample_mixture(mix, labels, gen):
     return x.float().view(-1, C, 1, 1, 1)
 
 
-def guided(vel, ctx, w):
+def guided(vel, ctx, w, max_t=1000.0):
     """f(x, t, ctx) -> the samplers' v(x, t) for fixed ctx with DMD2-form guidance v_c + w(v_c − v_u)
-    (x0 = x − σv is linear in v, so this is dmd_loss's x̂_c + w(x̂_c − x̂_u) too)."""
+    (x0 = x − σv is linear in v, so this is dmd_loss's x̂_c + w(x̂_c − x̂_u) too), only at t <= max_t (train_dmd's
+    real_score_guidance_max_timestep)."""
     neg = torch.zeros_like(ctx)
     def f(x, t):
         vc = vel(x, t, ctx)
-        return vc if w == 0 else vc + w * (vc - vel(x, t, neg))
+        if w == 0 or float(t.reshape(-1)[0]) > max_t:
+            return vc
+        return vc + w * (vc - vel(x, t, neg))
     return f
 
 
@@ -124,21 +130,22 @@ def noise(mix, n, seed):
     return torch.randn(n, mix["mu"].shape[1], 1, 1, 1, generator=g), g
 
 
-def exact_sample(mix, labels, n_steps, w, seed, shift=3.0):
-    """Flow UniPC (flow.py, flow shift 3 as Wan 2.1's diffusers scheduler) over the exact guided velocity."""
+def exact_sample(mix, labels, n_steps, w, seed, shift=None):
+    """Flow UniPC (flow.py) at the world's shift (mix["shift"]: 3 as Wan 2.1's diffusers scheduler) over the exact
+    guided velocity."""
     x, _ = noise(mix, len(labels), seed)
-    sigmas, timesteps = flow.flow_schedule(n_steps, shift)
+    sigmas, timesteps = flow.flow_schedule(n_steps, mix["shift"] if shift is None else shift)
     return flow.unipc_sample(guided(real_score(mix), context(mix, labels), w), x, sigmas, timesteps)
 
 
-def exact_trajectories(mix, labels, w, seed, n_steps=400):
+def exact_trajectories(mix, labels, w, seed, n_steps=400, max_t=1000.0):
     """The teacher's ODE pairs in the form `python data.py --make_ode_pairs` writes them for train_dmd (the states at
     the student's steps and the end), here of the exact (guided) ODE from noise at t = 1000, solved by Heun on n_steps
     uniform σ steps plus STEPS (data.py runs UniPC on a schedule snapped onto them) -> (traj (B,K,C,1,1,1), x0
     (B,C,1,1,1), ctx). Its ends agree with exact UniPC-50's (tests/test_gmm.py)."""
     x, _ = noise(mix, len(labels), seed)
     ctx = context(mix, labels)
-    f, x = guided(real_score(mix), ctx, w), x.double()
+    f, x = guided(real_score(mix), ctx, w, max_t), x.double()
     grid = torch.cat([torch.linspace(1, 0, n_steps + 1, dtype=torch.float64),
                       torch.tensor(STEPS, dtype=torch.float64) / 1000]).unique().flip(0)
     states = {}
@@ -310,7 +317,7 @@ def ema_step(G_ema, G, decay):
 def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, fake_lr=1e-3, betas=(0.0, 0.999),
                   weight_decay=0.01, grad_clip=1.0, ema=0.99, seed=0, every=0, callback=None, window="ours",
                   critic_samples="fresh", normaliser="ours", exits="uniform", lr_scheduler="constant", fake_init=None,
-                  nets=None, anchor=None):
+                  nets=None, anchor=None, max_t=1000.0):
     """DMD as train_dmd.train's loop runs it, on train_dmd's own functions. G and F start as copies of `teacher`,
     R is the closed form, the negative context is zeros. Every step: a critic step on a fresh no-grad rollout;
     every `interval` steps first a generator step. Exit steps uniform over STEPS, score timesteps as docs/method.md#the-score-window with
@@ -324,7 +331,7 @@ def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, f
     `iters`, as train_dmd's lr_scheduler = fake_score_lr_scheduler = "cosine" without warmup. fake_init: the critic's
     initial network (None: a copy of `teacher`, as the trainer starts it). nets: a dict that receives the final G
     (not the EMA) and F as "G" and "F". anchor: G -> a loss added to each generator step's (ode_anchor: train_dmd's
-    ode_regression_weight term)."""
+    ode_regression_weight term). max_t: the real score's guidance only at score t <= max_t (dmd.guidance)."""
     for name, val, ok in (("window", window, ("ours", "uniform")), ("critic_samples", critic_samples,
                           ("fresh", "generator")), ("normaliser", normaliser, ("ours", "none", "batch")),
                           ("exits", exits, ("uniform", "last")), ("lr_scheduler", lr_scheduler, ("constant", "cosine"))):
@@ -350,7 +357,10 @@ def train_gmm_dmd(mix, teacher, w, iters=3000, interval=5, batch=128, lr=1e-3, f
             ctx = context(mix, torch.randint(mix["classes"], (batch,)))
             eps = torch.randn(shape)
             x_g, t_from, t_to = flow.rollout(lambda x, t: G(x, t, ctx), eps, STEPS, exit_step(exits))
-            loss, g, stats = dmd.dmd_loss(x_g, score_t(batch, t_from, t_to, window), R, Fk, ctx, neg, w, 0.0)
+            t = score_t(batch, t_from, t_to, window)
+            w_t = dmd.guidance(dict(real_score_guidance_scale=w, guidance_warmup_steps=0,
+                                    real_score_guidance_max_timestep=max_t), step, t)
+            loss, g, stats = dmd.dmd_loss(x_g, t, R, Fk, ctx, neg, w_t, 0.0)
             loss, g = renormalise(x_g, loss, g, stats, normaliser)
             opt_step(G, g_opt, loss if anchor is None else loss + anchor(G), grad_clip)
             ema_step(G_ema, G, ema)
@@ -400,11 +410,11 @@ def kernel_mean(a, b, bandwidths):
 
 
 def mode_shares(mix, x, labels, radius=3.0):
-    """-> (K, N): share of each class's samples within radius·std of each mode (nearest mean); a row sums to the
+    """-> (K, N): share of each class's samples within radius·std·sqrt(dim/2) of each mode (nearest mean); a row sums to the
     class's in-mode share."""
     d = torch.cdist(x.reshape(len(x), -1).double(), mix["mu"])
     dmin, near = d.min(1)
-    near[dmin > radius * mix["std"]] = -1
+    near[dmin > radius * mix["std"] * (mix["mu"].shape[1] / 2) ** 0.5] = -1   # 2-D: 3 std (98.9%); more: wider
     out = torch.zeros(mix["classes"], len(mix["mu"]), dtype=torch.float64)
     for k in range(mix["classes"]):
         a = near[labels == k]
@@ -604,6 +614,13 @@ def parse_args(argv=None):
     p.add_argument("--pretrain", type=int, default=1500, help="steps of velocity regression for the shared G/F init")
     p.add_argument("--eval-n", type=int, default=3000, help="samples per row (the classes in turn); the target has 2x")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classes", type=int, default=3, help="classes (captions) of the mixture")
+    p.add_argument("--modes", type=int, default=4, help="modes per class (weights falling linearly)")
+    p.add_argument("--repeat", type=int, default=1, help="the circle repeated in this many channel pairs (a larger "
+                   "picture: modes sqrt(repeat) x farther apart)")
+    p.add_argument("--shift", type=float, default=3.0, help="the world's sampling shift (the exact samplers')")
+    p.add_argument("--guidance-max-t", type=float, default=1000.0, help="train_dmd's real_score_guidance_max_timestep "
+                   "for the DMD real score and the --ode-regression pairs")
     p.add_argument("--ode-regression", type=float, default=0.0, help="train_dmd's ode_regression_weight: DMD plus this "
                    "x the regression on exact ODE trajectories (DMD's regression loss); adds a row for the regression "
                    "alone (objective='ode_init') at as many generator steps. 0: off")
@@ -636,7 +653,8 @@ def dmd_rows(a, mix, teacher, critic, w, interval, tgt, labels):
                   f"min weight ratio {mm['min_weight_ratio']:.2f} | coverage {mm['coverage']:.2f}", flush=True)
     if a.ode_regression > 0:
         t1 = time.perf_counter()
-        pairs = exact_trajectories(mix, torch.arange(a.ode_pairs) % mix["classes"], w, a.seed + 2000)
+        pairs = exact_trajectories(mix, torch.arange(a.ode_pairs) % mix["classes"], w, a.seed + 2000,
+                                   max_t=a.guidance_max_t)
         G = train_gmm_ode(teacher, pairs, -(-a.steps // interval), a.batch, a.lr, seed=a.seed)
         rows.append((w, f"ODE regression alone, {a.ode_pairs} pairs ({time.perf_counter() - t1:.0f} s)", ev(G)))
         anchor = ode_anchor(pairs, a.ode_regression, a.batch)
@@ -644,7 +662,7 @@ def dmd_rows(a, mix, teacher, critic, w, interval, tgt, labels):
     nets = {}
     G = train_gmm_dmd(mix, teacher, w, a.steps, interval, a.batch, a.lr, a.fake_lr, seed=a.seed,
                       every=max(1, a.steps // 20), callback=check, exits=a.exits, lr_scheduler=a.lr_scheduler,
-                      fake_init=critic, nets=nets, anchor=anchor)
+                      fake_init=critic, nets=nets, anchor=anchor, max_t=a.guidance_max_t)
     if a.critic_error:
         print(f"  w {w:g} interval {interval}: critic x0 error / signal at t = " + ", ".join(
             f"{t}: {e:.4f} / {sg:.4f}" for t, (e, sg) in critic_error(mix, nets["G"], nets["F"]).items()))
@@ -660,7 +678,7 @@ def main(argv=None):
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    mix = make_mixture()
+    mix = make_mixture(a.classes, a.modes, repeat=a.repeat, shift=a.shift)
     if a.ablate:
         res = ablate(a, mix)
         print(f"\ntotal {time.perf_counter() - t0:.1f} s")
@@ -691,7 +709,8 @@ def main(argv=None):
             rows.append((w, "exact velocity, student sampler", ev(few_step_sample(real_score(mix), mix, labels, seed, w))))
             rows.append((w, "init MLP, student sampler", ev(few_step_sample(teacher, mix, labels, seed, w))))
         rows += dmd_rows(a, mix, teacher, critic, w, interval, targets[w], labels)
-    print(f"\n3 classes x 4 modes, {a.eval_n} samples per row, target {2 * a.eval_n}; DMD {a.steps} steps, batch "
+    print(f"\n{a.classes} classes x {a.modes} modes in {mix['mu'].shape[1]} channels, shift {a.shift:g}, DMD guidance at "
+          f"t <= {a.guidance_max_t:g}; {a.eval_n} samples per row, target {2 * a.eval_n}; DMD {a.steps} steps, batch "
           f"{a.batch}; student sampler = x0 + re-noise at {','.join(f'{s:g}' for s in STEPS)}; late = worst of the 10 "
           "checks in the second half of training\n")
     print("| w (CFG w+1) | sampler | MMD | / exact 50 | precision | max weight err | min weight ratio | coverage | "

@@ -126,8 +126,8 @@ def test_demo_end_to_end(tmp_path):
     skips the trained stages (their files untouched)."""
     out = str(tmp_path / "demo")
     args = [sys.executable, os.path.join(ROOT, "demo.py"), f"--out_dir={out}", "--clips_per_mode=1", "--vae_steps=2",
-            "--teacher_steps=3", "--dmd_steps=2", "--bench_seeds=1", "--sample_prompts=2", "--ode_seeds=1",
-            "--ode_teacher_steps=8", "--ode_steps=2"]
+            "--teacher_steps=3", "--dmd_steps=2", "--dmd_pairs=1", "--bench_seeds=1", "--sample_prompts=2",
+            "--ode_seeds=1", "--ode_teacher_steps=8", "--ode_steps=2", "--more_students=config/demo_causal.py"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -144,11 +144,15 @@ def test_demo_end_to_end(tmp_path):
     assert sheet.shape == (2 * 3 * (66 + 14) + 2, 9 * 66 + 2, 3)   # 6 rows x 9 frames of 64 px + gaps, each row labelled
     assert (sheet[4:14] == 0).all(-1).sum() > 100                      # the first row's label: "teacher-50: a ..."
     table = json.load(open(os.path.join(out, "quality.json")))
-    assert list(table) == [*quality.SAMPLERS, "student-3 causal", "teacher-50 CFG 4", "teacher-3 CFG 4", "student-3 w3"]
+    assert list(table) == [*quality.SAMPLERS, "teacher-50 CFG 2", "teacher-3 CFG 2", "student-3 causal"]
     for r in table.values():
         assert 0 <= r["precision"] <= 1 and 0 <= r["coverage"] <= 1 and np.isfinite(r["mmd"])
         assert 0 <= r["mode_tv"] <= 1
-    assert "| student-3 |" in run.stdout and "| student-3 w3 |" in run.stdout
+    assert "| student-3 |" in run.stdout and "| student-3 causal |" in run.stdout
+    cfg = json.load(open(os.path.join(out, "dmd", "config.json")))   # the headline student is the recipe's, at w = 3
+    assert (cfg["real_score_guidance_scale"], cfg["real_score_guidance_max_timestep"], cfg["ode_regression_weight"],
+            cfg["teacher_data_samples"]) == (3.0, 650.0, 0.25, 1)
+    assert "ODE pairs: 24 written" in run.stdout
     assert json.load(open(os.path.join(out, "dmd_causal", "config.json")))["causal"]
     stamp = os.path.getmtime(os.path.join(out, "dmd", "transformer", "config.json"))
     again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

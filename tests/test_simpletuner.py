@@ -53,6 +53,10 @@ def test_seed_config_every_key_mapped_or_named(capsys):
     # the other conversions are announced as these are: the negative prompt, the optimizer
     assert "validation_negative_prompt -> negative_prompt" in out and "adamw_bf16 -> adamw" in out
     assert c["real_data_loss_weight"] == 1.0
+    # the recipe's keys SimpleTuner lacks, in one notice (with video data: the guidance interval alone)
+    (recipe,) = [line for line in out.splitlines() if "our recipe adds" in line]
+    assert "--real_score_guidance_max_timestep=650" in recipe and "ode_regression_weight" not in recipe
+    assert c["real_score_guidance_max_timestep"] == 1000.0 and c["ode_regression_weight"] == 0.0   # SimpleTuner's meaning
     for k in ("validation_prompt_library", "webhook_config"):   # SimpleTuner's relative paths, found beside the JSON
         assert os.path.isfile(c[k])
     assert checks.check_config(c) == [1000.0, 757.0, 522.0]

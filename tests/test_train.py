@@ -240,6 +240,16 @@ def test_shipped_configs_resolve(name):
         assert c["pretrained_model_name_or_path"].endswith("14B-Diffusers") and c["real_score_guidance_scale"] == 3.0
 
 
+def test_headline_config_is_the_recipe():
+    """config/wan_dmd_3step.py sets at most 20 keys, each one differing from train_dmd.py's default, among them the
+    recipe (guidance interval, regression term, its pairs); simpletuner.py's notice names the same values."""
+    import simpletuner
+    scope = {}
+    exec(open(os.path.join(ROOT, "config", "wan_dmd_3step.py")).read(), {"__file__": "x"}, scope)
+    assert len(scope) <= 20 and all(k in train_dmd.DEFAULTS and v != train_dmd.DEFAULTS[k] for k, v in scope.items())
+    assert {k: scope[k] for k in simpletuner.RECIPE} == simpletuner.RECIPE
+
+
 def test_nonfinite_losses_skip_then_abort(tmp_path, monkeypatch, capsys):
     real = dmd.dmd_loss
 
