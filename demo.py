@@ -190,7 +190,8 @@ def ode_init(dc, c, out):
         n = c["ode_steps"]
         train_dmd.train({**dc, "objective": "ode_init", "datasets": [dict(dataset_type="latents", cache_dir=pairs)],
                          "output_dir": init_dir, "max_train_steps": n, "checkpoint_step_interval": n,
-                         "validation_step_interval": n})
+                         "validation_step_interval": n, "ode_regression_weight": 0.0, "real_data_loss_weight": 0.0,
+                         "teacher_data_samples": 0})   # the DMD terms and their data are the DMD stage's
     return init_dir
 
 # -----------------------------------------------------------------------------

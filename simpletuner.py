@@ -214,7 +214,7 @@ def recipe_notice(d, out, say):
     lacks = {k: v for k, v in RECIPE.items() if k not in d and k not in out
              and (k == "real_score_guidance_max_timestep" or not out.get("datasets"))}
     if lacks:
-        say(f"notice: SimpleTuner has no {', '.join(lacks)}: trained without them, as SimpleTuner would; our recipe "
+        say(f"notice: not in SimpleTuner's config: {', '.join(lacks)} (trained as SimpleTuner would); our recipe "
             f"adds {' '.join(f'--{k}={v:g}' for k, v in lacks.items())} (docs/recipe.md)")
 
 

@@ -133,7 +133,7 @@ def test_demo_end_to_end(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert len([n for n in os.listdir(os.path.join(out, "data")) if n.endswith(".mp4")]) == 72
     for p in ("teacher/transformer/config.json", "teacher/vae/config.json", "teacher/tiny_text_encoder",
-              "dmd/transformer/config.json", "dmd/student.safetensors", "vae_reconstruction.png", "prompts.txt"):
+              "dmd/transformer/config.json", "dmd/student_ema.safetensors", "vae_reconstruction.png", "prompts.txt"):
         assert os.path.exists(os.path.join(out, p)), p
     samples = sorted(os.listdir(os.path.join(out, "samples")))
     assert len(samples) == 2
