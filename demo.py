@@ -60,7 +60,7 @@ teacher_lr = 1e-3              # teacher AdamW learning rate
 caption_dropout = 0.2          # caption -> "" with this probability: the unconditional branch for CFG
 flow_shift = 3.0               # shift of the training timesteps and of the teacher's sampling schedule
 # (4) DMD: train_dmd.py's config file(s, comma-separated) plus the keys the demo fills in (teacher, prompts, size,
-# steps). A causal student ("config/demo_dmd.py,config/demo_causal.py") first gets the ODE init of README "Causal
+# steps). A causal student ("config/demo_dmd.py,config/demo_causal.py") first gets the ODE init of README "A causal
 # student": teacher trajectories (ode_seeds per caption, ode_teacher_steps UniPC steps with CFG), then ode_steps of
 # regression, then DMD from there
 dmd_config = "config/demo_dmd.py,config/demo_recipe.py"  # the headline student's config file(s)
@@ -178,7 +178,7 @@ def train_teacher(latents, caps, c):
 
 
 def ode_init(dc, c, out):
-    """The causal student's first stage (README "Causal student"): teacher ODE trajectories at the student's steps
+    """The causal student's first stage (README "A causal student"): teacher ODE trajectories at the student's steps
     (data.make_teacher_data with ode_pairs), then train_dmd's ode_init regression on them -> the init's folder."""
     import data
     init_dir, pairs = os.path.join(out, "ode_init"), os.path.join(out, "ode_pairs")

@@ -1,4 +1,4 @@
-# A causal (block-wise) student of the demo's teacher (bench/README.md, "The causal student"): on top of
+# A causal (block-wise) student of the demo's teacher (bench/HISTORY.md, "The causal student on the same world"): on top of
 # config/demo_dmd.py, each latent frame a block of its own (3 blocks), clean context. As the headline student:
 #   python demo.py --dmd_config=config/demo_dmd.py,config/demo_causal.py --dmd_steps=600 --guidance_scale=2 --out_dir=out/demo_causal
 # (teacher trajectories -> ODE-init regression -> causal DMD -> the same samples and quality table); beside the

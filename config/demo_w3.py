@@ -1,4 +1,4 @@
-# The demo's w = 3 student without the regression term (bench/README.md, "The w = 3 student"), on top of
+# The demo's w = 3 student without the regression term (bench/HISTORY.md, "The w = 3 student that meets the mode-keeping goal"), on top of
 # config/demo_dmd.py:
 #   python demo.py --dmd_config=config/demo_dmd.py,config/demo_w3.py --dmd_steps=2400 --guidance_scale=4 --out_dir=out/demo_w3
 real_score_guidance_scale = 3.0        # DMD2 form: x_c + 3(x_c - x_u), standard CFG 4 (SimpleTuner's quickstart)

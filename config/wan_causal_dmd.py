@@ -1,4 +1,4 @@
-# Stage 2 of the causal student (README "Causal student"): Self-Forcing DMD (arXiv 2506.08009) from the ODE-init
+# Stage 2 of the causal student (README "A causal student"): Self-Forcing DMD (arXiv 2506.08009) from the ODE-init
 # student (config/wan_causal_ode_init.py first):
 #   torchrun --nproc_per_node=8 train_dmd.py config/wan_causal_dmd.py
 #   python sample.py --ckpt=out/wan_causal_dmd --stream=True --num_frames=81 --prompt="..."
@@ -6,7 +6,7 @@
 # frozen teacher (theirs: a full copy), and the recipe's guidance interval and regression term (docs/recipe.md).
 generator_init = "out/wan_causal_ode_init"   # the stage-1 export (full weights: needs lora_rank = 0)
 output_dir = "out/wan_causal_dmd"
-prompts_file = "prompts/wan_dmd_starter.txt"   # a start; Self-Forcing trains on its VidProM set (README "Prompts")
+prompts_file = "prompts/wan_dmd_starter.txt"   # a start; Self-Forcing trains on its VidProM set (README "Data, prompts, anchors")
 causal = True
 num_frame_per_block = 3                 # latent frames per block (Self-Forcing)
 dmd_denoising_steps = "1000,750,500,250"

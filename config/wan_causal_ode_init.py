@@ -1,4 +1,4 @@
-# Stage 1 of the causal student (README "Causal student"): regression on teacher ODE trajectories (CausVid, arXiv
+# Stage 1 of the causal student (README "A causal student"): regression on teacher ODE trajectories (CausVid, arXiv
 # 2412.07772 §4.3; Self-Forcing, arXiv 2506.08009, starts DMD from such a checkpoint). First the trajectories, then
 # the regression:
 #   python data.py config/wan_causal_ode_init.py --make_ode_pairs=prompts/wan_dmd_starter.txt --teacher_out=cache/wan_causal_ode \

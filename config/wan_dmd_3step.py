@@ -4,7 +4,7 @@
 # step, LoRA rank 128 on a shared frozen base, lr 2e-5 / 1e-5, 4000 steps, EMA); this file adds the two settings
 # that kept every mode at that guidance on the worlds we can measure (docs/recipe.md).
 output_dir = "out/wan_dmd_3step"
-prompts_file = "prompts/wan_dmd_starter.txt"   # 80 starter prompts; a real run wants 10k+ (README "Prompts")
+prompts_file = "prompts/wan_dmd_starter.txt"   # 80 starter prompts; a real run wants 10k+ (README "Data, prompts, anchors")
 real_score_guidance_max_timestep = 650.0   # guidance only at sigma <= 0.65, where a sample's mode is already
                                            # chosen: keeps the rare modes (docs/recipe.md "The guidance interval")
 ode_regression_weight = 0.25           # DMD's regression term on the teacher's ODE pairs: sharper, every mode kept
