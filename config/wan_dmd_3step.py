@@ -6,7 +6,8 @@
 output_dir = "out/wan_dmd_3step"
 prompts_file = "prompts/wan_dmd_starter.txt"   # 80 starter prompts; a real run wants 10k+ (README "Data, prompts, anchors")
 real_score_guidance_max_timestep = 650.0   # guidance only at sigma <= 0.65, where a sample's mode is already
-                                           # chosen: keeps the rare modes (docs/recipe.md "The guidance interval")
+                                           # chosen: keeps the rare modes; the rule at the teacher's shift 3 (756
+                                           # at shift 5: docs/recipe.md "The guidance interval")
 ode_regression_weight = 0.25           # DMD's regression term on the teacher's ODE pairs: sharper, every mode kept
                                        # (docs/recipe.md "The regression term"); 1 and more cost modes
 teacher_data_samples = 8               # ODE pairs per training prompt, made once at the start (640 here: about 8
