@@ -63,8 +63,8 @@ def check_config(c):
     if c["activation_offload"] and not c["gradient_checkpointing"]:
         raise ValueError("activation_offload keeps the checkpointed block inputs in host memory: it needs "
                          "gradient_checkpointing=True")
-    for k in ("base_model_precision", "text_encoder_1_precision"):
-        quant.parse_precision(c[k], k)
+    for k in ("base_model_precision", "text_encoder_1_precision", "teacher_model_precision"):
+        quant.parse_precision(c.get(k) or "no", k)
     if c["quantize_via"] not in ("accelerator", "cpu"):
         raise ValueError(f"quantize_via must be 'accelerator' or 'cpu', got {c['quantize_via']!r}")
     for k in ("checkpoint_step_interval", "validation_step_interval", "log_interval", "generator_update_interval",

@@ -52,6 +52,8 @@ from run_state import Run
 pretrained_model_name_or_path = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"  # teacher: pipeline root/hub id/original folder;
                                        # "tiny": random tiny teacher; "random:t2v-1.3B" / "random:t2v-14B": random
                                        # weights at real size (memory and speed checks without downloads)
+teacher_model_name_or_path = ""        # the real score's own Wan 2.1 DiT (Self-Forcing: 14B for a 1.3B student), sharing
+                                       # the student's VAE and text encoder; "": the base above (docs/teacher.md)
 output_dir = "out/wan_dmd"             # checkpoints, log.jsonl, validation samples, the exported student and its model card
 prompts_file = ""                      # training prompts, one per line (data-free DMD); empty: validation prompts
 datasets = []                          # data.py dataset dicts; given: cached latents + captions replace prompts_file
@@ -126,6 +128,7 @@ base_model_precision = "no"            # the frozen base (teacher; base of the L
                                        # "int8" / "fp8" weight-only, per-row scales (quant.py; SimpleTuner's "int8-quanto",
                                        # "fp8-torchao", ... map to these); "fp8-matmul": fp8 activations in the forward
                                        # matmuls too (torch._scaled_mm, GPUs with fp8 tensor cores); "no": mixed_precision
+teacher_model_precision = ""           # a separate teacher's 8-bit storage, the same choices; "": base_model_precision
 text_encoder_1_precision = "no"        # UMT5 (used once to embed the prompts) stored in 8 bits the same way
 quantize_via = "accelerator"           # where weights are quantised as they load: "accelerator" (the device) or "cpu"
 compile = False                        # torch.compile each DiT block
@@ -371,6 +374,7 @@ def setup(c, steps):
     parallel.seed_all(c["seed"])   # the same on every rank: identical networks (tiny teacher, adapter init)
     prompts = data.read_prompts(c)   # (training, validation): prompt errors before any model is built
     r.base, r.gen, r.critic, r.vae, te = build_networks(c, dev, dtype)
+    r.teacher = data.load_real_score(c, dev, dtype)   # teacher_model_name_or_path's DiT, else None: the base is R
     r.loader, r.train_emb, r.val_prompts, r.val_emb, neg_emb = data.training_inputs(c, prompts, te, r.vae, env, dev, dtype)
     del te   # UMT5 (11 GB in bf16) is not needed again
     setup_training(r)
@@ -389,7 +393,7 @@ def setup_training(r):
     c, env = r.c, r.env
     r.g_adapter = "generator" if r.gen is r.base else None
     r.f_adapter = "critic" if r.critic is r.base else None
-    for m in {id(m): m for m in (r.base, r.gen, r.critic)}.values():   # distinct modules (LoRA: one)
+    for m in {id(m): m for m in (r.base, r.gen, r.critic, r.teacher or r.base)}.values():   # distinct (LoRA: one)
         if c["fsdp"]:
             parallel.shard(m)
         if env.sp_group is not None:
@@ -403,13 +407,13 @@ def setup_training(r):
     r.causal = (c["num_frame_per_block"] or 0, bool(c["independent_first_frame"])) if c["causal"] else None
     r.G = parallel.data_parallel(env, lora.velocity_fn(r.gen, r.g_adapter, r.autocast, r.causal), r.g_params, c["fsdp"])
     r.Fk = parallel.data_parallel(env, lora.velocity_fn(r.critic, r.f_adapter, r.autocast), r.f_params, c["fsdp"])
-    r.R = lora.velocity_fn(r.base, None, r.autocast)
+    r.R = lora.velocity_fn(r.teacher or r.base, None, r.autocast)   # a separate teacher never has an adapter
     g_set, f_set = adamw_settings(c)
     r.g_opt, r.f_opt = torch.optim.AdamW(r.g_params, **g_set), torch.optim.AdamW(r.f_params, **f_set)
     r.g_sched = torch.optim.lr_scheduler.LambdaLR(r.g_opt, lr_lambda(c, c["lr_scheduler"]))
     r.f_sched = torch.optim.lr_scheduler.LambdaLR(r.f_opt, lr_lambda(c, c["fake_score_lr_scheduler"]))
     r.ema = [p.detach().float().clone() for p in r.g_params] if c["use_ema"] else None
-    r.say(f"teacher {c['pretrained_model_name_or_path']} | generator "
+    r.say(f"teacher {data.real_score_source(c)} | generator "
           f"{'LoRA r%d' % c['lora_rank'] if r.g_adapter else 'full'} ({sum(p.numel() for p in r.g_params):,} trainable) | "
           f"critic {'LoRA r%d' % c['fake_score_lora_rank'] if r.f_adapter else 'full'} "
           f"({sum(p.numel() for p in r.f_params):,}) | shared base: {r.g_adapter is not None and r.f_adapter is not None} | "

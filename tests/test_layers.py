@@ -22,6 +22,7 @@ LAYERS = {
     "train_dmd": 7,
     "bench/common": 8,
     "demo": 9, "bench/*": 9,
+    "bench/bench_teacher_size": 10,   # builds on demo.py's stages
 }
 SETUP_FILES = {"setup.py", "conftest.py", "noxfile.py"}   # root files that are packaging, not project modules
 MAX_FILE_LINES = 800
