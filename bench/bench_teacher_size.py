@@ -39,6 +39,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="out/teacher_size")
     ap.add_argument("--stage", default="all", choices=("teachers", "students", "all"))
     ap.add_argument("--scale", default="depth", choices=("depth", "width"), help="what the large teacher doubles")
+    ap.add_argument("--students", default="small,large", help="which teachers' students to train (stage students)")
     ap.add_argument("--dmd_seeds", default="0,1,2", help="DMD seeds (network init, noise, timesteps) per teacher")
     ap.add_argument("--dmd_steps", type=int, default=600, help="DMD trainer steps per student (demo.py: 600)")
     ap.add_argument("--bench_seeds", type=int, default=16, help="samples per caption and row")
@@ -63,16 +64,22 @@ def demo_config(a, out):
 
 
 def teachers(a):
-    """Dataset, VAE and the two teachers (demo.py's stages 1-3; the large one in its own folder) -> (c, latents)."""
+    """The small world (small_world), then the large teacher: the same data, VAE and training in its own folder."""
+    c, latents = small_world(a)
+    videos, caps, bands = demo.read_dataset(os.path.join(c["out_dir"], "data"))
+    large, times = dict(c, out_dir=os.path.join(a.out, "large"), teacher_preset="demo_large"), {}
+    demo.make_dataset(large, large["out_dir"], times)   # its own prompts.txt and copy of the VAE (same data)
+    demo.make_vae(large, large["out_dir"], videos, caps, bands, times)
+    demo.make_teacher(large, large["out_dir"], latents, caps, times)
+    return c, latents
+
+
+def small_world(a):
+    """The dataset, VAE and small teacher alone (stages 1-3 of demo.py): its students need nothing of the large one."""
     c, times = demo_config(a, os.path.join(a.out, "small")), {}
     videos, caps, bands = demo.make_dataset(c, c["out_dir"], times)
     latents = demo.make_vae(c, c["out_dir"], videos, caps, bands, times)
     demo.make_teacher(c, c["out_dir"], latents, caps, times)
-    large = dict(c, out_dir=os.path.join(a.out, "large"), teacher_preset="demo_large")
-    demo.make_dataset(large, large["out_dir"], times)   # its own prompts.txt and copy of the VAE (same data)
-    demo.make_vae(large, large["out_dir"], videos, caps, bands, times)
-    demo.make_teacher(large, large["out_dir"], latents, caps, times)
-    print(f"teachers: {times}")
     return c, latents
 
 
@@ -86,7 +93,8 @@ def students(a, c, latents):
     for s in [int(x) for x in a.dmd_seeds.split(",")]:
         for who, more in (("small", ""), ("large", extra)):
             name = f"dmd_{who}_s{s}"
-            demo.make_student(dict(c, seed=s), c["out_dir"], latents, {}, more, name)
+            if who in a.students.split(","):
+                demo.make_student(dict(c, seed=s), c["out_dir"], latents, {}, more, name)
             names.append(name)
     return names
 
@@ -133,7 +141,7 @@ def main(argv=None):
     n, why = pick_threads(a.threads)
     torch.set_num_threads(n)
     print(f"torch threads: {n} ({why}); large teacher: {large_preset(a.scale)}")
-    c, latents = teachers(a)
+    c, latents = teachers(a) if a.stage != "students" or "large" in a.students else small_world(a)
     if a.stage == "teachers":
         return None
     names = students(a, c, latents)
