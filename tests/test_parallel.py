@@ -189,5 +189,5 @@ def test_fsdp_with_a_separate_8bit_teacher_equals_ddp(tmp_path):
             "--validation_diversity_seeds=0"]
     train(tmp_path / "ddp", *args)
     out = train(tmp_path / "fsdp", *args, "--fsdp=True")
-    assert f"teacher {tmp_path / 'big'} (student base tiny)" in out
+    assert f"teacher {tmp_path / 'big'} | generator LoRA" in out
     assert_same(student(tmp_path / "fsdp"), student(tmp_path / "ddp"), atol=1e-6)
