@@ -450,7 +450,7 @@ def load_real_score(c, dev, dtype):
     return load_teacher(teacher_config(c), dev, dtype, text=False, with_vae=False)[0]
 
 
-def conditioning(src, seed=0):
+def conditioning(src):
     """What a teacher must share with the student, from small config files only (no weights are read): the DiT's
     latent channels in and out, text dim and text length, the VAE's latent constants, the text encoder's kind
     -> {name: value} (a value None: not declared, not compared)."""
