@@ -89,7 +89,7 @@ def teacher_rows(c, base):
     kind = quant.parse_precision(c.get("teacher_model_precision") or c.get("base_model_precision", "no"))
     return [f"| base model (student) | `{base}`: the generator's and the critic's base, the exported weights' |",
             f"| teacher (real score) | `{c['teacher_model_name_or_path']}`, frozen, no adapter, stored "
-            f"{kind + ' weight-only' if kind != 'no' else 'at ' + c.get('mixed_precision', 'bf16')} |"]
+            f"{kind + ' weight-only' if kind != 'no' else 'unquantised (mixed_precision=' + c.get('mixed_precision', 'bf16') + ')'} |"]
 
 
 def model_card(c, steps, records, env, files, prompts, at=None):

@@ -94,6 +94,7 @@ def test_teacher_stored_in_8_bits(tmp_path):
     c = cfg(tmp_path, f"--teacher_model_name_or_path={t}", "--base_model_precision=int8")
     assert data.teacher_config(c)["base_model_precision"] == "int8"
     assert eight(data.load_real_score(c, "cpu", torch.float32))
+    assert card.teacher_rows(c, "tiny")[1].endswith("stored int8 weight-only |")   # the model card says so
     with pytest.raises(ValueError, match="teacher_model_precision"):
         checks.check_config(cfg(tmp_path, "--teacher_model_precision=nf4"))
 
