@@ -125,7 +125,9 @@ def check_inputs(c):
         readers.read_json(c["validation_prompt_library"], "validation_prompt_library")
     if isinstance(c["webhook_config"], str) and c["webhook_config"] and not c["webhook_config"].lstrip().startswith("{"):
         readers.read_json(c["webhook_config"], "webhook_config")   # a file (inline JSON is read by publish.py)
-    check_teacher(c["pretrained_model_name_or_path"], "pretrained_model_name_or_path")
+    for key in ("pretrained_model_name_or_path", "teacher_model_name_or_path"):   # the student's base, a separate teacher
+        if c.get(key):
+            check_teacher(c[key], key)
 
 
 def check_teacher(src, key):

@@ -399,7 +399,7 @@ def load_teacher(c, dev, dtype, dit=True, text=True, with_vae=True):
     device (memory and speed checks); else a teacher folder or hub id. text=False leaves UMT5 unloaded (the
     trainer loads it only to encode its prompts); a demo.py teacher's TinyTextEncoder is made all the same.
     With a separate teacher (teacher_model_name_or_path) this is the student's base, checked against it first."""
-    check_teacher(c)   # before any weights load: the real score must read this model's latents and embeddings
+    check_teacher_matches(c)   # before any weights load: the real score must read this model's latents and embeddings
     src = c["pretrained_model_name_or_path"]
     if src == "tiny":
         torch.manual_seed(c["seed"])
@@ -442,11 +442,11 @@ def teacher_config(c):
 
 def load_real_score(c, dev, dtype):
     """The separate teacher's DiT (teacher_model_name_or_path: frozen, 8-bit per teacher_config, never given an
-    adapter; its VAE and text encoder are not loaded: the student's serve, check_teacher says they agree), or None
-    when the real score is the student's base."""
+    adapter; its VAE and text encoder are not loaded: the student's serve, check_teacher_matches says they agree), or
+    None when the real score is the student's base."""
     if not c.get("teacher_model_name_or_path"):
         return None
-    check_teacher(c)
+    check_teacher_matches(c)
     return load_teacher(teacher_config(c), dev, dtype, text=False, with_vae=False)[0]
 
 
@@ -476,7 +476,7 @@ def conditioning(src):
                              tuple(te.get(k) for k in ("model_type", "d_model", "vocab_size", "num_layers")) if te else None)}
 
 
-def check_teacher(c):
+def check_teacher_matches(c):
     """A separate teacher (teacher_model_name_or_path) must share the student's latent space and text conditioning
     (VAE, text encoder, latent channels, text dim): the student's VAE and prompt embeddings feed it. Checked on the
     config files, before any weights load; a mismatch is one line."""

@@ -52,8 +52,8 @@ from run_state import Run
 pretrained_model_name_or_path = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"  # teacher: pipeline root/hub id/original folder;
                                        # "tiny": random tiny teacher; "random:t2v-1.3B" / "random:t2v-14B": random
                                        # weights at real size (memory and speed checks without downloads)
-teacher_model_name_or_path = ""        # the real score's own Wan 2.1 DiT (Self-Forcing: 14B for a 1.3B student), sharing
-                                       # the student's VAE and text encoder; "": the base above (docs/teacher.md)
+teacher_model_name_or_path = ""        # the real score's own Wan 2.1 DiT (same VAE, text encoder); "": the base above
+teacher_model_precision = ""           # that teacher's 8-bit storage ("": base_model_precision's); docs/teacher.md
 output_dir = "out/wan_dmd"             # checkpoints, log.jsonl, validation samples, the exported student and its model card
 prompts_file = ""                      # training prompts, one per line (data-free DMD); empty: validation prompts
 datasets = []                          # data.py dataset dicts; given: cached latents + captions replace prompts_file
@@ -128,7 +128,6 @@ base_model_precision = "no"            # the frozen base (teacher; base of the L
                                        # "int8" / "fp8" weight-only, per-row scales (quant.py; SimpleTuner's "int8-quanto",
                                        # "fp8-torchao", ... map to these); "fp8-matmul": fp8 activations in the forward
                                        # matmuls too (torch._scaled_mm, GPUs with fp8 tensor cores); "no": mixed_precision
-teacher_model_precision = ""           # a separate teacher's 8-bit storage, the same choices; "": base_model_precision
 text_encoder_1_precision = "no"        # UMT5 (used once to embed the prompts) stored in 8 bits the same way
 quantize_via = "accelerator"           # where weights are quantised as they load: "accelerator" (the device) or "cpu"
 compile = False                        # torch.compile each DiT block

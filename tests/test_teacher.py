@@ -83,6 +83,11 @@ def test_mismatched_teacher_refused_before_loading(tmp_path, monkeypatch):
         monkeypatch.undo()
 
 
+def test_missing_teacher_is_one_line_before_any_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="teacher_model_name_or_path='/no/such/teacher': no such folder"):
+        checks.check_inputs(cfg(tmp_path, "--teacher_model_name_or_path=/no/such/teacher"))
+
+
 def test_teacher_stored_in_8_bits(tmp_path):
     """teacher_model_precision (or, empty, base_model_precision) stores the separate teacher's Linears in 8 bits; the
     student's base keeps its own setting."""
