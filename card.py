@@ -81,6 +81,17 @@ def base_storage(c):
             "the student on the full-precision teacher weights")
 
 
+def teacher_rows(c, base):
+    """The method table's model rows: the base is the teacher, or (teacher_model_name_or_path) the student's base
+    beside the separate teacher that gave the real score."""
+    if not c.get("teacher_model_name_or_path"):
+        return [f"| base model (teacher) | `{base}` |"]
+    kind = quant.parse_precision(c.get("teacher_model_precision") or c.get("base_model_precision", "no"))
+    return [f"| base model (student) | `{base}`: the generator's and the critic's base, the exported weights' |",
+            f"| teacher (real score) | `{c['teacher_model_name_or_path']}`, frozen, no adapter, stored "
+            f"{kind + ' weight-only' if kind != 'no' else 'unquantised (mixed_precision=' + c.get('mixed_precision', 'bf16') + ')'} |"]
+
+
 def model_card(c, steps, records, env, files, prompts, at=None):
     """The README.md of the published student. steps: the rollout timesteps (after any warp); records: log.jsonl;
     env: environment(); files: the names in the upload (decides which loading snippets apply); prompts: validation;
@@ -114,7 +125,7 @@ def model_card(c, steps, records, env, files, prompts, at=None):
     if c.get("model_card_note"):
         L += [redact(c["model_card_note"], "model_card_note"), ""]   # a token or webhook in it never reaches the hub
     L += ["## Method", "", "| | |", "|---|---|",
-          f"| base model (teacher) | `{base or src}` |",
+          *teacher_rows(c, base or src),
           f"| method | DMD (DMD2 form), backward-simulation rollout (`rollout_mode={c['rollout_mode']}`) |",
           f"| student steps | {len(steps)}: timesteps {fmt_steps(steps)} (σ = t/1000), no CFG at inference |",
           f"| teacher guidance | `real_score_guidance_scale` w = {c['real_score_guidance_scale']:g} in x_c + w(x_c − x_u) "

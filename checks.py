@@ -63,8 +63,8 @@ def check_config(c):
     if c["activation_offload"] and not c["gradient_checkpointing"]:
         raise ValueError("activation_offload keeps the checkpointed block inputs in host memory: it needs "
                          "gradient_checkpointing=True")
-    for k in ("base_model_precision", "text_encoder_1_precision"):
-        quant.parse_precision(c[k], k)
+    for k in ("base_model_precision", "text_encoder_1_precision", "teacher_model_precision"):
+        quant.parse_precision(c.get(k) or "no", k)
     if c["quantize_via"] not in ("accelerator", "cpu"):
         raise ValueError(f"quantize_via must be 'accelerator' or 'cpu', got {c['quantize_via']!r}")
     for k in ("checkpoint_step_interval", "validation_step_interval", "log_interval", "generator_update_interval",
@@ -125,7 +125,9 @@ def check_inputs(c):
         readers.read_json(c["validation_prompt_library"], "validation_prompt_library")
     if isinstance(c["webhook_config"], str) and c["webhook_config"] and not c["webhook_config"].lstrip().startswith("{"):
         readers.read_json(c["webhook_config"], "webhook_config")   # a file (inline JSON is read by publish.py)
-    check_teacher(c["pretrained_model_name_or_path"], "pretrained_model_name_or_path")
+    for key in ("pretrained_model_name_or_path", "teacher_model_name_or_path"):   # the student's base, a separate teacher
+        if c.get(key):
+            check_teacher(c[key], key)
 
 
 def check_teacher(src, key):

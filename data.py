@@ -393,12 +393,14 @@ class Loader:
 # -----------------------------------------------------------------------------
 # encoders, teacher-made data (section 6), and the caching command
 
-def load_teacher(c, dev, dtype, dit=True, text=True):
+def load_teacher(c, dev, dtype, dit=True, text=True, with_vae=True):
     """The teacher of a train_dmd config -> (its DiT, frozen, or None; its VAE (fp32); its text encoder or None).
     "tiny": a random tiny DiT, VAE and TinyTextEncoder built from c["seed"] (the tests' teacher; the same seed
     gives the same VAE, so the same cache identity); "random:<preset>": real size, random weights, built on the
     device (memory and speed checks); else a teacher folder or hub id. text=False leaves UMT5 unloaded (the
-    trainer loads it only to encode its prompts); a demo.py teacher's TinyTextEncoder is made all the same."""
+    trainer loads it only to encode its prompts); a demo.py teacher's TinyTextEncoder is made all the same.
+    With a separate teacher (teacher_model_name_or_path) this is the student's base, checked against it first."""
+    check_teacher_matches(c)   # before any weights load: the real score must read this model's latents and embeddings
     src = c["pretrained_model_name_or_path"]
     if src == "tiny":
         torch.manual_seed(c["seed"])
@@ -417,12 +419,77 @@ def load_teacher(c, dev, dtype, dit=True, text=True):
     else:
         base = mw.load_dit(src, dtype=dtype, device=dev, quant=quant.resolve(c.get("base_model_precision", "no"), dev),
                            quantize_via=c.get("quantize_via", "accelerator")) if dit else None
-        vae = vae_wan.load_vae(src, dtype=torch.float32, device=dev)
+        vae = vae_wan.load_vae(src, dtype=torch.float32, device=dev) if with_vae else None
         tiny = os.path.exists(os.path.join(src, text_encoders.TINY_TEXT_MARKER))
         te = text_encoders.text_encoder(src, dtype, dev, base, **text_precision(c, dev)) if text or tiny else None
     if base is not None:
         base.requires_grad_(False).eval()
     return (base if dit else None), vae, te
+
+
+def real_score_source(c):
+    """The real score's model: teacher_model_name_or_path, or the student's base (pretrained_model_name_or_path)."""
+    return c.get("teacher_model_name_or_path") or c["pretrained_model_name_or_path"]
+
+
+def teacher_config(c):
+    """The config the real score's model loads with: teacher_model_name_or_path in place of the student's base, its
+    8-bit storage teacher_model_precision (empty: base_model_precision) -> c itself when there is no separate teacher."""
+    if not c.get("teacher_model_name_or_path"):
+        return c
+    return dict(c, pretrained_model_name_or_path=c["teacher_model_name_or_path"], teacher_model_name_or_path="",
+                base_model_precision=c.get("teacher_model_precision") or c.get("base_model_precision", "no"))
+
+
+def load_real_score(c, dev, dtype):
+    """The separate teacher's DiT (teacher_model_name_or_path: frozen, 8-bit per teacher_config, never given an
+    adapter; its VAE and text encoder are not loaded: the student's serve, check_teacher_matches says they agree), or
+    None when the real score is the student's base."""
+    if not c.get("teacher_model_name_or_path"):
+        return None
+    check_teacher_matches(c)
+    return load_teacher(teacher_config(c), dev, dtype, text=False, with_vae=False)[0]
+
+
+def conditioning(src):
+    """What a teacher must share with the student, from small config files only (no weights are read): the DiT's
+    latent channels in and out, text dim and text length, the VAE's latent constants, the text encoder's kind
+    -> {name: value} (a value None: not declared, not compared)."""
+    if src == "tiny" or src.startswith("random:"):
+        cfg = mw.PRESETS.get("tiny" if src == "tiny" else src.split(":", 1)[1])
+        if cfg is None:
+            return {}   # load_teacher names the unknown preset
+        return {"latent channels": (cfg.in_dim, cfg.out_dim), "text dim": cfg.text_dim, "text length": cfg.text_len,
+                "VAE": None, "text encoder": f"TinyTextEncoder({cfg.text_dim})"}   # built, not read: VAE from seed
+    root = src
+    if not os.path.exists(src):
+        root = mw.resolve_hub(src, ["model_index.json", "config.json", "*/config.json", text_encoders.TINY_TEXT_MARKER])
+    root = os.path.dirname(root) if os.path.isfile(root) else root
+    read = lambda *p: readers.read_json(os.path.join(root, *p), "config") if os.path.exists(os.path.join(root, *p)) else {}  # noqa: E731
+    dit = read("transformer", "config.json") or read("config.json")
+    vae, te = read("vae", "config.json"), read("text_encoder", "config.json")
+    vae_keys = ("z_dim", "latents_mean", "latents_std")
+    return {"latent channels": (dit.get("in_channels", dit.get("in_dim", 16)), dit.get("out_channels", dit.get("out_dim", 16))),
+            "text dim": dit.get("text_dim", 4096), "text length": dit.get("text_len", 512),
+            "VAE": tuple(vae.get(k) for k in vae_keys) if vae else None,
+            "text encoder": (f"TinyTextEncoder({dit.get('text_dim', 4096)})"
+                             if os.path.exists(os.path.join(root, text_encoders.TINY_TEXT_MARKER)) else
+                             tuple(te.get(k) for k in ("model_type", "d_model", "vocab_size", "num_layers")) if te else None)}
+
+
+def check_teacher_matches(c):
+    """A separate teacher (teacher_model_name_or_path) must share the student's latent space and text conditioning
+    (VAE, text encoder, latent channels, text dim): the student's VAE and prompt embeddings feed it. Checked on the
+    config files, before any weights load; a mismatch is one line."""
+    t, s = c.get("teacher_model_name_or_path"), c["pretrained_model_name_or_path"]
+    if not t:
+        return
+    mine, theirs = conditioning(s), conditioning(t)
+    for k, v in theirs.items():
+        if v is not None and mine.get(k) is not None and v != mine[k]:
+            raise ValueError(f"teacher_model_name_or_path={t!r}: its {k} {v} differs from the student's base {s!r} "
+                             f"({mine[k]}): the real score must read the student's latents and prompt embeddings; use a "
+                             "teacher of the same family (Wan 2.1 T2V 14B for the 1.3B), or leave the key empty")
 
 
 def quantized(base, c, dev):
@@ -545,7 +612,8 @@ def ode_schedule(n, shift, layout, record):
 @torch.no_grad()
 def make_teacher_data(c, prompts_file, out_dir, steps=50, guidance=5.0, shift=None, mp4=False, rank=0, world_size=1,
                       ode_pairs=False, guidance_max_t=1000.0):
-    """Teacher samples (sample.py's UniPC sampler with CFG) of every prompt, written as cache entries
+    """Teacher samples (sample.py's UniPC sampler with CFG; the real score's model: teacher_model_name_or_path when
+    set) of every prompt, written as cache entries
     out_dir/teacher_<i>_<hash>.safetensors {latents (16, T, h, w), context (n, D)} + caption, at the config's
     height x width x num_training_frames, seed c["seed"] + i. Resumable: entries already written are skipped.
     Load the result with dict(dataset_type="latents", cache_dir=out_dir).
@@ -560,8 +628,9 @@ def make_teacher_data(c, prompts_file, out_dir, steps=50, guidance=5.0, shift=No
         prompts = readers.read_lines(prompts_file)
     dev = mw.pick_device(c["device"])
     dtype = mw.pick_dtype(c["mixed_precision"], dev)
-    base, vae, te = load_teacher(c, dev, dtype)
-    src = c["pretrained_model_name_or_path"]
+    real = load_real_score(c, dev, dtype)   # a separate teacher: its DiT with the student's VAE and text encoder
+    base, vae, te = load_teacher(c, dev, dtype, dit=real is None)
+    base, src = (base if real is None else real), real_score_source(c)
     layout, ref_shift = flow.teacher_layout_shift(src)
     shift = ref_shift if shift is None else shift
     H, W, Fn = c["height"], c["width"], 4 * (c["num_training_frames"] - 1) + 1

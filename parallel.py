@@ -347,8 +347,8 @@ DIVERGED = 100.0
 # use_ema may be turned off, never on (the EMA would start empty and the export would call raw weights EMA). Every
 # other key (learning rates, AdamW settings, max_train_steps, the intervals, guidance, validation, ...) takes its
 # new value, announced.
-RESUME_FIXED = ("pretrained_model_name_or_path", "generator_init", "lora_rank", "lora_alpha", "lora_targets",
-                "fake_score_lora_rank", "fake_score_lora_alpha", "objective", "dmd_denoising_steps",
+RESUME_FIXED = ("pretrained_model_name_or_path", "teacher_model_name_or_path", "generator_init", "lora_rank",
+                "lora_alpha", "lora_targets", "fake_score_lora_rank", "fake_score_lora_alpha", "objective", "dmd_denoising_steps",
                 "warp_denoising_step", "causal", "num_frame_per_block", "independent_first_frame",
                 "same_step_across_blocks", "context_noise", "dmd_loss_frames", "num_training_frames", "datasets",
                 "teacher_data_samples", "teacher_data_steps", "train_batch_size", "seed", "fsdp")

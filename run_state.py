@@ -36,6 +36,8 @@ class Run:
     t_last: float = 0.0                       # perf_counter of the previous log line (s/step)
     # --- setup: networks, prompts, data ---------------------------------------------------------------------------
     base: Any = None                          # the frozen base DiT: the teacher (real score R), + LoRA adapters
+    teacher: Any = None                       # a separate real score's DiT (teacher_model_name_or_path; frozen, no
+                                              # adapter), else None: base is the real score
     gen: Any = None                           # the generator's module (base, or a full copy)
     critic: Any = None                        # the critic's (fake score's) module (base, or a full copy)
     vae: Any = None                           # the Wan VAE (validation decodes; dmd_loss_frames re-encodes)

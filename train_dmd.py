@@ -14,11 +14,10 @@ G = base + adapter "generator", F = base + adapter "critic". Data-free: the trai
 and VAE latents cached once, read in bucket batches; they feed rollout_mode="data" and real_data_loss_weight.
 
 The file reads top to bottom: defaults (the DMD objective itself is dmd.py, the student's rollout flow.rollout, the
-code sample.py runs; the config's checks are checks.py); the networks; the checkpoint as one symmetric pair (checkpoint_state /
+code sample.py runs; the config's checks are checks.py; the networks networks.py); the checkpoint as one symmetric pair (checkpoint_state /
 load_checkpoint); the run's setup; the loop, a short body over named phases (generator_step, critic_step,
 ema_update, check_finite, log_step, end_of_step); validation and export.
 """
-import copy
 import gc
 import json
 import math
@@ -40,11 +39,11 @@ import model_wan as mw
 import parallel
 import publish
 import run_dir
-import sample
 import simpletuner
 import text_encoders
 import validation
 from configurator import configure, default_keys, pick_threads, redact
+from networks import build_networks
 from run_state import Run
 
 # -----------------------------------------------------------------------------
@@ -52,6 +51,8 @@ from run_state import Run
 pretrained_model_name_or_path = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"  # teacher: pipeline root/hub id/original folder;
                                        # "tiny": random tiny teacher; "random:t2v-1.3B" / "random:t2v-14B": random
                                        # weights at real size (memory and speed checks without downloads)
+teacher_model_name_or_path = ""        # the real score's own Wan 2.1 DiT (same VAE, text encoder); "": the base above
+teacher_model_precision = ""           # that teacher's 8-bit storage ("": base_model_precision's); docs/teacher.md
 output_dir = "out/wan_dmd"             # checkpoints, log.jsonl, validation samples, the exported student and its model card
 prompts_file = ""                      # training prompts, one per line (data-free DMD); empty: validation prompts
 datasets = []                          # data.py dataset dicts; given: cached latents + captions replace prompts_file
@@ -207,43 +208,6 @@ def config(argv=None):
     return configure(dict(DEFAULTS), __file__, argv, json_map=lambda p: simpletuner.read_config(p, DEFAULTS, say))
 
 
-def build_networks(c, dev, dtype):
-    """-> (base DiT holding the teacher (+ LoRA adapters), generator module, critic module, vae, text encoder or
-    None: UMT5 is loaded later, used once and freed, in encode_prompts)."""
-    base, vae, te = data.load_teacher(c, dev, dtype, text=False)
-    base.gradient_checkpointing = c["gradient_checkpointing"]
-    base.residual_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[c["residual_dtype"]]   # full copies keep these
-    base.activation_offload = c["activation_offload"]
-    gen = critic = base
-    sparse = (c["attention_sparsity"], tuple(c["sparse_cube"]), c["sparse_remainder"])
-    if c["lora_rank"] > 0:   # VSA gates (when sparse) before the adapter: they are LoRA targets of the generator
-        if sparse[0]:
-            mw.enable_sparse_attention(base, *sparse[:2], adapter="generator", remainder=sparse[2])
-        lora.add_adapter(base, "generator", c["lora_rank"], c["lora_alpha"], (*c["lora_targets"], "self_attn.gate_compress"))
-    else:   # an 8-bit teacher's full copies start from its dequantised weights (the teacher's function exactly)
-        gen = lora.dequantize_base(copy.deepcopy(base)).float()
-        if sparse[0]:
-            mw.enable_sparse_attention(gen, *sparse[:2], remainder=sparse[2])
-    if c["generator_init"]:   # e.g. the causal ODE-init student (before the critic adapter: the critic stays the teacher's)
-        kind = "adapter" if gen is base else "full"
-        try:   # a LoRA file replaces the generator adapter (its own rank); full weights fill the full copy
-            sample.load_student(gen, c["generator_init"], adapter="generator", kind=kind, sparse=sparse)
-        except ValueError as e:
-            raise ValueError(f"generator_init: {e}: use lora_rank {'= 0' if kind == 'adapter' else '> 0'} "
-                             "(a LoRA file sets its own rank; full weights need a full generator copy)") from None
-    if c["fake_score_lora_rank"] > 0:
-        lora.add_adapter(base, "critic", c["fake_score_lora_rank"], c["fake_score_lora_alpha"], tuple(c["lora_targets"]))
-    else:
-        critic = mw.enable_sparse_attention(lora.dequantize_base(copy.deepcopy(base)).float(), None)   # no VSA gates
-        if "generator" in lora.adapter_names(critic):
-            lora.delete_adapter(critic, "generator")
-    for m in {id(gen): gen, id(critic): critic}.values():
-        if m is not base:
-            for n, p in m.named_parameters():
-                p.requires_grad_(".lora_" not in n)
-    return base, gen, critic, vae, te
-
-
 def lr_lambda(c, kind):
     """The lr multiplier per trainer step of scheduler `kind` (lr_scheduler or fake_score_lr_scheduler's value)."""
     def f(step):
@@ -371,6 +335,7 @@ def setup(c, steps):
     parallel.seed_all(c["seed"])   # the same on every rank: identical networks (tiny teacher, adapter init)
     prompts = data.read_prompts(c)   # (training, validation): prompt errors before any model is built
     r.base, r.gen, r.critic, r.vae, te = build_networks(c, dev, dtype)
+    r.teacher = data.load_real_score(c, dev, dtype)   # teacher_model_name_or_path's DiT, else None: the base is R
     r.loader, r.train_emb, r.val_prompts, r.val_emb, neg_emb = data.training_inputs(c, prompts, te, r.vae, env, dev, dtype)
     del te   # UMT5 (11 GB in bf16) is not needed again
     setup_training(r)
@@ -389,7 +354,7 @@ def setup_training(r):
     c, env = r.c, r.env
     r.g_adapter = "generator" if r.gen is r.base else None
     r.f_adapter = "critic" if r.critic is r.base else None
-    for m in {id(m): m for m in (r.base, r.gen, r.critic)}.values():   # distinct modules (LoRA: one)
+    for m in {id(m): m for m in (r.base, r.gen, r.critic, r.teacher or r.base)}.values():   # distinct (LoRA: one)
         if c["fsdp"]:
             parallel.shard(m)
         if env.sp_group is not None:
@@ -403,13 +368,13 @@ def setup_training(r):
     r.causal = (c["num_frame_per_block"] or 0, bool(c["independent_first_frame"])) if c["causal"] else None
     r.G = parallel.data_parallel(env, lora.velocity_fn(r.gen, r.g_adapter, r.autocast, r.causal), r.g_params, c["fsdp"])
     r.Fk = parallel.data_parallel(env, lora.velocity_fn(r.critic, r.f_adapter, r.autocast), r.f_params, c["fsdp"])
-    r.R = lora.velocity_fn(r.base, None, r.autocast)
+    r.R = lora.velocity_fn(r.teacher or r.base, None, r.autocast)   # a separate teacher never has an adapter
     g_set, f_set = adamw_settings(c)
     r.g_opt, r.f_opt = torch.optim.AdamW(r.g_params, **g_set), torch.optim.AdamW(r.f_params, **f_set)
     r.g_sched = torch.optim.lr_scheduler.LambdaLR(r.g_opt, lr_lambda(c, c["lr_scheduler"]))
     r.f_sched = torch.optim.lr_scheduler.LambdaLR(r.f_opt, lr_lambda(c, c["fake_score_lr_scheduler"]))
     r.ema = [p.detach().float().clone() for p in r.g_params] if c["use_ema"] else None
-    r.say(f"teacher {c['pretrained_model_name_or_path']} | generator "
+    r.say(f"teacher {data.real_score_source(c)} | generator "
           f"{'LoRA r%d' % c['lora_rank'] if r.g_adapter else 'full'} ({sum(p.numel() for p in r.g_params):,} trainable) | "
           f"critic {'LoRA r%d' % c['fake_score_lora_rank'] if r.f_adapter else 'full'} "
           f"({sum(p.numel() for p in r.f_params):,}) | shared base: {r.g_adapter is not None and r.f_adapter is not None} | "

@@ -16,6 +16,7 @@ import os
 import torch
 from tqdm import tqdm
 
+import data
 import flow
 import lora
 import media
@@ -62,7 +63,7 @@ def student_latents(r, ctx, seed):
 def teacher_settings(c, prompts):
     """What the teacher's diversity depends on: the key of its cache file (JSON-normalised)."""
     return json.loads(json.dumps(dict(
-        teacher=c["pretrained_model_name_or_path"], prompts=prompts, seed=c["validation_seed"],
+        teacher=data.real_score_source(c), prompts=prompts, seed=c["validation_seed"],
         seeds=c["validation_diversity_seeds"], resolution=c["validation_resolution"],
         frames=c["validation_num_video_frames"], steps=c["validation_teacher_steps"],
         cfg=c["real_score_guidance_scale"] + 1, negative_prompt=c["negative_prompt"])))
@@ -85,7 +86,7 @@ def teacher_diversity(r):
     if r.teacher_div is not None:
         return r.teacher_div
     c = r.c
-    layout, shift = flow.teacher_layout_shift(c["pretrained_model_name_or_path"])
+    layout, shift = flow.teacher_layout_shift(data.real_score_source(c))   # r.R: the real score's model
     sigmas, timesteps = flow.flow_schedule(c["validation_teacher_steps"], shift, layout)
     scale = c["real_score_guidance_scale"] + 1                       # DMD2's w is standard CFG w + 1
     per, S = [], c["validation_diversity_seeds"]

@@ -132,6 +132,41 @@ def precision_table(counts, L, lat, a):
           "(calibration below); the others are computed from them, not yet measured.")
 
 
+def teacher_forward(cfg, L, sp):
+    """Transient bytes of a frozen teacher's no-grad forward (one block at a time, nothing kept for backward): the fp32
+    residual, q/k/v/o in bf16 and the FFN hidden with its GELU output in bf16 -> L*(4E + 8E + 4Fd) / P."""
+    return L * (4 * cfg.dim + 8 * cfg.dim + 4 * cfg.ffn_dim) / sp
+
+
+def teacher_table(counts, L, lat, a):
+    """A separate teacher (teacher_model_name_or_path): the 14B in 8 bits gives the real score, generator and critic
+    are LoRA adapters of the 1.3B base. Weights: the 1.3B base + the 14B's 8-bit codes and scales (+ one dequantised
+    Linear while it runs); trainable states and activations: the 1.3B LoRA's, + the 14B's no-grad forward transient
+    (it runs while the generator's graph is alive). FSDP over N: both bases / N + the gather of 2 blocks of each."""
+    s13, s14 = counts["t2v-1.3B"], counts["t2v-14B"]
+    print(f"\nA 14B teacher for a 1.3B LoRA student and critic (teacher_model_name_or_path, config/wan_dmd_3step_14b_teacher.py), "
+          f"{a.height}x{a.width}x{a.frames}, sp {a.sp} (computed)\n")
+    print("| 1.3B base | 14B teacher | parallelism | weights | trainable states | activations | total GiB | "
+          + " | ".join(f"fits {name}?" for name, _ in CARDS) + " |")
+    print("|---|---|---|---|---|---|---|" + "---|" * len(CARDS))
+    for base, teacher in (("bf16", "int8"), ("int8", "int8"), ("bf16", "bf16")):
+        for par, n in (("ddp", 1), ("fsdp", a.gpus)):
+            w13 = s13["base"] if base == "bf16" else s13["base8"] + 6 * s13["max_linear"]
+            w14 = s14["base"] if teacher == "bf16" else s14["base8"] + 6 * s14["max_linear"]
+            _, st, act = memory(s13, "lora", par, n, a.sp, L, lat)
+            if par == "fsdp":   # + 2 blocks of each base gathered (the 14B's in its storage bytes)
+                w13 = w13 / n + 2 * s13["block_lora"]
+                w14 = w14 / n + 2 * (s14["base8"] if teacher == "int8" else s14["base"]) / s14["cfg"].num_layers
+            act += teacher_forward(s14["cfg"], L, a.sp)
+            w, tot = (w13 + w14) / GIB, (w13 + w14 + st + act) / GIB
+            where = "one GPU" if par == "ddp" else f"FSDP x{n}"
+            print(f"| {base} | {teacher} | {where} | {w:.1f} | {st / GIB:.1f} | {act / GIB:.1f} | **{tot:.1f}** | "
+                  + " | ".join(fits(tot, u) for _, u in CARDS) + " |")
+    print("\nFor comparison: '14B LoRA, DDP' above (the 14B as teacher AND LoRA base). Not yet measured: a GPU run of "
+          "`train_dmd.py config/wan_dmd_3step_14b_teacher.py --pretrained_model_name_or_path=random:t2v-1.3B "
+          "--teacher_model_name_or_path=random:t2v-14B` would confirm the one-GPU int8 row.")
+
+
 def fits(total, usable):
     return "yes" if total * OVERHEAD <= usable else "tight" if total <= usable else "no"
 
@@ -174,6 +209,7 @@ def main():
             print(f"  {preset[4:]:>4} {mode:<4}: sp 1 -> {tot[1]:5.1f} GiB, sp 4 -> {tot[4]:5.1f} GiB")
 
     precision_table(counts, L, lat, a)
+    teacher_table(counts, L, lat, a)
     L0, lat0 = tokens(480, 832, 81)
     print("\nCalibration, one GPU at 480x832x81, sp 1 (measured on an H100, see MEASURED):")
     for (preset, mode), (alloc, res) in MEASURED.items():

@@ -18,10 +18,11 @@ LAYERS = {
     "vae_wan": 3, "text_encoders": 3, "flow": 3,
     "cache": 4,
     "sample": 5, "data": 5, "dmd": 5, "checks": 5, "card": 5,
-    "parallel": 6, "publish": 6, "quality": 6, "validation": 6, "run_state": 6,
+    "parallel": 6, "networks": 6, "publish": 6, "quality": 6, "validation": 6, "run_state": 6,
     "train_dmd": 7,
     "bench/common": 8,
     "demo": 9, "bench/*": 9,
+    "bench/bench_teacher_size": 10,   # builds on demo.py's stages
 }
 SETUP_FILES = {"setup.py", "conftest.py", "noxfile.py"}   # root files that are packaging, not project modules
 MAX_FILE_LINES = 800

@@ -174,3 +174,20 @@ def test_fsdp_with_an_8bit_base_equals_ddp(tmp_path):
     assert_same(student(tmp_path / "fsdp"), student(tmp_path / "ddp"), atol=1e-6)
     merged = [load_file(os.path.join(tmp_path, d, "transformer", "diffusion_pytorch_model.safetensors")) for d in ("ddp", "fsdp")]
     assert_same(merged[1], merged[0], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp_with_a_separate_8bit_teacher_equals_ddp(tmp_path):
+    """teacher_model_name_or_path under FSDP2: the separate, larger teacher in int8 is sharded per block like the
+    base, and the student equals DDP's (where every rank holds the whole teacher)."""
+    import model_wan as mw
+    torch.manual_seed(7)
+    mw.save_dit(mw.WanDiT(mw.WanConfig(dim=128, ffn_dim=192, num_heads=2, num_layers=3, text_dim=32)).eval(),
+                tmp_path / "big" / "transformer")
+    (tmp_path / "big" / "model_index.json").write_text("{}")
+    args = ["--max_train_steps=2", f"--teacher_model_name_or_path={tmp_path / 'big'}", "--teacher_model_precision=int8",
+            "--validation_diversity_seeds=0"]
+    train(tmp_path / "ddp", *args)
+    out = train(tmp_path / "fsdp", *args, "--fsdp=True")
+    assert f"teacher {tmp_path / 'big'} | generator LoRA" in out
+    assert_same(student(tmp_path / "fsdp"), student(tmp_path / "ddp"), atol=1e-6)
