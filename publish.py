@@ -118,7 +118,7 @@ def export(c, gen, g_adapter, ema, step):
         save_file({k: v.contiguous() for k, v in mw.to_diffusers_state_dict(gen).items()}, path, metadata=meta)
         merged = None
     mw.save_dit(gen, os.path.join(c["output_dir"], "transformer"), layout="diffusers", state_dict=merged)
-    if c["pretrained_model_name_or_path"] == "tiny":
+    if c.get("pretrained_model_name_or_path") == "tiny":   # a caller may pass only the keys export reads
         write_tiny_teacher(c)
     for p in [path] + glob.glob(os.path.join(c["output_dir"], "transformer", "*")) + glob.glob(
             os.path.join(c["output_dir"], sample.TINY_TEACHER, "*", "*")):

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 
 
-@dataclass
+@dataclass(slots=True)   # slots: a field set anywhere but here is an AttributeError
 class Run:
     # --- new_run: the config, the devices and the counters -------------------------------------------------------
     c: dict                                   # the resolved config (train_dmd's keys)
