@@ -10,6 +10,7 @@ import flow
 import model_wan as mw
 import quant
 import readers
+import run_dir
 import sparse_attn
 from configurator import fail, hub_file
 
@@ -106,10 +107,27 @@ def preflight(c, prog):
     return c
 
 
+def check_launch(sp_size, fsdp, environ=os.environ):
+    """sp_size and fsdp against how the command was launched (torchrun sets RANK and WORLD_SIZE): a ValueError."""
+    world = int(environ.get("WORLD_SIZE", "1"))
+    if world == 1 and sp_size > 1:
+        raise ValueError(f"sp_size={sp_size} needs several processes: torchrun --nproc_per_node=N train_dmd.py ... "
+                         "(N a multiple of sp_size), or sp_size=1")
+    if sp_size < 1 or world % sp_size:
+        raise ValueError(f"sp_size={sp_size} must divide the number of processes ({world})")
+    if fsdp and "RANK" not in environ:
+        raise ValueError("fsdp=True needs torchrun (torchrun --nproc_per_node=N train_dmd.py ...), also for N = 1")
+
+
 def check_inputs(c):
     """What the config names outside itself, before any model loads: the prompts file, the validation prompt
-    library and the webhook file (present, UTF-8, not empty, JSON), the teacher (a local folder, or a hub id this machine can read) and wandb
+    library and the webhook file (present, UTF-8, not empty, JSON), the launch (sp_size, fsdp), a checkpoint named by
+    resume_from_checkpoint or export_from, the teacher (a local folder, or a hub id this machine can read) and wandb
     when report_to asks for it. Each fault: one ValueError / FileNotFoundError naming the key and the fix."""
+    check_launch(c["sp_size"], c["fsdp"])
+    for key in ("resume_from_checkpoint", "export_from"):   # a named checkpoint is there (`latest`: found later)
+        if c[key] not in ("", "latest"):
+            run_dir.named_checkpoint(c["output_dir"], c[key], key)
     if c["report_to"] == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ValueError("report_to='wandb' but wandb is not installed: pip install wandb (and wandb login), or "
                          "--report_to=none")

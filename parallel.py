@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import checks
 import model_wan as mw
 import lora
 import run_dir
@@ -64,16 +65,10 @@ class Dist:
 def setup(sp_size, device, fsdp=False):
     """-> (Dist, device). Initialises the process group when launched by torchrun (also with one process): NCCL
     on CUDA (one GPU per local rank), gloo on CPU. Plain `python train_dmd.py`: no process group at all."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 and sp_size > 1:
-        raise ValueError("sp_size > 1 needs several processes: torchrun --nproc_per_node=N (N a multiple of sp_size)")
-    if sp_size < 1 or world % sp_size:
-        raise ValueError(f"sp_size={sp_size} must divide the number of processes ({world})")
+    checks.check_launch(sp_size, fsdp)
     if "RANK" not in os.environ:
-        if fsdp:
-            raise ValueError("fsdp=True needs torchrun (torchrun --nproc_per_node=N train_dmd.py ...), also for N = 1")
         return Dist(), device
-    rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if device.type == "cuda":
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
@@ -333,7 +328,7 @@ def read_checkpoint(env, ckpt):
     except ValueError as e:
         err = e
     if not all_true(env, err is None):
-        raise err or ValueError(f"{ckpt}: a file of it cannot be read on another rank (named there)")
+        raise err or run_dir.CannotResume(f"{ckpt}: a file of it cannot be read on another rank (named there)")
     return st, rs
 
 
@@ -361,7 +356,7 @@ def resume_changes(saved, new, ckpt):
     fixed = [k for k, (_, v) in changed.items() if k in RESUME_FIXED or (k == "use_ema" and v)
              or (k == "timestep_shift" and (new.get("warp_denoising_step") or saved.get("warp_denoising_step")))]
     if fixed:
-        raise ValueError(f"{ckpt} was written with {', '.join(f'{k}={changed[k][0]!r}' for k in fixed)}, this config "
+        raise run_dir.CannotResume(f"{ckpt} was written with {', '.join(f'{k}={changed[k][0]!r}' for k in fixed)}, this config "
                          f"has {', '.join(f'{k}={changed[k][1]!r}' for k in fixed)}: these cannot change when a run "
                          "resumes; keep the checkpoint's values, or start a new run in another output_dir")
     return changed
@@ -374,11 +369,7 @@ def find_checkpoint(out_dir, spec, env=Dist(), say=print, key="resume_from_check
     naming the file."""
     if not spec:
         return None
-    given, name = spec, os.path.basename(os.path.normpath(spec))
-    if spec != "latest" and not os.path.exists(spec) and name.startswith("checkpoint-") and name[11:].isdigit():
-        spec = os.path.join(out_dir, f"checkpoint-{int(name[11:]):07d}")
-    if spec != "latest" and not os.path.exists(os.path.join(spec, "state.pt")):
-        raise FileNotFoundError(f"{key}={given!r}: no state.pt there ({spec})")
+    spec = run_dir.named_checkpoint(out_dir, spec, key) if spec != "latest" else spec
     last_bad = None
     for ckpt in reversed(run_dir.checkpoints(out_dir)) if spec == "latest" else [spec]:
         bad = run_dir.verify(ckpt) if env.main else None
@@ -386,9 +377,9 @@ def find_checkpoint(out_dir, spec, env=Dist(), say=print, key="resume_from_check
             return ckpt
         last_bad = bad or f"{ckpt}: a file failed its checksum (named on rank 0)"
         if spec != "latest":
-            raise ValueError(f"{last_bad}: resume from another checkpoint (resume_from_checkpoint=checkpoint-N)")
+            raise run_dir.CannotResume(f"{last_bad}: resume from another checkpoint (resume_from_checkpoint=checkpoint-N)")
         say(f"warning: {last_bad}: falling back to the previous complete checkpoint")
     if last_bad:   # every checkpoint of out_dir damaged: never a fresh start over them
-        raise ValueError(f"{last_bad}: no undamaged checkpoint left in {out_dir}: resume one by path, or give this "
+        raise run_dir.CannotResume(f"{last_bad}: no undamaged checkpoint left in {out_dir}: resume one by path, or give this "
                          "run another output_dir")
     return None

@@ -12,6 +12,7 @@ The run folder (output_dir) of train_dmd.py: one run at a time, never lost, neve
   folder before its rename: the run's id and a sha256 per file. `latest` and rotation see only those (rotation only
   this run's); any other folder (checkpoint-best, a copy) is left alone. A resume verifies the sums first.
 - log.jsonl: a partial last line (a kill or a full disk mid-write) is dropped with a warning.
+- Refused and its kinds: the states of a run that the user resolves; train_dmd.py prints them as one line.
 """
 import functools
 import hashlib
@@ -30,6 +31,42 @@ CHECKSUMS = "checksums.json"     # the completeness marker of a checkpoint folde
 NUMBERED = re.compile(r"^checkpoint-(\d{7})$")
 HEARTBEAT_S = 60                 # the holder refreshes its lock's mtime this often
 STALE_S = 10 * HEARTBEAT_S       # a lock from another host whose heartbeat is older than this is taken over
+
+
+class Refused(Exception):
+    """A state of the run that the user resolves, not a bug: the folder in use, an old run in the way, a checkpoint
+    that cannot resume, a run that diverged. train_dmd.py prints its message as one line (no traceback) and exits
+    with `status`. Each kind below is also the built-in error it always was (what callers and tests catch)."""
+    status = 2
+
+
+class InUse(Refused, RuntimeError):
+    """output_dir is held by another run (its lock)."""
+
+
+class CannotWrite(Refused, OSError):
+    """output_dir is read-only or full."""
+
+
+class HoldsARun(Refused, FileExistsError):
+    """A fresh start into a folder that holds a run."""
+
+
+class NoCheckpoint(Refused, FileNotFoundError):
+    """A checkpoint named by resume_from_checkpoint or export_from is not there."""
+
+
+class CannotResume(Refused, ValueError):
+    """A checkpoint that cannot resume this run: damaged, or written with keys this config changes."""
+
+
+class StalePairs(Refused, ValueError):
+    """The dataset's ODE pairs were made with another config (frames, student steps)."""
+
+
+class Diverged(Refused, RuntimeError):
+    """Non-finite losses or blown-up weights: the message names the last good checkpoint."""
+    status = 1
 
 # -----------------------------------------------------------------------------
 # the lock
@@ -50,7 +87,7 @@ class Lock:
             holder = self._read()
             why = stale(holder, self.path)
             if why is None:
-                raise RuntimeError(f"output_dir {out_dir} is in use by another run: pid {holder.get('pid')} on host "
+                raise InUse(f"output_dir {out_dir} is in use by another run: pid {holder.get('pid')} on host "
                                    f"{holder.get('host')}, started {holder.get('started')} ({self.path}); wait for "
                                    "it to end, or give this run another output_dir")
             say(f"notice: taking over the stale lock {self.path} ({why})")
@@ -65,7 +102,7 @@ class Lock:
         except FileExistsError:
             return False
         except OSError as e:   # a read-only folder, a full disk
-            raise OSError(f"output_dir {os.path.dirname(self.path)}: cannot write there ({e.strerror}): give the "
+            raise CannotWrite(f"output_dir {os.path.dirname(self.path)}: cannot write there ({e.strerror}): give the "
                           "run a writable output_dir") from None
         with os.fdopen(fd, "w") as f:
             json.dump(self.me, f)
@@ -158,7 +195,7 @@ def fresh_start_check(out, spec, overwrite, say=print):
         return
     if not overwrite:
         legacy = [d for d in held if d != "log.jsonl" and not os.path.exists(os.path.join(out, d, CHECKSUMS))]
-        raise FileExistsError(
+        raise HoldsARun(
             f"output_dir {out} holds a run ({', '.join(held[-3:])}): a fresh start would mix with it. Resume it "
             "(resume_from_checkpoint='latest' or a checkpoint folder), give this run another output_dir, or "
             "overwrite_output_dir=True (moves the old run into a sibling folder, deletes nothing)"
@@ -236,14 +273,26 @@ def verify(folder):
     return None
 
 
+def named_checkpoint(out_dir, spec, key="resume_from_checkpoint"):
+    """A checkpoint named by `key`: a folder, or "checkpoint-N" (N unpadded too) in out_dir -> its folder; one
+    without state.pt: NoCheckpoint naming both."""
+    name = os.path.basename(os.path.normpath(spec))
+    path = spec
+    if not os.path.exists(spec) and name.startswith("checkpoint-") and name[11:].isdigit():
+        path = os.path.join(out_dir, f"checkpoint-{int(name[11:]):07d}")
+    if not os.path.exists(os.path.join(path, "state.pt")):
+        raise NoCheckpoint(f"{key}={spec!r}: no state.pt there ({path})")
+    return path
+
+
 def load(path):
-    """torch.load(weights_only=True) of a checkpoint file; unreadable: a ValueError naming it."""
+    """torch.load(weights_only=True) of a checkpoint file; unreadable: CannotResume (a ValueError) naming it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ValueError(f"{path}: missing") from None
+        raise CannotResume(f"{path}: missing") from None
     except Exception as e:   # noqa: BLE001 -- truncated, zeroed, empty: torch's own text advises an unsafe load
-        raise ValueError(f"{path}: cannot be read ({type(e).__name__}: truncated or damaged)") from None
+        raise CannotResume(f"{path}: cannot be read ({type(e).__name__}: truncated or damaged)") from None
 
 # -----------------------------------------------------------------------------
 # log.jsonl

@@ -255,7 +255,7 @@ def load_checkpoint(r, ckpt):
     else:
         for name, params in (("generator", r.g_params), ("critic", r.f_params)):
             if [tuple(v.shape) for v in st[name]] != [tuple(p.shape) for p in params]:
-                raise ValueError(f"{ckpt}: its {name} does not match this config's (LoRA rank or full mode changed?); "
+                raise run_dir.CannotResume(f"{ckpt}: its {name} does not match this config's (LoRA rank or full mode changed?); "
                                  "start a new run in another output_dir")
         with torch.no_grad():
             for p, v in zip(r.g_params, st["generator"]):
@@ -407,7 +407,7 @@ def next_batch(r):
     who = "objective='ode_init'" if ode_init else "ode_regression_weight > 0"
     if (ode_init or c["ode_regression_weight"] > 0) and (traj is None or traj.shape[3] != Fr or not torch.allclose(
             b["trajectory_t"][0], torch.tensor(r.steps))):
-        raise ValueError(f"{who}: {b['file'][0]} has " + ("no trajectory" if traj is None else
+        raise run_dir.StalePairs(f"{who}: {b['file'][0]} has " + ("no trajectory" if traj is None else
                          f"{traj.shape[3]} latent frames at t={b['trajectory_t'][0].tolist()}, this run has "
                          f"{Fr} at {r.steps}") + ": make the ODE pairs with this config (python data.py CONFIG "
                          "--make_ode_pairs=prompts.txt)")
@@ -574,7 +574,7 @@ def check_finite(r, rec, key, loss_f=None):
     if bad:
         r.say(f"step {r.step + 1}: non-finite loss ({', '.join(bad.values())}): {' and '.join(bad)} update skipped")
         if r.bad_in_row >= r.c["max_nonfinite_steps"]:
-            raise RuntimeError(f"{r.bad_in_row} non-finite losses in a row: aborting (lower the learning rates, "
+            raise run_dir.Diverged(f"{r.bad_in_row} non-finite losses in a row: aborting (lower the learning rates, "
                                "check the teacher and the guidance scale); the last good checkpoint: "
                                f"{r.last_good or 'none written'}")
 
@@ -587,7 +587,7 @@ def nonfinite_state(r):
              "generator optimiser state": opt(r.g_opt), "critic optimiser state": opt(r.f_opt)}
     growth = parallel.growth(r.env, r.g_params + r.f_params, r.norm_ref)   # divergence shows in the weights first
     if growth > parallel.DIVERGED:
-        raise RuntimeError(f"step {r.step}: diverging (the weights' norm grew {growth:.3g}x since the last checkpoint): "
+        raise run_dir.Diverged(f"step {r.step}: diverging (the weights' norm grew {growth:.3g}x since the last checkpoint): "
                            f"lower the learning rates; the last good checkpoint: {r.last_good or 'none written'}")
     return [k for k, ts in parts.items() if not parallel.all_finite(r.env, ts)]
 
@@ -613,7 +613,7 @@ def end_of_step(r, pub, stop, validated):
         r.say(f"step {step}: checkpoint skipped: non-finite {', '.join(bad)}; the last good checkpoint stays: "
               f"{r.last_good or 'none written'}")
         if last:
-            raise RuntimeError(f"non-finite {', '.join(bad)} at the last step: nothing exported; the last good "
+            raise run_dir.Diverged(f"non-finite {', '.join(bad)} at the last step: nothing exported; the last good "
                                f"checkpoint: {r.last_good or 'none written'}")
     elif bad is not None:
         path = parallel.save_checkpoint(c["output_dir"], checkpoint_state(r) if env.main else {"step": step},
@@ -735,7 +735,7 @@ def export_checkpoint(c, steps):
     (the same files; the model card names its step), without training: the networks, then the checkpoint loaded."""
     ckpt = parallel.find_checkpoint(c["output_dir"], c["export_from"], key="export_from")
     if ckpt is None:
-        raise FileNotFoundError(f"export_from={c['export_from']!r}: no checkpoint in {c['output_dir']}")
+        raise run_dir.NoCheckpoint(f"export_from={c['export_from']!r}: no checkpoint in {c['output_dir']}")
     r = new_run(c, steps)
     parallel.seed_all(c["seed"])   # as setup: the same tiny/random teacher and adapter init
     r.base, r.gen, r.critic, r.vae, _ = build_networks(c, r.dev, r.dtype)
@@ -761,5 +761,10 @@ DEFAULTS = {k: v for k, v in dict(globals()).items() if k in set(default_keys(__
 
 if __name__ == "__main__":
     cfg = checks.preflight(config(), "train_dmd.py")   # every mistake of the config, its files, its teacher: one line
-    train(cfg)
+    try:
+        train(cfg)
+    except run_dir.Refused as e:   # the folder in use, an old run in the way, a checkpoint that cannot resume, ...
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"train_dmd.py: error: {e}", file=sys.stderr)
+        sys.exit(e.status)
     publish.print_next_commands(cfg, sys.argv[1:])   # rank 0: what to type next

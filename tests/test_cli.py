@@ -373,6 +373,35 @@ def test_mistakes_are_one_line_before_any_model(tmp_path, monkeypatch, capsys):
     assert "GiB" in err and "this machine's RAM" in err
 
 
+def test_run_refusals_are_one_line(tmp_path, monkeypatch, capsys):
+    """What the run itself refuses (run_dir.Refused) prints as the command line shows a config mistake: one line,
+    no traceback; exit status 2 (1 for a run that diverged). A named checkpoint that is not there, and a launch that
+    cannot give fsdp or sp_size, are refused before any model loads (nothing on stdout)."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    tiny = ["config/tiny.py", f"--output_dir={out}", "--validation_step_interval=1000",
+            "--validation_diversity_seeds=0"]
+    assert run_main("train_dmd.py", tiny + ["--max_train_steps=2", "--checkpoint_step_interval=1"],
+                    monkeypatch, capsys)[0] == 0
+
+    def refused(argv, says, status=2, before_models=False):
+        code, stdout, err = run_main("train_dmd.py", tiny + argv, monkeypatch, capsys)
+        assert code == status and err.count("\n") == 1 and err.startswith("train_dmd.py: error: ") and says in err, err
+        assert not before_models or stdout == "", stdout
+    refused(["--max_train_steps=3", "--resume_from_checkpoint="], "holds a run (checkpoint-0000001, checkpoint-0000002")
+    refused(["--resume_from_checkpoint=checkpoint-9"], f"no state.pt there ({out / 'checkpoint-0000009'})",
+            before_models=True)
+    refused(["--export_from=nowhere"], "export_from='nowhere': no state.pt there", before_models=True)
+    refused(["--fsdp=True"], "fsdp=True needs torchrun", before_models=True)
+    refused(["--sp_size=2"], "sp_size=2 needs several processes", before_models=True)
+    refused(["--max_train_steps=3", "--resume_from_checkpoint=latest", "--lora_rank=4"],
+            "these cannot change when a run resumes")
+    refused(["--max_train_steps=8", "--learning_rate=1e10", "--fake_score_lr=1e10", "--checkpoint_step_interval=1"],
+            f"the last good checkpoint: {out / 'checkpoint-0000002'}", status=1)
+    (out / "run.lock").write_text(json.dumps({"host": "node-7", "pid": 1, "started": "2026-01-01 00:00:00 +0000"}))
+    refused(["--max_train_steps=3"], "is in use by another run: pid 1 on host node-7")
+
+
 def test_print_config_is_json_alone(tmp_path, monkeypatch, capsys):
     """--print_config > run.json gives a file that parses: the notices of a config's reading go to stderr."""
     st = tmp_path / "st.json"
