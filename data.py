@@ -682,7 +682,7 @@ if __name__ == "__main__":
     # python data.py CONFIG.py [--key=value ...]: train_dmd.py's config (its `datasets`, teacher, seed), read from
     # train_dmd.py's defaults block without importing the trainer; torchrun sets RANK/WORLD_SIZE and each rank caches
     # its share. The commands below are data.py's own (python data.py --help lists them).
-    from configurator import configure, script_defaults
+    from configurator import configure, fail, script_defaults
     import simpletuner
     if {"-h", "--help"} & set(sys.argv[1:]):   # first the keys of a dataset dict, as DEFAULTS above lists them
         keys = open(__file__).read().split("\nDEFAULTS = dict(\n", 1)[1].split("\n)\n", 1)[0]
@@ -702,9 +702,21 @@ if __name__ == "__main__":
                   commands=(__file__, "commands"))
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     prompts = c["make_teacher_data"] or c["make_ode_pairs"]
+    try:   # the inputs first: a mistake is one line (exit status 2), before any model loads
+        if prompts:
+            readers.read_lines(hub_file(prompts))
+            out = c["teacher_out"] or (os.path.basename(prompts) if prompts.startswith("hf://") else prompts) + (
+                ".ode" if c["make_ode_pairs"] else ".teacher")   # hf://: here, not in the hub cache
+            try:
+                os.makedirs(out, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"teacher_out {out!r}: cannot be made ({e.strerror}): give a writable folder") from None
+        elif not c["datasets"]:
+            raise ValueError("the config has no `datasets`: nothing to cache (python data.py CONFIG.py caches a "
+                             "config's datasets; --make_teacher_data=PROMPTS.txt writes teacher samples; --help)")
+    except (FileNotFoundError, ValueError) as e:
+        fail("data.py", str(e))
     if prompts:
-        stem = os.path.basename(prompts) if prompts.startswith("hf://") else prompts   # hf://: here, not in the hub cache
-        out = c["teacher_out"] or stem + (".ode" if c["make_ode_pairs"] else ".teacher")
         make_teacher_data(c, hub_file(prompts), out, c["teacher_steps"], c["teacher_guidance"], c["teacher_shift"],
                           c["teacher_mp4"], rank, world, ode_pairs=bool(c["make_ode_pairs"]),
                           guidance_max_t=c["teacher_guidance_max_timestep"])

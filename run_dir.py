@@ -82,7 +82,11 @@ class Lock:
         while not os.path.exists(d):
             self.made.append(d)
             d = os.path.dirname(d)
-        os.makedirs(out_dir, exist_ok=True)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:
+            raise CannotWrite(f"output_dir {out_dir}: cannot be made ({e.strerror}): give the run a writable "
+                              "output_dir") from None
         while not self._create():
             holder = self._read()
             why = stale(holder, self.path)

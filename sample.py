@@ -316,6 +316,10 @@ def settings(c):
     s["via"] = c.get("quantize_via", "accelerator")
     if s["via"] not in ("accelerator", "cpu"):
         raise ValueError(f"quantize_via must be 'accelerator' or 'cpu', got {s['via']!r}")
+    try:   # last: made only once every other setting is good
+        os.makedirs(c["out"], exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out={c['out']!r}: cannot be made ({e.strerror}): give a writable folder") from None
     return s
 
 

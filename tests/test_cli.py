@@ -371,6 +371,10 @@ def test_mistakes_are_one_line_before_any_model(tmp_path, monkeypatch, capsys):
                               monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1 and "size 9x100000x100000" in err and "smaller --height" in err, err
     assert "GiB" in err and "this machine's RAM" in err
+    (tmp_path / "a_file").write_text("")   # an --out that cannot be made: named before any model loads
+    code, out, err = run_main("sample.py", [f"--ckpt={run}", f"--out={tmp_path / 'a_file' / 'videos'}", "--device=cpu"],
+                              monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "cannot be made" in err and "writable folder" in err, err
 
 
 def test_run_refusals_are_one_line(tmp_path, monkeypatch, capsys):
@@ -398,6 +402,15 @@ def test_run_refusals_are_one_line(tmp_path, monkeypatch, capsys):
             "these cannot change when a run resumes")
     refused(["--max_train_steps=8", "--learning_rate=1e10", "--fake_score_lr=1e10", "--checkpoint_step_interval=1"],
             f"the last good checkpoint: {out / 'checkpoint-0000002'}", status=1)
+    (tmp_path / "a_file").write_text("")
+    code, _, err = run_main("train_dmd.py", tiny[:1] + [f"--output_dir={tmp_path / 'a_file' / 'run'}"], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "cannot be made" in err and "writable output_dir" in err, err
+    for argv, says in ((["config/tiny.py"], "the config has no `datasets`: nothing to cache"),
+                       (["config/tiny.py", "--make_ode_pairs=nothing.txt"], "prompts file 'nothing.txt': no such file"),
+                       (["config/tiny.py", "--make_teacher_data=prompts/wan_dmd_starter.txt",
+                         f"--teacher_out={tmp_path / 'a_file' / 'pairs'}"], "teacher_out")):
+        code, _, err = run_main("data.py", argv, monkeypatch, capsys)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("data.py: error: ") and says in err, err
     (out / "run.lock").write_text(json.dumps({"host": "node-7", "pid": 1, "started": "2026-01-01 00:00:00 +0000"}))
     refused(["--max_train_steps=3"], "is in use by another run: pid 1 on host node-7")
 
