@@ -1,6 +1,7 @@
 """
 The whole story offline on a CPU in minutes: a synthetic captioned video dataset (real mp4s) -> a tiny Wan VAE
-and a tiny Wan DiT teacher trained here by flow matching -> DMD distillation to a 3-step student with the
+and a tiny Wan DiT teacher trained on it by flow matching (both committed in assets/, made by this file:
+--vae_path= and --teacher_path= train them here) -> DMD distillation to a 3-step student with the
 recipe of config/wan_dmd_3step.py at SimpleTuner's quickstart guidance (train_dmd.train; docs/recipe.md) ->
 side-by-side samples (teacher 50 steps, teacher 3 steps, student 3 steps) as mp4s and one contact-sheet PNG ->
 the quality table of quality.py (precision, coverage, mode TV, MMD).
@@ -52,7 +53,10 @@ vae_base_dim = 16              # width of the tiny VAE trained here (vae_path=""
 vae_steps = 2500               # its autoencoder training steps
 vae_batch_size = 4             # clips per VAE training step
 vae_lr = 5e-4                  # VAE AdamW learning rate
-# (3) teacher: a Wan DiT (PRESETS[teacher_preset]) trained by flow matching on the clips' latents
+# (3) teacher: a Wan DiT (PRESETS[teacher_preset]) trained by flow matching on the clips' latents. That takes 2-3
+# min on one core, so the demo copies the committed one when the keys below (and seed, size, num_frames,
+# clips_per_mode, vae_path) are those it was made with (its made_with.json; made by: python demo.py --teacher_path=)
+teacher_path = "assets/demo_teacher"   # a transformer folder (diffusers layout) to use; "" = train one here
 teacher_preset = "demo"        # model_wan.PRESETS name of the teacher DiT
 teacher_steps = 2000           # flow-matching training steps of the teacher
 teacher_batch_size = 32        # clips per teacher training step
@@ -244,20 +248,47 @@ def make_vae(c, out, videos, caps, bands, times):
     return latents
 
 
+# the keys that define the teacher trained here: a committed teacher (teacher_path) stands in for it only when they match
+TEACHER_KEYS = ("seed", "size", "num_frames", "clips_per_mode", "vae_path", "teacher_preset", "teacher_steps",
+                "teacher_batch_size", "teacher_lr", "caption_dropout", "flow_shift")
+
+
+def committed_teacher(c):
+    """-> teacher_path's folder when it stands for the teacher c would train (its made_with.json holds c's
+    TEACHER_KEYS; a folder without one is the user's choice, used as given), else None (with a notice)."""
+    if not c["teacher_path"]:
+        return None
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), c["teacher_path"])
+    try:
+        with open(os.path.join(folder, "made_with.json")) as f:
+            made = json.load(f)
+    except FileNotFoundError:
+        return folder
+    differ = [f"{k}={c[k]!r} (it has {made.get(k)!r})" for k in TEACHER_KEYS if made.get(k) != c[k]]
+    if differ:
+        print(f"notice: training the teacher here: {c['teacher_path']} was made with other keys: {', '.join(differ)}")
+        return None
+    return folder
+
+
 def make_teacher(c, out, latents, caps, times):
-    """(3) The teacher DiT, trained here, saved as a diffusers-layout pipeline folder out/teacher whose prompts
-    TinyTextEncoder embeds (text_encoders.TINY_TEXT_MARKER)."""
+    """(3) The teacher DiT (the committed one, or trained here), saved as a diffusers-layout pipeline folder
+    out/teacher whose prompts TinyTextEncoder embeds (text_encoders.TINY_TEXT_MARKER)."""
     t0 = time.perf_counter()
-    teacher_dir = os.path.join(out, "teacher")
+    teacher_dir, src = os.path.join(out, "teacher"), None
     if not os.path.exists(os.path.join(teacher_dir, "transformer", "config.json")):
-        dit = train_teacher(latents, caps, c)
+        src = committed_teacher(c)
+        dit = mw.load_dit(src, dtype=torch.float32) if src else train_teacher(latents, caps, c)
         mw.save_dit(dit, os.path.join(teacher_dir, "transformer"), layout="diffusers")
+        if src is None or os.path.exists(os.path.join(src, "made_with.json")):   # (a match: the asset's own keys)
+            with open(os.path.join(teacher_dir, "transformer", "made_with.json"), "w") as f:
+                json.dump({k: c[k] for k in TEACHER_KEYS}, f, indent=1)
         for name, text in (("model_index.json", json.dumps({"_class_name": "WanPipeline (demo.py)"})),
                            (text_encoders.TINY_TEXT_MARKER, "prompts are embedded by text_encoders.TinyTextEncoder\n")):
             with open(os.path.join(teacher_dir, name), "w") as f:
                 f.write(text)
     times["teacher"] = time.perf_counter() - t0
-    print(f"(3) teacher: {teacher_dir} [{times['teacher']:.0f}s]")
+    print(f"(3) teacher: {teacher_dir}" + (f" (a copy of {c['teacher_path']})" if src else "") + f" [{times['teacher']:.0f}s]")
 
 
 def make_student(c, out, latents, times, extra="", name="dmd"):

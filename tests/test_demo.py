@@ -231,3 +231,22 @@ def test_demo_student_configs_pass_the_checks():
             continue
         under = ["demo_dmd.py"] + (["demo_w3.py"] if f.endswith("demo_w3_reg.py") else [])
         checks.check_config(train_dmd.config([os.path.join(ROOT, "config", n) for n in under] + [f]))
+
+
+def test_committed_teacher_only_for_its_own_keys(tmp_path, capsys):
+    """assets/demo_teacher stands in for the teacher the demo's defaults would train (its made_with.json holds those
+    keys), copied weight for weight; any teacher key changed trains one here, said in a notice; a folder of the
+    user's without made_with.json is used as given."""
+    c = {k: getattr(demo, k) for k in (*demo.TEACHER_KEYS, "teacher_path")}
+    times = {}
+    demo.make_teacher(c, str(tmp_path), None, None, times)   # no latents: a copy trains nothing
+    got, want = demo.mw.load_dit(str(tmp_path / "teacher")), demo.mw.load_dit(os.path.join(ROOT, c["teacher_path"]))
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
+    assert "(a copy of assets/demo_teacher)" in capsys.readouterr().out
+    assert demo.committed_teacher(dict(c, teacher_steps=500)) is None
+    assert "teacher_steps=500 (it has 2000)" in capsys.readouterr().out
+    assert demo.committed_teacher(dict(c, teacher_path="")) is None
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text((tmp_path / "teacher" / "transformer" / "config.json").read_text())
+    assert demo.committed_teacher(dict(c, teacher_path=str(mine), teacher_steps=500)) == str(mine)
