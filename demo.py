@@ -68,7 +68,7 @@ flow_shift = 3.0               # shift of the training timesteps and of the teac
 # student": teacher trajectories (ode_seeds per caption, ode_teacher_steps UniPC steps with CFG), then ode_steps of
 # regression, then DMD from there
 dmd_config = "config/demo_dmd.py,config/demo_recipe.py"  # the headline student's config file(s)
-dmd_steps = 2400               # its DMD trainer steps (max_train_steps)
+dmd_steps = 1200               # its DMD trainer steps (max_train_steps)
 dmd_pairs = 0                  # > 0: the ODE pairs per caption of the regression term (teacher_data_samples) instead
                                # of dmd_config's (32); they are made before DMD and take part of its time
 # more students, each a config file on top of dmd_config, trained into out/dmd_<name> (name: the file's stem without

@@ -1,5 +1,5 @@
 # The demo's headline student (python demo.py): config/wan_dmd_3step.py's recipe at the demo's size, on top of
-# config/demo_dmd.py, at SimpleTuner's quickstart guidance (w = 3, standard CFG 4), trained for 2400 DMD steps.
+# config/demo_dmd.py, at SimpleTuner's quickstart guidance (w = 3, standard CFG 4), trained for 1200 DMD steps.
 # config/demo_w3.py + config/demo_w3_reg.py measure the same student with 2x the pairs and 2x their solver steps
 # (bench/HISTORY.md "DMD's regression term on the demo world"); this file halves both to keep the demo's time.
 real_score_guidance_scale = 3.0        # DMD2 form: x_c + 3(x_c - x_u), standard CFG 4 (the quickstart's)
@@ -11,4 +11,4 @@ learning_rate = 2e-5                   # generator lr 0.4x demo_dmd.py's: balanc
 use_ema = True                         # the exported student is the EMA of the second half of the run
 ema_update_interval = 1
 ema_decay = 0.99
-ema_start_step = 1200                  # generator steps: the EMA follows the weights before it
+ema_start_step = 600                   # generator steps: the EMA follows the weights before it
