@@ -14,8 +14,8 @@ import random
 from collections import defaultdict
 
 import torch
-from tqdm import tqdm
 
+import progress
 import text_encoders
 from media import frame_indices, load_frames
 
@@ -228,7 +228,7 @@ class CachedDataset(torch.utils.data.Dataset):
         groups = defaultdict(list)   # bucket -> sample indices: one VAE batch has one shape
         for i in todo:
             groups[self.media.samples[i]["bucket"]].append(i)
-        bar = tqdm(total=len(todo), desc=f"cache latents+text (rank {rank})", dynamic_ncols=True)
+        bar = progress.bar(total=len(todo), desc=f"cache latents+text (rank {rank})")
         for bucket, idx in sorted(groups.items()):
             n = max(1, self.media.configs[self.media.samples[idx[0]]["dataset"]]["vae_batch_size"]) if bucket[0] else 64
             for j in range(0, len(idx), n):

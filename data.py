@@ -33,7 +33,6 @@ import textwrap
 from collections import Counter, defaultdict
 
 import torch
-from tqdm import tqdm
 
 import flow
 import lora
@@ -43,6 +42,7 @@ from configurator import hub_file
 from cache import CachedDataset, digest, entry_meta, entry_ok, identity, trim, write_entry
 from media import BadFile, frame_indices, load_frames, probe
 import model_wan as mw
+import progress
 import readers
 import text_encoders
 import vae_wan
@@ -649,7 +649,7 @@ def make_teacher_data(c, prompts_file, out_dir, steps=50, guidance=5.0, shift=No
         sigmas, timesteps, rec_idx = ode_schedule(steps, shift, layout, record)
     todo = [(i, p) for i, p in enumerate(prompts) if i % world_size == rank]
     written, t0 = 0, time.perf_counter()
-    for i, p in tqdm(todo, desc=f"teacher data (rank {rank})", dynamic_ncols=True):
+    for i, p in progress.bar(todo, desc=f"teacher data (rank {rank})"):
         key = digest(p, c["seed"] + i, steps, guidance, shift, H, W, Fn, model_id, text_id, neg if guidance > 1 else None,
                      *([record] if record else []), *([guidance_max_t] if guidance_max_t < 1000 else []))
         path = os.path.join(out_dir, f"{'ode' if record else 'teacher'}_{i:06d}_{key}.safetensors")

@@ -28,6 +28,7 @@ from tqdm import tqdm
 import flow
 import media
 import model_wan as mw
+import progress
 import quality
 import sample
 import text_encoders
@@ -163,7 +164,7 @@ def train_teacher(latents, caps, c):
     n, warm = c["teacher_steps"], 100
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * s / n)))
     t0 = time.perf_counter()
-    bar = tqdm(range(n), desc="teacher (flow matching)", unit="step")
+    bar = progress.bar(range(n), desc="teacher (flow matching)", unit="step")
     for step in bar:
         idx = torch.randint(len(latents), (c["teacher_batch_size"],)).to(dev)
         drop = (torch.rand(len(idx)) < c["caption_dropout"]).view(-1, 1, 1).to(dev)

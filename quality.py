@@ -23,11 +23,11 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import flow
 import media
 import model_wan as mw
+import progress
 import sample
 import text_encoders
 import vae_wan
@@ -284,7 +284,7 @@ def evaluate(pair, prompts, seeds, shape, steps, guidance, shift, samplers=SAMPL
     and names of pair's students (each at its own steps as trained, else `steps`)."""
     ref_seeds = [s + 100000 for s in seeds] if ref_seeds is None else list(ref_seeds)
     n_ref = 0 if reference is not None else len(ref_seeds)
-    bar = tqdm(total=len(prompts) * (n_ref + len(samplers) * len(seeds)), desc="quality table", unit="sample")
+    bar = progress.bar(total=len(prompts) * (n_ref + len(samplers) * len(seeds)), desc="quality table", unit="sample")
     if reference is None:
         reference = reference_set(pair, prompts, ref_seeds, shape, steps, guidance, shift, bar)
     ref, ref_found = reference["latents"], reference["modes"]

@@ -16,19 +16,18 @@ as the block is done; num_frames beyond the training length rolls the cache wind
 Seeds follow diffusers' WanPipeline with a CPU generator: the same seed and settings give the same
 initial noise, so teacher samples match diffusers' (tests/test_sample.py checks the latents).
 """
-import json
 import os
 import sys
 import time
 
 import torch
-from tqdm import tqdm
 
 import flow
 import lora
 from configurator import hub_file, pick_threads
 import media
 import model_wan as mw
+import progress
 import quant
 import readers
 import sparse_attn
@@ -393,7 +392,7 @@ def generate(cfg, s=None):
     paths, latents, t_dit, t_vae, t_first = [], [], 0.0, 0.0, None
     os.makedirs(c["out"], exist_ok=True)
     for bi, ctx in enumerate(ctxs):   # per batch: the denoising bar, closed before the VAE decode's own bar
-        bar = tqdm(total=len(s["steps"]) if student else c["num_inference_steps"],
+        bar = progress.bar(total=len(s["steps"]) if student else c["num_inference_steps"],
                    desc=f"denoising {bi + 1}/{len(ctxs)}" if len(ctxs) > 1 else "denoising")
         B = ctx.shape[0]
         x, gen = flow.initial_noise(B, s["Fn"], s["H"], s["W"], c["seed"] + bi, dev)
@@ -419,7 +418,7 @@ def generate(cfg, s=None):
             t0 = time.perf_counter()
             video = None
             if s["decode"] and not stream:
-                with tqdm(total=lat.shape[2], desc="VAE decode", unit="latent frame") as vbar:
+                with progress.bar(total=lat.shape[2], desc="VAE decode", unit="latent frame") as vbar:
                     video = vae.decode(lat.float(), progress=vbar)   # (B,3,F,H,W) in [-1,1]
             sync()
             t_vae += time.perf_counter() - t0

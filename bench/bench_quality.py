@@ -18,9 +18,9 @@ import os
 import sys
 
 import torch
-from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import progress  # noqa: E402
 import quality  # noqa: E402
 import readers  # noqa: E402
 import sample  # noqa: E402
@@ -80,7 +80,7 @@ def load_reference(a, prompts, ref_seeds, pair, shape, steps):
         print(f"teacher-50 reference: {a.reference} ({len(ref_seeds)} seeds per prompt)")
         return saved
     print(f"teacher-50 reference: sampling {len(ref_seeds)} seeds per prompt -> {a.reference}")
-    with tqdm(total=len(prompts) * len(ref_seeds), desc="teacher-50 reference", unit="sample") as bar:
+    with progress.bar(total=len(prompts) * len(ref_seeds), desc="teacher-50 reference", unit="sample") as bar:
         reference = quality.reference_set(pair, prompts, ref_seeds, shape, steps, a.guidance, a.shift, bar)
     torch.save(dict(reference, key=key), a.reference)
     return reference

@@ -1,5 +1,6 @@
 """What a newcomer meets first: sample.py on a student folder that train_dmd.py wrote (its config.json fixes the
 teacher and size), one-line errors for missing weights, torch's thread count, the terminal log line."""
+import io
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import configurator
 from card import data_summary
 import media
 import model_wan as mw
+import progress
 import publish
 import sample
 import text_encoders
@@ -290,14 +292,15 @@ def test_printed_commands_work(tmp_path):
         p = run_printed(cmd, box)
         assert p.returncode == 0, f"README command failed: {cmd}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
         ran.setdefault(cmd.split()[1], p)
-    assert "\r" not in ran["train_dmd.py"].stdout + ran["train_dmd.py"].stderr   # a log file: step lines, no bars
+    for p in ran.values():   # a log file: step lines and whole progress lines, no bar redraws
+        assert "\r" not in p.stdout + p.stderr, p.args
     # the model card's wan-dmd commands (the card of the run folder, not pushed)
     card = shell_commands(open(box / "out" / "tiny_dmd" / "README.md").read())
     assert any(c.startswith("python sample.py") for c in card), card
     for cmd in card:
         p = run_printed(cmd, box)
         assert p.returncode == 0, f"model card command failed: {cmd}\n{p.stderr[-2000:]}"
-        assert "1 mp4 in out/samples" in p.stdout
+        assert "1 mp4 in out/samples" in p.stdout and "\r" not in p.stdout + p.stderr
     # the run's own closing lines: the next commands, each run as printed (the push against a hub that is down)
     nxt = ran["train_dmd.py"].stdout.split("\nnext:\n")[1].splitlines()
     cmds = [line.strip() for line in nxt if line.startswith("  python ")]
@@ -422,3 +425,18 @@ def test_print_config_is_json_alone(tmp_path, monkeypatch, capsys):
     code, out, err = run_main("train_dmd.py", [str(st), os.path.join(ROOT, "config", "tiny.py"), "--print_config"],
                               monkeypatch, capsys)
     assert code == 0 and json.loads(out)["real_score_guidance_scale"] == 2.0 and "notice: SimpleTuner" in err
+
+
+def test_progress_in_a_log_file():
+    """A progress bar writing to a file (not a terminal) prints whole lines, no carriage returns: its first state,
+    at most one line per LOG_EVERY_S, and its last."""
+    f = io.StringIO()
+    for _ in progress.bar(range(1000), file=f, desc="teacher data"):
+        pass
+    lines = f.getvalue().splitlines()
+    assert "\r" not in f.getvalue() and f.getvalue().endswith("\n")
+    assert 1 <= len(lines) <= 3 and "1000/1000" in lines[-1] and lines[-1].startswith("teacher data: 100%")
+    quiet = io.StringIO()
+    for _ in progress.bar(range(3), file=quiet, disable=True):
+        pass
+    assert quiet.getvalue() == ""

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name, bench scripts as "bench/<name>" ("bench/*": every bench script not named before it).
 LAYERS = {
     "configurator": 0, "media": 0, "simpletuner": 0, "causal": 0, "sparse_attn": 0, "readers": 0, "quant": 0,
-    "ulysses": 0, "run_dir": 0,
+    "ulysses": 0, "run_dir": 0, "progress": 0,
     "lora": 1,
     "model_wan": 2,
     "vae_wan": 3, "text_encoders": 3, "flow": 3,
