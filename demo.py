@@ -2,7 +2,7 @@
 The whole story offline on a CPU in minutes: a synthetic captioned video dataset (real mp4s) -> a tiny Wan VAE
 and a tiny Wan DiT teacher trained on it by flow matching (both committed in assets/, made by this file:
 --vae_path= and --teacher_path= train them here) -> DMD distillation to a 3-step student with the
-recipe of config/wan_dmd_3step.py at SimpleTuner's quickstart guidance (train_dmd.train; docs/recipe.md) ->
+recipe of config/wan_dmd_3step.py at guidance w = 3, standard CFG 4 (train_dmd.train; docs/recipe.md) ->
 side-by-side samples (teacher 50 steps, teacher 3 steps, student 3 steps) as mp4s and one contact-sheet PNG ->
 the quality table of quality.py (precision, coverage, mode TV, MMD).
 

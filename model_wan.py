@@ -44,7 +44,7 @@ from causal import KVCache, block_causal_mask, block_starts   # re-exported: mw.
 from lora import DEFAULT_LORA_TARGETS, Linear, add_adapter, adapters_as, lora_modules, matches, quantize_base, set_adapter
 from quant import quantize
 from ulysses import AllToAll, Gather, sp_split   # sp_split re-exported: mw.sp_split
-from readers import open_safetensors, read_json
+from readers import open_safetensors, read_json, write_safetensors
 
 # -----------------------------------------------------------------------------
 # config
@@ -711,7 +711,6 @@ def load_dit(source, dtype=None, device="cpu", quant="no", quantize_via="cpu"):
 def save_dit(model, path, layout="diffusers", state_dict=None):
     """Save base weights (or `state_dict`, native keys) as one safetensors file plus config.json in `path`
     (diffusers or original layout)."""
-    from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     sd = state_dict if state_dict is not None else {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
     if layout == "diffusers":
@@ -723,7 +722,7 @@ def save_dit(model, path, layout="diffusers", state_dict=None):
                "out_dim": c.out_dim, "text_len": c.text_len}
     else:
         raise ValueError(f"layout must be 'diffusers' or 'original', got {layout!r}")
-    save_file({k: v.detach().contiguous() for k, v in sd.items()}, os.path.join(path, "diffusion_pytorch_model.safetensors"))
+    write_safetensors(sd, os.path.join(path, "diffusion_pytorch_model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
 

@@ -106,24 +106,19 @@ def export(c, gen, g_adapter, ema, step):
     keys, or full weights; its metadata names the trainer `step` (the model card reads it) — and (b) merged full
     weights in diffusers transformer/ layout with config.json. Rank 0 writes (train_dmd gathers FSDP's sharded
     weights into a CPU copy there first, every rank taking part)."""
-    from safetensors.torch import save_file
     name = "student_ema.safetensors" if ema is not None else "student.safetensors"
     path, meta = os.path.join(c["output_dir"], name), {"format": "pt", "step": str(step)}
     if g_adapter is not None:   # the teacher base stays untouched: the merge is computed into a copy
-        save_file(mw.adapter_state_dict(gen, g_adapter), path, metadata=meta)
+        readers.write_safetensors(mw.adapter_state_dict(gen, g_adapter), path, meta)
         dt = gen.blocks[0].self_attn.q.compute_dtype   # an 8-bit base: merged into the full-precision teacher weights
         full = data.full_precision_base(c, dt) if lora.base_precision(gen) != "no" else None
         merged = lora.merged_state_dict(gen, g_adapter, full)
     else:
-        save_file({k: v.contiguous() for k, v in mw.to_diffusers_state_dict(gen).items()}, path, metadata=meta)
+        readers.write_safetensors(mw.to_diffusers_state_dict(gen), path, meta)
         merged = None
     mw.save_dit(gen, os.path.join(c["output_dir"], "transformer"), layout="diffusers", state_dict=merged)
     if c.get("pretrained_model_name_or_path") == "tiny":   # a caller may pass only the keys export reads
         write_tiny_teacher(c)
-    for p in [path] + glob.glob(os.path.join(c["output_dir"], "transformer", "*")) + glob.glob(
-            os.path.join(c["output_dir"], sample.TINY_TEACHER, "*", "*")):
-        if os.path.isfile(p):
-            os.chmod(p, 0o666 & ~run_dir.umask())   # safetensors writes 0600: the mode of any other file the run writes
     print(f"exported {path} and {os.path.join(c['output_dir'], 'transformer')}/ (step {step})")
 
 

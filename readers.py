@@ -3,6 +3,7 @@ The user's input files read in one place, each fault a one-line error that names
 captions, JSON lists of prompts; UTF-8) and safetensors weights (truncated downloads, HTML error pages or pickles
 saved under a .safetensors name). Everything that reads such a file goes through here (data.py, sample.py,
 model_wan.py, vae_wan.py, text_encoders.py), so no bare UnicodeDecodeError or "incomplete metadata" reaches a user.
+Weights are written here too (write_safetensors): whole or not at all, readable as any other file the user writes.
 """
 import json
 import os
@@ -83,3 +84,25 @@ def load_safetensors(path, device="cpu"):
     """A whole safetensors file -> {name: tensor}; a truncated or foreign file is one ValueError naming it."""
     with open_safetensors(path, device) as f:
         return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def umask():
+    """The process's umask (read without changing it where /proc says it)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        old = os.umask(0o022)
+        os.umask(old)
+        return old
+
+
+def write_safetensors(tensors, path, metadata=None):
+    """{name: tensor} -> a safetensors file at `path`, written under a temporary name and renamed (a kill leaves no
+    half file under `path`), with the mode of any other file the process writes (safetensors alone gives 0600,
+    which a teammate cannot read)."""
+    from safetensors.torch import save_file
+    tmp = f"{path}.{os.getpid()}.tmp"
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.chmod(tmp, 0o666 & ~umask())
+    os.replace(tmp, path)

@@ -317,17 +317,6 @@ def read_jsonl(path, say=print):
     return out
 
 
-def umask():
-    """The process's umask (read without changing it where /proc says it)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError):
-        old = os.umask(0o022)
-        os.umask(old)
-        return old
-
-
 def locked(train):
     """A decorator: while train(c) runs, rank 0 holds c["output_dir"]'s lock (claim), released however it ends."""
     @functools.wraps(train)

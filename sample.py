@@ -426,8 +426,7 @@ def generate(cfg, s=None):
             if s["decode"]:
                 paths.append(writers[j].close() if stream else media.write_mp4(stem + ".mp4", video[j], c["fps"]))
             if c["save_latents"]:
-                from safetensors.torch import save_file
-                save_file({"latents": lat[j:j + 1].float().contiguous().cpu()}, stem + ".latents.safetensors")
+                readers.write_safetensors({"latents": lat[j:j + 1].float().cpu()}, stem + ".latents.safetensors")
                 latents.append(stem + ".latents.safetensors")
     report(dev, stream, t_text, t_dit, t_vae, t_first, paths, latents, c["out"])
     return paths if s["decode"] else latents

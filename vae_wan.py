@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model_wan import resolve_hub
-from readers import load_safetensors, read_json
+from readers import load_safetensors, read_json, write_safetensors
 
 # VAE: the Wan 2.1 causal 3-D VAE (docs/wan21.md#the-vae)
 #
@@ -496,11 +496,10 @@ def load_vae(source, dtype=None, device="cpu"):
 
 def save_vae(vae, path):
     """diffusers vae/ layout: config.json (with the latent statistics) + one safetensors file; load_vae reads it back."""
-    from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     cfg = vae.cfg
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(dict(base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult), num_res_blocks=cfg.num_res_blocks,
                        temperal_downsample=list(cfg.temperal_downsample), latents_mean=list(cfg.latents_mean),
                        latents_std=list(cfg.latents_std)), f, indent=1)
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, os.path.join(path, "diffusion_pytorch_model.safetensors"))
+    write_safetensors(vae.state_dict(), os.path.join(path, "diffusion_pytorch_model.safetensors"))

@@ -5,7 +5,7 @@ score_timesteps, dmd_loss, critic_loss) distil a small MLP generator into a 3-st
 Its samples are scored against exact samples of the target beside the exact 50-step sampler and plain 3-step
 sampling.
 
-  python bench/bench_gmm.py                        # w = 0 and w = 2 at interval 5, and the quickstart's w = 3, interval 1
+  python bench/bench_gmm.py                        # w = 0 and w = 2 at interval 5, and w = 3 at the quickstart's interval 1
   python bench/bench_gmm.py --guidance 0 1 --interval 1 --steps 6000 --log
   python bench/bench_gmm.py --ablate --guidance 0    # ours -> plain DMD2 one change at a time, 3 seeds
   # DMD alone at its best (2.59x the exact 50-step MMD over 3 seeds; the default 3.31x):
@@ -548,7 +548,7 @@ def ablation_run(a, mix, teacher, tgt, w, interval, steps, seed, kw):
 
 
 def ablate(a, mix):
-    """--ablate: every ABLATIONS row at each --guidance (at --interval) and the quickstart's setting (w = 3, interval 1),
+    """--ablate: every ABLATIONS row at each --guidance (at --interval) and w = 3 at the quickstart's interval 1,
     --steps each; then the rows marked long at w = 0, --interval, --ablate-long x --steps (as many generator
     steps as interval 1). Over --ablate-seeds seeds, the teacher, target and exact sampler per seed as the main
     table builds them. Prints one markdown table of mean (min-max) over the seeds -> {setting: {row: [dicts]}}."""
@@ -595,7 +595,7 @@ def parse_args(argv=None):
                    help="real_score_guidance_scale w values (DMD2 form)")
     p.add_argument("--interval", type=int, default=5, help="generator_update_interval of the --guidance runs")
     p.add_argument("--seed-setting", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run the quickstart's w = 3 at interval 1 (collapse-prone: docs/method.md#guidance-and-mode-coverage)")
+                   help="also run w = 3 at the quickstart's interval 1 (collapse-prone: docs/method.md#guidance-and-mode-coverage)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--hidden", type=int, default=128, help="width of the MLP of G and F (and of the init)")
     p.add_argument("--depth", type=int, default=3, help="hidden layers of the MLP")

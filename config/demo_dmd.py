@@ -11,7 +11,7 @@ learning_rate = 5e-5                   # generator lr
 adam_beta1 = 0.0                       # betas (0, 0.999) for both networks, as DMD2
 fake_score_lr = 1e-4                   # the critic learns faster than the generator
 fake_score_betas = (0.0, 0.999)
-real_score_guidance_scale = 1.0        # w = 1 (standard CFG 2); config/demo_recipe.py sets the quickstart's 3
+real_score_guidance_scale = 1.0        # w = 1 (standard CFG 2); config/demo_recipe.py sets w = 3
 train_batch_size = 16                  # samples per step: the tiny model is cheap, the gradient less noisy
 use_ema = False                        # the last weights are exported
 log_interval = 25                      # a log line every 25 trainer steps

@@ -1,8 +1,8 @@
 # python train_dmd.py config/wan_dmd_3step.py
 # Wan2.1-T2V-1.3B-Diffusers distilled into a 3-step student (1000, 757, 522) at 480x832x81. SimpleTuner's DMD
-# quickstart is train_dmd.py's defaults (guidance 3 in the DMD2 form = standard CFG 4, generator step every trainer
-# step, LoRA rank 128 on a shared frozen base, lr 2e-5 / 1e-5, 4000 steps, EMA); this file adds the two settings
-# that kept every mode at that guidance on the worlds we can measure (docs/recipe.md).
+# quickstart is train_dmd.py's defaults (generator step every trainer step, LoRA rank 128 on a shared frozen base,
+# lr 2e-5 / 1e-5, 4000 steps, EMA), its guidance 3.0 read in the DMD2 form: w = 3, standard CFG 4, as Self-Forcing.
+# This file adds the two settings that kept every mode at that guidance on the worlds we can measure (docs/recipe.md).
 output_dir = "out/wan_dmd_3step"
 prompts_file = "prompts/wan_dmd_starter.txt"   # 80 starter prompts; a real run wants 10k+ (README "Data, prompts, anchors")
 real_score_guidance_max_timestep = 650.0   # guidance only at sigma <= 0.65, where a sample's mode is already

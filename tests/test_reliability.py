@@ -433,14 +433,25 @@ def test_keys_that_define_the_student_stay_fixed_on_resume():
         "timestep_shift": (3.0, 1.0)}   # without the warp it is a score-timestep setting: it may change
 
 
+def test_weights_are_written_whole_and_readable(tmp_path):
+    """readers.write_safetensors: the file appears whole under its name (no temporary left beside it), reads back
+    equal, and has the mode of any other file the process writes, not safetensors' 0600."""
+    w = {"a": torch.arange(6.0).view(2, 3).t(), "b": torch.ones(2)}   # a non-contiguous tensor too
+    path = tmp_path / "w.safetensors"
+    readers.write_safetensors(w, str(path), {"step": "3"})
+    assert os.listdir(tmp_path) == ["w.safetensors"] and os.stat(path).st_mode & 0o777 == 0o666 & ~readers.umask()
+    back = readers.load_safetensors(str(path))
+    assert all(torch.equal(back[k], w[k]) for k in w)
+
+
 def test_sigint_exits_130_after_its_checkpoint_and_exports_are_readable(tmp_path):
     """SIGINT: a clean checkpoint, then exit status 130 (SIGTERM: 143, tests/test_train.py), so a scheduler records
     an interrupted run. The exported .safetensors get the mode of any other file (0644 under umask 022). Before: exit
     0, and mode 0600."""
     out = tmp_path / "run"
     train_dmd.train(tiny_cfg(out, "--max_train_steps=1"))
-    mode = 0o666 & ~run_dir.umask()
-    for p in [out / "student_ema.safetensors", *out.glob("transformer/*"), out / "config.json"]:
+    mode = 0o666 & ~readers.umask()
+    for p in [out / "student_ema.safetensors", *out.glob("transformer/*"), *out.glob("tiny_teacher/*/*"), out / "config.json"]:
         assert os.stat(p).st_mode & 0o777 == mode, p
     proc = subprocess.Popen([sys.executable, "train_dmd.py", TINY, f"--output_dir={out}", "--max_train_steps=100000",
                              "--checkpoint_step_interval=100000", "--validation_step_interval=100000"], cwd=ROOT,
