@@ -289,3 +289,12 @@ class CachedDataset(torch.utils.data.Dataset):
                 out[k] = t[k]
         return out
 
+
+def check_folders(datasets):
+    """Each dataset's folder (and a latents dataset's cache_dir) is there, before any model loads: one
+    FileNotFoundError naming the key, the path and where relative paths start."""
+    for d in datasets:
+        for key in ("instance_data_dir", "cache_dir") if d.get("dataset_type") == "latents" else ("instance_data_dir",):
+            if d.get(key) and not str(d[key]).startswith("hf://") and not os.path.isdir(d[key]):
+                raise FileNotFoundError(f"datasets: {key}={d[key]!r} is not a folder (relative paths are from the "
+                                        f"working folder {os.getcwd()})")

@@ -6,7 +6,11 @@ files and the teacher a config names, and the packages it needs, found before an
 import importlib.util
 import os
 
+import torch
+
+import cache
 import flow
+import lora
 import model_wan as mw
 import quant
 import readers
@@ -69,7 +73,7 @@ def check_config(c):
     if c["quantize_via"] not in ("accelerator", "cpu"):
         raise ValueError(f"quantize_via must be 'accelerator' or 'cpu', got {c['quantize_via']!r}")
     for k in ("checkpoint_step_interval", "validation_step_interval", "log_interval", "generator_update_interval",
-              "ema_update_interval", "gradient_accumulation_steps", "train_batch_size"):
+              "ema_update_interval", "gradient_accumulation_steps", "train_batch_size", "checkpoints_total_limit"):
         if not isinstance(c[k], int) or c[k] < 1:   # 0 would be a modulo by zero deep in the loop
             raise ValueError(f"{k} must be a positive integer, got {c[k]!r}" + (" (a run validates at its end too: a "
                              "large interval validates only there)" if k == "validation_step_interval" else ""))
@@ -84,8 +88,7 @@ def check_config(c):
                          "and diversity_warn_ratio >= 0")
     if not 0 < c["real_score_guidance_max_timestep"] <= 1000:
         raise ValueError(f"real_score_guidance_max_timestep must be in (0, 1000], got {c['real_score_guidance_max_timestep']}")
-    if c["height"] % 16 or c["width"] % 16:
-        raise ValueError(f"height and width must be multiples of 16, got {c['height']}x{c['width']}")
+    check_shapes(c)
     sparse_attn.check_sparse(c["attention_sparsity"], c["sparse_cube"])
     if not isinstance(c["sparsity_warmup_steps"], int) or c["sparsity_warmup_steps"] < 0:
         raise ValueError(f"sparsity_warmup_steps must be an integer >= 0, got {c['sparsity_warmup_steps']!r}")
@@ -94,6 +97,35 @@ def check_config(c):
     if c["attention_sparsity"] and c["causal"]:
         raise ValueError("attention_sparsity > 0: sparse attention does not support the causal student (causal=True)")
     return steps
+
+
+def check_shapes(c):
+    """Sizes, the device and the LoRA targets: what would otherwise fail deep in a model, after it has loaded."""
+    h, w = c["height"], c["width"]
+    if not (isinstance(h, int) and isinstance(w, int)) or h < 16 or w < 16 or h % 16 or w % 16:
+        raise ValueError(f"height and width must be multiples of 16, got {h}x{w}")
+    if not isinstance(c["num_training_frames"], int) or c["num_training_frames"] < 1:
+        raise ValueError(f"num_training_frames must be an integer >= 1 (latent frames; 21 = 81 video frames), got "
+                         f"{c['num_training_frames']!r}")
+    vw, _, vh = str(c["validation_resolution"]).lower().partition("x")
+    if not (vw.isdigit() and vh.isdigit()) or int(vw) < 16 or int(vh) < 16 or int(vw) % 16 or int(vh) % 16:
+        raise ValueError(f"validation_resolution must be WIDTHxHEIGHT, multiples of 16 (e.g. '832x480'), got "
+                         f"{c['validation_resolution']!r}")
+    vf = c["validation_num_video_frames"]
+    if not isinstance(vf, int) or vf < 1 or (vf - 1) % 4:
+        raise ValueError(f"validation_num_video_frames must be 4k+1 video frames (81, 49, 9, ...), got {vf!r}")
+    dev = str(c["device"])
+    if dev.startswith("cuda") and not torch.cuda.is_available() or dev.startswith("mps") and not (
+            getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device={dev!r}: this torch ({torch.__version__}) sees no such device; device='auto' picks "
+                         "what there is")
+    targets = c["lora_targets"] if isinstance(c["lora_targets"], (list, tuple)) else (c["lora_targets"],)
+    with torch.device("meta"):
+        names = [n for n, _ in lora.lora_modules(mw.WanDiT(mw.PRESETS["tiny"]))]
+    bad = [t for t in targets if not any(lora.matches(n, (t,)) for n in names)]
+    if c["lora_rank"] > 0 and bad:
+        raise ValueError(f"lora_targets: {', '.join(map(repr, bad))} name no Linear of the Wan DiT: give names such "
+                         "as self_attn.q, cross_attn.k, ffn.0 (original-layout names, a full name or its end)")
 
 
 def preflight(c, prog):
@@ -145,27 +177,11 @@ def check_inputs(c):
         readers.read_json(c["webhook_config"], "webhook_config")   # a file (inline JSON is read by publish.py)
     for key in ("pretrained_model_name_or_path", "teacher_model_name_or_path"):   # the student's base, a separate teacher
         if c.get(key):
-            check_teacher(c[key], key)
-
-
-def check_teacher(src, key):
-    """A teacher source -> None when it can be read: "tiny", "random:<preset>", a local folder, or a hub id whose
-    small files this machine finds in the hub cache or downloads; else one FileNotFoundError with the fix."""
-    if src == "tiny" or src.startswith("random:") or os.path.isdir(src):
-        return
-    if not mw.looks_like_hub_id(src):
-        raise FileNotFoundError(f"{key}={src!r}: no such folder (a Wan 2.1 diffusers or original-layout folder, a "
-                                "hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or 'tiny')")
-    try:
-        mw.resolve_hub(src, ["model_index.json", "config.json"])
-    except FileNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
-        name = src.split("/")[-1]
-        raise FileNotFoundError(
-            f"{key}={src!r}: not a local folder and not in the hub cache ("
-            + ("HF_HUB_OFFLINE is set" if offline else "the hub could not be reached") + f"): download it once where "
-            f"the hub is reachable (hf download {src} --local-dir /data/{name}) and give that folder, "
-            f"--{key}=/data/{name}") from None
+            mw.check_source(c[key], key)
+    if c["generator_init"] and not os.path.exists(c["generator_init"]):
+        raise FileNotFoundError(f"generator_init={c['generator_init']!r}: no such file or folder (a train_dmd.py "
+                                "output folder, or a student .safetensors)")
+    cache.check_folders(c["datasets"])
 
 
 def check_causal(c):

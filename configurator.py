@@ -214,7 +214,15 @@ def _read_file(path, json_map, prog):
         code = compile(text, path, "exec")
     except SyntaxError as e:
         fail(prog, f"config file {path!r}, line {e.lineno}: {e.msg} (a config file is plain Python assignments)")
-    exec(code, {"__file__": os.path.abspath(path)}, scope)   # __file__ lets a config build on another one beside it
+    try:
+        exec(code, {"__file__": os.path.abspath(path)}, scope)   # __file__ lets a config build on another one beside it
+    except Exception as e:   # the file's own code failed (1/0, a missing environment variable): one line naming it
+        tb, line = e.__traceback__, "?"
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename == path:
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        fail(prog, f"config file {path!r}, line {line}: {type(e).__name__}: {e}")
     return {k: v for k, v in scope.items() if not (k.startswith("_") or callable(v) or type(v).__name__ == "module")}
 
 

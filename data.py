@@ -39,7 +39,7 @@ import lora
 import media
 import quant
 from configurator import hub_file
-from cache import CachedDataset, digest, entry_meta, entry_ok, identity, trim, write_entry
+from cache import CachedDataset, check_folders, digest, entry_meta, entry_ok, identity, trim, write_entry
 from media import BadFile, frame_indices, load_frames, probe
 import model_wan as mw
 import progress
@@ -702,7 +702,11 @@ if __name__ == "__main__":
                   commands=(__file__, "commands"))
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     prompts = c["make_teacher_data"] or c["make_ode_pairs"]
-    try:   # the inputs first: a mistake is one line (exit status 2), before any model loads
+    try:   # the inputs first: a mistake is one line (exit status 2), before any model loads or a folder is made
+        for key in ("pretrained_model_name_or_path", "teacher_model_name_or_path"):
+            if c.get(key):
+                mw.check_source(c[key], key)
+        check_folders(c["datasets"])
         if prompts:
             readers.read_lines(hub_file(prompts))
             out = c["teacher_out"] or (os.path.basename(prompts) if prompts.startswith("hf://") else prompts) + (

@@ -558,6 +558,25 @@ def resolve_hub(repo_id, patterns=HUB_PATTERNS):
 def looks_like_hub_id(src):
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", src)) and not src.startswith((".", "/"))
 
+def check_source(src, key):
+    """A teacher source -> None when it can be read: "tiny", "random:<preset>", a local folder, or a hub id whose
+    small files this machine finds in the hub cache or downloads; else one FileNotFoundError with the fix."""
+    if src == "tiny" or src.startswith("random:") or os.path.isdir(src):
+        return
+    if not looks_like_hub_id(src):
+        raise FileNotFoundError(f"{key}={src!r}: no such folder (a Wan 2.1 diffusers or original-layout folder, a "
+                                "hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or 'tiny')")
+    try:
+        resolve_hub(src, ["model_index.json", "config.json"])
+    except FileNotFoundError:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
+        name = src.split("/")[-1]
+        raise FileNotFoundError(
+            f"{key}={src!r}: not a local folder and not in the hub cache ("
+            + ("HF_HUB_OFFLINE is set" if offline else "the hub could not be reached") + f"): download it once where "
+            f"the hub is reachable (hf download {src} --local-dir /data/{name}) and give that folder, "
+            f"--{key}=/data/{name}") from None
+
 def pick_device(spec="auto"):
     """The one place a device is chosen: "auto" -> cuda when available, else cpu; else torch.device(spec)."""
     return torch.device(spec if spec != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import checks
+import flow
 import model_wan as mw
 import lora
 import run_dir
@@ -310,7 +311,7 @@ def save_checkpoint(out_dir, state, limit, env=Dist(), rank_state=None, sharded=
     if env.main:
         torch.save(state, os.path.join(tmp, "state.pt"))
         run_dir.write_checksums(tmp, state.get("run_id"), state["step"])
-        shutil.rmtree(final, ignore_errors=True)
+        run_dir.make_room(final, state.get("run_id"))
         os.replace(tmp, final)
         run_dir.rotate(out_dir, limit, state.get("run_id"))
     barrier(env)
@@ -352,7 +353,15 @@ RESUME_FIXED = ("pretrained_model_name_or_path", "teacher_model_name_or_path", "
 def resume_changes(saved, new, ckpt):
     """The config a checkpoint was written with vs this run's (both as JSON values) -> {key: (old, new)} of the
     changed keys; a ValueError naming every one that cannot change (RESUME_FIXED, use_ema turned on)."""
-    changed = {k: (saved[k], v) for k, v in new.items() if k in saved and saved[k] != v and k != "resume_from_checkpoint"}
+    def same(k, a, b):   # the student's steps by their values: "1000, 757, 522" is "1000,757,522"
+        if k == "dmd_denoising_steps":
+            try:
+                return flow.parse_steps(a) == flow.parse_steps(b)
+            except (ValueError, TypeError):
+                pass
+        return a == b
+    changed = {k: (saved[k], v) for k, v in new.items()
+               if k in saved and not same(k, saved[k], v) and k != "resume_from_checkpoint"}
     fixed = [k for k, (_, v) in changed.items() if k in RESUME_FIXED or (k == "use_ema" and v)
              or (k == "timestep_shift" and (new.get("warp_denoising_step") or saved.get("warp_denoising_step")))]
     if fixed:

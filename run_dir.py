@@ -5,9 +5,10 @@ The run folder (output_dir) of train_dmd.py: one run at a time, never lost, neve
   holding host, pid and start time; its mtime is a heartbeat refreshed every HEARTBEAT_S. A second start refuses in
   one line naming the holder. A stale lock is taken over with a notice: on this host when its process is gone (or
   its heartbeat stopped: the pid was reused), from another host only when its heartbeat is older than STALE_S.
-- A start that resumes nothing, into a folder holding a run (numbered checkpoints, or log.jsonl when
-  resume_from_checkpoint=''), refuses with the safe choices; overwrite_output_dir=True moves the old run aside into
-  a sibling folder (a timestamp suffix), never deleting it.
+- A start that resumes nothing, into a folder holding a run (numbered checkpoints) or any file a run writes there
+  (RUN_FILES: log.jsonl, config.json, README.md, the student, ...: a crashed run's, or the user's own), refuses with
+  the safe choices; overwrite_output_dir=True moves them aside into a sibling folder (a timestamp suffix), never
+  deleting them. The teacher pairs (REUSED) stay: they are keyed by what made them, and a fresh start reuses them.
 - The trainer's own checkpoints: checkpoint-NNNNNNN folders holding CHECKSUMS, written last into the temporary
   folder before its rename: the run's id and a sha256 per file. `latest` and rotation see only those (rotation only
   this run's); any other folder (checkpoint-best, a copy) is left alone. A resume verifies the sums first.
@@ -29,8 +30,13 @@ import torch
 LOCK = "run.lock"
 CHECKSUMS = "checksums.json"     # the completeness marker of a checkpoint folder (written last, before the rename)
 NUMBERED = re.compile(r"^checkpoint-(\d{7})$")
+RUN_FILES = ("log.jsonl", "config.json", "env.json", "README.md", "student.safetensors", "student_ema.safetensors",
+             "transformer", "validation", "loss_curve.png", "preview.gif", "teacher_diversity.json", "tiny_teacher",
+             ".hub_staging")   # what a run writes into output_dir besides its checkpoints
+REUSED = ("teacher_ode", "teacher_data")   # the teacher pairs: named by what made them, reused by any start
 HEARTBEAT_S = 60                 # the holder refreshes its lock's mtime this often
 STALE_S = 10 * HEARTBEAT_S       # a lock from another host whose heartbeat is older than this is taken over
+HALF_WRITTEN_S = 10              # an unreadable lock (its starter died writing it) older than this is taken over
 
 
 class Refused(Exception):
@@ -149,6 +155,8 @@ def stale(holder, path):
         age = time.time() - os.path.getmtime(path)
     except OSError:
         return "removed meanwhile"
+    if holder.get("pid") == -1:   # unreadable: a starter killed (or out of disk) between creating and writing it
+        return f"unreadable, {age:.0f} s old" if age > HALF_WRITTEN_S else None
     if holder.get("host") != socket.gethostname():
         return f"its heartbeat stopped {age:.0f} s ago" if age > STALE_S else None
     pid = holder.get("pid", -1)
@@ -160,7 +168,27 @@ def stale(holder, path):
         return f"pid {pid} is gone"
     except (PermissionError, OverflowError, ValueError, TypeError):
         pass
+    began = process_start(pid)   # a live holder (suspended, say) is never stale; a reused pid began after the lock
+    if began is not None:
+        try:
+            locked = time.mktime(time.strptime(holder.get("started", ""), "%Y-%m-%d %H:%M:%S %z"))
+        except (ValueError, OverflowError):
+            locked = None
+        if locked is not None:
+            return f"pid {pid} is another process now (started after the lock)" if began > locked + 2 else None
     return f"pid {pid} alive but its heartbeat stopped {age:.0f} s ago (a reused pid)" if age > STALE_S else None
+
+
+def process_start(pid):
+    """-> when process `pid` started (seconds since the epoch) from /proc, or None where /proc cannot say."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def _remove(path):
@@ -189,30 +217,60 @@ def claim(c, main=True, say=print):
 
 
 def fresh_start_check(out, spec, overwrite, say=print):
-    """A start that resumes nothing (spec '' or `latest` with no checkpoint of its own) into a folder holding a run:
-    numbered checkpoint folders, or (spec '') log.jsonl. Refuse in one line, or with overwrite move the run aside."""
-    if spec and spec != "latest" or spec == "latest" and checkpoints(out):
+    """A start that resumes nothing (spec '' or `latest` with no checkpoint of its own) into a folder holding a run
+    (numbered checkpoint folders) or a file a run writes (RUN_FILES: a crashed run's, the user's own): refuse in one
+    line, or with overwrite move them aside. overwrite_output_dir only acts on such a start; a resume says so."""
+    named = named_checkpoint(out, spec) if spec and spec != "latest" else None
+    if named and os.path.realpath(os.path.dirname(os.path.normpath(named))) != os.path.realpath(out):
+        spec = ""   # another folder's checkpoint: the run in `out` is not resumed, so this is a fresh start into it
+    elif named or spec == "latest" and checkpoints(out):
+        if overwrite:
+            say(f"notice: overwrite_output_dir=True does nothing here: this start resumes (resume_from_checkpoint="
+                f"{spec!r}); a fresh run takes resume_from_checkpoint='' as well")
+        if named:
+            newer_check(out, named)
         return
-    held = sorted(d for d in os.listdir(out) if NUMBERED.match(d)) + (
-        ["log.jsonl"] if not spec and os.path.exists(os.path.join(out, "log.jsonl")) else [])
-    if not held:
+    runs = sorted(d for d in os.listdir(out) if NUMBERED.match(d))
+    files = [n for n in RUN_FILES if os.path.lexists(os.path.join(out, n))]
+    if not runs and not files:
         return
     if not overwrite:
-        legacy = [d for d in held if d != "log.jsonl" and not os.path.exists(os.path.join(out, d, CHECKSUMS))]
+        legacy = [d for d in runs if not os.path.exists(os.path.join(out, d, CHECKSUMS))]
+        what = (f"holds a run ({', '.join(runs[-2:] + files[:2])}): a fresh start would mix with "
+                "it. Resume it (resume_from_checkpoint='latest' or a checkpoint folder), give this run another "
+                "output_dir" if runs or "log.jsonl" in files else
+                f"holds files a run writes ({', '.join(files[:4])}) and no checkpoint to resume: a start would "
+                "overwrite them. Give this run another output_dir")
         raise HoldsARun(
-            f"output_dir {out} holds a run ({', '.join(held[-3:])}): a fresh start would mix with it. Resume it "
-            "(resume_from_checkpoint='latest' or a checkpoint folder), give this run another output_dir, or "
-            "overwrite_output_dir=True (moves the old run into a sibling folder, deletes nothing)"
-            + (f"; {legacy[-1]} has no {CHECKSUMS} (an older version wrote it): resume_from_checkpoint="
-               f"{os.path.join(out, legacy[-1])} resumes it" if legacy and not spec else ""))
-    aside = f"{os.path.normpath(out)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+            f"output_dir {out} {what}, or overwrite_output_dir=True (moves them into a sibling folder, deletes "
+            "nothing)" + (f"; {legacy[-1]} has no {CHECKSUMS} (an older version wrote it): resume_from_checkpoint="
+                          f"{os.path.join(out, legacy[-1])} resumes it" if legacy and not spec else ""))
+    real = os.path.realpath(out)   # `.` or a symlink: the sibling of the folder itself
+    aside = f"{real}.old-{time.strftime('%Y%m%d-%H%M%S')}"
     while os.path.exists(aside):
         aside += "_"
+    if os.stat(real).st_dev != os.stat(os.path.dirname(real)).st_dev:
+        raise CannotWrite(f"overwrite_output_dir: {out} is a mount of its own; its run cannot move into a sibling "
+                          "folder: move it out yourself, or give this run another output_dir")
     os.makedirs(aside)
     for name in os.listdir(out):
-        if name != LOCK:
+        if name != LOCK and name not in REUSED:
             os.rename(os.path.join(out, name), os.path.join(aside, name))
-    say(f"overwrite_output_dir: the old run in {out} moved to {aside}")
+    say(f"overwrite_output_dir: what {out} held moved to {aside}" + (
+        f" ({', '.join(n for n in REUSED if os.path.exists(os.path.join(out, n)))} kept: reused)"
+        if any(os.path.exists(os.path.join(out, n)) for n in REUSED) else ""))
+
+def newer_check(out, named):
+    """Resuming `named` (a checkpoint of `out`) while `out` holds newer checkpoints: training would replace them
+    one by one. Refuse, naming the two safe ways (branch into another folder; move the newer ones aside)."""
+    step = int(NUMBERED.match(os.path.basename(os.path.normpath(named))).group(1)) if NUMBERED.match(
+        os.path.basename(os.path.normpath(named))) else None
+    newer = [os.path.basename(d) for d in checkpoints(out) if step is not None and int(d[-7:]) > step]
+    if newer:
+        raise HoldsARun(f"resume_from_checkpoint={named}: {out} holds newer checkpoints ({', '.join(newer[-3:])}) "
+                        "that training from it would replace. To branch from it, give this run another output_dir "
+                        f"(resume_from_checkpoint={os.path.abspath(named)} works from there); to go back for good, "
+                        "move the newer checkpoints out of the folder first")
 
 # -----------------------------------------------------------------------------
 # checkpoints: the trainer's own, their checksums
@@ -248,11 +306,25 @@ def checkpoints(out_dir, run_id=None):
     if not os.path.isdir(out_dir):
         return []
     found = []
-    for d in sorted(os.listdir(out_dir)):
-        m = NUMBERED.match(d) and marker(os.path.join(out_dir, d))
+    for d in sorted(os.listdir(out_dir)):   # a symlink or a copy under a numbered name is not the trainer's own
+        m = NUMBERED.match(d) and not os.path.islink(os.path.join(out_dir, d)) and marker(os.path.join(out_dir, d))
         if m and (run_id is None or m.get("run_id") == run_id):
             found.append(os.path.join(out_dir, d))
     return found
+
+
+def make_room(final, run_id, say=print):
+    """Before a checkpoint is renamed into `final`: an older checkpoint of this run there is replaced (removed);
+    any other folder under that name (an older version's, a copy, the user's) is moved aside, never deleted."""
+    if not os.path.lexists(final):
+        return
+    m = marker(final) if not os.path.islink(final) else None
+    if m and m.get("run_id") == run_id:
+        shutil.rmtree(final)
+        return
+    aside = f"{final}.not-this-run-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.rename(final, aside)
+    say(f"warning: {final} was not written by this run: moved to {aside} to make room for this run's checkpoint")
 
 
 def rotate(out_dir, limit, run_id):

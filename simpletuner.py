@@ -109,6 +109,8 @@ def read_config(json_path, defaults, say=print):
     d = load_json(json_path, say)
     if not isinstance(d, dict):
         raise ValueError(f"{json_path}: a SimpleTuner config is a JSON object of keys, not a {type(d).__name__}")
+    if "objective" in d and "distillation_config" not in d and set(d) <= set(defaults):
+        return own_json(d, defaults)   # train_dmd.py's own JSON (a run's config.json, --print_config): no conversion
     d = {k.lstrip("-"): v for k, v in d.items()}   # SimpleTuner also accepts CLI-style "--key" names in its JSON
     d.update({k.lstrip("-"): v for k, v in (d.pop("distillation_config", None) or {}).items()})
     for key, want in (("distillation_method", "dmd"), ("model_family", "wan")):
@@ -144,6 +146,12 @@ def read_config(json_path, defaults, say=print):
     if ignored:
         say("SimpleTuner keys ignored: " + "; ".join(f"{', '.join(sorted(set(ks)))} ({why})" for why, ks in ignored.items()))
     return out
+
+
+def own_json(d, defaults):
+    """train_dmd.py's own JSON (every key ours, `objective` among them) -> its values as written, JSON lists back
+    to the tuples of their defaults."""
+    return {k: tuple(v) if isinstance(v, list) and isinstance(defaults[k], tuple) else v for k, v in d.items()}
 
 
 def convert(key, v, default):

@@ -42,7 +42,7 @@ import run_dir
 import simpletuner
 import text_encoders
 import validation
-from configurator import configure, default_keys, pick_threads, redact
+from configurator import configure, default_keys, fail, pick_threads, redact
 from networks import build_networks
 from run_state import Run
 
@@ -165,7 +165,7 @@ ema_start_step = 0                     # in generator steps: before it the EMA c
 ema_validation = "ema_only"            # none | ema_only | comparison
 # checkpoints
 checkpoint_step_interval = 200         # a checkpoint every N trainer steps (and at the end / on SIGINT, SIGTERM)
-checkpoints_total_limit = 3            # keep the newest N checkpoints (older ones deleted)
+checkpoints_total_limit = 3            # keep this run's newest N >= 1 checkpoints (its older ones deleted)
 resume_from_checkpoint = "latest"      # "latest", a checkpoint folder, or "" for a fresh start
 overwrite_output_dir = False           # True: a fresh start into a folder holding a run moves that run aside (never deleted)
 export_from = ""                       # "checkpoint-N", a checkpoint folder or "latest": export that checkpoint's student
@@ -761,6 +761,11 @@ DEFAULTS = {k: v for k, v in dict(globals()).items() if k in set(default_keys(__
 
 if __name__ == "__main__":
     cfg = checks.preflight(config(), "train_dmd.py")   # every mistake of the config, its files, its teacher: one line
+    try:
+        if cfg["webhook_config"]:
+            publish.load_webhook_config(cfg["webhook_config"])
+    except (ValueError, FileNotFoundError) as e:
+        fail("train_dmd.py", str(e))
     try:
         train(cfg)
     except run_dir.Refused as e:   # the folder in use, an old run in the way, a checkpoint that cannot resume, ...

@@ -145,7 +145,7 @@ def test_small_images_skipped_unless_minimum_image_size_is_lowered(tmp_path, cap
 def test_a_failing_start_leaves_an_existing_run_alone(tmp_path):
     """A bad teacher path, a bad prompts file, a bad key value: config.json and env.json of the run already in
     output_dir keep their bytes (before: config.json was rewritten before the teacher failed to load, env.json by
-    the publisher's start)."""
+    the publisher's start). Files a run writes, with no checkpoint to resume, are refused first (FileExistsError)."""
     out = tmp_path / "run"
     out.mkdir()
     before = {"config.json": b'{"learning_rate": 1e-05}\n', "env.json": b'{"torch": "2.5"}\n'}
@@ -155,7 +155,7 @@ def test_a_failing_start_leaves_an_existing_run_alone(tmp_path):
     for bad, error in (("--pretrained_model_name_or_path=/no/such/teacher", FileNotFoundError),
                        (f"--prompts_file={tmp_path / 'bad.txt'}", ValueError), ("--grad_clip_method=foo", ValueError),
                        ("--validation_prompt_library=/no/such/library.json", FileNotFoundError)):
-        with pytest.raises(error):
+        with pytest.raises((error, FileExistsError)):
             train_dmd.train(tiny_cfg(out, bad))
         assert {name: (out / name).read_bytes() for name in before} == before, bad
 
@@ -244,6 +244,34 @@ def test_one_run_per_output_dir(tmp_path, capsys):
     os.utime(out / "run.lock", (old, old))
     train_dmd.train(tiny_cfg(out, "--max_train_steps=2"))
     assert "taking over the stale lock" in capsys.readouterr().out and steps_logged(out) == [1, 2]
+
+
+def test_a_start_never_overwrites_files_it_did_not_write(tmp_path, capsys):
+    """A start into a folder holding files a run writes but no checkpoint to resume (the user's own README.md and
+    config.json; a run that crashed before its first checkpoint) refuses in one line and changes nothing;
+    overwrite_output_dir=True moves them aside and keeps the teacher pairs, which any start reuses; given to a
+    resuming start it does nothing, and says so. Before: the user's README.md and config.json were replaced."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    (out / "config.json").write_text("{}")
+    (out / "teacher_ode").mkdir()
+    (out / "teacher_ode" / "pair.safetensors").write_bytes(b"x")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match="holds files a run writes \\(config.json, README.md\\) and no checkpoint"
+                                              ".*another output_dir.*overwrite_output_dir=True"):
+        train_dmd.train(tiny_cfg(out, "--max_train_steps=1"))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    (out / "log.jsonl").write_text('{"step": 1}\n')   # a crashed run: its log, no checkpoint
+    with pytest.raises(FileExistsError, match="holds a run \\(log.jsonl, config.json\\)"):
+        train_dmd.train(tiny_cfg(out, "--max_train_steps=1"))
+    capsys.readouterr()
+    train_dmd.train(tiny_cfg(out, "--max_train_steps=1", "--overwrite_output_dir=True"))
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and (aside[0] / "README.md").read_text() == "my notes"
+    assert "(teacher_ode kept: reused)" in capsys.readouterr().out and (out / "teacher_ode" / "pair.safetensors").exists()
+    train_dmd.train(tiny_cfg(out, "--max_train_steps=2", "--overwrite_output_dir=True"))   # resumes step 1
+    assert "overwrite_output_dir=True does nothing here" in capsys.readouterr().out and steps_logged(out) == [1, 2]
 
 
 def test_fresh_start_never_eats_an_old_run(tmp_path, capsys):
@@ -466,3 +494,73 @@ def test_sigint_exits_130_after_its_checkpoint_and_exports_are_readable(tmp_path
     assert proc.returncode == 130, said[-3000:]
     assert "exiting at step" in said and run_dir.checkpoints(out)[-1].endswith(f"{steps_logged(out)[-1]:07d}")
     assert not (out / "run.lock").exists()
+
+
+def test_a_resume_never_replaces_another_runs_checkpoints(tmp_path, capsys):
+    """Resuming another folder's checkpoint into a folder holding a run is a fresh start into it: refused. Resuming
+    an older checkpoint of the folder while newer ones exist (training would replace them) is refused, naming the
+    branch into another output_dir, which then works. Before: both replaced checkpoints and mixed log.jsonl."""
+    a, b = tmp_path / "A", tmp_path / "B"
+    train_dmd.train(tiny_cfg(a, "--max_train_steps=4", "--checkpoint_step_interval=2", "--checkpoints_total_limit=5"))
+    train_dmd.train(tiny_cfg(b, "--max_train_steps=2", "--checkpoint_step_interval=2"))
+    before = {p: p.read_bytes() for p in a.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match="holds a run"):
+        train_dmd.train(tiny_cfg(a, "--max_train_steps=6", f"--resume_from_checkpoint={b / 'checkpoint-0000002'}"))
+    with pytest.raises(FileExistsError, match="holds newer checkpoints \\(checkpoint-0000004\\).*another output_dir"):
+        train_dmd.train(tiny_cfg(a, "--max_train_steps=6", "--resume_from_checkpoint=checkpoint-2"))
+    assert {p: p.read_bytes() for p in a.rglob("*") if p.is_file()} == before
+    branch = tmp_path / "A_branch"
+    train_dmd.train(tiny_cfg(branch, "--max_train_steps=3", f"--resume_from_checkpoint={a / 'checkpoint-0000002'}"))
+    assert steps_logged(branch) == [3]
+
+
+def test_checkpoint_names_the_run_did_not_write_are_kept(tmp_path, capsys):
+    """A folder under a checkpoint's name that this run did not write (no checksums: an older version's, the user's)
+    is moved aside when the run reaches that step, never deleted; a numbered symlink is not taken as `latest`."""
+    out = tmp_path / "run"
+    train_dmd.train(tiny_cfg(out, "--max_train_steps=2", "--checkpoint_step_interval=2"))
+    mine = out / "checkpoint-0000004"
+    mine.mkdir()
+    (mine / "important.txt").write_text("mine")
+    (out / "checkpoint-0000099").symlink_to(out / "checkpoint-0000002")
+    capsys.readouterr()
+    train_dmd.train(tiny_cfg(out, "--max_train_steps=4", "--checkpoint_step_interval=2"))
+    said = capsys.readouterr().out
+    moved = [p for p in out.iterdir() if p.name.startswith("checkpoint-0000004.not-this-run-")]
+    assert len(moved) == 1 and (moved[0] / "important.txt").read_text() == "mine" and "was not written by this run" in said
+    assert steps_logged(out) == [1, 2, 3, 4] and run_dir.checkpoints(out)[-1].endswith("checkpoint-0000004")
+
+
+def test_lock_of_a_live_or_half_written_holder(tmp_path):
+    """A live holder is never stale, however old its heartbeat (a suspended run); a pid reused by a process started
+    after the lock is; an unreadable lock (its starter died writing it) is stale after HALF_WRITTEN_S, not 10 min."""
+    path = tmp_path / run_dir.LOCK
+    path.write_text("")
+    assert run_dir.stale({"host": "?", "pid": -1, "started": "?"}, str(path)) is None
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    assert "unreadable" in run_dir.stale({"host": "?", "pid": -1, "started": "?"}, str(path))
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.5)
+        here = socket.gethostname()
+        if run_dir.process_start(sleeper.pid) is None:
+            pytest.skip("no /proc here: the heartbeat rule alone")
+        now = time.strftime("%Y-%m-%d %H:%M:%S %z")
+        assert run_dir.stale({"host": here, "pid": sleeper.pid, "started": now}, str(path)) is None   # suspended
+        before = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(old))
+        assert "another process now" in run_dir.stale({"host": here, "pid": sleeper.pid, "started": before}, str(path))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_overwrite_of_the_working_folder_moves_to_a_real_sibling(tmp_path, monkeypatch, capsys):
+    """output_dir='.' with overwrite_output_dir=True: the old run moves into a sibling of the folder itself (before:
+    into a hidden folder inside it, then an OSError)."""
+    out = tmp_path / "run"
+    train_dmd.train(tiny_cfg(out, "--max_train_steps=1"))
+    monkeypatch.chdir(out)
+    run_dir.fresh_start_check(".", "", True, say=print)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and (aside[0] / "log.jsonl").exists() and not [p for p in out.iterdir()]
