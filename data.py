@@ -703,6 +703,9 @@ if __name__ == "__main__":
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     prompts = c["make_teacher_data"] or c["make_ode_pairs"]
     try:   # the inputs first: a mistake is one line (exit status 2), before any model loads or a folder is made
+        if c["make_teacher_data"] and c["make_ode_pairs"]:
+            raise ValueError("--make_teacher_data and --make_ode_pairs: give one of them (one kind of teacher data per "
+                             "command)")
         for key in ("pretrained_model_name_or_path", "teacher_model_name_or_path"):
             if c.get(key):
                 mw.check_source(c[key], key)

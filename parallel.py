@@ -309,8 +309,15 @@ def save_checkpoint(out_dir, state, limit, env=Dist(), rank_state=None, sharded=
         save_sharded(os.path.join(tmp, "sharded"), sharded)
     barrier(env)
     if env.main:
-        torch.save(state, os.path.join(tmp, "state.pt"))
-        run_dir.write_checksums(tmp, state.get("run_id"), state["step"])
+        try:
+            torch.save(state, os.path.join(tmp, "state.pt"))
+            run_dir.write_checksums(tmp, state.get("run_id"), state["step"])
+        except (OSError, RuntimeError) as e:   # a full disk (torch.save says it as a RuntimeError), a vanished mount
+            shutil.rmtree(tmp, ignore_errors=True)
+            good = run_dir.checkpoints(out_dir, state.get("run_id"))
+            raise run_dir.CannotWrite(f"{final}: cannot be written ({str(e).splitlines()[0][:120]}): make room or give "
+                                      "a writable output_dir, then resume; the newest complete checkpoint: "
+                                      f"{good[-1] if good else 'none yet'}") from None
         run_dir.make_room(final, state.get("run_id"))
         os.replace(tmp, final)
         run_dir.rotate(out_dir, limit, state.get("run_id"))

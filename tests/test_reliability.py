@@ -564,3 +564,19 @@ def test_overwrite_of_the_working_folder_moves_to_a_real_sibling(tmp_path, monke
     run_dir.fresh_start_check(".", "", True, say=print)
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     assert len(aside) == 1 and (aside[0] / "log.jsonl").exists() and not [p for p in out.iterdir()]
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """A full disk while a checkpoint is written (torch.save raises): the half-written folder is removed and the
+    refusal names the newest complete checkpoint (before: a traceback, and checkpoint-N.tmp left filling the disk)."""
+    out = tmp_path / "run"
+    save = torch.save
+    def full(obj, f, *a, **k):
+        if str(f).endswith("checkpoint-0000004.tmp/state.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 485568 vs 485460")
+        return save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(run_dir.CannotWrite, match="checkpoint-0000004: cannot be written .*newest complete checkpoint: "
+                                                  ".*checkpoint-0000002"):
+        train_dmd.train(tiny_cfg(out, "--max_train_steps=4", "--checkpoint_step_interval=2"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0000002"] and not (out / run_dir.LOCK).exists()
