@@ -17,6 +17,7 @@ Many GPUs for train_dmd.py, with PyTorch's own engine only (torch.distributed, l
   and split its tokens (model_wan.enable_sequence_parallel). Their parameter gradients are partial sums, so
   the loss is scaled by P before the world-wide averaging of DDP/FSDP: the result is the data-parallel mean.
 """
+import json
 import math
 import os
 import random
@@ -311,6 +312,9 @@ def save_checkpoint(out_dir, state, limit, env=Dist(), rank_state=None, sharded=
     if env.main:
         try:
             torch.save(state, os.path.join(tmp, "state.pt"))
+            if "config" in state:   # the run's keys beside it: a resume checks them before any model loads
+                with open(os.path.join(tmp, "config.json"), "w") as f:
+                    f.write(state["config"])
             run_dir.write_checksums(tmp, state.get("run_id"), state["step"])
         except (OSError, RuntimeError) as e:   # a full disk (torch.save says it as a RuntimeError), a vanished mount
             shutil.rmtree(tmp, ignore_errors=True)
@@ -376,6 +380,25 @@ def resume_changes(saved, new, ckpt):
                          f"has {', '.join(f'{k}={changed[k][1]!r}' for k in fixed)}: these cannot change when a run "
                          "resumes; keep the checkpoint's values, or start a new run in another output_dir")
     return changed
+
+
+def early_resume_check(c, config_json):
+    """The checkpoint a start will resume, its config.json against this config (`config_json`: {key: JSON value})
+    before any model loads: a key that cannot change is refused now, not after the teacher has loaded. The full
+    check runs again on its state.pt; a checkpoint without config.json (an older version's) waits for that one."""
+    spec = c["resume_from_checkpoint"]
+    if not spec or c.get("export_from"):
+        return
+    found = run_dir.checkpoints(c["output_dir"]) if spec == "latest" else [run_dir.named_checkpoint(c["output_dir"], spec)]
+    try:
+        with open(os.path.join(found[-1], "config.json")) as f:
+            saved = json.load(f)
+    except (IndexError, OSError, ValueError):
+        return
+    if c["teacher_data_samples"] > 0:   # the run sets its datasets to the teacher pairs it makes: not the user's key
+        saved.pop("datasets", None)
+        config_json = {k: v for k, v in config_json.items() if k != "datasets"}
+    resume_changes(saved, config_json, found[-1])
 
 
 def find_checkpoint(out_dir, spec, env=Dist(), say=print, key="resume_from_checkpoint"):

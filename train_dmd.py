@@ -323,6 +323,7 @@ def new_run(c, steps):
 def setup(c, steps):
     """Devices, prompts and their embeddings, networks, data, optimisers, EMA; resumed when a checkpoint exists."""
     r = new_run(c, steps)
+    parallel.early_resume_check(c, json.loads(json.dumps(redact(c), default=str)))
     env, dev, dtype = r.env, r.dev, r.dtype
     n, why = pick_threads(c["threads"])
     torch.set_num_threads(n)

@@ -352,7 +352,21 @@ def test_mistakes_are_one_line_before_any_model(tmp_path, monkeypatch, capsys):
         (tiny + ["--report_to=wandb"], "report_to='wandb' but wandb is not installed: pip install wandb"),
         (tiny + ["--max_train_steps=-5"], "max_train_steps must be an integer >= 0"),
         (tiny + ["--webhook_config=no_hook.json"], "webhook_config 'no_hook.json': no such file"),
-    ]
+        (tiny + ['--webhook_config={"webhook_type": "nope", "webhook_url": "x"}'], "webhook_type must be 'discord' or"),
+        (tiny + ["--webhook_config={not json"], "webhook_config: not valid JSON"),
+        (tiny + ["--height=-64"], "height and width must be multiples of 16, got -64x64"),
+        (tiny + ["--width=0"], "height and width must be multiples of 16, got 64x0"),
+        (tiny + ["--num_training_frames=0"], "num_training_frames must be an integer >= 1"),
+        (tiny + ["--validation_resolution=64"], "validation_resolution must be WIDTHxHEIGHT"),
+        (tiny + ["--validation_num_video_frames=10"], "validation_num_video_frames must be 4k+1"),
+        (tiny + ["--lora_targets=foo"], "lora_targets: 'foo' name no Linear of the Wan DiT"),
+        (tiny + ["--generator_init=no_such_run"], "generator_init='no_such_run': no such file or folder"),
+        (tiny + ["--checkpoints_total_limit=0"], "checkpoints_total_limit must be a positive integer"),
+        (tiny + [str(tmp_path / "ds.py")], "datasets: instance_data_dir='/nonexistent' is not a folder"),
+        (tiny + [str(tmp_path / "raise.py")], "raise.py', line 2: ZeroDivisionError: division by zero"),
+    ] + ([(tiny + ["--device=cuda"], "device='cuda': this torch")] if not torch.cuda.is_available() else [])
+    (tmp_path / "ds.py").write_text('datasets = [dict(instance_data_dir="/nonexistent")]\n')
+    (tmp_path / "raise.py").write_text("seed = 1\nx = 1 / 0\n")
     for argv, says in cases:
         code, out, err = run_main("train_dmd.py", argv, monkeypatch, capsys)
         assert code == 2 and out == "" and err.count("\n") == 1 and says in err, (argv, code, out, err)
@@ -402,7 +416,7 @@ def test_run_refusals_are_one_line(tmp_path, monkeypatch, capsys):
     refused(["--fsdp=True"], "fsdp=True needs torchrun", before_models=True)
     refused(["--sp_size=2"], "sp_size=2 needs several processes", before_models=True)
     refused(["--max_train_steps=3", "--resume_from_checkpoint=latest", "--lora_rank=4"],
-            "these cannot change when a run resumes")
+            "these cannot change when a run resumes", before_models=True)   # from the checkpoint's config.json
     refused(["--max_train_steps=8", "--learning_rate=1e10", "--fake_score_lr=1e10", "--checkpoint_step_interval=1"],
             f"the last good checkpoint: {out / 'checkpoint-0000002'}", status=1)
     (tmp_path / "a_file").write_text("")
@@ -416,6 +430,30 @@ def test_run_refusals_are_one_line(tmp_path, monkeypatch, capsys):
         assert code == 2 and err.count("\n") == 1 and err.startswith("data.py: error: ") and says in err, err
     (out / "run.lock").write_text(json.dumps({"host": "node-7", "pid": 1, "started": "2026-01-01 00:00:00 +0000"}))
     refused(["--max_train_steps=3"], "is in use by another run: pid 1 on host node-7")
+
+
+def test_data_py_checks_the_teacher_before_making_folders(tmp_path, monkeypatch, capsys):
+    """data.py with a teacher this machine cannot read: one line before any folder is made (before: a 73-line
+    traceback, and <prompts file>.teacher/ made in the clone)."""
+    import huggingface_hub.constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red fox\n")
+    code, out, err = run_main("data.py", [os.path.join(ROOT, "config/wan_dmd_3step.py"), f"--make_teacher_data={prompts}"],
+                              monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "not in the hub cache" in err, err
+    assert os.listdir(tmp_path) == ["p.txt"]
+
+
+def test_own_json_config_round_trips(tmp_path, monkeypatch, capsys):
+    """train_dmd.py's own JSON (--print_config's, a run's config.json) given back as a config file is read as ours:
+    no SimpleTuner conversion (before: the guidance 3 became 2 with a SimpleTuner notice)."""
+    monkeypatch.chdir(ROOT)
+    code, first, _ = run_main("train_dmd.py", ["config/tiny.py", "--print_config"], monkeypatch, capsys)
+    (tmp_path / "run.json").write_text(first)
+    code, again, err = run_main("train_dmd.py", [str(tmp_path / "run.json"), "--print_config"], monkeypatch, capsys)
+    assert code == 0 and json.loads(again) == json.loads(first) and "SimpleTuner" not in err, err
 
 
 def test_print_config_is_json_alone(tmp_path, monkeypatch, capsys):
