@@ -76,7 +76,8 @@ def base_storage(c):
     """The training base's precision in words (base_model_precision): the exported weights are full precision."""
     kind = quant.parse_precision(c.get("base_model_precision", "no"))
     if kind == "no":
-        return c.get("mixed_precision", "bf16") + " (mixed_precision)"
+        mp = c.get("mixed_precision", "bf16")
+        return f"{'fp32' if mp == 'no' else mp} (`mixed_precision={mp}`)"
     return (f"{kind} weight-only (`base_model_precision={c['base_model_precision']}`); the merged transformer/ holds "
             "the student on the full-precision teacher weights")
 
@@ -135,7 +136,7 @@ def model_card(c, steps, records, env, files, prompts, at=None):
           f"| generator | {gen}; lr {c['learning_rate']:g}, update every {c['generator_update_interval']} step(s); "
           f"EMA {c['ema_decay'] if c['use_ema'] else 'off'} |",
           f"| critic (fake score) | {critic}; lr {c['fake_score_lr']:g} |",
-          f"| frozen base during training | {base_storage(c)} |",
+          f"| frozen base stored in training as | {base_storage(c)} |",
           f"| data | {data_summary(c)} |",
           f"| training | {c['max_train_steps']} steps at {c['num_training_frames']} latent frames {c['height']}x{c['width']}, "
           f"batch {c['train_batch_size']} x accum {c['gradient_accumulation_steps']} x {world} process(es); {took} on {gpus} |",
@@ -223,7 +224,9 @@ def card_files(files):
             "config.json": "the resolved training config (train_dmd.py keys)",
             "env.json": "versions of python, torch, CUDA, the GPUs and the wan-dmd commit",
             "log.jsonl": "training metrics, one record per logged step", "loss_curve.png": "dmd_loss, fake_score_loss, mean abs(g), grad norms of G and F, validation diversity",
-            "preview.gif": "validation samples (downscaled)", "samples/": "validation videos of the last step",
+            "preview.gif": "validation samples (downscaled)",
+            "samples/": "validation videos of the last step (in the upload only: the run folder keeps them in "
+                        "validation/step_N/)",
             "tiny_teacher/": "the tiny teacher the student was trained on (built from the run's seed; sample.py loads it)"}
     shown = {f.split("/")[0] + "/" if "/" in f else f for f in files}
     L += [f"| `{k}` | {v} |" for k, v in what.items() if k in shown]

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import queue
+import re
 import shlex
 import shutil
 import subprocess
@@ -367,9 +368,10 @@ class HubUploader:
     """One background thread uploading the staged folders in order: checkpoint-N to checkpoints/checkpoint-N,
     "final" to the repo root. The token comes from huggingface_hub (HF_TOKEN or the cached login), never printed."""
 
-    def __init__(self, repo_id, private, staging):
+    def __init__(self, repo_id, private, staging, quiet=False):
+        """quiet: no warning on a failed upload (publish.py says it itself, from `error`)."""
         from huggingface_hub import HfApi
-        self.repo_id, self.private, self.staging = repo_id, private, staging
+        self.repo_id, self.private, self.staging, self.quiet, self.error = repo_id, private, staging, quiet, None
         self.api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
         os.makedirs(staging, exist_ok=True)
         self.q = queue.Queue()
@@ -420,9 +422,9 @@ class HubUploader:
                     print(f"hub: uploaded {name} to {self.repo_id}")
                 except Exception as e:   # noqa: BLE001 -- no network, no token, hub down: the run goes on
                     self.failures += 1
-                    if self.failures == 1:
-                        print(f"warning: hub upload to {self.repo_id} failed ({type(e).__name__}: "
-                              f"{redact(str(e).splitlines()[0])[:200] if str(e) else ''}); training goes on, the upload "
+                    self.error = f"{type(e).__name__}: {redact(str(e).splitlines()[0])[:200] if str(e) else ''}"
+                    if self.failures == 1 and not self.quiet:
+                        print(f"warning: hub upload to {self.repo_id} failed ({self.error}); training goes on, the upload "
                               f"stays staged in {self.staging} and is retried at the next checkpoint and the next "
                               "start (python publish.py OUTPUT_DIR pushes a finished run)")
                     break   # the hub is probably unreachable: wait for the next kick
@@ -650,6 +652,40 @@ class Publisher:
             self.hub.close(timeout=30)
 
 
+def run_config(args):
+    """publish.py's positional words -> the run folder's config.json with output_dir the folder; a missing folder,
+    no config.json or no exported student: a ValueError naming it and the fix."""
+    if len(args) != 1:
+        raise ValueError(f"expected one train_dmd.py output folder, got {len(args)}: {args}")
+    out = args[0]
+    if not os.path.isdir(out):
+        raise ValueError(f"{out}: no such folder: give a train_dmd.py output_dir (e.g. out/tiny_dmd)")
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        raise ValueError(f"{out}: no config.json: not a train_dmd.py output folder (a run writes it once it starts)")
+    cfg = readers.read_json(os.path.join(out, "config.json"), "run config")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{os.path.join(out, 'config.json')}: a JSON {type(cfg).__name__}, not the object of keys a run writes")
+    cfg = {**cfg, "output_dir": out}
+    if not any(os.path.exists(os.path.join(out, n)) for n in ("student_ema.safetensors", "student.safetensors")):
+        if run_dir.checkpoints(out):
+            raise ValueError(f"{out}: no exported student (student_ema.safetensors) to publish: export its newest "
+                             f"checkpoint's first with `{sample.train_command(out, '--export_from=latest')}`")
+        raise ValueError(f"{out}: no exported student (student_ema.safetensors) and no checkpoint: the run stopped "
+                         f"before its first; train it again with `{sample.train_command(out, '--overwrite_output_dir=True')}`")
+    return cfg
+
+
+def check_hub_id(cfg, given, push):
+    """hub_model_id must be USER/NAME; a push needs one (from --hub_model_id or config.json)."""
+    hub_id = str(cfg.get("hub_model_id") or "")
+    where = "--hub_model_id" if given else f"{os.path.join(cfg['output_dir'], 'config.json')}'s hub_model_id"
+    if not hub_id and push:
+        raise ValueError(f"{os.path.join(cfg['output_dir'], 'config.json')} has no hub_model_id: give --hub_model_id=USER/NAME")
+    if hub_id and not re.fullmatch(r"[^/\s]+/[^/\s]+", hub_id):
+        raise ValueError(f"{where}={hub_id!r}: not the hub's USER/NAME form: give e.g. --hub_model_id=me/"
+                         f"{hub_id.strip('/').split('/')[-1] or run_name(cfg)}")
+
+
 if __name__ == "__main__":   # python publish.py OUTPUT_DIR [--dry_run] [--hub_model_id=user/name ...]
     from configurator import command_flags, fail
     # the flags, read from this line by command_flags (default and description); the publishing keys given here
@@ -662,14 +698,12 @@ if __name__ == "__main__":   # python publish.py OUTPUT_DIR [--dry_run] [--hub_m
     argv = sys.argv[1:]
     flags, args = command_flags(__file__, "flags", argv, usage="OUTPUT_DIR [--dry_run] [--hub_model_id=user/name] "
                                 "[--model_card_private] ...   (push a finished run to the hub)")
-    if len(args) != 1 or not os.path.isfile(os.path.join(args[0], "config.json")):
-        fail("publish.py", f"expected one train_dmd.py output folder (with config.json), got {args}")
-    try:
-        cfg = {**readers.read_json(os.path.join(args[0], "config.json"), "run config"), "output_dir": args[0]}
-    except (ValueError, FileNotFoundError) as e:
-        fail("publish.py", str(e))
     given = {w[2:].split("=")[0].replace("-", "_") for w in argv if w.startswith("--")}
-    cfg.update({k: v for k, v in flags.items() if k in given and k != "dry_run"})
+    try:   # every mistake: one line before anything is staged
+        cfg = {**run_config(args), **{k: v for k, v in flags.items() if k in given and k != "dry_run"}}
+        check_hub_id(cfg, "hub_model_id" in given, push=not flags["dry_run"])
+    except ValueError as e:
+        fail("publish.py", str(e))
     if flags["dry_run"]:
         staged = stage_final(cfg)
         for root, _, names in sorted(os.walk(staged)):
@@ -677,14 +711,12 @@ if __name__ == "__main__":   # python publish.py OUTPUT_DIR [--dry_run] [--hub_m
                 p = os.path.join(root, n)
                 print(f"{os.path.getsize(p):>12,d}  {os.path.relpath(p, staged)}")
     else:
-        if not cfg.get("hub_model_id") or str(cfg["hub_model_id"]).count("/") != 1:
-            fail("publish.py", f"{os.path.join(args[0], 'config.json')} has no hub_model_id: give --hub_model_id=USER/NAME"
-                 if not cfg.get("hub_model_id") else f"--hub_model_id={cfg['hub_model_id']!r}: the hub's USER/NAME form")
-        hub = HubUploader(cfg["hub_model_id"], cfg.get("model_card_private", False), os.path.join(args[0], ".hub_staging"))
+        hub = HubUploader(cfg["hub_model_id"], cfg.get("model_card_private", False), os.path.join(args[0], ".hub_staging"),
+                          quiet=True)
         stage_final(cfg, hub)
         hub.kick()
         hub.close()
         if hub.pending():
-            sys.exit(f"publish.py: the upload to {cfg['hub_model_id']} did not finish: it stays staged in "
-                     f"{hub.staging}; run the same command again")
+            sys.exit(f"publish.py: error: the upload to {cfg['hub_model_id']} did not finish ({hub.error or 'stopped'}): "
+                     f"it stays staged in {hub.staging}; retry with: python publish.py {shlex.join(redact(argv))}")
         print(f"hub: {cfg['hub_model_id']} holds the student and its model card")

@@ -6,7 +6,7 @@ The student's settings come from the config.json train_dmd.py writes beside it (
   python sample.py --prompt="a red fox running through snow"                          # teacher, 50 steps
   python sample.py --ckpt=out/wan_dmd_3step --prompt="a red fox running through snow"  # 3-step student
   python sample.py --model=/path/to/Wan2.1-T2V-1.3B --prompts_file=prompts.txt --num_frames=33
-  python sample.py --ckpt=out/wan_causal_dmd --stream=True --num_frames=161  # causal student, streamed, rolled
+  python sample.py --ckpt=out/wan_causal_dmd --stream=True --num_frames=165  # causal student, streamed, rolled
   python sample.py --help
 
 A causal student (its folder's config.json has "causal": true, written by train_dmd.py) is generated block by
@@ -16,7 +16,10 @@ as the block is done; num_frames beyond the training length rolls the cache wind
 Seeds follow diffusers' WanPipeline with a CPU generator: the same seed and settings give the same
 initial noise, so teacher samples match diffusers' (tests/test_sample.py checks the latents).
 """
+import json
 import os
+import re
+import shlex
 import sys
 import time
 
@@ -37,7 +40,7 @@ import vae_wan
 # -----------------------------------------------------------------------------
 # defaults; override with config files (python sample.py CONFIG.py) and --key=value
 model = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"  # diffusers pipeline root or hub id, or an original-layout folder
-ckpt = ""                    # student: adapter or full DiT .safetensors, or a train_dmd.py output folder
+ckpt = ""                    # student: adapter or full DiT .safetensors, a train_dmd.py output folder or its transformer/
 prompt = "A cat walks on the grass, realistic style."  # the prompt when prompts_file is empty
 prompts_file = ""            # one prompt per line (or hf://datasets/OWNER/NAME/file.txt); replaces `prompt`
 negative_prompt = None       # None: Wan's default (Chinese) negative prompt; "": the empty prompt
@@ -72,21 +75,80 @@ threads = 0                  # torch CPU threads; 0: OMP_NUM_THREADS, else the f
 
 STUDENT_STEPS = "1000,757,522"   # the 3-step schedule of FastWan and SimpleTuner's DMD quickstart, when the ckpt has no train_dmd config.json
 TINY_TEACHER = "tiny_teacher"    # the folder beside a student of the "tiny" teacher where train_dmd.py writes that teacher
+MERGED_FILE = "diffusion_pytorch_model.safetensors"   # the merged student's weights in a run's transformer/
 
 # -----------------------------------------------------------------------------
 # the student: its weights, its settings (train_dmd.py's config.json beside them) and its sampler
 
 def student_file(path):
-    """A student file, or a train_dmd output folder -> its student_ema.safetensors (EMA weights preferred), else
-    its student.safetensors."""
+    """A student file, or a folder -> the file to load: a train_dmd output folder's student_ema.safetensors (EMA
+    weights preferred), else its student.safetensors; a diffusers transformer/ folder (a run's merged student)'s
+    diffusion_pytorch_model.safetensors."""
     if os.path.isdir(path):
-        names = [n for n in ("student_ema.safetensors", "student.safetensors") if os.path.exists(os.path.join(path, n))]
+        names = [n for n in ("student_ema.safetensors", "student.safetensors", MERGED_FILE)
+                 if os.path.exists(os.path.join(path, n))]
         if not names:
             raise FileNotFoundError(f"{path}: no student_ema.safetensors or student.safetensors")
         path = os.path.join(path, names[0])
     if not os.path.isfile(path):
         raise FileNotFoundError(f"student checkpoint not found: {path!r}")
     return path
+
+
+def run_folder(ckpt):
+    """The folder whose config.json describes the student `ckpt`: its own folder (a run folder, or the folder of a
+    .safetensors file), or, for a run's transformer/ (a diffusers model config.json beside the weights), the run."""
+    folder = ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt))
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            model = "_class_name" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        model = False
+    return os.path.dirname(os.path.abspath(folder)) if model else folder
+
+
+def train_command(run, *extra):
+    """The train_dmd.py command of run folder `run` plus `extra` words -> one string: env.json's argv when
+    train_dmd.py started the run, else its config.json; --output_dir always `run` (the run may have moved)."""
+    try:
+        argv = [str(w) for w in readers.read_json(os.path.join(run, "env.json"), "env.json").get("argv") or []]
+    except (OSError, ValueError, AttributeError):
+        argv = []
+    words = []
+    if argv and os.path.basename(argv[0]) == "train_dmd.py":
+        for i, w in enumerate(argv[1:], 1):   # its own --output_dir and --export_from, either spelling, left out
+            if not w.startswith(("--output_dir", "--export_from")) and argv[i - 1] not in ("--output_dir", "--export_from"):
+                words.append(w)
+    else:
+        words = [os.path.join(run, "config.json")]
+    return "python " + shlex.join(["train_dmd.py", *words, f"--output_dir={run}", *extra])
+
+
+def ckpt_problem(ckpt, folder_ok=False):
+    """What a --ckpt that exists cannot be, in one line naming what to give instead -> str, or None for a student:
+    a train_dmd.py checkpoint (its folder or state.pt), a file that is not safetensors, a folder with no student
+    (folder_ok: not checked)."""
+    path = os.path.normpath(ckpt)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    if os.path.exists(os.path.join(folder, "state.pt")) and (folder == path or path.endswith(".pt")):
+        run, name = os.path.dirname(folder) or ".", os.path.basename(folder)
+        spec = name if re.fullmatch(r"checkpoint-\d+", name) else folder
+        return (f"--ckpt={ckpt}: a train_dmd.py checkpoint (training state, not a student): export its student with "
+                f"`{train_command(run, '--export_from=' + spec)}`, then sample --ckpt={run}")
+    try:
+        readers.safetensors_keys(student_file(path))
+    except FileNotFoundError:
+        if folder_ok:
+            return None
+        if any(re.fullmatch(r"checkpoint-\d+", n) for n in os.listdir(path)):
+            return (f"--ckpt={ckpt}: no exported student in it yet (student_ema.safetensors): export its newest "
+                    f"checkpoint's with `{train_command(path, '--export_from=latest')}`")
+        return (f"--ckpt={ckpt}: no student_ema.safetensors or student.safetensors in it: give a folder train_dmd.py "
+                "exported a student into (e.g. out/tiny_dmd), or a student .safetensors")
+    except ValueError as e:
+        return (f"--ckpt={ckpt}: {str(e).split(': cannot read the weights: ')[-1]}: give a student .safetensors "
+                "(a run's student_ema.safetensors) or a train_dmd.py output folder")
+    return None
 
 
 def load_student(dit, path, adapter="student", kind=None, sparse=None):
@@ -145,8 +207,7 @@ def student_config(ckpt):
 
 
 def student_config_path(ckpt):
-    folder = ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt))
-    return os.path.join(folder, "config.json")
+    return os.path.join(run_folder(ckpt), "config.json")
 
 
 def student_sparsity(ckpt, sparsity=None, cube=None, remainder=None):
@@ -218,7 +279,7 @@ def student_defaults(ckpt, given=()):
                          f"give {', '.join('--' + need[k] for k in lacking)} on the command line, or restore the "
                          "run's own config.json")
     teacher = str(cfg.get("pretrained_model_name_or_path", ""))
-    tiny = os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt)), TINY_TEACHER)
+    tiny = os.path.join(run_folder(ckpt), TINY_TEACHER)
     if teacher == "tiny" and os.path.isdir(tiny):
         out["model"] = tiny
     elif (teacher == "tiny" or teacher.startswith("random:")) and "model" not in given:
@@ -249,6 +310,9 @@ def config(argv=None):
     if ckpt and not os.path.exists(ckpt):
         fail("sample.py", f"--ckpt={ckpt!r}: no such file or folder (a train_dmd.py output folder such as "
                           "out/tiny_dmd, or a student .safetensors)")
+    problem = ckpt_problem(ckpt, folder_ok=True) if ckpt else None   # a folder without a student: settings says so
+    if problem:
+        fail("sample.py", problem)
     try:
         fixed = student_defaults(ckpt, {k for k in first if first[k] != globals()[k]}) if ckpt else {}
     except ValueError as e:
@@ -263,6 +327,10 @@ def config(argv=None):
 def settings(c):
     """Checks and resolves a sample.py config -> dict of what generate needs (sizes, prompts, steps or None for
     the teacher, the causal settings, device, dtype, the teacher folder, its layout and shift, the negative prompt)."""
+    for key, what in (("batch_size", "prompts per DiT batch"), ("num_frames", "video frames"),
+                      ("num_inference_steps", "teacher steps"), ("fps", "frames per second")):
+        if c[key] < 1:
+            raise ValueError(f"--{key}={c[key]}: {what}, at least 1: give a positive --{key} (default {globals()[key]})")
     dev = mw.pick_device(c["device"])
     s = dict(dev=dev, dtype=mw.pick_dtype(c["dtype"], dev), H=c["height"] // 16 * 16, W=c["width"] // 16 * 16,
              Fn=(max(c["num_frames"], 1) - 1) // 4 * 4 + 1, stream=bool(c.get("stream", False)))
@@ -283,14 +351,15 @@ def settings(c):
     check_memory(s, min(c["batch_size"], len(s["prompts"])), dev)
     if causal is not None:
         T = 1 + (s["Fn"] - 1) // 4
-        try:
-            mw.block_starts(T, causal["num_frame_per_block"], causal["independent_first_frame"])
-        except ValueError as e:
-            raise ValueError(f"num_frames={s['Fn']} ({T} latent frames) does not fit the causal student's blocks: {e}") from None
+        check_blocks(s["Fn"], causal["num_frame_per_block"], causal["independent_first_frame"])
         if T > causal["window"]:
             print(f"notice: {T} latent frames > the {causal['window']} trained: the KV cache window rolls")
     if not c["ckpt"] and (c.get("attention_sparsity") or c.get("sparse_cube") or c.get("sparse_remainder")):
         raise ValueError("attention_sparsity / sparse_cube / sparse_remainder are a student's settings: give its --ckpt")
+    check_out(c["out"])
+    problem = ckpt_problem(c["ckpt"]) if c["ckpt"] else None
+    if problem:
+        raise ValueError(problem)
     s["steps"] = None
     if c["ckpt"] or c["denoising_steps"]:   # the student, on the steps it was trained on unless given
         default_steps = student_steps(c["ckpt"]) if c["ckpt"] else STUDENT_STEPS
@@ -320,6 +389,34 @@ def settings(c):
     except OSError as e:
         raise ValueError(f"--out={c['out']!r}: cannot be made ({e.strerror}): give a writable folder") from None
     return s
+
+
+def check_out(out):
+    """Refuse an --out that cannot be made, making nothing: its nearest existing folder must be a writable folder."""
+    p = os.path.abspath(out)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    why = "not a folder" if not os.path.isdir(p) else "not writable" if not os.access(p, os.W_OK | os.X_OK) else ""
+    if why:
+        raise ValueError(f"--out={out!r}: cannot be made ({p} is {why}): give a writable folder")
+
+
+def check_blocks(Fn, per_block, first_alone):
+    """Refuse num_frames `Fn` whose latent frames do not split into the causal student's blocks, naming the nearest
+    num_frames below and above that do."""
+    T = 1 + (Fn - 1) // 4
+    try:
+        mw.block_starts(T, per_block, first_alone)
+    except ValueError as e:
+        if per_block < 1:
+            raise ValueError(f"the causal student's config.json: {e}") from None
+        off = 1 if first_alone else 0
+        low = off + (T - off) // per_block * per_block
+        fits = [4 * (t - 1) + 1 for t in (low, low + per_block) if t >= 1]
+        raise ValueError(f"--num_frames={Fn} is {T} latent frames" + (", the first a block of its own and "
+                         f"{T - 1} after it," if off else ",") + f" which do not split into the causal student's blocks "
+                         f"of {per_block} (num_frame_per_block of its config.json): give --num_frames="
+                         + " or ".join(map(str, fits))) from None
 
 
 def check_memory(s, batch, dev):

@@ -250,3 +250,94 @@ def test_committed_teacher_only_for_its_own_keys(tmp_path, capsys):
     mine.mkdir()
     (mine / "config.json").write_text((tmp_path / "teacher" / "transformer" / "config.json").read_text())
     assert demo.committed_teacher(dict(c, teacher_path=str(mine), teacher_steps=500)) == str(mine)
+
+
+def run_demo(argv, monkeypatch, capsys):
+    """`python demo.py ARGV...` in this process -> (exit status, stdout, stderr)."""
+    import runpy
+    monkeypatch.setattr(sys, "argv", ["demo.py", *argv])
+    code = 0
+    try:
+        runpy.run_path(os.path.join(ROOT, "demo.py"), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_demo_mistakes_are_one_line_before_stage_1(tmp_path, monkeypatch, capsys):
+    """A size the VAE and DiT cannot take, frames not 4k+1 (before: a traceback after stage 1 wrote its clips), a
+    config file that is not there (before: found after stages 1-3), a zero count: one line, exit status 2, out_dir
+    never made. --help says where extra students go."""
+    monkeypatch.chdir(ROOT)
+    never = tmp_path / "never"
+    cases = [(["--size=30"], "--size=30: frame height = width must be a multiple of 16 (the VAE's 8x times the DiT's "
+              "2x2 patches), at least 16: give e.g. --size=16"),
+             (["--num_frames=10"], "--num_frames=10: the VAE takes 4k+1 frames, k >= 1: give e.g. --num_frames=9"),
+             (["--dmd_config=config/nope.py"], "--dmd_config: config/nope.py: no such file"),
+             (["--more_students=config/demo_causal.py,config/nope2.py"], "--more_students: config/nope2.py: no such file"),
+             (["--bench_seeds=0"], "--bench_seeds=0: a count, at least 1"),
+             (["--more_students=config/demo_causal.py", "--more_students_steps=causal=x"], "more_students_steps")]
+    for argv, says in cases:
+        code, out, err = run_demo(argv + [f"--out_dir={never}"], monkeypatch, capsys)
+        assert code != 0 and not never.exists(), (argv, out, err)
+        if says != "more_students_steps":
+            assert code == 2 and err.count("\n") == 1 and err.startswith("demo.py: error: ") and says in err, (argv, err)
+    code, out, err = run_demo(["--help"], monkeypatch, capsys)
+    assert code == 0 and "<out_dir>/dmd_<name>" in out and "out/dmd_<name>" not in out.replace("<out_dir>/dmd_", "")
+
+
+def test_stages_reuse_only_output_made_with_the_same_keys(tmp_path, monkeypatch, capsys):
+    """A rerun reuses a stage's output only when its made_with.json holds the same keys (before: `--dmd_steps=60`
+    after a 50-step run into the same out_dir skipped stage 4 and scored the old student): else it is made again,
+    one notice line saying why; an old student is moved aside, never deleted; one stopped half way resumes."""
+    c = {k: getattr(demo, k) for k in dir(demo) if not k.startswith("_") and isinstance(getattr(demo, k), (int, float, str))}
+    c = dict(c, out_dir=str(tmp_path), clips_per_mode=1, dmd_steps=50, threads=1)
+    out, times, calls = str(tmp_path), {}, []
+
+    def fake_train(dc):   # what train_dmd.train leaves: the exported student
+        calls.append(dc["max_train_steps"])
+        os.makedirs(os.path.join(dc["output_dir"], "transformer"), exist_ok=True)
+        with open(os.path.join(dc["output_dir"], "config.json"), "w") as f:
+            json.dump({"max_train_steps": dc["max_train_steps"]}, f)
+    monkeypatch.setattr(demo.train_dmd, "train", fake_train)
+    latents = torch.zeros(1, 16, 3, 4, 4)
+    demo.make_student(c, out, latents, times)
+    demo.make_student(c, out, latents, times)
+    assert calls == [50] and "notice" not in capsys.readouterr().out               # the same keys: reused
+    demo.make_student(dict(c, dmd_steps=60), out, latents, times)
+    notice = [line for line in capsys.readouterr().out.splitlines() if line.startswith("notice")]
+    assert calls == [50, 60] and len(notice) == 1, notice
+    assert notice[0].startswith(f"notice: remaking the student dmd in {tmp_path / 'dmd'}: it was made with "
+                                "dmd_steps=50 (now 60); the old one moved to ")
+    (old,) = [d for d in os.listdir(tmp_path) if d.startswith("dmd.old-")]
+    assert json.load(open(tmp_path / old / "config.json"))["max_train_steps"] == 50
+    assert json.load(open(tmp_path / "dmd" / "config.json"))["max_train_steps"] == 60
+    os.rmdir(tmp_path / "dmd" / "transformer")                                     # stopped half way: resumes
+    demo.make_student(dict(c, dmd_steps=60), out, latents, times)
+    assert calls == [50, 60, 60] and "notice" not in capsys.readouterr().out
+    demo.make_student(dict(c, dmd_steps=60, teacher_steps=500), out, latents, times)   # another teacher: retrained
+    assert calls[-1] == 60 and len(calls) == 4 and "teacher_steps=2000 (now 500)" in capsys.readouterr().out
+    # the dataset: reused as made, made again at another size (the old clips gone, not mixed in)
+    demo.make_dataset(c, out, times)
+    stamp = os.path.getmtime(tmp_path / "data" / "00_b0_0.mp4")
+    demo.make_dataset(c, out, times)
+    assert os.path.getmtime(tmp_path / "data" / "00_b0_0.mp4") == stamp and "notice" not in capsys.readouterr().out
+    videos, _, _ = demo.make_dataset(dict(c, size=48), out, times)
+    assert videos.shape[-1] == 48 and "remaking the dataset" in capsys.readouterr().out
+
+
+def test_first_run_stages_say_nothing(tmp_path, capsys):
+    """A first run into an empty out_dir makes every stage without a notice (stage 3's folder already holds stage 2's
+    VAE: not an older teacher); a rerun reuses both; an older demo's teacher (no made_with.json) is made again."""
+    c = {k: getattr(demo, k) for k in (*demo.TEACHER_KEYS, "teacher_path")}
+    os.makedirs(tmp_path / "teacher" / "vae")
+    (tmp_path / "teacher" / "vae" / "config.json").write_text("{}")
+    demo.make_teacher(c, str(tmp_path), None, None, {})
+    out = capsys.readouterr().out
+    assert "notice" not in out and "(a copy of assets/demo_teacher)" in out
+    demo.make_teacher(c, str(tmp_path), None, None, {})
+    assert "a copy of" not in capsys.readouterr().out                                  # reused
+    os.remove(tmp_path / "teacher" / demo.MADE_WITH)
+    demo.make_teacher(c, str(tmp_path), None, None, {})
+    assert "notice: remaking the teacher in" in capsys.readouterr().out and (tmp_path / "teacher" / "vae").is_dir()

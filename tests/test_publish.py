@@ -522,3 +522,90 @@ def test_redact():
         "--hub_token=<redacted>"]
     assert configurator.redact("failed: http://me:pw@host:8/p?q=1") == "failed: http://<redacted>@host:8/p?q=1"
     assert configurator.redact("http://127.0.0.1:8080/me/x") == "http://127.0.0.1:8080/me/x"
+
+# -----------------------------------------------------------------------------
+# python publish.py: a newcomer's mistakes, one line each before anything is staged
+
+
+def run_publish(argv, monkeypatch, capsys):
+    """`python publish.py ARGV...` in this process -> (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["publish.py", *argv])
+    code = 0
+    try:
+        runpy.run_path(os.path.join(ROOT, "publish.py"), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=sys.stderr)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_folder(folder, student=True, checkpoint=False):
+    """A run folder as publish.py reads it: config.json, env.json (its argv), log.jsonl; the student and a
+    checkpoint when asked."""
+    import run_dir
+    folder.mkdir()
+    json.dump({**train_dmd.DEFAULTS, "pretrained_model_name_or_path": "tiny", "output_dir": str(folder)},
+              open(folder / "config.json", "w"), default=str)
+    json.dump({"argv": ["train_dmd.py", "config/tiny.py", f"--output_dir={folder}"]}, open(folder / "env.json", "w"))
+    (folder / "log.jsonl").write_text("")
+    if student:
+        from safetensors.torch import save_file
+        save_file({"x": torch.zeros(1)}, str(folder / "student_ema.safetensors"), metadata={"step": "1"})
+    if checkpoint:
+        (folder / "checkpoint-0000001").mkdir()
+        torch.save({"step": 1}, folder / "checkpoint-0000001" / "state.pt")
+        run_dir.write_checksums(str(folder / "checkpoint-0000001"), "r1", 1)
+    return folder
+
+
+def test_publish_mistakes_are_one_line(tmp_path, monkeypatch, capsys):
+    """A run that stopped before step 1 (no student; before: a dry run staged a card "exported at unknown step"), a
+    folder that is not there, a hub id that is not USER/NAME: one line, exit status 2, nothing staged."""
+    crashed = run_folder(tmp_path / "crashed", student=False)
+    unexported = run_folder(tmp_path / "unexported", student=False, checkpoint=True)
+    done = run_folder(tmp_path / "done")
+    cases = [([str(crashed), "--dry_run"], f"{crashed}: no exported student (student_ema.safetensors) and no checkpoint: "
+              f"the run stopped before its first; train it again with `python train_dmd.py config/tiny.py "
+              f"--output_dir={crashed} --overwrite_output_dir=True`"),
+             ([str(unexported), "--dry_run"], f"export its newest checkpoint's first with `python train_dmd.py "
+              f"config/tiny.py --output_dir={unexported} --export_from=latest`"),
+             ([str(tmp_path / "does_not_exist")], f"{tmp_path / 'does_not_exist'}: no such folder"),
+             ([str(tmp_path)], f"{tmp_path}: no config.json: not a train_dmd.py output folder"),
+             ([str(done), "--hub_model_id=noslash"], "--hub_model_id='noslash': not the hub's USER/NAME form: give e.g. "
+              "--hub_model_id=me/noslash"),
+             ([str(done), "--hub_model_id=noslash", "--dry_run"], "--hub_model_id='noslash': not the hub's USER/NAME"),
+             ([str(done)], f"{done / 'config.json'} has no hub_model_id: give --hub_model_id=USER/NAME")]
+    for argv, says in cases:
+        code, out, err = run_publish(argv, monkeypatch, capsys)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("publish.py: error: ") and says in err, (argv, err)
+        assert not any((tmp_path / n / ".hub_staging").exists() for n in ("crashed", "unexported", "done"))
+
+
+def test_publish_failed_upload_says_what_is_true(tmp_path, monkeypatch, capsys):
+    """publish.py whose upload fails: one line saying so, the staged folder and the command to retry; none of the
+    trainer's words (before: "training goes on ... retried at the next checkpoint and the next start")."""
+    hub = FakeHub()
+    hub.fail = True
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", "hf_TESTSECRET")
+    done = run_folder(tmp_path / "done")
+    code, out, err = run_publish([str(done), "--hub_model_id=me/x"], monkeypatch, capsys)
+    hub.close()
+    assert code == 1 and err.count("\n") == 1, out + err
+    assert err.startswith("publish.py: error: the upload to me/x did not finish (") and "training" not in out + err
+    assert err.rstrip().endswith(f"it stays staged in {done / '.hub_staging'}; retry with: python publish.py {done} "
+                                 "--hub_model_id=me/x"), err
+    assert "TESTSECRET" not in out + err and os.listdir(done / ".hub_staging") == ["final"]
+
+
+def test_card_words_say_what_is_there():
+    """The card's base row says how the frozen base is stored (before: "frozen base during training | no
+    (mixed_precision)", read as "not frozen"); its Files table says samples/ is in the upload only."""
+    card = model_card(card_cfg(mixed_precision="no"), [1000.0], [], {}, ["samples/0.mp4", "student_ema.safetensors"], [])
+    assert "| frozen base stored in training as | fp32 (`mixed_precision=no`) |" in card
+    assert "frozen base during training" not in card and "| no (mixed_precision)" not in card
+    assert "bf16 (`mixed_precision=bf16`)" in model_card(card_cfg(mixed_precision="bf16"), [1000.0], [], {}, [], [])
+    assert "| `samples/` | validation videos of the last step (in the upload only: the run folder keeps them in " \
+           "validation/step_N/) |" in card

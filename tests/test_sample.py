@@ -271,3 +271,138 @@ def test_latents_only_mode(pipe_dir, tmp_path, capsys):
     assert line.endswith(f"| 1 latents in {tmp_path / 'b'}") and "VAE decode 0.0s" in line
     with pytest.raises(ValueError, match="decode=False writes latents only"):
         sample.generate(dict(cfg, save_latents=False))
+
+# -----------------------------------------------------------------------------
+# sample.py's command line: what a newcomer gives --ckpt, counts, a causal student's frames
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(script, argv, monkeypatch, capsys):
+    """`python SCRIPT ARGV...` in this process -> (exit status, stdout, stderr)."""
+    import runpy
+    import sys
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    code = 0
+    try:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=sys.stderr)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def no_models(monkeypatch):
+    """Any model load or hub lookup fails the test: a refusal must come first."""
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded (or the hub asked) before the refusal")
+    for mod, name in ((mw, "load_dit"), (mw, "resolve_hub"), (flow, "resolve_model_dir"), (vae_wan, "load_vae"),
+                      (text_encoders, "text_encoder")):
+        monkeypatch.setattr(mod, name, boom)
+
+
+def fake_run(folder, student=True, **cfg):
+    """A train_dmd.py output folder as sample.py reads it (config.json, env.json, a checkpoint), no weights that load."""
+    import json
+    os.makedirs(folder / "checkpoint-0000020")
+    (folder / "checkpoint-0000020" / "state.pt").write_bytes(b"PK\x03\x04 a torch pickle")
+    json.dump({"pretrained_model_name_or_path": "tiny", "height": 32, "width": 32, "num_training_frames": 3},
+              open(folder / "checkpoint-0000020" / "config.json", "w"))   # the trainer writes it beside state.pt
+    json.dump({"pretrained_model_name_or_path": str(folder / "teacher"), "height": 32, "width": 32,
+               "num_training_frames": 3, "output_dir": "out/somewhere_else", **cfg}, open(folder / "config.json", "w"))
+    json.dump({"argv": ["train_dmd.py", "config/tiny.py", "--output_dir=out/somewhere_else", "--seed=3"]},
+              open(folder / "env.json", "w"))
+    if student:
+        save_file({"x": torch.zeros(1)}, folder / "student_ema.safetensors")
+    return folder
+
+
+def test_ckpt_that_is_not_a_student_is_one_line(tmp_path, monkeypatch, capsys):
+    """--ckpt given a checkpoint folder, its state.pt, a text file, a run with no exported student yet: one line
+    naming what was given and what to give instead (the exact export command), before any model or hub lookup."""
+    no_models(monkeypatch)
+    run = fake_run(tmp_path / "run")
+    export = f"`python train_dmd.py config/tiny.py --seed=3 --output_dir={run} --export_from=checkpoint-0000020`"
+    (tmp_path / "notes.txt").write_text("# not weights\n")
+    bare = fake_run(tmp_path / "bare", student=False)
+    cases = [([f"--ckpt={run / 'checkpoint-0000020'}"], f"a train_dmd.py checkpoint (training state, not a student): "
+              f"export its student with {export}, then sample --ckpt={run}"),
+             ([f"--ckpt={run / 'checkpoint-0000020' / 'state.pt'}", f"--model={tmp_path}"], export),
+             ([f"--ckpt={tmp_path / 'notes.txt'}"], "notes.txt: not a safetensors file (no safetensors header at its "
+              "start): give a student .safetensors (a run's student_ema.safetensors) or a train_dmd.py output folder"),
+             ([f"--ckpt={bare}"], f"no exported student in it yet (student_ema.safetensors): export its newest "
+              f"checkpoint's with `python train_dmd.py config/tiny.py --seed=3 --output_dir={bare} --export_from=latest`")]
+    for argv, says in cases:
+        code, out, err = run_main("sample.py", argv + [f"--out={tmp_path / 'never'}"], monkeypatch, capsys)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("sample.py: error: --ckpt=") and says in err, err
+        assert not (tmp_path / "never").exists()
+
+
+def test_checkpoint_export_command_and_transformer_folder(tmp_path, monkeypatch, capsys):
+    """A real tiny run: the command sample.py names for its checkpoint folder exports that checkpoint as printed; the
+    run's merged transformer/ samples as the run folder does (the settings from the run's config.json)."""
+    import shlex
+    import train_dmd
+    monkeypatch.chdir(ROOT)
+    run = tmp_path / "run"
+    train_dmd.train(train_dmd.config([os.path.join(ROOT, "config", "tiny.py"), f"--output_dir={run}",
+                                      "--max_train_steps=2", "--checkpoint_step_interval=1", "--validation_step_interval=1000",
+                                      "--validation_diversity_seeds=0", "--height=32", "--width=32", "--num_training_frames=2"]))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        sample.config([f"--ckpt={run / 'checkpoint-0000001'}"])
+    problem = capsys.readouterr().err
+    assert problem.startswith(f"sample.py: error: --ckpt={run / 'checkpoint-0000001'}: a train_dmd.py checkpoint")
+    cmd = problem.split("`")[1]
+    assert cmd.startswith("python train_dmd.py ") and cmd.endswith("--export_from=checkpoint-0000001"), problem
+    capsys.readouterr()
+    code, out, err = run_main("train_dmd.py", shlex.split(cmd)[2:], monkeypatch, capsys)
+    assert code == 0 and "(step 1)" in out, out + err
+    lat = {}
+    for ckpt in (run, run / "transformer", run / "transformer" / "diffusion_pytorch_model.safetensors"):
+        assert sample.ckpt_problem(str(ckpt)) is None
+        c = sample.config([f"--ckpt={ckpt}", f"--out={tmp_path / 'out'}", "--save_latents=True", "--decode=False"])
+        assert (c["height"], c["num_frames"], c["model"]) == (32, 5, str(run / "tiny_teacher"))
+        (path,) = sample.generate(c)
+        from safetensors.torch import load_file
+        lat[str(ckpt)] = load_file(path)["latents"]
+    first, *rest = lat.values()
+    for other in rest:
+        torch.testing.assert_close(other, first, rtol=0, atol=1e-5)
+
+
+def test_non_positive_counts_are_one_line(tmp_path, monkeypatch, capsys):
+    """--batch_size=0 (before: range() arg 3 must not be zero, and an empty --out folder) and the other counts:
+    one line before any model loads, --out never made."""
+    no_models(monkeypatch)
+    run = fake_run(tmp_path / "run")
+    for key in ("batch_size", "num_inference_steps", "num_frames", "fps"):
+        code, out, err = run_main("sample.py", [f"--ckpt={run}", f"--{key}=0", f"--out={tmp_path / 'never'}"],
+                                  monkeypatch, capsys)
+        assert code == 2 and err.count("\n") == 1 and f"error: --{key}=0: " in err and f"positive --{key}" in err, err
+        assert not (tmp_path / "never").exists()
+
+
+def test_causal_frames_name_the_nearest_that_fit(tmp_path, monkeypatch, capsys):
+    """A num_frames whose latent frames do not split into the causal student's blocks is refused naming the nearest
+    num_frames below and above that do; the causal command README.md and sample.py print fits
+    config/wan_causal_dmd.py's blocks (it printed 161: 41 latent frames, not a multiple of 3)."""
+    import re
+    no_models(monkeypatch)
+    run = fake_run(tmp_path / "run", causal=True, num_frame_per_block=3, independent_first_frame=False,
+                   context_noise=0.0, num_training_frames=21)
+    code, out, err = run_main("sample.py", [f"--ckpt={run}", "--num_frames=161", f"--out={tmp_path / 'never'}"],
+                              monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "--num_frames=161 is 41 latent frames" in err, err
+    assert "blocks of 3" in err and err.rstrip().endswith("give --num_frames=153 or 165"), err
+    with pytest.raises(ValueError, match=r"the first a block of its own and 5 after it.*give --num_frames=13 or 25"):
+        sample.check_blocks(21, 3, True)
+    sample.check_blocks(165, 3, False)
+    cfg = configure(dict(__import__("train_dmd").DEFAULTS), "train_dmd.py", [os.path.join(ROOT, "config", "wan_causal_dmd.py")])
+    for path in ("README.md", "sample.py"):
+        printed = re.findall(r"sample\.py --ckpt=out/wan_causal_dmd .*?--num_frames=(\d+)", open(os.path.join(ROOT, path)).read())
+        assert printed, path
+        for n in printed:
+            sample.check_blocks(int(n), cfg["num_frame_per_block"], cfg["independent_first_frame"])
