@@ -410,7 +410,9 @@ def make_student(c, out, latents, times, extra="", name="dmd"):
         write_made_with(dmd_dir, keys)
         if dc["causal"]:
             dc["generator_init"] = ode_init(dc, c, out, stage_keys(c, "ode_init", extra=extra))
+        dc["overwrite_output_dir"] = not run_dir.checkpoints(dmd_dir)   # a start stopped before its checkpoint: aside
         train_dmd.train(dc)
+        write_made_with(dmd_dir, keys)   # again: a stopped start's folder moved aside with its copy
     times[name] = time.perf_counter() - t0
     print(f"(4) DMD student: {dmd_dir}/transformer [{times[name]:.0f}s]")
 

@@ -221,9 +221,14 @@ def load_webhook_config(spec):
     """A path to a JSON file, a JSON string or a dict -> a checked dict (errors name what is missing)."""
     if isinstance(spec, str):
         if spec.lstrip().startswith("{"):
-            spec = json.loads(spec)
+            try:
+                spec = json.loads(spec)
+            except ValueError as e:
+                raise ValueError(f"webhook_config: not valid JSON ({e}): give a JSON object or a file of one") from None
         else:
             spec = readers.read_json(spec, "webhook_config")
+    if not isinstance(spec, dict):
+        raise ValueError(f"webhook_config: a JSON object with webhook_type and its URL, not a {type(spec).__name__}")
     kind = spec.get("webhook_type")
     if kind not in ("discord", "raw"):
         raise ValueError(f"webhook_config: webhook_type must be 'discord' or 'raw', got {kind!r}")

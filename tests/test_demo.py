@@ -297,6 +297,7 @@ def test_stages_reuse_only_output_made_with_the_same_keys(tmp_path, monkeypatch,
 
     def fake_train(dc):   # what train_dmd.train leaves: the exported student
         calls.append(dc["max_train_steps"])
+        assert dc["overwrite_output_dir"]   # no checkpoint here: a stopped start's files are moved aside, not refused
         os.makedirs(os.path.join(dc["output_dir"], "transformer"), exist_ok=True)
         with open(os.path.join(dc["output_dir"], "config.json"), "w") as f:
             json.dump({"max_train_steps": dc["max_train_steps"]}, f)
