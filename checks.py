@@ -5,6 +5,7 @@ files and the teacher a config names, and the packages it needs, found before an
 """
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -120,9 +121,8 @@ def check_shapes(c):
         raise ValueError(f"device={dev!r}: this torch ({torch.__version__}) sees no such device; device='auto' picks "
                          "what there is")
     targets = c["lora_targets"] if isinstance(c["lora_targets"], (list, tuple)) else (c["lora_targets"],)
-    with torch.device("meta"):
-        names = [n for n, _ in lora.lora_modules(mw.WanDiT(mw.PRESETS["tiny"]))]
-    bad = [t for t in targets if not any(lora.matches(n, (t,)) for n in names)]
+    names = mw.linear_names()
+    bad = [t for t in targets if not any(lora.matches(n, (re.sub(r"^blocks\.\d+\.", "", t),)) for n in names)]
     if c["lora_rank"] > 0 and bad:
         raise ValueError(f"lora_targets: {', '.join(map(repr, bad))} name no Linear of the Wan DiT: give names such "
                          "as self_attn.q, cross_attn.k, ffn.0 (original-layout names, a full name or its end)")

@@ -747,6 +747,17 @@ def save_dit(model, path, layout="diffusers", state_dict=None):
 
 # -----------------------------------------------------------------------------
 
+def linear_names():
+    """The names of the DiT's Linear layers with a block's index dropped (self_attn.q, ffn.0, head.head, ...): what
+    lora_targets may name, checked before any model loads. Built once on the meta device (no weights)."""
+    if not _LINEAR_NAMES:
+        with torch.device("meta"):
+            _LINEAR_NAMES.extend(sorted({re.sub(r"^blocks\.\d+\.", "", n) for n, _ in lora_modules(_WanDiT(PRESETS["tiny"]))}))
+    return _LINEAR_NAMES
+
+
+_LINEAR_NAMES, _WanDiT = [], WanDiT   # the class itself: a caller that swaps mw.WanDiT (a test) does not change it
+
 if __name__ == "__main__":   # offline self-check: LoRA on a frozen tiny base learns to denoise a fixed latent (CPU)
     torch.manual_seed(0)
     model, x0 = WanDiT(PRESETS["tiny"]), torch.randn(2, 16, 3, 8, 12)

@@ -608,8 +608,9 @@ class Publisher:
         path = os.path.join(self.c["output_dir"], "log.jsonl")
         if os.path.exists(path):   # a partial last line is dropped with a warning
             kept = [rec for rec in read_log(self.c["output_dir"], print) if rec.get("step", 0) <= step]
-            with open(path, "w") as f:
+            with open(path + ".tmp", "w") as f:   # then renamed: a kill mid-write leaves the old log whole
                 f.writelines(json.dumps(rec) + "\n" for rec in kept)
+            os.replace(path + ".tmp", path)
         self.log_f = open(path, "a")
 
     def write_run_files(self):

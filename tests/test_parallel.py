@@ -63,7 +63,7 @@ def test_ddp_run_checkpoint_resume_and_fsdp(tmp_path):
     assert "2 process(es): 2 data-parallel x sp 1 | global batch 2" in stdout
     assert [r["step"] for r in log(full)] == [1, 2, 3, 4]
     ck = full / "checkpoint-0000004"
-    assert sorted(os.listdir(ck)) == ["checksums.json", "rank1.pt", "state.pt"]   # run_dir: the sums go in last
+    assert sorted(os.listdir(ck)) == ["checksums.json", "config.json", "rank1.pt", "state.pt"]   # the sums go in last
     st = torch.load(ck / "state.pt", weights_only=True)
     r1 = torch.load(ck / "rank1.pt", weights_only=True)
     assert st["world"] == 2 and not torch.equal(st["rng"]["torch"], r1["rng"]["torch"])   # per-rank streams
