@@ -1,6 +1,7 @@
-"""Shared fixtures: tiny diffusers reference modules built offline (docs/wan21.md#testing-against-diffusers); the suite's own environment."""
+"""Shared fixtures: tiny diffusers reference modules built offline (docs/wan21.md#testing-against-diffusers); the suite's own environment; run_script."""
 import atexit
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -83,3 +84,18 @@ def run_offline_hub(code, cache, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return out.stdout
+
+
+def run_script(script, argv, monkeypatch, capsys):
+    """`python SCRIPT ARGV...` (a root script) in this process -> (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    code = 0
+    try:
+        runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), script),
+                       run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=sys.stderr)
+    out, err = capsys.readouterr()
+    return code, out, err

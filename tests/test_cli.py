@@ -19,6 +19,7 @@ import media
 import model_wan as mw
 import progress
 import publish
+from conftest import run_script
 import sample
 import text_encoders
 import train_dmd
@@ -315,18 +316,7 @@ def test_printed_commands_work(tmp_path):
     assert "--export_from=checkpoint-" in cmds[1]
 
 
-def run_main(script, argv, monkeypatch, capsys):
-    """`python SCRIPT ARGV...` in this process -> (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", [script, *argv])
-    code = 0
-    try:
-        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-        if not isinstance(e.code, int) and e.code is not None:
-            print(e.code, file=sys.stderr)
-    out, err = capsys.readouterr()
-    return code, out, err
+run_main = run_script
 
 
 def test_mistakes_are_one_line_before_any_model(tmp_path, monkeypatch, capsys):

@@ -15,6 +15,7 @@ import demo  # noqa: E402
 import media  # noqa: E402
 import quality  # noqa: E402
 import vae_wan  # noqa: E402
+from conftest import run_script  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))   # bench_quality's --more_students
@@ -253,16 +254,7 @@ def test_committed_teacher_only_for_its_own_keys(tmp_path, capsys):
 
 
 def run_demo(argv, monkeypatch, capsys):
-    """`python demo.py ARGV...` in this process -> (exit status, stdout, stderr)."""
-    import runpy
-    monkeypatch.setattr(sys, "argv", ["demo.py", *argv])
-    code = 0
-    try:
-        runpy.run_path(os.path.join(ROOT, "demo.py"), run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_script("demo.py", argv, monkeypatch, capsys)
 
 
 def test_demo_mistakes_are_one_line_before_stage_1(tmp_path, monkeypatch, capsys):

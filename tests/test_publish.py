@@ -27,6 +27,7 @@ import publish
 import simpletuner
 import flow
 import train_dmd
+from conftest import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "config", "tiny.py")
@@ -528,17 +529,7 @@ def test_redact():
 
 
 def run_publish(argv, monkeypatch, capsys):
-    """`python publish.py ARGV...` in this process -> (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["publish.py", *argv])
-    code = 0
-    try:
-        runpy.run_path(os.path.join(ROOT, "publish.py"), run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-        if not isinstance(e.code, int) and e.code is not None:
-            print(e.code, file=sys.stderr)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_script("publish.py", argv, monkeypatch, capsys)
 
 
 def run_folder(folder, student=True, checkpoint=False):

@@ -14,6 +14,7 @@ import lora
 import sample
 import flow
 from configurator import configure
+from conftest import run_script
 
 
 @pytest.fixture
@@ -278,20 +279,7 @@ def test_latents_only_mode(pipe_dir, tmp_path, capsys):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_main(script, argv, monkeypatch, capsys):
-    """`python SCRIPT ARGV...` in this process -> (exit status, stdout, stderr)."""
-    import runpy
-    import sys
-    monkeypatch.setattr(sys, "argv", [script, *argv])
-    code = 0
-    try:
-        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-        if not isinstance(e.code, int) and e.code is not None:
-            print(e.code, file=sys.stderr)
-    out, err = capsys.readouterr()
-    return code, out, err
+run_main = run_script
 
 
 def no_models(monkeypatch):
