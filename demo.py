@@ -280,14 +280,7 @@ def fresh(folder, keys, done, what, old="clear"):
                "with " + ", ".join("other config file contents" if k == "config_sha256" else f"{k}={made.get(k)!r} "
                                    f"(now {keys.get(k)!r})" for k in {**made, **keys} if made.get(k) != keys.get(k)))
         if old == "aside":
-            moved = f"{os.path.normpath(folder)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-            while os.path.exists(moved):
-                moved += "_"
-            os.makedirs(moved)
-            for n in os.listdir(folder):
-                if n not in run_dir.REUSED:
-                    os.rename(os.path.join(folder, n), os.path.join(moved, n))
-            why += f"; the old one moved to {moved}"
+            why += f"; the old one moved to {run_dir.move_aside(folder)}"
         elif old == "clear":
             shutil.rmtree(folder)
         print(f"notice: remaking {what} in {folder}: {why}")

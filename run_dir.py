@@ -245,7 +245,16 @@ def fresh_start_check(out, spec, overwrite, say=print):
             f"output_dir {out} {what}, or overwrite_output_dir=True (moves them into a sibling folder, deletes "
             "nothing)" + (f"; {legacy[-1]} has no {CHECKSUMS} (an older version wrote it): resume_from_checkpoint="
                           f"{os.path.join(out, legacy[-1])} resumes it" if legacy and not spec else ""))
-    real = os.path.realpath(out)   # `.` or a symlink: the sibling of the folder itself
+    aside = move_aside(out)
+    say(f"overwrite_output_dir: what {out} held moved to {aside}" + (
+        f" ({', '.join(n for n in REUSED if os.path.exists(os.path.join(out, n)))} kept: reused)"
+        if any(os.path.exists(os.path.join(out, n)) for n in REUSED) else ""))
+
+def move_aside(out):
+    """Everything in `out` but its lock and the reusable teacher pairs (REUSED) into a new sibling folder
+    <out>.old-<time> (of the resolved folder: `.` or a symlink too) -> that folder. Nothing is deleted; a folder that
+    is a mount of its own (a move would cross filesystems) is refused in one line."""
+    real = os.path.realpath(out)
     aside = f"{real}.old-{time.strftime('%Y%m%d-%H%M%S')}"
     while os.path.exists(aside):
         aside += "_"
@@ -256,16 +265,14 @@ def fresh_start_check(out, spec, overwrite, say=print):
     for name in os.listdir(out):
         if name != LOCK and name not in REUSED:
             os.rename(os.path.join(out, name), os.path.join(aside, name))
-    say(f"overwrite_output_dir: what {out} held moved to {aside}" + (
-        f" ({', '.join(n for n in REUSED if os.path.exists(os.path.join(out, n)))} kept: reused)"
-        if any(os.path.exists(os.path.join(out, n)) for n in REUSED) else ""))
+    return aside
+
 
 def newer_check(out, named):
     """Resuming `named` (a checkpoint of `out`) while `out` holds newer checkpoints: training would replace them
     one by one. Refuse, naming the two safe ways (branch into another folder; move the newer ones aside)."""
-    step = int(NUMBERED.match(os.path.basename(os.path.normpath(named))).group(1)) if NUMBERED.match(
-        os.path.basename(os.path.normpath(named))) else None
-    newer = [os.path.basename(d) for d in checkpoints(out) if step is not None and int(d[-7:]) > step]
+    m = NUMBERED.match(os.path.basename(os.path.normpath(named)))
+    newer = [os.path.basename(d) for d in checkpoints(out) if m and int(d[-7:]) > int(m.group(1))]
     if newer:
         raise HoldsARun(f"resume_from_checkpoint={named}: {out} holds newer checkpoints ({', '.join(newer[-3:])}) "
                         "that training from it would replace. To branch from it, give this run another output_dir "
